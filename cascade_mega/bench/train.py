@@ -1,0 +1,85 @@
+"""`cascade bench train`: block-diffusion vs AR training step, same model and L, one process.
+
+Both trainers are built side by side; timed steps alternate between them (so machine noise hits
+both alike) and the median is reported. Peak memory is what one step allocates (activations,
+gradients, temporaries; `bench/memory.py`). Printed as ratios block-diffusion / AR.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+
+from cascade_mega.bench.memory import peak_bytes
+from cascade_mega.config import load_config
+
+
+def add_arguments(p):
+    p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]",
+                   help="YAML config (default: configs/quickstart.yaml) and dotted overrides")
+    p.add_argument("--layers", type=int)
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--block-size", type=int)
+    p.add_argument("--batch", type=int, help="sequences per step")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per objective")
+    p.add_argument("--json", action="store_true", help="end with one JSON line")
+
+
+def _configs(args):
+    config = args.args[0] if args.args and args.args[0].endswith((".yaml", ".yml")) else None
+    over = [a for a in args.args if a is not config]
+    for flag, key in (("layers", "model.num_layers"), ("hidden", "model.hidden_size"),
+                      ("heads", "model.num_attention_heads"), ("seq_len", "data.seq_len"),
+                      ("block_size", "diffusion.block_size")):
+        if getattr(args, flag) is not None:
+            over.append(f"{key}={getattr(args, flag)}")
+    if args.batch:
+        over += [f"train.micro_batch_size={args.batch}", f"train.global_batch_size={args.batch}"]
+    run_dir = tempfile.mkdtemp(prefix="cascade-bench-")
+    common = over + [f"run_dir={run_dir}", "train.resume=none", "tracking.enabled=false",
+                     "train.steps=100", "optimizer.warmup_steps=1"]
+    path = config or "configs/quickstart.yaml"
+    bd = load_config(path, common + ["diffusion.objective=block_diffusion"])
+    ar = load_config(path, common + ["diffusion.objective=ar"])
+    return bd, ar
+
+
+def run(args) -> dict:
+    from cascade_mega.train.trainer import Trainer
+
+    bd_cfg, ar_cfg = _configs(args)
+    trainers = {"block_diffusion": Trainer(bd_cfg).setup(), "ar": Trainer(ar_cfg).setup()}
+    times = {k: [] for k in trainers}
+    for name, tr in trainers.items():  # warm-up (allocator, caches)
+        tr.train_step(0)
+    for i in range(args.steps):
+        for name, tr in trainers.items():
+            start = time.perf_counter()
+            tr.train_step(i + 1)
+            times[name].append(time.perf_counter() - start)
+    memory = {name: peak_bytes(lambda tr=tr: tr.train_step(args.steps + 1))
+              for name, tr in trainers.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    L, B = bd_cfg.data.seq_len, bd_cfg.diffusion.block_size
+    result = {
+        "seq_len": L, "block_size": B, "layers": bd_cfg.model.num_layers,
+        "hidden": bd_cfg.model.hidden_size, "batch": bd_cfg.train.global_batch_size,
+        "bd_step_s": med["block_diffusion"], "ar_step_s": med["ar"],
+        "bd_peak_mb": memory["block_diffusion"] / 2**20, "ar_peak_mb": memory["ar"] / 2**20,
+        "time_ratio": med["block_diffusion"] / med["ar"],
+        "memory_ratio": memory["block_diffusion"] / memory["ar"],
+    }
+    print(f"bench train  L={L} B={B} layers={result['layers']} hidden={result['hidden']} "
+          f"batch={result['batch']}")
+    print(f"  {'objective':<16}{'step (s)':>10}{'peak (MiB)':>12}")
+    print(f"  {'block_diffusion':<16}{result['bd_step_s']:>10.3f}{result['bd_peak_mb']:>12.1f}")
+    print(f"  {'ar':<16}{result['ar_step_s']:>10.3f}{result['ar_peak_mb']:>12.1f}")
+    print(f"  time ratio (bd/ar) {result['time_ratio']:.2f}   "
+          f"memory ratio (bd/ar) {result['memory_ratio']:.2f}")
+    if args.json:
+        print(json.dumps(result))
+    return result

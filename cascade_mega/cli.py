@@ -1,0 +1,81 @@
+"""`cascade`: the one console command. Subcommands stay thin; the work lives in the library.
+
+Errors a user can fix (config, data, checkpoint) print one `cascade: error: ...` line and exit 2,
+before any model is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+
+def _quiet():
+    # megatron-core warns about every optional dependency it does not find; on CPU that is noise.
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+
+
+def _train(args) -> int:
+    from cascade_mega.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from cascade_mega.runtime.distributed import read_env
+
+    rank = read_env().rank
+    if rank == 0:
+        print(f"run_dir: {os.path.abspath(cfg.run_dir)}", flush=True)
+    from cascade_mega.train.run import train
+
+    train(cfg)
+    return 0
+
+
+def _bench(args) -> int:
+    from cascade_mega.bench import train as bench_train
+
+    if args.what == "train":
+        bench_train.run(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cascade", description="block-diffusion LM pretraining")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a model from a YAML config plus dotted overrides")
+    t.add_argument("config", help="YAML config file, e.g. configs/quickstart.yaml")
+    t.add_argument("overrides", nargs="*", help="key=value, e.g. model.num_layers=4")
+    t.set_defaults(func=_train)
+    b = sub.add_parser("bench", help="benchmarks printed as ratios against a baseline")
+    bsub = b.add_subparsers(dest="what", required=True)
+    from cascade_mega.bench import train as bench_train
+
+    bench_train.add_arguments(bsub.add_parser("train", help="block diffusion vs AR step"))
+    b.set_defaults(func=_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    _quiet()
+    args = build_parser().parse_args(argv)
+    from cascade_mega.config import ConfigError
+    from cascade_mega.data.indexed import DataError
+
+    user_errors = (ConfigError, DataError, FileNotFoundError)
+    try:
+        from cascade_mega.train.checkpoint import CheckpointError
+
+        user_errors += (CheckpointError,)
+        return args.func(args)
+    except user_errors as err:
+        print(f"cascade: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Typed run configuration: dataclasses, YAML files that build on a base, dotted overrides.
+
+A config file may name a `base:` file (relative to itself); the chain is merged base-first, then the
+command-line overrides (`model.num_layers=4`). Unknown keys, wrong types and impossible combinations
+raise `ConfigError` with one message naming the key, before anything expensive is built.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration the run cannot use; the message names the offending key."""
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # None: multi-head attention; fewer: grouped-query
+    ffn_hidden_size: Optional[int] = None  # None: SwiGLU default 8/3 * hidden, rounded up to 64
+    vocab_size: Optional[int] = None  # None: taken from the tokenizer (plus padding)
+    make_vocab_size_divisible_by: int = 128
+    tie_embeddings: bool = False
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    qkv_bias: bool = False  # Qwen2 has QKV biases; Llama has none
+    init_std: float = 0.02
+    attention_backend: str = "auto"  # auto | local | te  (te needs Transformer Engine and a GPU)
+
+
+@dataclass
+class DiffusionConfig:
+    objective: str = "block_diffusion"  # block_diffusion | ar
+    block_size: int = 16
+    shifted_prediction: bool = False
+    noise_sampling: str = "stratified"  # stratified (antithetic across the batch) | uniform
+    t_min: float = 0.0  # clipped noise range [t_min, t_max] (BD3-LM's [beta, omega]) for training
+    t_max: float = 1.0
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: Optional[int] = None
+    context: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+
+
+@dataclass
+class DataConfig:
+    path: str = "builtin:shakespeare"  # indexed dataset prefix, or builtin:shakespeare
+    tokenizer: Optional[str] = None  # tokenizer.json; None: the one recorded beside the dataset
+    seq_len: int = 256
+    split: str = "95,5,0"
+    cache_dir: Optional[str] = None  # megatron sample-index cache; None: beside the dataset
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 50
+    decay_style: str = "cosine"  # cosine | linear | constant
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    micro_batch_size: int = 8
+    global_batch_size: int = 16
+    seed: int = 1234
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_batches: int = 8
+    resume: str = "auto"  # auto (latest complete checkpoint in run_dir) | none | a checkpoint path
+    threads: Optional[int] = None  # torch intra-op threads on CPU; None: torch's default
+    exit_interval: Optional[int] = None  # checkpoint and stop after this many steps of this job
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 200
+    keep_last: Optional[int] = None  # None keeps every checkpoint
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: Optional[str] = None  # None: sqlite store in the run directory
+    experiment: str = "cascade"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class CascadeConfig:
+    name: str = "run"
+    run_dir: str = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+_CHOICES = {
+    "diffusion.objective": ("block_diffusion", "ar"),
+    "diffusion.noise_sampling": ("stratified", "uniform"),
+    "optimizer.decay_style": ("cosine", "linear", "constant"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "model.attention_backend": ("auto", "local", "te"),
+}
+
+
+def _yaml_chain(path: str) -> List[dict]:
+    """The YAML file and its `base:` ancestors, base first."""
+    chain, seen = [], set()
+    while path:
+        path = os.path.abspath(path)
+        if path in seen:
+            raise ConfigError(f"config {path}: `base:` chain loops back to itself")
+        seen.add(path)
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        node = OmegaConf.load(path)
+        base = node.pop("base", None)
+        chain.append(node)
+        path = os.path.join(os.path.dirname(path), base) if base else None
+    return chain[::-1]
+
+
+def _suggest(key: str) -> str:
+    *parents, leaf = key.split(".")
+    node = OmegaConf.structured(CascadeConfig)
+    for p in parents:
+        node = node.get(p) if p in node else None
+        if node is None:
+            return ""
+    close = difflib.get_close_matches(leaf, list(node.keys()), n=1)
+    return f" (did you mean '{'.'.join(parents + close)}'?)" if close else ""
+
+
+def _explain(err: OmegaConfBaseException, origin: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError):
+        return ConfigError(f"{origin}: unknown config key '{key}'{_suggest(key)}")
+    if isinstance(err, ValidationError):
+        msg = str(err).splitlines()[0]
+        return ConfigError(f"{origin}: wrong type for '{key}': {msg}")
+    return ConfigError(f"{origin}: {str(err).splitlines()[0]}")
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> CascadeConfig:
+    """Merge defaults <- YAML chain <- overrides, validate, and return a typed config object."""
+    cfg = OmegaConf.structured(CascadeConfig)
+    for node in _yaml_chain(path) if path else []:
+        try:
+            cfg = OmegaConf.merge(cfg, node)
+        except OmegaConfBaseException as err:
+            raise _explain(err, path) from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise _explain(err, f"override '{item}'") from None
+    if OmegaConf.is_missing(cfg, "run_dir"):
+        raise ConfigError("'run_dir' is not set (set it in the YAML file or as run_dir=PATH)")
+    obj: CascadeConfig = OmegaConf.to_object(cfg)
+    validate(obj)
+    return obj
+
+
+def validate(cfg: CascadeConfig, world_size: int = 1) -> None:
+    """Reject impossible combinations with one message naming the keys involved."""
+
+    def need(cond: bool, msg: str):
+        if not cond:
+            raise ConfigError(msg)
+
+    for key, choices in _CHOICES.items():
+        section, leaf = key.split(".")
+        value = getattr(getattr(cfg, section), leaf)
+        need(value in choices, f"'{key}' = {value!r}; expected one of {', '.join(choices)}")
+    m, d, p, t, o = cfg.model, cfg.diffusion, cfg.parallel, cfg.train, cfg.optimizer
+    L = cfg.data.seq_len
+    for key, value in [("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
+                       ("model.num_attention_heads", m.num_attention_heads),
+                       ("data.seq_len", L), ("diffusion.block_size", d.block_size),
+                       ("train.steps", t.steps), ("train.micro_batch_size", t.micro_batch_size),
+                       ("train.global_batch_size", t.global_batch_size),
+                       ("train.log_interval", t.log_interval),
+                       ("checkpoint.interval", cfg.checkpoint.interval),
+                       ("parallel.tensor", p.tensor), ("parallel.pipeline", p.pipeline),
+                       ("parallel.context", p.context)]:
+        need(value > 0, f"'{key}' must be positive, got {value}")
+    if d.objective == "block_diffusion":
+        need(L % d.block_size == 0, f"'diffusion.block_size' = {d.block_size} does not divide "
+             f"'data.seq_len' = {L}")
+    need(0.0 <= d.t_min < d.t_max <= 1.0,
+         f"'diffusion.t_min'/'diffusion.t_max' must satisfy 0 <= t_min < t_max <= 1, "
+         f"got [{d.t_min}, {d.t_max}]")
+    need(m.hidden_size % m.num_attention_heads == 0,
+         f"'model.num_attention_heads' = {m.num_attention_heads} does not divide "
+         f"'model.hidden_size' = {m.hidden_size}")
+    groups = m.num_query_groups or m.num_attention_heads
+    need(m.num_attention_heads % groups == 0,
+         f"'model.num_query_groups' = {groups} does not divide 'model.num_attention_heads' = "
+         f"{m.num_attention_heads}")
+    need(m.num_attention_heads % p.tensor == 0,
+         f"'parallel.tensor' = {p.tensor} does not divide 'model.num_attention_heads' = "
+         f"{m.num_attention_heads}")
+    need(groups % p.tensor == 0,
+         f"'parallel.tensor' = {p.tensor} does not divide 'model.num_query_groups' = {groups}")
+    need(m.num_layers % p.pipeline == 0,
+         f"'parallel.pipeline' = {p.pipeline} does not divide 'model.num_layers' = {m.num_layers}")
+    need(not p.sequence_parallel or p.tensor > 1,
+         "'parallel.sequence_parallel' needs 'parallel.tensor' > 1")
+    model_parallel = p.tensor * p.pipeline * p.context
+    need(world_size % model_parallel == 0,
+         f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline x "
+         f"parallel.context = {model_parallel}")
+    dp = world_size // model_parallel
+    need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+         f"'train.global_batch_size' = {t.global_batch_size} is not a multiple of "
+         f"'train.micro_batch_size' x data-parallel size = {t.micro_batch_size} x {dp}")
+    need(0 <= o.warmup_steps < t.steps, f"'optimizer.warmup_steps' = {o.warmup_steps} must be "
+         f"smaller than 'train.steps' = {t.steps}")
+    need(o.min_lr <= o.lr, f"'optimizer.min_lr' = {o.min_lr} exceeds 'optimizer.lr' = {o.lr}")
+    need(t.eval_interval >= 0 and t.eval_batches >= 0,
+         "'train.eval_interval' and 'train.eval_batches' must be >= 0")
+
+
+def to_yaml(cfg: CascadeConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

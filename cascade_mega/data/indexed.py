@@ -1,0 +1,73 @@
+"""megatron-core indexed datasets (.bin/.idx) written with the tokenizer recorded beside them.
+
+`<prefix>.meta.json` records the tokenizer file and vocabulary size and the largest token id, so
+training can refuse a dataset made with another tokenizer, or holding ids beyond the vocabulary,
+before any model is built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+
+class DataError(ValueError):
+    """A dataset the run cannot use; the message names the file."""
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+
+
+def write_indexed(prefix: str, documents, tokenizer) -> None:
+    dtype = token_dtype(tokenizer.vocab_size)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    max_id = -1
+    for ids in documents:
+        arr = torch.tensor(ids, dtype=torch.int64)
+        max_id = max(max_id, int(arr.max()))
+        builder.add_document(arr, [len(ids)])
+    builder.finalize(prefix + ".idx")
+    tok_copy = prefix + ".tokenizer.json"
+    if os.path.abspath(tokenizer.path) != os.path.abspath(tok_copy):
+        shutil.copyfile(tokenizer.path, tok_copy)
+    with open(prefix + ".meta.json", "w") as f:
+        json.dump({"tokenizer": os.path.basename(tok_copy), "vocab_size": tokenizer.vocab_size,
+                   "max_token_id": max_id, "dtype": np.dtype(dtype).name}, f)
+
+
+def read_meta(prefix: str) -> dict:
+    for ext in (".bin", ".idx"):
+        if not os.path.isfile(prefix + ext):
+            raise DataError(f"dataset file not found: {prefix + ext}")
+    path = prefix + ".meta.json"
+    if not os.path.isfile(path):
+        raise DataError(f"{path} is missing: the dataset does not record its tokenizer "
+                        "(write it with the project's preprocessing)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_dataset(prefix: str, vocab_size: int) -> None:
+    """Structural checks of .bin/.idx and the token-id range, with the file named."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    meta = read_meta(prefix)
+    try:
+        ds = IndexedDataset(prefix, mmap=True)
+    except Exception as err:  # megatron raises AssertionError/ValueError on a corrupt .idx
+        raise DataError(f"{prefix}.idx cannot be read: {err}") from None
+    expected = int(ds.index.sequence_pointers[-1]) + int(ds.index.sequence_lengths[-1]) * \
+        ds.index.dtype_size if len(ds) else 0
+    actual = os.path.getsize(prefix + ".bin")
+    if actual != expected:
+        raise DataError(f"{prefix}.bin has {actual} bytes but its .idx describes {expected}: "
+                        "truncated or mismatched")
+    if meta["max_token_id"] >= vocab_size:
+        raise DataError(f"{prefix}.bin holds token id {meta['max_token_id']} but the vocabulary "
+                        f"has {vocab_size} entries")

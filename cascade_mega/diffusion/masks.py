@@ -1,0 +1,88 @@
+"""Attention masks as small composable functions of (query index, key index).
+
+Convention inside the project: True = may attend. (megatron-core's boolean masks mean the
+opposite; convert only at that boundary.)
+
+The block-diffusion training layout is one sequence `[x_t ; x_0]` of length 2L, blocks of size B:
+
+    M = [[ M_BD , M_OBC ],   M_BD : x_t query, x_t key, same block (bidirectional in the block)
+         [  0   , M_BC  ]]   M_OBC: x_t query, x_0 key, key's block strictly before the query's
+                             M_BC : x_0 query, x_0 key, key's block same or earlier (block-causal)
+
+`training_mask(L, B)` materialises it densely; it is the reference every attention path is tested
+against. The training path itself only uses `AttentionLayout` (what kind of sequence it is).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def causal(q, k):
+    return k <= q
+
+
+def same_block(block_size):
+    return lambda q, k: q // block_size == k // block_size
+
+
+def block_causal(block_size):
+    return lambda q, k: k // block_size <= q // block_size
+
+
+def strictly_block_causal(block_size):
+    return lambda q, k: k // block_size < q // block_size
+
+
+def training_mask_fn(seq_len: int, block_size: int):
+    """The 2L mask as a function of (q, k) index tensors."""
+    L, bd, obc, bc = seq_len, same_block(block_size), strictly_block_causal(block_size), \
+        block_causal(block_size)
+
+    def fn(q, k):
+        q_noisy, k_noisy = q < L, k < L
+        qi, ki = q % L, k % L
+        return (q_noisy & k_noisy & bd(qi, ki)) | (q_noisy & ~k_noisy & obc(qi, ki)) | \
+            (~q_noisy & ~k_noisy & bc(qi, ki))
+
+    return fn
+
+
+def dense_mask(fn, q_len: int, k_len: int, device=None) -> torch.Tensor:
+    q = torch.arange(q_len, device=device)[:, None]
+    k = torch.arange(k_len, device=device)[None, :]
+    return fn(q, k)
+
+
+def training_mask(seq_len: int, block_size: int) -> torch.Tensor:
+    """The dense 2L x 2L boolean block-diffusion training mask (True = may attend)."""
+    if seq_len <= 0 or block_size <= 0 or seq_len % block_size:
+        raise ValueError(f"block_size {block_size} must divide seq_len {seq_len}")
+    return dense_mask(training_mask_fn(seq_len, block_size), 2 * seq_len, 2 * seq_len)
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """What the core attention needs to know about the sequence it is given.
+
+    kind: 'causal' (AR), 'full' (B = L masked diffusion), or 'block_diffusion' ([x_t ; x_0], 2L).
+    It travels through megatron-core in the `attention_mask` argument, which the layers pass to
+    the core attention untouched.
+    """
+
+    kind: str
+    seq_len: int
+    block_size: int = 1
+
+    def mask_fn(self):
+        if self.kind == "causal":
+            return causal
+        if self.kind == "full":
+            return lambda q, k: torch.ones_like(q + k, dtype=torch.bool)
+        return training_mask_fn(self.seq_len, self.block_size)
+
+    @property
+    def total_len(self) -> int:
+        return 2 * self.seq_len if self.kind == "block_diffusion" else self.seq_len

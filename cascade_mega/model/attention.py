@@ -1,0 +1,70 @@
+"""Block-diffusion-aware core attention for megatron-core's layer spec.
+
+It fills the `core_attention` slot of the local layer spec (same constructor and forward
+signature as megatron's DotProductAttention), so the rest of the layer (QKV projections, RoPE,
+output projection, tensor parallel) is megatron-core's own. The sequence layout arrives as an
+`AttentionLayout` in the `attention_mask` argument.
+
+This path uses torch's scaled_dot_product_attention: `is_causal` for AR, no mask for full
+diffusion, and the boolean 2L mask (built once per (L, B, device) and cached) for block diffusion.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import divide
+
+from cascade_mega.diffusion.masks import AttentionLayout, dense_mask
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_mask(layout: AttentionLayout, device: torch.device) -> torch.Tensor:
+    n = layout.total_len
+    return dense_mask(layout.mask_fn(), n, n, device=device)
+
+
+def attend(query, key, value, layout: AttentionLayout, scale: Optional[float] = None):
+    """q: [b, h, s, d]; k, v: [b, g, s, d] with g dividing h (grouped-query). Returns [b, h, s, d]."""
+    gqa = key.shape[1] != query.shape[1]
+    if layout.kind == "causal":
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
+                                              enable_gqa=gqa)
+    if layout.kind == "full":
+        return F.scaled_dot_product_attention(query, key, value, scale=scale, enable_gqa=gqa)
+    mask = _cached_mask(layout, query.device)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale,
+                                          enable_gqa=gqa)
+
+
+class BlockDiffusionAttention(MegatronModule):
+    """Drop-in `core_attention` that follows the project's `AttentionLayout`."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type,
+                 attention_dropout=None, softmax_scale=None, cp_comm_type=None,
+                 pg_collection=None):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("BlockDiffusionAttention does not implement context parallel yet")
+        if (attention_dropout if attention_dropout is not None else config.attention_dropout):
+            raise ValueError("attention dropout is not supported by BlockDiffusionAttention")
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.heads = divide(config.num_attention_heads, tp)
+        self.groups = divide(config.num_query_groups or config.num_attention_heads, tp)
+        self.head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        if not isinstance(attention_mask, AttentionLayout):
+            raise TypeError("BlockDiffusionAttention expects an AttentionLayout as attention_mask")
+        # megatron layout [s, b, heads, d] -> SDPA layout [b, heads, s, d]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        out = attend(q, k, v, attention_mask, self.softmax_scale)
+        s, b = query.shape[0], query.shape[1]
+        return out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)

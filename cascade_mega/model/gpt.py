@@ -1,0 +1,189 @@
+"""The model: megatron-core GPTModel, Llama-style, with the project's core attention.
+
+Design choices:
+- Llama architecture (RMSNorm, SwiGLU, RoPE, optional GQA and QKV bias, tied or untied embeddings)
+  so Llama / Qwen2 weights map one to one.
+- RoPE follows `position_ids` (megatron's default RoPE uses 0..S-1), so both halves of the
+  block-diffusion layout `[x_t ; x_0]` get the same positions, and a decoded block gets its offset.
+- The output layer runs only on the rows that carry a prediction (`ReadOut.rows`): the clean half of
+  the 2L layout never reaches the vocabulary projection, and the loss is computed per token there.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+
+from cascade_mega.config import CascadeConfig
+from cascade_mega.model.attention import BlockDiffusionAttention
+from cascade_mega.runtime import te_support
+
+
+@dataclass
+class ReadOut:
+    """Which sequence rows predict which targets. rows: [n] row index; labels: [b, n]."""
+
+    rows: Optional[torch.Tensor]
+    labels: torch.Tensor
+
+
+def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab / multiple) * multiple)
+
+
+def ffn_size(cfg: CascadeConfig) -> int:
+    m = cfg.model
+    return m.ffn_hidden_size or int(math.ceil(8 * m.hidden_size / 3 / 64) * 64)
+
+
+def transformer_config(cfg: CascadeConfig, dtype: torch.dtype) -> TransformerConfig:
+    m, p = cfg.model, cfg.parallel
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups or m.num_attention_heads,
+        ffn_hidden_size=ffn_size(cfg),
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=m.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_std,
+        use_cpu_initialization=not on_gpu,  # also makes weights identical across TP sizes
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        tensor_model_parallel_size=p.tensor,
+        pipeline_model_parallel_size=p.pipeline,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+        context_parallel_size=p.context,
+        sequence_parallel=p.sequence_parallel,
+        calculate_per_token_loss=True,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
+    )
+
+
+def layer_spec(cfg: CascadeConfig):
+    """megatron-core's layer spec with the core attention swapped for the project's."""
+    backend = cfg.model.attention_backend
+    if backend == "te" or (backend == "auto" and te_support.available()):
+        spec = te_support.layer_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = copy.deepcopy(spec)
+    spec.submodules.self_attention.submodules.core_attention = BlockDiffusionAttention
+    return spec
+
+
+class CascadeGPTModel(GPTModel):
+    """GPTModel whose RoPE follows position_ids."""
+
+    def _preprocess(self, input_ids, position_ids, *args, **kwargs):
+        out = list(super()._preprocess(input_ids, position_ids, *args, **kwargs))
+        if self.position_embedding_type == "rope" and position_ids is not None:
+            freqs = self.rotary_pos_emb(int(position_ids.max()) + 1)  # [S, 1, 1, D]
+            if bool((position_ids == position_ids[:1]).all()):
+                out[1] = freqs[position_ids[0]]
+            else:  # per-sequence positions (batched decoding with different prompt lengths)
+                out[1] = freqs[position_ids.t()].squeeze(2)
+        return tuple(out)
+
+
+def _vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over a vocabulary split across the tensor-parallel group. logits: [n, b, v/tp]."""
+    value, index = logits.max(dim=-1)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return index
+    group = parallel_state.get_tensor_model_parallel_group()
+    index = index + parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+    values = [torch.empty_like(value) for _ in range(tp)]
+    indices = [torch.empty_like(index) for _ in range(tp)]
+    torch.distributed.all_gather(values, value.contiguous(), group=group)
+    torch.distributed.all_gather(indices, index.contiguous(), group=group)
+    best = torch.stack(values).argmax(dim=0, keepdim=True)
+    return torch.stack(indices).gather(0, best).squeeze(0)
+
+
+def predict_and_score(*, hidden_states, output_layer, output_weight, context: ReadOut,
+                      **_unused):
+    """megatron `output_processor`: logits on the read-out rows only, per-token CE and hits.
+
+    Returns (ce [b, n] fp32, correct [b, n] bool).
+    """
+    if context.rows is not None:
+        hidden_states = hidden_states.index_select(0, context.rows)
+    logits, _ = output_layer(hidden_states, weight=output_weight)
+    logits = logits.float() + output_layer.logit_bias  # forbid [MASK] and vocabulary padding
+    labels = context.labels.t().contiguous()  # [n, b]
+    ce = tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+    with torch.no_grad():
+        correct = _vocab_parallel_argmax(logits) == labels
+    return ce.t(), correct.t()
+
+
+def predict_logits(*, hidden_states, output_layer, output_weight, context: ReadOut, **_unused):
+    """megatron `output_processor` for decoding: full-vocabulary logits [b, n, V] on chosen rows."""
+    if context.rows is not None:
+        hidden_states = hidden_states.index_select(0, context.rows)
+    logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=True)
+    logits = logits.float() + _gathered_bias(output_layer)
+    return logits.transpose(0, 1)
+
+
+def _gathered_bias(output_layer) -> torch.Tensor:
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return output_layer.logit_bias
+    return tensor_parallel.gather_from_tensor_model_parallel_region(output_layer.logit_bias)
+
+
+def build_model(cfg: CascadeConfig, vocab_size: int, forbidden_ids=(), *, pre_process=True,
+                post_process=True, dtype=torch.float32, vp_stage=None) -> CascadeGPTModel:
+    """One model chunk for this rank. `forbidden_ids` (e.g. [MASK]) can never be predicted."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    padded = cfg.model.vocab_size or padded_vocab_size(
+        vocab_size, cfg.model.make_vocab_size_divisible_by, tp)
+    model = CascadeGPTModel(
+        config=transformer_config(cfg, dtype),
+        transformer_layer_spec=layer_spec(cfg),
+        vocab_size=padded,
+        max_sequence_length=cfg.data.seq_len,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.model.rotary_base),
+        vp_stage=vp_stage,
+    )
+    if post_process:
+        per_rank = padded // tp
+        start = parallel_state.get_tensor_model_parallel_rank() * per_rank
+        vocab_ids = torch.arange(start, start + per_rank)
+        banned = (vocab_ids >= vocab_size) | torch.isin(vocab_ids, torch.tensor(list(forbidden_ids),
+                                                                                dtype=torch.long))
+        bias = torch.zeros(per_rank).masked_fill(banned, float("-inf"))
+        model.output_layer.register_buffer("logit_bias", bias, persistent=False)
+    return model

@@ -1,0 +1,211 @@
+"""Make megatron-core run on a machine without CUDA.
+
+megatron-core assumes CUDA in a handful of places: `torch.cuda.current_device()` as a device,
+literal `device="cuda"` tensors, CUDA streams/events/synchronize, and the CUDA RNG tracker.
+Rather than fork megatron code, every loaded `megatron.core` module gets a `torch` proxy whose
+`torch.cuda` answers with CPU equivalents and whose tensor factories map a CUDA device to the CPU.
+Only megatron's view of torch changes; torch itself and the project's code are untouched, except
+two Tensor methods: `cuda()` becomes the identity (it could only raise on such a machine), and the
+no-argument `type()` names CPU tensors as CUDA ones ('torch.cuda.FloatTensor'), which megatron's
+optimizer and grad clipping assert.
+
+`apply()` is a no-op when CUDA is available, and idempotent. Each behaviour is covered by
+`tests/test_cpu_compat.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+import types
+
+import torch
+
+_APPLIED = False
+
+# Modules the trainer uses; importing them before patching means their `torch` gets the proxy.
+_MEGATRON_MODULES = (
+    "megatron.core.parallel_state",
+    "megatron.core.tensor_parallel",
+    "megatron.core.tensor_parallel.random",
+    "megatron.core.models.gpt.gpt_model",
+    "megatron.core.models.gpt.gpt_layer_specs",
+    "megatron.core.transformer.transformer_block",
+    "megatron.core.transformer.attention",
+    "megatron.core.distributed",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer_param_scheduler",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.dist_checkpointing",
+    "megatron.core.dist_checkpointing.strategies.torch",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.datasets.gpt_dataset",
+    "megatron.core.datasets.blended_megatron_dataset_builder",
+)
+
+_FACTORIES = frozenset(
+    "tensor zeros ones empty full arange randn rand randint zeros_like ones_like empty_like "
+    "full_like as_tensor linspace eye".split()
+)
+
+
+def _cpu_device(device):
+    """Map any CUDA device spelling (int, 'cuda', 'cuda:1', torch.device) to the CPU."""
+    if device is None:
+        return None
+    if isinstance(device, int):
+        return torch.device("cpu")
+    if isinstance(device, str) and device.startswith("cuda"):
+        return torch.device("cpu")
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+class _FakeStream:
+    """Stands in for a CUDA stream/event: every operation is already complete on the CPU."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _FakeStream()
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _make_cuda_shim() -> types.SimpleNamespace:
+    real = torch.cuda
+    shim = types.SimpleNamespace()
+    # Everything we do not override falls back to the real torch.cuda (e.g. is_available()).
+    for name in dir(real):
+        if not name.startswith("__"):
+            setattr(shim, name, getattr(real, name))
+    shim.current_device = lambda: torch.device("cpu")
+    shim.device_count = lambda: 0
+    shim.set_device = lambda *a, **k: None
+    shim.synchronize = lambda *a, **k: None
+    shim.empty_cache = lambda: None
+    shim.Stream = _FakeStream
+    shim.Event = _FakeStream
+    shim.current_stream = lambda *a, **k: _FakeStream()
+    shim.default_stream = lambda *a, **k: _FakeStream()
+    shim.stream = lambda *a, **k: contextlib.nullcontext()
+    shim.set_stream = lambda *a, **k: None
+    shim.memory_stats = lambda *a, **k: {}
+    shim.max_memory_allocated = lambda *a, **k: 0
+    shim.memory_allocated = lambda *a, **k: 0
+    # The "CUDA" RNG is the CPU generator: the RNG tracker then forks CPU states.
+    shim.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    shim.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    shim.manual_seed = lambda seed: torch.manual_seed(seed)
+    return shim
+
+
+class _TorchForMegatron(types.ModuleType):
+    """`torch` as megatron-core modules see it on a CPU-only machine."""
+
+    def __init__(self, shim):
+        super().__init__("torch")
+        self.__dict__["cuda"] = shim
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name in _FACTORIES:
+            def factory(*args, __f=attr, **kwargs):
+                if "device" in kwargs:
+                    kwargs["device"] = _cpu_device(kwargs["device"])
+                return __f(*args, **kwargs)
+
+            return factory
+        return attr
+
+
+def _rng_state_getter(device=None, clone=False, graph_safe=False):
+    return torch.get_rng_state()
+
+
+def _rng_state_setter(new_state, device=-1, graph_safe=False):
+    torch.set_rng_state(new_state)
+
+
+def _tensor_to_cpu(self, device=None, non_blocking=False, **kwargs):
+    return self
+
+
+_REAL_TYPE = torch.Tensor.type
+
+
+def _cuda_type_name(self, dtype=None, non_blocking=False, **kwargs):
+    # megatron asserts `param.type() == 'torch.cuda.FloatTensor'` (optimizer, grad clipping).
+    if dtype is None and not kwargs:
+        name = _REAL_TYPE(self)
+        return name.replace("torch.", "torch.cuda.", 1) if self.device.type == "cpu" else name
+    return _REAL_TYPE(self, dtype, non_blocking, **kwargs)
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def apply() -> bool:
+    """Patch megatron-core for CPU if CUDA is absent. Returns True when patches are active."""
+    global _APPLIED
+    if cuda_available():
+        return False
+    if _APPLIED:
+        _patch_loaded_modules()  # modules imported since the last call get the proxy too
+        return True
+    for name in _MEGATRON_MODULES:
+        importlib.import_module(name)
+    global _PROXY
+    _PROXY = _TorchForMegatron(_make_cuda_shim())
+    _patch_loaded_modules()
+    random = sys.modules["megatron.core.tensor_parallel.random"]
+    random._get_cuda_rng_state = _rng_state_getter
+    random._set_cuda_rng_state = _rng_state_setter
+    torch.Tensor.cuda = _tensor_to_cpu
+    torch.Tensor.type = _cuda_type_name
+    _APPLIED = True
+    return True
+
+
+_PROXY = None
+
+
+def _patch_loaded_modules() -> None:
+    for name, module in list(sys.modules.items()):
+        if name.startswith("megatron.core") and getattr(module, "torch", None) is torch:
+            module.torch = _PROXY

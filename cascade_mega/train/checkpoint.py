@@ -1,0 +1,131 @@
+"""Checkpoints with megatron-core `dist_checkpointing`, crash-safe.
+
+Layout under `<run_dir>/checkpoints/`: one folder per saved iteration (`iter_0000200/`) and a
+`latest` file naming the newest complete one. A save writes into `iter_XXXXXXX.partial/`, all ranks
+meet at a barrier, then rank 0 renames the folder and replaces `latest` atomically (write a temp
+file, fsync, `os.replace`). A crash at any point leaves the previous `latest` valid; leftover
+`.partial` folders are ignored and cleaned on the next save.
+
+The model and optimizer are sharded state (loadable at another parallel layout); the step, the
+learning-rate schedule and the consumed-sample count are common state. Noise and data order are
+functions of (seed, step), so nothing else is needed for an exact resume.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def iter_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _unwrap(chunk):
+    """The model inside megatron's DDP wrapper: checkpoint keys carry no 'module.' prefix."""
+    return getattr(chunk, "module", chunk)
+
+
+def sharded_state(chunks, optimizer, scheduler, step: int, consumed: int, is_loading=False):
+    model_sd = {}
+    for i, c in enumerate(chunks):
+        model_sd[f"model{i}"] = _unwrap(c).sharded_state_dict()
+    state = {**model_sd, "step": step, "consumed_samples": consumed,
+             "num_model_chunks": len(chunks)}
+    if optimizer is not None:
+        flat = {}
+        for sd in model_sd.values():
+            flat.update(sd)
+        state["optimizer"] = optimizer.sharded_state_dict(flat, is_loading=is_loading)
+        state["scheduler"] = scheduler.state_dict()
+    return state
+
+
+def save(ckpt_root: str, chunks, optimizer, scheduler, step: int, consumed: int,
+         keep_last: Optional[int] = None) -> str:
+    final = os.path.join(ckpt_root, iter_name(step))
+    partial = final + ".partial"
+    if _rank0():
+        os.makedirs(ckpt_root, exist_ok=True)
+        for name in os.listdir(ckpt_root):
+            if name.endswith(".partial"):
+                shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
+        os.makedirs(partial)
+    _barrier()
+    dist_checkpointing.save(sharded_state(chunks, optimizer, scheduler, step, consumed), partial)
+    _barrier()
+    if _rank0():
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _atomic_write(os.path.join(ckpt_root, LATEST), iter_name(step) + "\n")
+        if keep_last:
+            done = sorted(n for n in os.listdir(ckpt_root)
+                          if n.startswith("iter_") and not n.endswith(".partial"))
+            for old in done[:-keep_last]:
+                shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
+    _barrier()
+    return final
+
+
+def latest(ckpt_root: str) -> Optional[str]:
+    """The newest complete checkpoint folder, or None."""
+    pointer = os.path.join(ckpt_root, LATEST)
+    if not os.path.isfile(pointer):
+        return None
+    name = open(pointer).read().strip()
+    path = os.path.join(ckpt_root, name)
+    if not os.path.isfile(os.path.join(path, "metadata.json")):
+        raise CheckpointError(f"{pointer} names {name}, which is not a complete checkpoint")
+    return path
+
+
+def load(path: str, chunks, optimizer, scheduler):
+    """Load into the live model/optimizer; returns (step, consumed_samples)."""
+    if not os.path.isfile(os.path.join(path, "metadata.json")):
+        raise CheckpointError(f"{path} is not a complete checkpoint (no metadata.json)")
+    template = sharded_state(chunks, optimizer, scheduler, 0, 0, is_loading=True)
+    try:
+        state = dist_checkpointing.load(template, path)
+    except Exception as err:
+        raise CheckpointError(f"cannot load checkpoint {path}: {err}") from None
+    for i, c in enumerate(chunks):
+        _unwrap(c).load_state_dict(state[f"model{i}"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"]), int(state["consumed_samples"])

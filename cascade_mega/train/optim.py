@@ -1,0 +1,60 @@
+"""megatron-core DDP wrapper, optimizer (AdamW) and warmup + decay schedule for one run."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+
+def wrap_ddp(chunks, cfg):
+    ddp_cfg = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+    )
+    wrapped = [
+        DistributedDataParallel(config=c.config, ddp_config=ddp_cfg, module=c,
+                                disable_bucketing=i > 0)
+        for i, c in enumerate(chunks)
+    ]
+    for w in wrapped:
+        w.config.finalize_model_grads_func = finalize_model_grads
+        w.config.no_sync_func = w.no_sync
+        w.config.grad_sync_func = None
+    return wrapped
+
+
+def build_optimizer(chunks, cfg, dtype):
+    o = cfg.optimizer
+    opt_cfg = OptimizerConfig(
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.beta1,
+        adam_beta2=o.beta2,
+        adam_eps=o.eps,
+        clip_grad=o.clip_grad,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_cfg, chunks)
+    steps = cfg.train.steps
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=max(steps, 1),
+        lr_decay_style=o.decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=max(steps, 1),
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler

@@ -1,0 +1,229 @@
+"""The training loop: set-up in dependency order, then steps, evaluation and checkpoints.
+
+Order matters for failing early: config (already validated) -> data (files, tokenizer, vocabulary)
+-> process groups -> model -> optimizer -> resume. Everything that can be wrong with the user's
+input is found before the model is built.
+
+A step is megatron-core's forward-backward schedule over the micro-batches (gradient accumulation,
+pipeline schedules), then the optimizer step (clipping inside) and the LR schedule. The loss is a
+sum over tokens; megatron divides the gradients by the global token count
+(`calculate_per_token_loss`), so the update does not depend on how the batch is split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from cascade_mega.config import CascadeConfig, to_yaml, validate
+from cascade_mega.data import loader
+from cascade_mega.diffusion import objective
+from cascade_mega.model.gpt import build_model, predict_and_score
+from cascade_mega.runtime import distributed
+from cascade_mega.train import checkpoint
+from cascade_mega.train.optim import build_optimizer, wrap_ddp
+
+
+def noise_generator(seed: int, *key) -> torch.Generator:
+    """A generator that is a pure function of (seed, key): resumable without saved RNG state."""
+    digest = hashlib.sha256(repr((seed,) + key).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def run_dtype(cfg: CascadeConfig) -> torch.dtype:
+    if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available()):
+        return torch.bfloat16
+    return torch.float32
+
+
+class Trainer:
+    def __init__(self, cfg: CascadeConfig, callbacks=None):
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir
+        self.callbacks = list(callbacks or [])
+        self.start_step = 0
+        self.step = 0
+
+    # ---------------------------------------------------------------- set-up
+    def setup(self):
+        cfg = self.cfg
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        env = distributed.read_env()
+        self.world_size = env.world_size
+        validate(cfg, env.world_size)
+        self.prefix = loader.resolve_path(cfg.data.path) if env.rank == 0 else None
+        if env.world_size > 1:  # the builtin dataset is built once, by rank 0
+            distributed.init(cfg.parallel, cfg.train.seed)
+            box = [self.prefix]
+            dist.broadcast_object_list(box, src=0)
+            self.prefix = box[0]
+        self.tokenizer = loader.load_tokenizer(cfg.data, self.prefix)
+        distributed.init(cfg.parallel, cfg.train.seed)
+        ps = parallel_state
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.is_logger = (ps.is_pipeline_last_stage(ignore_virtual=True)
+                          and ps.get_tensor_model_parallel_rank() == 0 and self.dp_rank == 0)
+        self.train_data, self.valid_data = loader.build_splits(
+            cfg, self.tokenizer, self.prefix, self.dp_size)
+        self.num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp_size)
+        self.dtype = run_dtype(cfg)
+        self.chunks = wrap_ddp(self._build_chunks(), cfg)
+        self.optimizer, self.scheduler = build_optimizer(self.chunks, cfg, self.dtype)
+        self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
+        self._resume()
+        if dist.get_rank() == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+                f.write(to_yaml(cfg))
+        return self
+
+    def _build_chunks(self):
+        ps = parallel_state
+        vp = self.cfg.parallel.virtual_pipeline
+        chunks = []
+        for stage in range(vp or 1):
+            vp_stage = stage if vp else None
+            chunks.append(build_model(
+                self.cfg, self.tokenizer.vocab_size, forbidden_ids=[self.tokenizer.mask_id],
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                dtype=self.dtype, vp_stage=vp_stage))
+        return chunks
+
+    def _resume(self):
+        mode = self.cfg.train.resume
+        path = None
+        if mode == "auto":
+            path = checkpoint.latest(self.ckpt_root)
+        elif mode != "none":
+            path = mode
+        if path:
+            self.start_step, _ = checkpoint.load(path, self.chunks, self.optimizer, self.scheduler)
+        self.step = self.start_step
+
+    # ---------------------------------------------------------------- steps
+    def _micro_batches(self, reader, step: int, split: str, t_range=None):
+        cfg, mbs = self.cfg, self.cfg.train.micro_batch_size
+        for m in range(self.num_micro):
+            start = loader.micro_batch_start(step, m, self.dp_rank, cfg, self.dp_size)
+            batch = reader.micro_batch(start, mbs)
+            gen = noise_generator(cfg.train.seed, split, step, m, self.dp_rank)
+            yield objective.prepare(batch.tokens, batch.labels, batch.loss_mask, cfg,
+                                    self.tokenizer.mask_id, gen, t_range=t_range)
+
+    @staticmethod
+    def _forward_step(data_iterator, model):
+        prep = next(data_iterator)
+        out = model(prep.input_ids, prep.position_ids, prep.layout,
+                    output_processor=predict_and_score, output_processor_context=prep.readout)
+        return out, partial(Trainer._loss, prep)
+
+    @staticmethod
+    def _loss(prep, output):
+        ce, correct = output
+        loss_sum, stats = objective.reduce(ce, correct, prep)
+        return loss_sum, torch.tensor(prep.num_tokens, dtype=torch.int), {"stats": stats}
+
+    def _run_schedule(self, data_iter, forward_only: bool):
+        cfg = self.cfg
+        iters = data_iter if len(self.chunks) == 1 else [data_iter] * len(self.chunks)
+        outs = get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iters,
+            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            num_microbatches=self.num_micro,
+            seq_length=2 * cfg.data.seq_len,
+            micro_batch_size=cfg.train.micro_batch_size,
+            forward_only=forward_only,
+        )
+        stats = torch.zeros(4, dtype=torch.float64)
+        for out in outs:
+            stats += out["stats"]
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and self.dp_size > 1:
+            dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
+        return stats
+
+    def _metrics(self, stats, clipped: bool):
+        loss = float(stats[0] / stats[1])
+        out = {"loss": loss}
+        if not clipped:
+            out["nelbo"] = loss
+            out["ppl_bound"] = float(torch.exp(torch.tensor(min(loss, 50.0))))
+        out["masked_acc" if self.cfg.diffusion.objective != "ar" else "acc"] = \
+            float(stats[2] / stats[3].clamp(min=1))
+        return out
+
+    def train_step(self, step: int) -> dict:
+        for c in self.chunks:
+            c.train()
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        start = time.perf_counter()
+        stats = self._run_schedule(self._micro_batches(self.train_data, step, "train"), False)
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        elapsed = time.perf_counter() - start
+        d = self.cfg.diffusion
+        metrics = self._metrics(stats, clipped=(d.t_min, d.t_max) != (0.0, 1.0))
+        metrics.update({
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "step_time": elapsed,
+            "tokens_per_s": self.cfg.train.global_batch_size * self.cfg.data.seq_len / elapsed,
+        })
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict:
+        """NELBO on a fixed validation set with fixed noise (t over the full range (0, 1])."""
+        for c in self.chunks:
+            c.eval()
+        stats = torch.zeros(4, dtype=torch.float64)
+        for i in range(self.cfg.train.eval_batches):
+            batches = self._micro_batches(self.valid_data, i, "valid", t_range=(0.0, 1.0))
+            stats += self._run_schedule(batches, True)
+        return self._metrics(stats, clipped=False)
+
+    def _emit(self, hook: str, *args):
+        if self.is_logger:
+            for cb in self.callbacks:
+                fn = getattr(cb, hook, None)
+                if fn:
+                    fn(self, *args)
+
+    # ---------------------------------------------------------------- loop
+    def fit(self):
+        cfg = self.cfg
+        t = cfg.train
+        self._emit("on_train_start")
+        try:
+            if t.eval_batches and t.eval_interval and self.step == 0 < t.steps:
+                self._emit("on_eval_end", self.step, self.evaluate(self.step))
+            while self.step < t.steps:
+                metrics = self.train_step(self.step)
+                self.step += 1
+                if self.step % t.log_interval == 0 or self.step == t.steps:
+                    self._emit("on_step_end", self.step, metrics)
+                if t.eval_batches and t.eval_interval and (
+                        self.step % t.eval_interval == 0 or self.step == t.steps):
+                    self._emit("on_eval_end", self.step, self.evaluate(self.step))
+                leaving = bool(t.exit_interval) and (self.step - self.start_step) % \
+                    t.exit_interval == 0
+                if self.step % cfg.checkpoint.interval == 0 or self.step == t.steps or leaving:
+                    checkpoint.save(self.ckpt_root, self.chunks, self.optimizer, self.scheduler,
+                                    self.step, self.step * t.global_batch_size,
+                                    cfg.checkpoint.keep_last)
+                if leaving:
+                    break
+        finally:
+            self._emit("on_train_end")
+        return self

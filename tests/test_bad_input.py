@@ -1,0 +1,86 @@
+"""Bad input: one clear message naming the problem, a non-zero exit, nothing trained."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cascade(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "cascade_mega", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def one_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("cascade: error:")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def test_unknown_key(tmp_path):
+    one_error(cascade("train", "configs/quickstart.yaml", "model.num_layrs=3",
+                      f"run_dir={tmp_path}"), "model.num_layrs", "did you mean 'model.num_layers'")
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("base: " + os.path.join(ROOT, "configs/quickstart.yaml") +
+                   "\ntrain:\n  stepz: 3\n")
+    one_error(cascade("train", str(cfg)), "train.stepz", str(cfg))
+
+
+def test_wrong_type(tmp_path):
+    one_error(cascade("train", "configs/quickstart.yaml", "train.steps=many",
+                      f"run_dir={tmp_path}"), "train.steps")
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("diffusion.block_size=7", "diffusion.block_size"),
+    ("parallel.tensor=3", "parallel.tensor"),
+    ("train.global_batch_size=12", "train.global_batch_size"),
+])
+def test_impossible_combination(tmp_path, override, needle):
+    one_error(cascade("train", "configs/quickstart.yaml", override, f"run_dir={tmp_path}"),
+              needle)
+
+
+def test_missing_dataset(tmp_path):
+    proc = cascade("train", "configs/quickstart.yaml", f"data.path={tmp_path}/nowhere",
+                   f"run_dir={tmp_path}/run")
+    one_error(proc, f"{tmp_path}/nowhere.bin")
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def _tiny_dataset(tmp_path, ids):
+    from cascade_mega.data.indexed import write_indexed
+    from cascade_mega.data.shakespeare import ensure_dataset
+    from cascade_mega.data.tokenizer import CascadeTokenizer
+
+    tok = CascadeTokenizer(os.path.join(os.path.dirname(ensure_dataset()), "tokenizer.json"))
+    prefix = str(tmp_path / "tiny")
+    write_indexed(prefix, [ids] * 50, tok)
+    return prefix, tok
+
+
+def test_token_id_beyond_vocabulary(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 8000, (300,), generator=gen).tolist() + [9000]
+    prefix, _ = _tiny_dataset(tmp_path, ids)
+    one_error(cascade("train", "configs/quickstart.yaml", f"data.path={prefix}",
+                      f"run_dir={tmp_path}/run"), "token id 9000", "tiny.bin")
+
+
+def test_truncated_bin(tmp_path):
+    prefix, _ = _tiny_dataset(tmp_path, list(range(1, 301)))
+    with open(prefix + ".bin", "r+b") as f:
+        f.truncate(os.path.getsize(prefix + ".bin") - 10)
+    one_error(cascade("train", "configs/quickstart.yaml", f"data.path={prefix}",
+                      f"run_dir={tmp_path}/run"), "tiny.bin", "truncated")

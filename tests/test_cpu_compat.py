@@ -1,0 +1,82 @@
+"""Each behaviour the CPU-compatibility layer patches into megatron-core, checked directly."""
+
+import contextlib
+import sys
+
+import torch
+
+from cascade_mega.runtime import cpu_compat
+
+
+def _megatron_torch():
+    return sys.modules["megatron.core.parallel_state"].torch
+
+
+def test_applied_without_cuda(megatron):
+    assert not torch.cuda.is_available()
+    assert cpu_compat.apply() is True
+    assert _megatron_torch() is not torch  # megatron sees the proxy, the project sees torch
+
+
+def test_current_device_and_literal_cuda_tensors(megatron):
+    mt = _megatron_torch()
+    assert mt.cuda.current_device() == torch.device("cpu")
+    for device in ("cuda", "cuda:0", 0, torch.device("cuda")):
+        x = mt.zeros(3, device=device)
+        assert x.device.type == "cpu"
+    assert mt.tensor([1.0], device="cuda").device.type == "cpu"
+    assert mt.empty(2, device=mt.cuda.current_device()).device.type == "cpu"
+
+
+def test_streams_events_and_synchronize_are_noops(megatron):
+    mt = _megatron_torch()
+    mt.cuda.synchronize()
+    stream = mt.cuda.current_stream()
+    stream.wait_stream(mt.cuda.Stream())
+    event = mt.cuda.Event()
+    event.record()
+    assert event.query()
+    with mt.cuda.stream(stream):
+        pass
+
+
+def test_tensor_cuda_and_type(megatron):
+    x = torch.ones(2)
+    assert x.cuda() is x
+    assert x.type() == "torch.cuda.FloatTensor"
+    assert x.type(torch.float64).dtype == torch.float64  # conversion form untouched
+
+
+def test_rng_tracker_forks_cpu_state(megatron):
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(77)
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    before = torch.get_rng_state()
+    with tracker.fork():
+        a = torch.rand(4)
+    assert torch.equal(torch.get_rng_state(), before)  # default stream restored
+    with tracker.fork():
+        b = torch.rand(4)
+    assert not torch.equal(a, b)  # the forked stream advanced
+    tensor_parallel.model_parallel_cuda_manual_seed(77)
+    with tensor_parallel.get_cuda_rng_tracker().fork():
+        assert torch.equal(torch.rand(4), a)  # reseeding reproduces it
+
+
+def test_rng_state_helpers_for_recompute(megatron):
+    random = sys.modules["megatron.core.tensor_parallel.random"]
+    state = random._get_cuda_rng_state()
+    x = torch.rand(3)
+    random._set_cuda_rng_state(state)
+    assert torch.equal(torch.rand(3), x)
+
+
+def test_grad_clipping_runs_on_cpu(megatron):
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    p = torch.nn.Parameter(torch.randn(10))
+    p.grad = torch.randn(10) * 100
+    norm = float(p.grad.norm())
+    clip_grad_by_total_norm_fp32([p], max_norm=1.0, total_norm=norm)
+    assert abs(float(p.grad.norm()) - 1.0) < 1e-3
