@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from cascade_mega.diffusion.masks import AttentionLayout
-from cascade_mega.diffusion.noise import corrupt
+from cascade_mega.diffusion.noise import Noise, corrupt, draw
 from cascade_mega.model.gpt import ReadOut
 
 
@@ -44,9 +44,20 @@ def shifted_rows(L: int, B: int, clean_stream: bool) -> torch.Tensor:
     return rows
 
 
+def draw_noise(cfg, n: int, generator: torch.Generator, t_range=None) -> Noise:
+    """Noise for n sequences under the run's diffusion settings (t_range overrides the clip)."""
+    d = cfg.diffusion
+    t_min, t_max = t_range if t_range is not None else (d.t_min, d.t_max)
+    return draw(n, cfg.data.seq_len, d.block_size, generator, d.noise_sampling == "stratified",
+                t_min, t_max)
+
+
 def prepare(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, cfg, mask_id: int,
-            generator: torch.Generator, *, t_range=None) -> Prepared:
-    """tokens/labels/loss_mask: [b, L] as megatron's GPT dataset yields them."""
+            noise, *, t_range=None) -> Prepared:
+    """tokens/labels/loss_mask: [b, L] as megatron's GPT dataset yields them.
+
+    noise: a `Noise` for these b sequences, or a torch.Generator to draw one from.
+    """
     d = cfg.diffusion
     b, L = tokens.shape
     pos = torch.arange(L).expand(b, L)
@@ -55,10 +66,11 @@ def prepare(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
         return Prepared(tokens, pos, AttentionLayout("causal", L), ReadOut(None, labels), w,
                         loss_mask.bool(), int(loss_mask.sum()))
     B = d.block_size
-    t_min, t_max = t_range if t_range is not None else (d.t_min, d.t_max)
-    x_t, masked, t_tok = corrupt(tokens, B, mask_id, generator, d.noise_sampling == "stratified",
-                                 t_min, t_max)
-    weight = masked.to(torch.float64) / t_tok
+    if isinstance(noise, torch.Generator):
+        noise = draw(b, L, B, noise, d.noise_sampling == "stratified",
+                     *(t_range if t_range is not None else (d.t_min, d.t_max)))
+    x_t, masked = corrupt(tokens, noise, mask_id)
+    weight = masked.to(torch.float64) / noise.t
     clean_stream = B < L
     if clean_stream:
         input_ids = torch.cat([x_t, tokens], dim=1)

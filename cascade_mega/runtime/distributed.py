@@ -52,7 +52,9 @@ def init(parallel, seed: int) -> DistEnv:
     env = read_env()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if env.world_size == 1:  # a world of one needs no agreed port: never reuse one
+        if "RANK" not in os.environ and env.world_size == 1:
+            # a bare single process: no launcher owns a store, so take any free port (an
+            # inherited MASTER_PORT may belong to a parent process's group)
             os.environ["MASTER_PORT"] = str(_free_port())
         if torch.cuda.is_available():
             torch.cuda.set_device(env.local_rank)

@@ -112,13 +112,18 @@ class Trainer:
 
     # ---------------------------------------------------------------- steps
     def _micro_batches(self, reader, step: int, split: str, t_range=None):
-        cfg, mbs = self.cfg, self.cfg.train.micro_batch_size
+        cfg, mbs, gbs = self.cfg, self.cfg.train.micro_batch_size, self.cfg.train.global_batch_size
+        noise = None
+        if cfg.diffusion.objective != "ar":  # one draw per global batch: layout-independent
+            noise = objective.draw_noise(cfg, gbs, noise_generator(cfg.train.seed, split, step),
+                                         t_range)
         for m in range(self.num_micro):
             start = loader.micro_batch_start(step, m, self.dp_rank, cfg, self.dp_size)
             batch = reader.micro_batch(start, mbs)
-            gen = noise_generator(cfg.train.seed, split, step, m, self.dp_rank)
+            rows = start - step * gbs
             yield objective.prepare(batch.tokens, batch.labels, batch.loss_mask, cfg,
-                                    self.tokenizer.mask_id, gen, t_range=t_range)
+                                    self.tokenizer.mask_id,
+                                    noise.rows(rows, rows + mbs) if noise else None)
 
     @staticmethod
     def _forward_step(data_iterator, model):
