@@ -36,7 +36,9 @@ def test_train_writes_run_directory_and_mlflow(tmp_path):
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
     history = client.get_metric_history(run_id, "loss")
     assert [m.step for m in history] == [5, 10, 15, 20]
-    assert client.get_run(run_id).data.params["diffusion.block_size"] == "8"
+    mlflow_run = client.get_run(run_id)
+    assert mlflow_run.data.params["diffusion.block_size"] == "8"
+    assert mlflow_run.info.status == "FINISHED"
 
 
 def test_bench_train_json(tmp_path):

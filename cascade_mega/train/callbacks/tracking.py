@@ -61,7 +61,7 @@ class MlflowTracker:
         id_file = os.path.join(self.run_dir, "mlflow_run_id")
         if os.path.exists(id_file):
             self.run_id = open(id_file).read().strip()
-            client.set_tag(self.run_id, "restarts", str(params["start_step"]))
+            client.set_tag(self.run_id, "resumed_from_step", str(params["start_step"]))
             return client
         exp = client.get_experiment_by_name(self.cfg.tracking.experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(self.cfg.tracking.experiment)
@@ -97,6 +97,11 @@ class MlflowTracker:
                 if stopping:
                     return
             if stopping:
+                if client is not None and not pending:
+                    try:
+                        client.set_terminated(self.run_id, "FINISHED")
+                    except Exception as err:
+                        self._warn(err)
                 return
             self._stop.wait(1.0)
 
