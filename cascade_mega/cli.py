@@ -37,10 +37,7 @@ def _train(args) -> int:
 
 
 def _bench(args) -> int:
-    from cascade_mega.bench import train as bench_train
-
-    if args.what == "train":
-        bench_train.run(args)
+    args.bench_run(args)
     return 0
 
 
@@ -53,9 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
     b = sub.add_parser("bench", help="benchmarks printed as ratios against a baseline")
     bsub = b.add_subparsers(dest="what", required=True)
+    from cascade_mega.bench import attention as bench_attention
     from cascade_mega.bench import train as bench_train
 
-    bench_train.add_arguments(bsub.add_parser("train", help="block diffusion vs AR step"))
+    for name, module, text in (("train", bench_train, "block diffusion vs AR training step"),
+                               ("attention", bench_attention, "attention kernels vs AR")):
+        sp = bsub.add_parser(name, help=text)
+        module.add_arguments(sp)
+        sp.set_defaults(bench_run=module.run)
     b.set_defaults(func=_bench)
     return p
 

@@ -35,6 +35,7 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2 has QKV biases; Llama has none
     init_std: float = 0.02
     attention_backend: str = "auto"  # auto | local | te  (te needs Transformer Engine and a GPU)
+    attention_kernel: str = "auto"  # auto (flex on GPU, tiled on CPU) | tiled | flex | dense
 
 
 @dataclass
@@ -45,6 +46,8 @@ class DiffusionConfig:
     noise_sampling: str = "stratified"  # stratified (antithetic across the batch) | uniform
     t_min: float = 0.0  # clipped noise range [t_min, t_max] (BD3-LM's [beta, omega]) for training
     t_max: float = 1.0
+    views: int = 1  # noisy views of each sequence sharing one clean stream: [x_t^1..x_t^V ; x_0]
+    complementary: bool = False  # views = 2, the second masks exactly what the first keeps
 
 
 @dataclass
@@ -86,6 +89,8 @@ class TrainConfig:
     global_batch_size: int = 16
     seed: int = 1234
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    fp8: Optional[str] = None  # None | e4m3 | hybrid  (Transformer Engine on a GPU)
+    fp8_recipe: str = "delayed"  # delayed | tensorwise (current scaling)
     log_interval: int = 10
     eval_interval: int = 100
     eval_batches: int = 8
@@ -128,6 +133,8 @@ _CHOICES = {
     "optimizer.decay_style": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "fp32", "bf16"),
     "model.attention_backend": ("auto", "local", "te"),
+    "model.attention_kernel": ("auto", "tiled", "flex", "dense"),
+    "train.fp8_recipe": ("delayed", "tensorwise"),
 }
 
 
@@ -246,6 +253,17 @@ def validate(cfg: CascadeConfig, world_size: int = 1) -> None:
          f"'train.micro_batch_size' x data-parallel size = {t.micro_batch_size} x {dp}")
     need(0 <= o.warmup_steps < t.steps, f"'optimizer.warmup_steps' = {o.warmup_steps} must be "
          f"smaller than 'train.steps' = {t.steps}")
+    need(d.views >= 1, f"'diffusion.views' must be >= 1, got {d.views}")
+    need(not d.complementary or d.views == 2,
+         f"'diffusion.complementary' needs 'diffusion.views' = 2, got {d.views}")
+    need(d.views == 1 or d.objective == "block_diffusion",
+         "'diffusion.views' > 1 needs 'diffusion.objective' = block_diffusion")
+    need(t.fp8 in (None, "e4m3", "hybrid"), f"'train.fp8' = {t.fp8!r}; expected e4m3 or hybrid")
+    if t.fp8:
+        from cascade_mega.runtime import te_support
+
+        need(te_support.available(), f"'train.fp8' = {t.fp8} needs Transformer Engine on a CUDA "
+             "GPU (install the [gpu] extra there); this machine has none")
     need(o.min_lr <= o.lr, f"'optimizer.min_lr' = {o.min_lr} exceeds 'optimizer.lr' = {o.lr}")
     need(t.eval_interval >= 0 and t.eval_batches >= 0,
          "'train.eval_interval' and 'train.eval_batches' must be >= 0")

@@ -84,3 +84,13 @@ def test_truncated_bin(tmp_path):
         f.truncate(os.path.getsize(prefix + ".bin") - 10)
     one_error(cascade("train", "configs/quickstart.yaml", f"data.path={prefix}",
                       f"run_dir={tmp_path}/run"), "tiny.bin", "truncated")
+
+
+def test_fp8_without_transformer_engine(tmp_path):
+    one_error(cascade("train", "configs/quickstart.yaml", "train.fp8=e4m3",
+                      f"run_dir={tmp_path}"), "train.fp8", "Transformer Engine")
+
+
+def test_complementary_needs_two_views(tmp_path):
+    one_error(cascade("train", "configs/quickstart.yaml", "diffusion.complementary=true",
+                      f"run_dir={tmp_path}"), "diffusion.complementary")

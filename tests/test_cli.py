@@ -49,3 +49,13 @@ def test_bench_train_json(tmp_path):
     assert result["time_ratio"] > 0 and result["bd_step_s"] > 0 and result["ar_step_s"] > 0
     assert result["memory_ratio"] > 1.0  # the 2L layout holds more activations than L
     assert result["seq_len"] == 64 and result["block_size"] == 8
+    assert result["dense_time_ratio"] > 0 and result["dense_memory_ratio"] > 0
+
+
+def test_bench_attention_json():
+    proc = run("bench", "attention", "--seq-len", "64", "--block-size", "8", "--batch", "1",
+               "--repeats", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("time_ratio", "memory_ratio", "shared_stream_time_ratio", "dense_time_ratio"):
+        assert result[key] > 0, key

@@ -26,6 +26,7 @@ def add_arguments(p):
     p.add_argument("--block-size", type=int)
     p.add_argument("--batch", type=int, help="sequences per step")
     p.add_argument("--steps", type=int, default=5, help="timed steps per objective")
+    p.add_argument("--no-dense", action="store_true", help="skip the dense-mask baseline")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
 
 
@@ -44,15 +45,19 @@ def _configs(args):
                      "train.steps=100", "optimizer.warmup_steps=1"]
     path = config or "configs/quickstart.yaml"
     bd = load_config(path, common + ["diffusion.objective=block_diffusion"])
+    dense = load_config(path, common + ["diffusion.objective=block_diffusion",
+                                        "model.attention_kernel=dense"])
     ar = load_config(path, common + ["diffusion.objective=ar"])
-    return bd, ar
+    return bd, dense, ar
 
 
 def run(args) -> dict:
     from cascade_mega.train.trainer import Trainer
 
-    bd_cfg, ar_cfg = _configs(args)
+    bd_cfg, dense_cfg, ar_cfg = _configs(args)
     trainers = {"block_diffusion": Trainer(bd_cfg).setup(), "ar": Trainer(ar_cfg).setup()}
+    if not args.no_dense:
+        trainers["dense_mask"] = Trainer(dense_cfg).setup()
     times = {k: [] for k in trainers}
     for name, tr in trainers.items():  # warm-up (allocator, caches)
         tr.train_step(0)
@@ -63,6 +68,9 @@ def run(args) -> dict:
             times[name].append(time.perf_counter() - start)
     memory = {name: peak_bytes(lambda tr=tr: tr.train_step(args.steps + 1))
               for name, tr in trainers.items()}
+    from cascade_mega.model.attention import resolve_kernel
+
+    kernel = resolve_kernel(bd_cfg.model.attention_kernel)
     med = {k: statistics.median(v) for k, v in times.items()}
     L, B = bd_cfg.data.seq_len, bd_cfg.diffusion.block_size
     result = {
@@ -75,11 +83,21 @@ def run(args) -> dict:
     }
     print(f"bench train  L={L} B={B} layers={result['layers']} hidden={result['hidden']} "
           f"batch={result['batch']}")
-    print(f"  {'objective':<16}{'step (s)':>10}{'peak (MiB)':>12}")
-    print(f"  {'block_diffusion':<16}{result['bd_step_s']:>10.3f}{result['bd_peak_mb']:>12.1f}")
-    print(f"  {'ar':<16}{result['ar_step_s']:>10.3f}{result['ar_peak_mb']:>12.1f}")
+    if "dense_mask" in med:
+        result.update({"dense_step_s": med["dense_mask"],
+                       "dense_peak_mb": memory["dense_mask"] / 2**20,
+                       "dense_time_ratio": med["dense_mask"] / med["ar"],
+                       "dense_memory_ratio": memory["dense_mask"] / memory["ar"]})
+    print(f"  {'objective':<28}{'step (s)':>10}{'peak (MiB)':>12}")
+    for name, label in (("block_diffusion", f"block_diffusion ({kernel})"),
+                        ("dense_mask", "block_diffusion (dense mask)"), ("ar", "ar")):
+        if name in med:
+            print(f"  {label:<28}{med[name]:>10.3f}{memory[name] / 2**20:>12.1f}")
     print(f"  time ratio (bd/ar) {result['time_ratio']:.2f}   "
           f"memory ratio (bd/ar) {result['memory_ratio']:.2f}")
+    if "dense_time_ratio" in result:
+        print(f"  dense-mask baseline: time ratio {result['dense_time_ratio']:.2f}   "
+              f"memory ratio {result['dense_memory_ratio']:.2f}")
     if args.json:
         print(json.dumps(result))
     return result

@@ -67,22 +67,38 @@ def training_mask(seq_len: int, block_size: int) -> torch.Tensor:
 class AttentionLayout:
     """What the core attention needs to know about the sequence it is given.
 
-    kind: 'causal' (AR), 'full' (B = L masked diffusion), or 'block_diffusion' ([x_t ; x_0], 2L).
-    It travels through megatron-core in the `attention_mask` argument, which the layers pass to
-    the core attention untouched.
+    kind: 'causal' (AR), 'full' (B = L masked diffusion, `views` independent sequences side by
+    side), or 'block_diffusion' (`[x_t^1 ; ... ; x_t^V ; x_0]`, (V+1) L rows; V = 1 is the 2L
+    layout). It travels through megatron-core in the `attention_mask` argument, which the layers
+    pass to the core attention untouched.
     """
 
     kind: str
     seq_len: int
     block_size: int = 1
+    views: int = 1
 
     def mask_fn(self):
+        L, B, V = self.seq_len, self.block_size, self.views
         if self.kind == "causal":
             return causal
         if self.kind == "full":
-            return lambda q, k: torch.ones_like(q + k, dtype=torch.bool)
-        return training_mask_fn(self.seq_len, self.block_size)
+            return lambda q, k: q // L == k // L
+        if V == 1:
+            return training_mask_fn(L, B)
+
+        def fn(q, k):  # view v rows see their own view's block and the shared clean stream
+            q_stream, k_stream = q // L, k // L
+            qi, ki = q % L, k % L
+            q_clean, k_clean = q_stream == V, k_stream == V
+            return ((q_stream == k_stream) & ~q_clean & same_block(B)(qi, ki)) | \
+                (~q_clean & k_clean & strictly_block_causal(B)(qi, ki)) | \
+                (q_clean & k_clean & block_causal(B)(qi, ki))
+
+        return fn
 
     @property
     def total_len(self) -> int:
-        return 2 * self.seq_len if self.kind == "block_diffusion" else self.seq_len
+        if self.kind == "block_diffusion":
+            return (self.views + 1) * self.seq_len
+        return self.views * self.seq_len if self.kind == "full" else self.seq_len

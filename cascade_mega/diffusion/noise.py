@@ -19,8 +19,8 @@ import torch
 
 @dataclass
 class Noise:
-    t: torch.Tensor  # [n, L] float64: the noise level of each token's block
-    u: torch.Tensor  # [n, L] float64 uniforms: token i is masked iff u < t
+    t: torch.Tensor  # [n, V, L] float64: the noise level of each token's block, per view
+    u: torch.Tensor  # [n, V, L] float64 uniforms: token i of view v is masked iff u < t
 
     def rows(self, start: int, stop: int) -> "Noise":
         return Noise(self.t[start:stop], self.u[start:stop])
@@ -37,14 +37,23 @@ def sample_t(n: int, generator: torch.Generator, stratified: bool = True, t_min:
 
 
 def draw(n: int, seq_len: int, block_size: int, generator: torch.Generator,
-         stratified: bool = True, t_min: float = 0.0, t_max: float = 1.0) -> Noise:
+         stratified: bool = True, t_min: float = 0.0, t_max: float = 1.0,
+         views: int = 1) -> Noise:
     blocks = seq_len // block_size
-    t = sample_t(n * blocks, generator, stratified, t_min, t_max).view(n, blocks)
-    u = torch.rand(n, seq_len, generator=generator, dtype=torch.float64)
-    return Noise(t.repeat_interleave(block_size, dim=1), u)
+    t = sample_t(n * views * blocks, generator, stratified, t_min, t_max).view(n, views, blocks)
+    u = torch.rand(n, views, seq_len, generator=generator, dtype=torch.float64)
+    return Noise(t.repeat_interleave(block_size, dim=2), u)
+
+
+def complement(noise: Noise) -> Noise:
+    """Two views from the first: the second masks exactly the tokens the first keeps (t -> 1-t)."""
+    t, u = noise.t[:, :1], noise.u[:, :1]
+    # view 2 masked iff view 1 unmasked (u >= t), i.e. 1 - u > 1 - t; 1 - t is its noise level
+    return Noise(torch.cat([t, 1.0 - t], dim=1), torch.cat([u, 1.0 - u], dim=1))
 
 
 def corrupt(x0: torch.Tensor, noise: Noise, mask_id: int):
-    """Absorbing corruption. x0: [b, L]. Returns (x_t, masked [b, L] bool)."""
+    """Absorbing corruption of every view. x0: [b, L]. Returns (x_t [b, V, L], masked [b, V, L])."""
     masked = noise.u < noise.t
-    return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
+    x = x0[:, None, :].expand_as(masked)
+    return torch.where(masked, torch.full_like(x, mask_id), x), masked

@@ -1,5 +1,9 @@
 """Training objectives on one model: block diffusion (B = 1 .. L) and the AR baseline.
 
+views > 1: V noisy copies of each sequence share one clean stream, `[x_t^1 ; ... ; x_t^V ; x_0]`;
+  `complementary` makes view 2 mask exactly what view 1 keeps (every token a target once per pair).
+  The loss is the mean of the V NELBO estimates: identical to V separate 2L passes, fewer FLOPs.
+
 block_diffusion, B < L: one forward over `[x_t ; x_0]` (2L tokens, same position ids for both
   halves) with the 2L mask; the loss is read off the x_t half only:
       NELBO = sum_blocks E_t[(1/t) sum_{masked i} -log p(x0_i | x_t block, clean prefix)] / #tokens
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from cascade_mega.diffusion.masks import AttentionLayout
-from cascade_mega.diffusion.noise import Noise, corrupt, draw
+from cascade_mega.diffusion.noise import Noise, complement, corrupt, draw
 from cascade_mega.model.gpt import ReadOut
 
 
@@ -34,22 +38,34 @@ class Prepared:
     num_tokens: int  # denominator of the per-token NELBO
 
 
-def shifted_rows(L: int, B: int, clean_stream: bool) -> torch.Tensor:
-    """Row that predicts target i (i = 1 .. L-1) under shifted prediction."""
+def shifted_rows(L: int, B: int, clean_offset: int | None, view_offset: int = 0) -> torch.Tensor:
+    """Row that predicts target i (i = 1 .. L-1) under shifted prediction.
+
+    Row i-1 of the same view, except a block's first token, which the clean stream's last row of
+    the previous block predicts (when there is a clean stream, at `clean_offset`).
+    """
     i = torch.arange(1, L)
-    rows = i - 1
-    if clean_stream:
-        starts = i % B == 0
-        rows = torch.where(starts, L + i - 1, rows)  # clean stream's last row of previous block
+    rows = view_offset + i - 1
+    if clean_offset is not None:
+        rows = torch.where(i % B == 0, clean_offset + i - 1, rows)
     return rows
+
+
+def sequence_rows(cfg) -> int:
+    """Rows one sample occupies in the model (what the pipeline schedule sends between stages)."""
+    d, L = cfg.diffusion, cfg.data.seq_len
+    if d.objective == "ar":
+        return L
+    return (d.views + 1) * L if d.block_size < L else d.views * L
 
 
 def draw_noise(cfg, n: int, generator: torch.Generator, t_range=None) -> Noise:
     """Noise for n sequences under the run's diffusion settings (t_range overrides the clip)."""
     d = cfg.diffusion
     t_min, t_max = t_range if t_range is not None else (d.t_min, d.t_max)
-    return draw(n, cfg.data.seq_len, d.block_size, generator, d.noise_sampling == "stratified",
-                t_min, t_max)
+    noise = draw(n, cfg.data.seq_len, d.block_size, generator, d.noise_sampling == "stratified",
+                 t_min, t_max, views=1 if d.complementary else d.views)
+    return complement(noise) if d.complementary else noise
 
 
 def prepare(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, cfg, mask_id: int,
@@ -65,28 +81,35 @@ def prepare(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
         w = loss_mask.to(torch.float64)
         return Prepared(tokens, pos, AttentionLayout("causal", L), ReadOut(None, labels), w,
                         loss_mask.bool(), int(loss_mask.sum()))
-    B = d.block_size
+    B, V = d.block_size, d.views
     if isinstance(noise, torch.Generator):
-        noise = draw(b, L, B, noise, d.noise_sampling == "stratified",
-                     *(t_range if t_range is not None else (d.t_min, d.t_max)))
-    x_t, masked = corrupt(tokens, noise, mask_id)
-    weight = masked.to(torch.float64) / noise.t
+        noise = draw_noise(cfg, b, noise, t_range)
+    x_t, masked = corrupt(tokens, noise, mask_id)  # [b, V, L]
+    # 1/t on masked tokens, averaged over the views (each view is an unbiased NELBO estimate)
+    weight = torch.where(masked, 1.0 / noise.t, 0.0) / V
     clean_stream = B < L
+    streams = [x_t[:, v] for v in range(V)]
     if clean_stream:
-        input_ids = torch.cat([x_t, tokens], dim=1)
-        position_ids = torch.cat([pos, pos], dim=1)
-        layout = AttentionLayout("block_diffusion", L, B)
+        input_ids = torch.cat(streams + [tokens], dim=1)
+        position_ids = pos.repeat(1, V + 1)
+        layout = AttentionLayout("block_diffusion", L, B, V)
     else:
-        input_ids, position_ids, layout = x_t, pos, AttentionLayout("full", L, L)
-    valid = loss_mask.bool()
+        input_ids, position_ids = torch.cat(streams, dim=1), pos.repeat(1, V)
+        layout = AttentionLayout("full", L, L, V)
+    valid = loss_mask.bool()[:, None, :].expand(b, V, L)
+    targets = tokens[:, None, :].expand(b, V, L)
     if d.shifted_prediction:
-        rows = shifted_rows(L, B, clean_stream)
-        targets, weight, masked, valid = tokens[:, 1:], weight[:, 1:], masked[:, 1:], valid[:, 1:]
+        clean_offset = V * L if clean_stream else None
+        rows = torch.cat([shifted_rows(L, B, clean_offset, v * L) for v in range(V)])
+        targets, weight = targets[..., 1:], weight[..., 1:]
+        masked, valid = masked[..., 1:], valid[..., 1:]
     else:
-        rows, targets = torch.arange(L), tokens
+        rows = torch.arange(V * L)
     weight = weight * valid
-    return Prepared(input_ids, position_ids, layout, ReadOut(rows, targets), weight,
-                    masked & valid, int(valid.sum()))
+    n_per_view = targets.shape[-1]
+    flat = lambda x: x.reshape(b, V * n_per_view)  # noqa: E731  [b, V, n] -> view-major rows
+    return Prepared(input_ids, position_ids, layout, ReadOut(rows, flat(targets).contiguous()),
+                    flat(weight), flat(masked & valid), int(valid[:, 0].sum()))
 
 
 def reduce(ce: torch.Tensor, correct: torch.Tensor, prep: Prepared):

@@ -5,8 +5,12 @@ signature as megatron's DotProductAttention), so the rest of the layer (QKV proj
 output projection, tensor parallel) is megatron-core's own. The sequence layout arrives as an
 `AttentionLayout` in the `attention_mask` argument.
 
-This path uses torch's scaled_dot_product_attention: `is_causal` for AR, no mask for full
-diffusion, and the boolean 2L mask (built once per (L, B, device) and cached) for block diffusion.
+Kernels for the block-diffusion layout (`model.attention_kernel`):
+- `tiled` (`kernels/tiled.py`): dense SDPA tiles that follow the mask, forward and backward on any
+  device; the default on CPU.
+- `flex` (`kernels/flex.py`): FlexAttention with a cached block mask; the default on GPU.
+- `dense`: SDPA under the full boolean (V+1)L mask; the baseline the benchmarks compare against.
+AR uses SDPA's causal path; full diffusion (B = L) uses unmasked SDPA per view.
 """
 
 from __future__ import annotations
@@ -22,6 +26,14 @@ from megatron.core.utils import divide
 
 from cascade_mega.diffusion.masks import AttentionLayout, dense_mask
 
+KERNELS = ("auto", "tiled", "flex", "dense")
+
+
+def resolve_kernel(kernel: str) -> str:
+    if kernel == "auto":
+        return "flex" if torch.cuda.is_available() else "tiled"
+    return kernel
+
 
 @functools.lru_cache(maxsize=16)
 def _cached_mask(layout: AttentionLayout, device: torch.device) -> torch.Tensor:
@@ -29,14 +41,32 @@ def _cached_mask(layout: AttentionLayout, device: torch.device) -> torch.Tensor:
     return dense_mask(layout.mask_fn(), n, n, device=device)
 
 
-def attend(query, key, value, layout: AttentionLayout, scale: Optional[float] = None):
+def attend(query, key, value, layout: AttentionLayout, kernel: str = "auto",
+           scale: Optional[float] = None):
     """q: [b, h, s, d]; k, v: [b, g, s, d] with g dividing h (grouped-query). Returns [b, h, s, d]."""
     gqa = key.shape[1] != query.shape[1]
     if layout.kind == "causal":
         return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
                                               enable_gqa=gqa)
     if layout.kind == "full":
-        return F.scaled_dot_product_attention(query, key, value, scale=scale, enable_gqa=gqa)
+        L = layout.seq_len
+        return torch.cat([
+            F.scaled_dot_product_attention(query[:, :, i * L:(i + 1) * L],
+                                           key[:, :, i * L:(i + 1) * L],
+                                           value[:, :, i * L:(i + 1) * L], scale=scale,
+                                           enable_gqa=gqa)
+            for i in range(layout.views)], dim=2)
+    kernel = resolve_kernel(kernel)
+    if kernel == "tiled":
+        from cascade_kernels import tiled
+
+        return tiled.block_diffusion_attention(query, key, value, layout.seq_len,
+                                               layout.block_size, layout.views, scale=scale)
+    if kernel == "flex":
+        from cascade_kernels import flex
+
+        return flex.block_diffusion_attention(query, key, value, layout.seq_len,
+                                              layout.block_size, layout.views, scale=scale)
     mask = _cached_mask(layout, query.device)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale,
                                           enable_gqa=gqa)
@@ -47,17 +77,19 @@ class BlockDiffusionAttention(MegatronModule):
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type,
                  attention_dropout=None, softmax_scale=None, cp_comm_type=None,
-                 pg_collection=None):
+                 pg_collection=None, kernel: str = "auto"):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
             raise ValueError("BlockDiffusionAttention does not implement context parallel yet")
         if (attention_dropout if attention_dropout is not None else config.attention_dropout):
             raise ValueError("attention dropout is not supported by BlockDiffusionAttention")
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown attention kernel {kernel!r}; expected one of {KERNELS}")
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.heads = divide(config.num_attention_heads, tp)
-        self.groups = divide(config.num_query_groups or config.num_attention_heads, tp)
         self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale
+        self.kernel = kernel
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
@@ -65,6 +97,6 @@ class BlockDiffusionAttention(MegatronModule):
             raise TypeError("BlockDiffusionAttention expects an AttentionLayout as attention_mask")
         # megatron layout [s, b, heads, d] -> SDPA layout [b, heads, s, d]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
-        out = attend(q, k, v, attention_mask, self.softmax_scale)
+        out = attend(q, k, v, attention_mask, self.kernel, self.softmax_scale)
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)

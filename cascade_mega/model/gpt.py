@@ -12,6 +12,7 @@ Design choices:
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -92,7 +93,8 @@ def layer_spec(cfg: CascadeConfig):
     else:
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec = copy.deepcopy(spec)
-    spec.submodules.self_attention.submodules.core_attention = BlockDiffusionAttention
+    spec.submodules.self_attention.submodules.core_attention = functools.partial(
+        BlockDiffusionAttention, kernel=cfg.model.attention_kernel)
     return spec
 
 
@@ -135,7 +137,8 @@ def predict_and_score(*, hidden_states, output_layer, output_weight, context: Re
     if context.rows is not None:
         hidden_states = hidden_states.index_select(0, context.rows)
     logits, _ = output_layer(hidden_states, weight=output_weight)
-    logits = logits.float() + output_layer.logit_bias  # forbid [MASK] and vocabulary padding
+    # forbid [MASK] and vocabulary padding; in place: the linear layer keeps no copy of its output
+    logits = logits.float().add_(output_layer.logit_bias)
     labels = context.labels.t().contiguous()  # [n, b]
     ce = tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
     with torch.no_grad():

@@ -146,7 +146,7 @@ class Trainer:
             data_iterator=iters,
             model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
             num_microbatches=self.num_micro,
-            seq_length=2 * cfg.data.seq_len,
+            seq_length=objective.sequence_rows(cfg),
             micro_batch_size=cfg.train.micro_batch_size,
             forward_only=forward_only,
         )

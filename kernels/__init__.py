@@ -1,0 +1,1 @@
+"""Attention kernels for block diffusion (importable as `cascade_kernels`)."""

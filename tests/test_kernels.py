@@ -1,0 +1,112 @@
+"""Attention kernels against dense float64 attention under the reference mask.
+
+`training_mask(L, B)` is the reference for the 2L layout; for V views the reference is the
+element-wise definition in `AttentionLayout.mask_fn` (itself checked against `training_mask`
+for V = 1 here).
+"""
+
+import math
+
+import pytest
+import torch
+
+from cascade_kernels import flex, tiled
+from cascade_mega.bench.memory import PeakMemory
+from cascade_mega.diffusion import AttentionLayout, training_mask
+from cascade_mega.diffusion.masks import dense_mask
+
+
+def dense_reference(q, k, v, mask):
+    """q: [b, h, s, d]; k, v: [b, g, s, d]; explicit masked softmax in float64."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+
+def inputs(S, heads, groups, seed, d=8, b=2):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda n: torch.randn(b, n, S, d, dtype=torch.float64, generator=g,  # noqa: E731
+                               requires_grad=True)
+    return mk(heads), mk(groups), mk(groups)
+
+
+CASES = [(L, B) for L in (4, 8, 32, 64, 256) for B in (1, 4, 16, L)
+         if B <= L and L % B == 0 and (L in (64, 256) or L in (B, 2 * B))]
+
+
+@pytest.mark.parametrize("L,B", CASES)
+@pytest.mark.parametrize("heads,groups", [(4, 4), (4, 1)])
+def test_tiled_matches_dense_outputs_and_gradients(L, B, heads, groups):
+    q, k, v = inputs(2 * L, heads, groups, seed=L * 31 + B + groups)
+    tile = tiled.tile_size(L, B, target=32)  # small tiles: many tiles even at small L
+    out = tiled.block_diffusion_attention(q, k, v, L, B, tile=tile)
+    ref = dense_reference(q, k, v, training_mask(L, B))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out)
+    for a, e in zip(torch.autograd.grad(out, (q, k, v), grad),
+                    torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+def test_layout_mask_fn_agrees_with_training_mask():
+    for L, B in [(8, 2), (16, 4), (12, 3)]:
+        layout = AttentionLayout("block_diffusion", L, B, 1)
+        assert torch.equal(dense_mask(layout.mask_fn(), 2 * L, 2 * L), training_mask(L, B))
+
+
+@pytest.mark.parametrize("V", [2, 3])
+def test_tiled_views_match_dense(V):
+    L, B = 32, 4
+    q, k, v = inputs((V + 1) * L, 4, 2, seed=V)
+    mask = dense_mask(AttentionLayout("block_diffusion", L, B, V).mask_fn(), (V + 1) * L,
+                      (V + 1) * L)
+    out = tiled.block_diffusion_attention(q, k, v, L, B, views=V, tile=8)
+    ref = dense_reference(q, k, v, mask)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out)
+    for a, e in zip(torch.autograd.grad(out, (q, k, v), grad),
+                    torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("L,B,V", [(16, 4, 1), (32, 8, 2)])
+def test_flex_mask_mod_forward_matches_dense(L, B, V):
+    # FlexAttention has no CPU backward; its forward checks the mask function the GPU path uses.
+    S = (V + 1) * L
+    q, k, v = (x.detach().float() for x in inputs(S, 4, 4, seed=S))
+    out = flex.block_diffusion_attention(q, k, v, L, B, V)
+    mask = dense_mask(AttentionLayout("block_diffusion", L, B, V).mask_fn(), S, S)
+    torch.testing.assert_close(out, dense_reference(q.double(), k.double(), v.double(), mask)
+                               .float(), rtol=1e-4, atol=1e-4)
+
+
+class LargestAllocation(PeakMemory):
+    """Also remembers the largest single storage allocated."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        from torch.utils._pytree import tree_flatten
+
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+def test_training_path_allocates_nothing_of_size_2L_squared():
+    L, B, b, h, d = 4096, 16, 1, 2, 16
+    mask_bytes = (2 * L) ** 2  # one boolean (2L)^2 mask
+    tiled.diagonal_bias.cache_clear()
+    q = torch.randn(b, h, 2 * L, d, requires_grad=True)
+    k = torch.randn(b, h, 2 * L, d, requires_grad=True)
+    v = torch.randn(b, h, 2 * L, d, requires_grad=True)
+    with LargestAllocation() as mem:
+        out = tiled.block_diffusion_attention(q, k, v, L, B)
+        out.sum().backward()
+    assert mem.largest < mask_bytes / 8, mem.largest
+    assert mem.peak < mask_bytes, mem.peak  # everything together stays under one such mask
