@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cascade_mega.runtime import cpu_compat
+from cascade_mega.runtime import cpu_compat, cpu_memory
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,8 @@ def init(parallel, seed: int) -> DistEnv:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    cpu_compat.apply()
+    if cpu_compat.apply():
+        cpu_memory.keep_freed_memory()
     env = read_env()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
