@@ -82,13 +82,17 @@ def transformer_config(cfg: CascadeConfig, dtype: torch.dtype) -> TransformerCon
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
+        # FP8 through Transformer Engine (validated in config: TE + GPU). The TE linear layers run
+        # in FP8; the block-diffusion core attention is plain torch and stays in BF16.
+        fp8=cfg.train.fp8,
+        fp8_recipe=cfg.train.fp8_recipe,
     )
 
 
 def layer_spec(cfg: CascadeConfig):
     """megatron-core's layer spec with the core attention swapped for the project's."""
     backend = cfg.model.attention_backend
-    if backend == "te" or (backend == "auto" and te_support.available()):
+    if cfg.train.fp8 or backend == "te" or (backend == "auto" and te_support.available()):
         spec = te_support.layer_spec()
     else:
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
