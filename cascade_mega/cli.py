@@ -23,17 +23,35 @@ def _quiet():
 
 def _train(args) -> int:
     from cascade_mega.config import load_config
+    from cascade_mega.runtime.env import read_env
 
-    cfg = load_config(args.config, args.overrides)
-    from cascade_mega.runtime.distributed import read_env
-
-    rank = read_env().rank
-    if rank == 0:
+    spawn = args.nproc_per_node and "RANK" not in os.environ
+    world = args.nproc_per_node * args.nnodes if spawn else None
+    cfg = load_config(args.config, args.overrides, world_size=world)  # fails before any spawn
+    if read_env().rank == 0 and not os.environ.get("CASCADE_CHILD"):
         print(f"run_dir: {os.path.abspath(cfg.run_dir)}", flush=True)
+    if spawn:
+        return _spawn_torchrun(args)
     from cascade_mega.train.run import train
 
     train(cfg)
     return 0
+
+
+def _spawn_torchrun(args) -> int:
+    """Start the ranks of this node with torchrun: users never write the torchrun line."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}",
+           f"--nnodes={args.nnodes}"]
+    if args.nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}"]
+    cmd += ["-m", "cascade_mega", "train", args.config, *args.overrides]
+    env = {**os.environ, "CASCADE_CHILD": "1"}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc_per_node)))
+    return subprocess.call(cmd, env=env)
 
 
 def _bench(args) -> int:
@@ -47,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model from a YAML config plus dotted overrides")
     t.add_argument("config", help="YAML config file, e.g. configs/quickstart.yaml")
     t.add_argument("overrides", nargs="*", help="key=value, e.g. model.num_layers=4")
+    t.add_argument("--nproc-per-node", type=int, default=0,
+                   help="start this many ranks on this node (torchrun is run for you)")
+    t.add_argument("--nnodes", type=int, default=1, help="nodes of a multi-node run")
+    t.add_argument("--rdzv-endpoint", default="127.0.0.1:29500",
+                   help="host:port of the rendezvous, for --nnodes > 1")
     t.set_defaults(func=_train)
     b = sub.add_parser("bench", help="benchmarks printed as ratios against a baseline")
     bsub = b.add_subparsers(dest="what", required=True)
@@ -64,7 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     _quiet()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may come after options (`train CFG --nproc-per-node 2 model.x=1`): collect them
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any("=" not in e or e.startswith("-")
+                                                         for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     from cascade_mega.config import ConfigError
     from cascade_mega.data.indexed import DataError
 

@@ -176,8 +176,12 @@ def _explain(err: OmegaConfBaseException, origin: str) -> ConfigError:
     return ConfigError(f"{origin}: {str(err).splitlines()[0]}")
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> CascadeConfig:
-    """Merge defaults <- YAML chain <- overrides, validate, and return a typed config object."""
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
+                world_size: Optional[int] = None) -> CascadeConfig:
+    """Merge defaults <- YAML chain <- overrides, validate, and return a typed config object.
+
+    world_size: the number of processes the run will have (default: the launcher's environment).
+    """
     cfg = OmegaConf.structured(CascadeConfig)
     for node in _yaml_chain(path) if path else []:
         try:
@@ -194,7 +198,11 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     if OmegaConf.is_missing(cfg, "run_dir"):
         raise ConfigError("'run_dir' is not set (set it in the YAML file or as run_dir=PATH)")
     obj: CascadeConfig = OmegaConf.to_object(cfg)
-    validate(obj)
+    if world_size is None:
+        from cascade_mega.runtime.env import read_env
+
+        world_size = read_env().world_size
+    validate(obj, world_size)
     return obj
 
 

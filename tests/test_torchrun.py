@@ -1,4 +1,5 @@
-"""Two gloo processes under torchrun (data parallel) give the single-process losses."""
+"""Several gloo processes (torchrun, started by `cascade train --nproc-per-node`) give the
+single-process losses and gradient norms."""
 
 import json
 import os
@@ -17,19 +18,36 @@ def _records(run_dir):
     return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
 
-def test_data_parallel_two_processes_match_single_process(tmp_path):
-    single = subprocess.run([sys.executable, "-m", "cascade_mega", *ARGS,
-                             f"run_dir={tmp_path}/single"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
-    assert single.returncode == 0, single.stderr
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    double = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "cascade_mega", *ARGS,
-                             f"run_dir={tmp_path}/dp2"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
-    assert double.returncode == 0, double.stderr
-    a, b = _records(tmp_path / "single"), _records(tmp_path / "dp2")
+def _run(tmp_path, name, *extra):
+    proc = subprocess.run([sys.executable, "-m", "cascade_mega", *ARGS, *extra,
+                           f"run_dir={tmp_path}/{name}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == f"run_dir: {tmp_path}/{name}"
+    return _records(tmp_path / name)
+
+
+def _assert_same(a, b):
     assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
     for ra, rb in zip(a, b):
         assert abs(ra["loss"] - rb["loss"]) < 1e-5, (ra, rb)
         if ra["split"] == "train":
             assert abs(ra["grad_norm"] - rb["grad_norm"]) < 1e-5, (ra, rb)
+
+
+def test_data_parallel_matches_single_process(tmp_path):
+    single = _run(tmp_path, "single")
+    _assert_same(single, _run(tmp_path, "dp2", "--nproc-per-node", "2"))
+    # the distributed optimizer shards Adam state across the two ranks, and checkpoints it
+    _assert_same(single, _run(tmp_path, "dp2_distopt", "--nproc-per-node", "2",
+                              "parallel.distributed_optimizer=true"))
+    assert (tmp_path / "dp2_distopt" / "checkpoints" / "latest").exists()
+
+
+def test_impossible_layout_fails_before_any_process_starts(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cascade_mega", *ARGS, "--nproc-per-node", "2",
+                           "parallel.pipeline=4", f"run_dir={tmp_path}/bad"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "cascade: error:" in proc.stderr and "parallel.pipeline" in proc.stderr
+    assert "torch.distributed" not in proc.stderr  # torchrun never ran

@@ -19,6 +19,7 @@ from cascade_mega.config import load_config
 def add_arguments(p):
     p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]",
                    help="YAML config (default: configs/quickstart.yaml) and dotted overrides")
+    p.set_defaults(overrides=[])
     p.add_argument("--layers", type=int)
     p.add_argument("--hidden", type=int)
     p.add_argument("--heads", type=int)
@@ -32,7 +33,7 @@ def add_arguments(p):
 
 def _configs(args):
     config = args.args[0] if args.args and args.args[0].endswith((".yaml", ".yml")) else None
-    over = [a for a in args.args if a is not config]
+    over = [a for a in args.args if a is not config] + list(args.overrides)
     for flag, key in (("layers", "model.num_layers"), ("hidden", "model.hidden_size"),
                       ("heads", "model.num_attention_heads"), ("seq_len", "data.seq_len"),
                       ("block_size", "diffusion.block_size")):

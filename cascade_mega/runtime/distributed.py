@@ -1,7 +1,5 @@
-"""Process-group set-up from torchrun or Slurm environment variables, and seeding.
+"""Process-group set-up from torchrun or Slurm environment variables (`env.py`), and seeding.
 
-torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; under `srun` without
-torchrun we read SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; a bare `python` run is a world of one.
 gloo on CPU, NCCL on GPU.
 """
 
@@ -10,7 +8,6 @@ from __future__ import annotations
 import os
 import random
 import socket
-from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
@@ -18,29 +15,13 @@ import torch
 import torch.distributed as dist
 
 from cascade_mega.runtime import cpu_compat, cpu_memory
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int
-    world_size: int
-    local_rank: int
+from cascade_mega.runtime.env import DistEnv, read_env  # noqa: F401  (re-exported)
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def read_env() -> DistEnv:
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "MASTER_ADDR" in env:
-        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
-                       int(env.get("SLURM_LOCALID", 0)))
-    return DistEnv(0, 1, 0)
 
 
 def init(parallel, seed: int) -> DistEnv:

@@ -70,7 +70,10 @@ def sharded_state(chunks, optimizer, scheduler, step: int, consumed: int, is_loa
         flat = {}
         for sd in model_sd.values():
             flat.update(sd)
-        state["optimizer"] = optimizer.sharded_state_dict(flat, is_loading=is_loading)
+        # fully_reshardable: the distributed optimizer's state loads at any other layout
+        state["optimizer"] = optimizer.sharded_state_dict(
+            flat, is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": "fully_reshardable"})
         state["scheduler"] = scheduler.state_dict()
     return state
 
