@@ -51,3 +51,35 @@ def test_impossible_layout_fails_before_any_process_starts(tmp_path):
     assert proc.returncode == 2
     assert "cascade: error:" in proc.stderr and "parallel.pipeline" in proc.stderr
     assert "torch.distributed" not in proc.stderr  # torchrun never ran
+
+
+LAYOUT_ARGS = ["model.num_layers=4", "model.num_query_groups=2", "train.global_batch_size=8",
+               "train.steps=3", "train.eval_interval=0"]
+
+
+def test_pipeline_parallel_matches_single_process(tmp_path):
+    # Initial weights come from per-layer seeds, so a pipeline stage builds the same weights.
+    single = _run(tmp_path, "single", *LAYOUT_ARGS)
+    _assert_same(single, _run(tmp_path, "pp2", "--nproc-per-node", "2", *LAYOUT_ARGS,
+                              "parallel.pipeline=2"))
+
+
+def test_tensor_and_sequence_parallel_losses_match_single_process(tmp_path):
+    single = _run(tmp_path, "single", *LAYOUT_ARGS)
+    for name, extra in (("tp2", ["parallel.tensor=2"]),
+                        ("tp2sp", ["parallel.tensor=2", "parallel.sequence_parallel=true"])):
+        records = _run(tmp_path, name, "--nproc-per-node", "2", *LAYOUT_ARGS, *extra)
+        assert [r["step"] for r in records] == [r["step"] for r in single]
+        for ra, rb in zip(single, records):
+            assert abs(ra["loss"] - rb["loss"]) < 1e-5, (name, ra, rb)
+            # megatron's reported grad norm under TP differs by ~2e-5 relative although every
+            # parameter's gradient matches; until that is explained the bound here is looser
+            assert abs(ra["grad_norm"] - rb["grad_norm"]) < 1e-3 * ra["grad_norm"], (name, ra, rb)
+
+
+def test_interleaved_pipeline_trains_and_checkpoints(tmp_path):
+    records = _run(tmp_path, "vpp", "--nproc-per-node", "2", *LAYOUT_ARGS,
+                   "parallel.pipeline=2", "parallel.virtual_pipeline=2")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert (tmp_path / "vpp" / "checkpoints" / "latest").read_text().strip() == "iter_0000003"

@@ -23,9 +23,14 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 
 from cascade_mega.config import CascadeConfig
 from cascade_mega.model.attention import BlockDiffusionAttention
+from cascade_mega.model.layers import RMSNorm, SeededTransformerLayer
 from cascade_mega.runtime import te_support
 
 
@@ -89,17 +94,24 @@ def transformer_config(cfg: CascadeConfig, dtype: torch.dtype) -> TransformerCon
     )
 
 
-def layer_spec(cfg: CascadeConfig):
-    """megatron-core's layer spec with the core attention swapped for the project's."""
+def layer_spec(cfg: CascadeConfig, vp_stage=None):
+    """megatron-core's spec for this stage's layers, with the project's core attention, seeded
+    layers and (local spec) sequence-parallel-aware norms."""
     backend = cfg.model.attention_backend
-    if cfg.train.fp8 or backend == "te" or (backend == "auto" and te_support.available()):
-        spec = te_support.layer_spec()
-    else:
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec = copy.deepcopy(spec)
+    te = cfg.train.fp8 or backend == "te" or (backend == "auto" and te_support.available())
+    spec = copy.deepcopy(te_support.layer_spec() if te else
+                         get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules.self_attention.submodules.core_attention = functools.partial(
         BlockDiffusionAttention, kernel=cfg.model.attention_kernel)
-    return spec
+    spec.module = SeededTransformerLayer
+    spec.params = {**spec.params, "init_seed": cfg.train.seed}
+    if te:
+        return spec
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
+    tconf = transformer_config(cfg, torch.float32)
+    return TransformerBlockSubmodules(
+        layer_specs=[spec] * get_num_layers_to_build(tconf, vp_stage=vp_stage), layer_norm=RMSNorm)
 
 
 class CascadeGPTModel(GPTModel):
@@ -132,15 +144,32 @@ def _vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.stack(indices).gather(0, best).squeeze(0)
 
 
+def _read_out_logits(hidden_states, output_layer, output_weight, rows, gather: bool):
+    """The output layer on the chosen rows only. Under sequence parallel each rank holds a slice
+    of the sequence: gather it first (backward: each rank keeps its slice of the gradient, after
+    the output layer's own all-reduce), then run the layer without its sequence gather."""
+    sp = output_layer.sequence_parallel
+    if sp:
+        hidden_states = tensor_parallel.gather_from_sequence_parallel_region(
+            hidden_states, tensor_parallel_output_grad=False)
+    if rows is not None:
+        hidden_states = hidden_states.index_select(0, rows)
+    output_layer.sequence_parallel = False
+    try:
+        logits, _ = output_layer(hidden_states, weight=output_weight,
+                                 runtime_gather_output=gather or None)
+    finally:
+        output_layer.sequence_parallel = sp
+    return logits
+
+
 def predict_and_score(*, hidden_states, output_layer, output_weight, context: ReadOut,
                       **_unused):
     """megatron `output_processor`: logits on the read-out rows only, per-token CE and hits.
 
     Returns (ce [b, n] fp32, correct [b, n] bool).
     """
-    if context.rows is not None:
-        hidden_states = hidden_states.index_select(0, context.rows)
-    logits, _ = output_layer(hidden_states, weight=output_weight)
+    logits = _read_out_logits(hidden_states, output_layer, output_weight, context.rows, False)
     # forbid [MASK] and vocabulary padding; in place: the linear layer keeps no copy of its output
     logits = logits.float().add_(output_layer.logit_bias)
     labels = context.labels.t().contiguous()  # [n, b]
@@ -152,9 +181,7 @@ def predict_and_score(*, hidden_states, output_layer, output_weight, context: Re
 
 def predict_logits(*, hidden_states, output_layer, output_weight, context: ReadOut, **_unused):
     """megatron `output_processor` for decoding: full-vocabulary logits [b, n, V] on chosen rows."""
-    if context.rows is not None:
-        hidden_states = hidden_states.index_select(0, context.rows)
-    logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=True)
+    logits = _read_out_logits(hidden_states, output_layer, output_weight, context.rows, True)
     logits = logits.float() + _gathered_bias(output_layer)
     return logits.transpose(0, 1)
 
@@ -174,7 +201,7 @@ def build_model(cfg: CascadeConfig, vocab_size: int, forbidden_ids=(), *, pre_pr
         vocab_size, cfg.model.make_vocab_size_divisible_by, tp)
     model = CascadeGPTModel(
         config=transformer_config(cfg, dtype),
-        transformer_layer_spec=layer_spec(cfg),
+        transformer_layer_spec=layer_spec(cfg, vp_stage),
         vocab_size=padded,
         max_sequence_length=cfg.data.seq_len,
         pre_process=pre_process,

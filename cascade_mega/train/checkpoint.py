@@ -67,9 +67,8 @@ def sharded_state(chunks, optimizer, scheduler, step: int, consumed: int, is_loa
     state = {**model_sd, "step": step, "consumed_samples": consumed,
              "num_model_chunks": len(chunks)}
     if optimizer is not None:
-        flat = {}
-        for sd in model_sd.values():
-            flat.update(sd)
+        # the optimizer finds each param's sharded tensor in the nested {model<i>: ...} dict
+        flat = model_sd
         # fully_reshardable: the distributed optimizer's state loads at any other layout
         state["optimizer"] = optimizer.sharded_state_dict(
             flat, is_loading=is_loading,

@@ -138,9 +138,11 @@ class Trainer:
         loss_sum, stats = objective.reduce(ce, correct, prep)
         return loss_sum, torch.tensor(prep.num_tokens, dtype=torch.int), {"stats": stats}
 
-    def _run_schedule(self, data_iter, forward_only: bool):
+    def _run_schedule(self, make_iter, forward_only: bool):
+        """make_iter() -> an iterator over this step's micro-batches; one per model chunk, since
+        the interleaved schedule draws every micro-batch once per virtual stage."""
         cfg = self.cfg
-        iters = data_iter if len(self.chunks) == 1 else [data_iter] * len(self.chunks)
+        iters = make_iter() if len(self.chunks) == 1 else [make_iter() for _ in self.chunks]
         outs = get_forward_backward_func()(
             forward_step_func=self._forward_step,
             data_iterator=iters,
@@ -173,7 +175,8 @@ class Trainer:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         start = time.perf_counter()
-        stats = self._run_schedule(self._micro_batches(self.train_data, step, "train"), False)
+        stats = self._run_schedule(lambda: self._micro_batches(self.train_data, step, "train"),
+                                   False)
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         elapsed = time.perf_counter() - start
@@ -194,8 +197,9 @@ class Trainer:
             c.eval()
         stats = torch.zeros(4, dtype=torch.float64)
         for i in range(self.cfg.train.eval_batches):
-            batches = self._micro_batches(self.valid_data, i, "valid", t_range=(0.0, 1.0))
-            stats += self._run_schedule(batches, True)
+            stats += self._run_schedule(
+                lambda i=i: self._micro_batches(self.valid_data, i, "valid", t_range=(0.0, 1.0)),
+                True)
         return self._metrics(stats, clipped=False)
 
     def _emit(self, hook: str, *args):
