@@ -80,3 +80,14 @@ def test_grad_clipping_runs_on_cpu(megatron):
     norm = float(p.grad.norm())
     clip_grad_by_total_norm_fp32([p], max_norm=1.0, total_norm=norm)
     assert abs(float(p.grad.norm()) - 1.0) < 1e-3
+
+
+def test_grad_norm_is_exact_on_cpu(megatron):
+    from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(8192 * 64, generator=g) * 1e-2, torch.randn(300, generator=g)]
+    grads[0][::7] *= 50
+    want = float(torch.sqrt(sum(x.double().square().sum() for x in grads)))
+    got = get_grad_norm_fp32(grads)
+    assert abs(got - want) < 1e-6 * want, (got, want)

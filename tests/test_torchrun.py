@@ -64,17 +64,12 @@ def test_pipeline_parallel_matches_single_process(tmp_path):
                               "parallel.pipeline=2"))
 
 
-def test_tensor_and_sequence_parallel_losses_match_single_process(tmp_path):
+def test_tensor_and_sequence_parallel_match_single_process(tmp_path):
     single = _run(tmp_path, "single", *LAYOUT_ARGS)
     for name, extra in (("tp2", ["parallel.tensor=2"]),
                         ("tp2sp", ["parallel.tensor=2", "parallel.sequence_parallel=true"])):
         records = _run(tmp_path, name, "--nproc-per-node", "2", *LAYOUT_ARGS, *extra)
-        assert [r["step"] for r in records] == [r["step"] for r in single]
-        for ra, rb in zip(single, records):
-            assert abs(ra["loss"] - rb["loss"]) < 1e-5, (name, ra, rb)
-            # megatron's reported grad norm under TP differs by ~2e-5 relative although every
-            # parameter's gradient matches; until that is explained the bound here is looser
-            assert abs(ra["grad_norm"] - rb["grad_norm"]) < 1e-3 * ra["grad_norm"], (name, ra, rb)
+        _assert_same(single, records)
 
 
 def test_interleaved_pipeline_trains_and_checkpoints(tmp_path):

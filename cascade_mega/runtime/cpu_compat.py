@@ -9,7 +9,9 @@ two Tensor methods: `cuda()` becomes the identity (it could only raise on such a
 no-argument `type()` names CPU tensors as CUDA ones ('torch.cuda.FloatTensor'), which megatron's
 optimizer and grad clipping assert.
 
-`apply()` is a no-op when CUDA is available, and idempotent. Each behaviour is covered by
+`apply()` is a no-op when CUDA is available, and idempotent. It also replaces megatron's
+fallback gradient-norm kernel (used without apex) with one that sums in float64: fp32 `torch.norm`
+on the CPU is too inexact for layouts to agree. Each behaviour is covered by
 `tests/test_cpu_compat.py`.
 """
 
@@ -176,6 +178,16 @@ def _cuda_type_name(self, dtype=None, non_blocking=False, **kwargs):
     return _REAL_TYPE(self, dtype, non_blocking, **kwargs)
 
 
+def _accurate_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """megatron's fallback l2 norm (no apex/TE) uses fp32 `torch.norm`, which on the CPU is off by
+    ~1e-5 relative for large tensors, so the reported grad norm (and the clip factor) depended on
+    how tensor parallelism splits the weights. Sum squares in float64 instead."""
+    total = torch.zeros((), dtype=torch.float64)
+    for t in tensor_lists[0]:
+        total += t.detach().double().square().sum()
+    return torch.sqrt(total).float().reshape(1), None
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 
@@ -198,6 +210,9 @@ def apply() -> bool:
     random._set_cuda_rng_state = _rng_state_setter
     torch.Tensor.cuda = _tensor_to_cpu
     torch.Tensor.type = _cuda_type_name
+    clip_grads = sys.modules["megatron.core.optimizer.clip_grads"]
+    if clip_grads.l2_norm_impl.__name__ == "local_multi_tensor_l2_norm":
+        clip_grads.l2_norm_impl = _accurate_l2_norm
     _APPLIED = True
     return True
 
