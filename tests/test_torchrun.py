@@ -78,3 +78,22 @@ def test_interleaved_pipeline_trains_and_checkpoints(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[-1]["loss"] < records[0]["loss"]
     assert (tmp_path / "vpp" / "checkpoints" / "latest").read_text().strip() == "iter_0000003"
+
+
+def test_tp2_pp2_matches_and_its_checkpoint_resumes_on_one_process(tmp_path):
+    """Four ranks (TP=2 x PP=2) stop at step 3; one process resumes from that checkpoint:
+    model and optimizer state are resharded, and every step equals an uninterrupted run."""
+    args = [*LAYOUT_ARGS, "train.steps=6"]
+    single = _run(tmp_path, "single", *args)
+    first = _run(tmp_path, "resharded", "--nproc-per-node", "4", *args, "parallel.tensor=2",
+                 "parallel.pipeline=2", "train.exit_interval=3")
+    assert [r["step"] for r in first] == [1, 2, 3]
+    _assert_same(single[:3], first)
+    resumed = _run(tmp_path, "resharded", *args)  # TP = PP = 1, resume=auto
+    _assert_same(single, resumed)
+
+
+def test_eight_processes_tp2_pp2_dp2_match_single_process(tmp_path):
+    single = _run(tmp_path, "single", *LAYOUT_ARGS)
+    _assert_same(single, _run(tmp_path, "tp2pp2dp2", "--nproc-per-node", "8", *LAYOUT_ARGS,
+                              "parallel.tensor=2", "parallel.pipeline=2"))
