@@ -59,3 +59,11 @@ def test_bench_attention_json():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("time_ratio", "memory_ratio", "shared_stream_time_ratio", "dense_time_ratio"):
         assert result[key] > 0, key
+
+
+def test_bench_train_parallel_ratio():
+    proc = run("bench", "train", *TINY, "--steps", "1", "--no-dense", "--nproc-per-node", "2",
+               "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["parallel_time_ratio"] > 0 and result["parallel_step_s"] > 0

@@ -28,6 +28,9 @@ def add_arguments(p):
     p.add_argument("--batch", type=int, help="sequences per step")
     p.add_argument("--steps", type=int, default=5, help="timed steps per objective")
     p.add_argument("--no-dense", action="store_true", help="skip the dense-mask baseline")
+    p.add_argument("--nproc-per-node", type=int, default=0,
+                   help="also time this many ranks (layout from the overrides, default data "
+                        "parallel) against one process: parallel_time_ratio")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
 
 
@@ -99,6 +102,54 @@ def run(args) -> dict:
     if "dense_time_ratio" in result:
         print(f"  dense-mask baseline: time ratio {result['dense_time_ratio']:.2f}   "
               f"memory ratio {result['dense_memory_ratio']:.2f}")
+    if args.nproc_per_node:
+        result.update(parallel_ratio(args, bd_cfg))
     if args.json:
         print(json.dumps(result))
     return result
+
+
+def _median_step_time(config_args, run_dir, nproc):
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "cascade_mega", "train", *config_args, f"run_dir={run_dir}"]
+    if nproc > 1:
+        cmd += ["--nproc-per-node", str(nproc)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark run failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        times = [json.loads(line)["step_time"] for line in f if '"train"' in line]
+    return statistics.median(times[1:] or times)  # the first step warms caches
+
+
+def parallel_ratio(args, cfg) -> dict:
+    """Step time of an N-rank run over the one-process run of the same config (subprocesses)."""
+    config = args.args[0] if args.args and args.args[0].endswith((".yaml", ".yml")) else \
+        "configs/quickstart.yaml"
+    over = [a for a in args.args if a != config] + list(args.overrides)
+    for flag, key in (("layers", "model.num_layers"), ("hidden", "model.hidden_size"),
+                      ("heads", "model.num_attention_heads"), ("seq_len", "data.seq_len"),
+                      ("block_size", "diffusion.block_size")):
+        if getattr(args, flag) is not None:
+            over.append(f"{key}={getattr(args, flag)}")
+    if args.batch:
+        over += [f"train.micro_batch_size={args.batch}", f"train.global_batch_size={args.batch}"]
+    steps = max(3, args.steps + 1)
+    common = [config, *over, f"train.steps={steps}", "train.log_interval=1",
+              "train.eval_interval=0", "tracking.enabled=false", "optimizer.warmup_steps=1",
+              f"checkpoint.interval={steps + 1}", "train.resume=none"]
+    parallel = [f"parallel.{k}=1" for k in ("tensor", "pipeline")]
+    single_over = [o for o in common if not o.startswith("parallel.")] + parallel
+    if not any(o.startswith("parallel.") for o in over):  # data parallel: same global batch
+        micro = max(1, cfg.train.global_batch_size // args.nproc_per_node)
+        single_over.append(f"train.micro_batch_size={micro}")
+        common.append(f"train.micro_batch_size={micro}")
+    root = tempfile.mkdtemp(prefix="cascade-bench-parallel-")
+    one = _median_step_time(single_over, f"{root}/one", 1)
+    many = _median_step_time(common, f"{root}/many", args.nproc_per_node)
+    print(f"  {args.nproc_per_node} ranks: step {many:.3f} s   one process: {one:.3f} s   "
+          f"parallel time ratio {many / one:.2f}")
+    return {"parallel_step_s": many, "single_step_s": one, "parallel_time_ratio": many / one}
