@@ -20,9 +20,12 @@ def wrap_ddp(chunks, cfg):
                                 disable_bucketing=i > 0)
         for i, c in enumerate(chunks)
     ]
+    # The schedules read these from the first chunk's config: with virtual pipeline stages they
+    # must cover every chunk (one function per chunk).
+    no_sync = [w.no_sync for w in wrapped]
     for w in wrapped:
         w.config.finalize_model_grads_func = finalize_model_grads
-        w.config.no_sync_func = w.no_sync
+        w.config.no_sync_func = no_sync if len(wrapped) > 1 else no_sync[0]
         w.config.grad_sync_func = None
     return wrapped
 
