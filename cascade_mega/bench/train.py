@@ -34,7 +34,8 @@ def add_arguments(p):
     p.add_argument("--json", action="store_true", help="end with one JSON line")
 
 
-def _configs(args):
+def _config_and_overrides(args):
+    """The YAML path (default: the quickstart) and the overrides the flags stand for."""
     config = args.args[0] if args.args and args.args[0].endswith((".yaml", ".yml")) else None
     over = [a for a in args.args if a is not config] + list(args.overrides)
     for flag, key in (("layers", "model.num_layers"), ("hidden", "model.hidden_size"),
@@ -44,10 +45,14 @@ def _configs(args):
             over.append(f"{key}={getattr(args, flag)}")
     if args.batch:
         over += [f"train.micro_batch_size={args.batch}", f"train.global_batch_size={args.batch}"]
+    return config or "configs/quickstart.yaml", over
+
+
+def _configs(args):
+    path, over = _config_and_overrides(args)
     run_dir = tempfile.mkdtemp(prefix="cascade-bench-")
     common = over + [f"run_dir={run_dir}", "train.resume=none", "tracking.enabled=false",
                      "train.steps=100", "optimizer.warmup_steps=1"]
-    path = config or "configs/quickstart.yaml"
     bd = load_config(path, common + ["diffusion.objective=block_diffusion"])
     dense = load_config(path, common + ["diffusion.objective=block_diffusion",
                                         "model.attention_kernel=dense"])
@@ -127,16 +132,7 @@ def _median_step_time(config_args, run_dir, nproc):
 
 def parallel_ratio(args, cfg) -> dict:
     """Step time of an N-rank run over the one-process run of the same config (subprocesses)."""
-    config = args.args[0] if args.args and args.args[0].endswith((".yaml", ".yml")) else \
-        "configs/quickstart.yaml"
-    over = [a for a in args.args if a != config] + list(args.overrides)
-    for flag, key in (("layers", "model.num_layers"), ("hidden", "model.hidden_size"),
-                      ("heads", "model.num_attention_heads"), ("seq_len", "data.seq_len"),
-                      ("block_size", "diffusion.block_size")):
-        if getattr(args, flag) is not None:
-            over.append(f"{key}={getattr(args, flag)}")
-    if args.batch:
-        over += [f"train.micro_batch_size={args.batch}", f"train.global_batch_size={args.batch}"]
+    config, over = _config_and_overrides(args)
     steps = max(3, args.steps + 1)
     common = [config, *over, f"train.steps={steps}", "train.log_interval=1",
               "train.eval_interval=0", "tracking.enabled=false", "optimizer.warmup_steps=1",
