@@ -72,11 +72,11 @@ def test_tensor_and_sequence_parallel_match_single_process(tmp_path):
         _assert_same(single, records)
 
 
-def test_interleaved_pipeline_trains_and_checkpoints(tmp_path):
+def test_interleaved_pipeline_matches_single_process(tmp_path):
+    single = _run(tmp_path, "single", *LAYOUT_ARGS)
     records = _run(tmp_path, "vpp", "--nproc-per-node", "2", *LAYOUT_ARGS,
                    "parallel.pipeline=2", "parallel.virtual_pipeline=2")
-    assert [r["step"] for r in records] == [1, 2, 3]
-    assert records[-1]["loss"] < records[0]["loss"]
+    _assert_same(single, records)
     assert (tmp_path / "vpp" / "checkpoints" / "latest").read_text().strip() == "iter_0000003"
 
 

@@ -87,6 +87,10 @@ def transformer_config(cfg: CascadeConfig, dtype: torch.dtype) -> TransformerCon
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
+        # gloo matches a batch's sends and receives by peer and tag only: with interleaved stages
+        # a rank exchanges activations and gradients of the same shape with one peer, and batched
+        # ops can pair the wrong ones. Ordered single ops on CPU; batched (NCCL) on GPU.
+        batch_p2p_comm=on_gpu,
         # FP8 through Transformer Engine (validated in config: TE + GPU). The TE linear layers run
         # in FP8; the block-diffusion core attention is plain torch and stays in BF16.
         fp8=cfg.train.fp8,
