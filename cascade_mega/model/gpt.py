@@ -183,20 +183,6 @@ def predict_and_score(*, hidden_states, output_layer, output_weight, context: Re
     return ce.t(), correct.t()
 
 
-def predict_logits(*, hidden_states, output_layer, output_weight, context: ReadOut, **_unused):
-    """megatron `output_processor` for decoding: full-vocabulary logits [b, n, V] on chosen rows."""
-    logits = _read_out_logits(hidden_states, output_layer, output_weight, context.rows, True)
-    logits = logits.float() + _gathered_bias(output_layer)
-    return logits.transpose(0, 1)
-
-
-def _gathered_bias(output_layer) -> torch.Tensor:
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    if tp == 1:
-        return output_layer.logit_bias
-    return tensor_parallel.gather_from_tensor_model_parallel_region(output_layer.logit_bias)
-
-
 def build_model(cfg: CascadeConfig, vocab_size: int, forbidden_ids=(), *, pre_process=True,
                 post_process=True, dtype=torch.float32, vp_stage=None) -> CascadeGPTModel:
     """One model chunk for this rank. `forbidden_ids` (e.g. [MASK]) can never be predicted."""
