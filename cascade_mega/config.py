@@ -251,6 +251,22 @@ def validate(cfg: CascadeConfig, world_size: int = 1) -> None:
          f"'parallel.pipeline' = {p.pipeline} does not divide 'model.num_layers' = {m.num_layers}")
     need(not p.sequence_parallel or p.tensor > 1,
          "'parallel.sequence_parallel' needs 'parallel.tensor' > 1")
+    if p.context > 1:
+        B = 1 if d.objective == "ar" else d.block_size
+        need(d.objective == "ar" or B < L, "'parallel.context' > 1 needs 'diffusion.block_size' < "
+             "'data.seq_len' (full-sequence diffusion attends across the whole sequence)")
+        need(L % (2 * p.context * B) == 0,
+             f"'parallel.context' = {p.context} cuts 'data.seq_len' = {L} into 2 x {p.context} "
+             f"chunks of whole blocks: seq_len must be a multiple of 2 x context x block size = "
+             f"{2 * p.context * B}")
+        need(m.attention_kernel in ("auto", "tiled"), f"'parallel.context' > 1 runs the tiled "
+             f"attention kernel; 'model.attention_kernel' = {m.attention_kernel} has no "
+             "context-parallel path")
+    if p.sequence_parallel:
+        streams = 1 if d.objective == "ar" else d.views + (d.block_size < L)
+        rows = streams * L // p.context
+        need(rows % p.tensor == 0, f"'parallel.sequence_parallel' splits this rank's {rows} "
+             f"sequence rows across 'parallel.tensor' = {p.tensor} ranks: they must divide evenly")
     model_parallel = p.tensor * p.pipeline * p.context
     need(world_size % model_parallel == 0,
          f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline x "

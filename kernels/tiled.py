@@ -15,6 +15,10 @@ The two pieces are merged exactly through their log-sum-exp; the backward pass c
 attention backward of each piece with the merged output and log-sum-exp (the ring-attention
 identity), so nothing of the softmax is materialised. Cost: about L^2 + 3LT score entries for
 V = 1, against 4L^2 for the dense mask and L^2/2 for AR causal attention. No (2L)^2 tensor exists.
+
+Context parallel: the rows held are some tiles of every stream (whole chunks), and piece (a) reads
+the prefix from the whole clean stream gathered across ranks; its gradient is returned for the
+gather's reduce-scatter. With V = 0 and B = 1 the same code is causal attention over one stream.
 """
 
 from __future__ import annotations
@@ -72,65 +76,90 @@ def _merge(o_a, lse_a, o_b, lse_b):
 
 
 class _TiledBlockAttention(torch.autograd.Function):
+    """Local rows: V views then the clean stream, each of `len(tiles) * T` rows; local tile j is
+    tile `tiles[j]` of the whole sequence. The clean prefix is read from `clean_k/clean_v` (the
+    whole clean stream, gathered across context-parallel ranks) or, when they are None, in place
+    from the clean rows of k/v (all tiles are local)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, L, B, V, T, scale):
+    def forward(ctx, q, k, v, clean_k, clean_v, B, V, T, tiles, scale):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        Ll = len(tiles) * T
+        clean = V * Ll
+        pk, pv = (k[:, :, clean:], v[:, :, clean:]) if clean_k is None else \
+            (clean_k.contiguous(), clean_v.contiguous())
         mask = diagonal_bias(B, V, T, q.device, q.dtype)
         out = torch.empty_like(q)
         lse = q.new_empty(q.shape[:3], dtype=torch.float32 if q.dtype != torch.float64
                           else torch.float64)
-        clean = V * L
-        for i in range(L // T):
-            rows = _tile_rows(L, V, T, i)
+        for j, g in enumerate(tiles):
+            rows = _tile_rows(Ll, V, T, j)
             qi = torch.cat([q[:, :, r] for r in rows], dim=2)
             kb = torch.cat([k[:, :, r] for r in rows], dim=2)
             vb = torch.cat([v[:, :, r] for r in rows], dim=2)
             o, l = _fwd(qi, kb, vb, 0.0, False, attn_mask=mask, scale=scale)
-            if i:
-                o_a, l_a = _fwd(qi, k[:, :, clean:clean + i * T], v[:, :, clean:clean + i * T],
-                                0.0, False, scale=scale)
+            if g:
+                o_a, l_a = _fwd(qi, pk[:, :, :g * T], pv[:, :, :g * T], 0.0, False, scale=scale)
                 o, l = _merge(o_a, l_a.to(l.dtype), o, l)
-            for j, r in enumerate(rows):
-                out[:, :, r] = o[:, :, j * T:(j + 1) * T]
-                lse[:, :, r] = l[:, :, j * T:(j + 1) * T]
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.shape = (L, B, V, T, scale)
+            for i, r in enumerate(rows):
+                out[:, :, r] = o[:, :, i * T:(i + 1) * T]
+                lse[:, :, r] = l[:, :, i * T:(i + 1) * T]
+        ctx.save_for_backward(q, k, v, pk, pv, out, lse)
+        ctx.shape = (B, V, T, tiles, scale, clean_k is not None)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        L, B, V, T, scale = ctx.shape
+        q, k, v, pk, pv, out, lse = ctx.saved_tensors
+        B, V, T, tiles, scale, separate = ctx.shape
+        Ll = len(tiles) * T
+        clean = V * Ll
         grad_out = grad_out.contiguous()
         mask = diagonal_bias(B, V, T, q.device, q.dtype)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        clean = V * L
-        for i in range(L // T):
-            rows = _tile_rows(L, V, T, i)
+        # prefix gradients: into the gathered clean stream, or in place into dk/dv's clean rows
+        dpk, dpv = (torch.zeros_like(pk), torch.zeros_like(pv)) if separate else \
+            (dk[:, :, clean:], dv[:, :, clean:])
+        for j, g in enumerate(tiles):
+            rows = _tile_rows(Ll, V, T, j)
             pick = lambda x: torch.cat([x[:, :, r] for r in rows], dim=2)  # noqa: E731
             qi, oi, gi, li = pick(q), pick(out), pick(grad_out), pick(lse)
             dqi, dkb, dvb = _bwd(gi, qi, pick(k), pick(v), oi, li, 0.0, False, attn_mask=mask,
                                  scale=scale)
-            for j, r in enumerate(rows):
-                dk[:, :, r] += dkb[:, :, j * T:(j + 1) * T]
-                dv[:, :, r] += dvb[:, :, j * T:(j + 1) * T]
-            if i:
-                prefix = slice(clean, clean + i * T)
-                dqa, dka, dva = _bwd(gi, qi, k[:, :, prefix], v[:, :, prefix], oi, li, 0.0,
+            for i, r in enumerate(rows):
+                dk[:, :, r] += dkb[:, :, i * T:(i + 1) * T]
+                dv[:, :, r] += dvb[:, :, i * T:(i + 1) * T]
+            if g:
+                dqa, dka, dva = _bwd(gi, qi, pk[:, :, :g * T], pv[:, :, :g * T], oi, li, 0.0,
                                      False, scale=scale)
                 dqi = dqi + dqa
-                dk[:, :, prefix] += dka
-                dv[:, :, prefix] += dva
-            for j, r in enumerate(rows):
-                dq[:, :, r] = dqi[:, :, j * T:(j + 1) * T]
-        return dq, dk, dv, None, None, None, None, None
+                dpk[:, :, :g * T] += dka
+                dpv[:, :, :g * T] += dva
+            for i, r in enumerate(rows):
+                dq[:, :, r] = dqi[:, :, i * T:(i + 1) * T]
+        if not separate:
+            dpk = dpv = None
+        return dq, dk, dv, dpk, dpv, None, None, None, None, None
 
 
 def block_diffusion_attention(q, k, v, seq_len: int, block_size: int, views: int = 1,
-                              tile: int | None = None, scale: float | None = None):
-    """q: [b, h, (V+1)L, d]; k, v: [b, g, (V+1)L, d] (g divides h). Returns [b, h, (V+1)L, d]."""
-    T = tile or tile_size(seq_len, block_size)
-    if seq_len % T or T % block_size:
-        raise ValueError(f"tile {T} must be a multiple of block size {block_size} dividing "
-                         f"{seq_len}")
-    return _TiledBlockAttention.apply(q, k, v, seq_len, block_size, views, T, scale)
+                              tile: int | None = None, scale: float | None = None, *,
+                              chunks: tuple = (0,), num_chunks: int = 1, clean_kv=None):
+    """q: [b, h, (V+1)L, d]; k, v: [b, g, (V+1)L, d] (g divides h). Returns [b, h, (V+1)L, d].
+
+    Context parallel: the rows are `chunks` (of `num_chunks`, each seq_len / num_chunks long) of
+    every stream, and `clean_kv` = (k, v) of the whole clean stream [b, g, L, d]. views = 0 with
+    block_size = 1 is causal attention over one stream (AR under context parallel).
+    """
+    C = seq_len // num_chunks
+    T = tile or tile_size(C, block_size)
+    if C * num_chunks != seq_len or C % T or T % block_size:
+        raise ValueError(f"tile {T} must be a multiple of block size {block_size} dividing the "
+                         f"chunk length {seq_len} / {num_chunks}")
+    if num_chunks > 1 and clean_kv is None:
+        raise ValueError("a context-parallel layout needs the gathered clean stream (clean_kv)")
+    per = C // T
+    tiles = tuple(c * per + t for c in chunks for t in range(per))
+    clean_k, clean_v = clean_kv if clean_kv is not None else (None, None)
+    return _TiledBlockAttention.apply(q, k, v, clean_k, clean_v, block_size, views, T, tiles,
+                                      scale)

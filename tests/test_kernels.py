@@ -110,3 +110,41 @@ def test_training_path_allocates_nothing_of_size_2L_squared():
         out.sum().backward()
     assert mem.largest < mask_bytes / 8, mem.largest
     assert mem.peak < mask_bytes, mem.peak  # everything together stays under one such mask
+
+
+@pytest.mark.parametrize("kind,L,B,V,cp", [("block_diffusion", 32, 4, 1, 2),
+                                           ("block_diffusion", 48, 4, 2, 2),
+                                           ("block_diffusion", 64, 2, 1, 4),
+                                           ("causal", 32, 1, 1, 2)])
+def test_context_parallel_chunks_give_the_whole_sequence_attention(kind, L, B, V, cp):
+    """Each simulated context-parallel rank attends its zigzag chunks to the whole clean stream;
+    together they give the dense output and, summing each rank's clean-stream gradient back
+    (what the gather's reduce-scatter does), the dense gradients."""
+    layout = AttentionLayout(kind, L, B, V)
+    n = layout.total_len
+    q, k, v = inputs(n, 4, 2, seed=L + cp)
+    mask = dense_mask(layout.mask_fn(), n, n)
+    ref = dense_reference(q, k, v, mask)
+    grad_out = torch.randn_like(ref)
+    grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    out = torch.zeros_like(ref)
+    got = [torch.zeros_like(x) for x in (q, k, v)]
+    clean = slice(n - L, n)
+    for rank in range(cp):
+        part = layout.split_for_context(rank, cp)
+        rows = part.rows()
+        assert part.total_len == rows.numel() == n // cp
+        local = [x[:, :, rows].detach().requires_grad_() for x in (q, k, v)]
+        clean_kv = [x[:, :, clean].detach().requires_grad_() for x in (k, v)]
+        o = tiled.block_diffusion_attention(
+            *local, L, 1 if kind == "causal" else B, 0 if kind == "causal" else V,
+            chunks=part.chunks, num_chunks=part.num_chunks, clean_kv=tuple(clean_kv))
+        o.backward(grad_out[:, :, rows])
+        out[:, :, rows] = o.detach()
+        for g, x in zip(got, local):
+            g[:, :, rows] += x.grad
+        got[1][:, :, clean] += clean_kv[0].grad
+        got[2][:, :, clean] += clean_kv[1].grad
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    for g, r in zip(got, grads):
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=0)

@@ -6,6 +6,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["train", "configs/quickstart.yaml", "model.num_layers=2", "model.hidden_size=64",
         "data.seq_len=64", "diffusion.block_size=8", "train.micro_batch_size=2",
@@ -44,12 +47,22 @@ def test_data_parallel_matches_single_process(tmp_path):
     assert (tmp_path / "dp2_distopt" / "checkpoints" / "latest").exists()
 
 
-def test_impossible_layout_fails_before_any_process_starts(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "cascade_mega", *ARGS, "--nproc-per-node", "2",
-                           "parallel.pipeline=4", f"run_dir={tmp_path}/bad"], cwd=ROOT,
+@pytest.mark.parametrize("nproc,overrides,needle", [
+    (2, ["parallel.pipeline=4"], "parallel.pipeline"),  # layers: 2 do not split into 4 stages
+    (3, ["parallel.tensor=2"], "world size 3"),  # layout does not divide the world size
+    (3, ["parallel.tensor=3"], "model.num_attention_heads"),  # 4 heads on 3 ranks
+    (2, ["parallel.context=2", "data.seq_len=72"], "data.seq_len"),  # 4 chunks of whole blocks
+    (2, ["parallel.context=2", "diffusion.block_size=64"], "diffusion.block_size"),  # B = L
+    (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "diffusion.objective=ar",
+         "data.seq_len=63"], "parallel.sequence_parallel"),  # 63 rows on 2 ranks
+])
+def test_impossible_layout_fails_before_any_process_starts(tmp_path, nproc, overrides, needle):
+    proc = subprocess.run([sys.executable, "-m", "cascade_mega", *ARGS, "--nproc-per-node",
+                           str(nproc), *overrides, f"run_dir={tmp_path}/bad"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert "cascade: error:" in proc.stderr and "parallel.pipeline" in proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("cascade: error:")]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr
     assert "torch.distributed" not in proc.stderr  # torchrun never ran
 
 
@@ -97,3 +110,39 @@ def test_eight_processes_tp2_pp2_dp2_match_single_process(tmp_path):
     single = _run(tmp_path, "single", *LAYOUT_ARGS)
     _assert_same(single, _run(tmp_path, "tp2pp2dp2", "--nproc-per-node", "8", *LAYOUT_ARGS,
                               "parallel.tensor=2", "parallel.pipeline=2"))
+
+
+def test_context_parallel_matches_single_process(tmp_path):
+    """CP = 2: each rank holds two zigzag chunks of [x_t ; x_0] and gathers the clean stream's
+    K/V. Also with shifted prediction and two complementary views (targets whose predicting row
+    sits on the other rank), and for the AR objective (causal attention over gathered K/V)."""
+    for name, extra in (("bd", []),
+                        ("views", ["diffusion.shifted_prediction=true", "diffusion.views=2",
+                                   "diffusion.complementary=true"]),
+                        ("ar", ["diffusion.objective=ar"])):
+        single = _run(tmp_path, f"{name}_single", *LAYOUT_ARGS, *extra)
+        _assert_same(single, _run(tmp_path, f"{name}_cp2", "--nproc-per-node", "2", *LAYOUT_ARGS,
+                                  *extra, "parallel.context=2"))
+
+
+def _logits(tmp_path, name, checkpoint, nproc, *layout):
+    out = tmp_path / f"{name}.pt"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc-per-node={nproc}", "tests/logits_at_layout.py", str(out),
+                           *ARGS[1:], *LAYOUT_ARGS, *layout, f"train.resume={checkpoint}",
+                           f"run_dir={tmp_path}/{name}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return torch.load(out)
+
+
+def test_checkpoint_saved_at_tp2_pp2_gives_the_same_logits_at_tp1_and_at_pp2_cp2(tmp_path):
+    _run(tmp_path, "tp2pp2", "--nproc-per-node", "4", *LAYOUT_ARGS, "parallel.tensor=2",
+         "parallel.pipeline=2")
+    ckpt = tmp_path / "tp2pp2" / "checkpoints" / "iter_0000003"
+    saved = _logits(tmp_path, "at_tp2pp2", ckpt, 4, "parallel.tensor=2", "parallel.pipeline=2")
+    assert saved.shape == (4, 2, 64, 8192) and saved.std() > 0.05  # every read-out row, every id
+    for name, nproc, layout in (("at_single", 1, []),
+                                ("at_pp2cp2", 4, ["parallel.pipeline=2", "parallel.context=2"])):
+        logits = _logits(tmp_path, name, ckpt, nproc, *layout)
+        torch.testing.assert_close(logits, saved, atol=1e-6, rtol=0)

@@ -15,7 +15,7 @@ against. The training path itself only uses `AttentionLayout` (what kind of sequ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -63,6 +63,16 @@ def training_mask(seq_len: int, block_size: int) -> torch.Tensor:
     return dense_mask(training_mask_fn(seq_len, block_size), 2 * seq_len, 2 * seq_len)
 
 
+def context_chunks(rank: int, size: int) -> tuple[int, ...]:
+    """Chunks of every stream held by rank `rank` of a context-parallel group of `size`.
+
+    Each stream is cut into 2 x size chunks; rank r holds chunks r and 2 size - 1 - r (zigzag).
+    Under block-causal masks a chunk's work grows with its position, so each rank gets one early
+    and one late chunk and the same amount of attention work.
+    """
+    return (rank, 2 * size - 1 - rank) if size > 1 else (0,)
+
+
 @dataclass(frozen=True)
 class AttentionLayout:
     """What the core attention needs to know about the sequence it is given.
@@ -71,14 +81,20 @@ class AttentionLayout:
     side), or 'block_diffusion' (`[x_t^1 ; ... ; x_t^V ; x_0]`, (V+1) L rows; V = 1 is the 2L
     layout). It travels through megatron-core in the `attention_mask` argument, which the layers
     pass to the core attention untouched.
+
+    Under context parallel a rank holds `chunks` (of `num_chunks`) of every stream: its rows are,
+    stream by stream, those chunks in order (`rows()` maps them to the rows of the whole layout).
     """
 
     kind: str
     seq_len: int
     block_size: int = 1
     views: int = 1
+    chunks: tuple = (0,)
+    num_chunks: int = 1
 
     def mask_fn(self):
+        """The mask over the rows of the whole (unsplit) layout."""
         L, B, V = self.seq_len, self.block_size, self.views
         if self.kind == "causal":
             return causal
@@ -98,7 +114,34 @@ class AttentionLayout:
         return fn
 
     @property
-    def total_len(self) -> int:
+    def streams(self) -> int:
         if self.kind == "block_diffusion":
-            return (self.views + 1) * self.seq_len
-        return self.views * self.seq_len if self.kind == "full" else self.seq_len
+            return self.views + 1
+        return self.views if self.kind == "full" else 1
+
+    @property
+    def split(self) -> bool:
+        return self.num_chunks > 1
+
+    @property
+    def chunk_len(self) -> int:
+        return self.seq_len // self.num_chunks
+
+    @property
+    def local_len(self) -> int:
+        """Rows of one stream held here."""
+        return self.chunk_len * len(self.chunks)
+
+    @property
+    def total_len(self) -> int:
+        return self.streams * self.local_len
+
+    def rows(self) -> torch.Tensor:
+        """Row of the whole layout for each row held here."""
+        C = self.chunk_len
+        return torch.cat([torch.arange(s * self.seq_len + c * C, s * self.seq_len + (c + 1) * C)
+                          for s in range(self.streams) for c in self.chunks])
+
+    def split_for_context(self, rank: int, size: int) -> "AttentionLayout":
+        return replace(self, chunks=context_chunks(rank, size),
+                       num_chunks=2 * size if size > 1 else 1)

@@ -12,6 +12,10 @@ shifted_prediction: x0_i is predicted from row i-1 (AR-style); the first token o
   clean stream's last row of the previous block; token 0 has no predecessor and is not a target.
 ar: next-token prediction with a causal mask (labels = the sequence shifted by one).
 
+context parallel: `prepare(..., context=(rank, size))` keeps this rank's zigzag chunks of every
+  stream (`AttentionLayout.split_for_context`) and the targets whose predicting row is here; the
+  per-rank losses, token counts and gradients sum to those of the whole sequence.
+
 `prepare()` turns a batch of clean tokens into model inputs plus per-token loss weights;
 `reduce()` turns the model's per-token cross-entropy into the summed loss and metrics.
 """
@@ -69,11 +73,40 @@ def draw_noise(cfg, n: int, generator: torch.Generator, t_range=None) -> Noise:
 
 
 def prepare(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, cfg, mask_id: int,
-            noise, *, t_range=None) -> Prepared:
+            noise, *, t_range=None, context=(0, 1)) -> Prepared:
     """tokens/labels/loss_mask: [b, L] as megatron's GPT dataset yields them.
 
     noise: a `Noise` for these b sequences, or a torch.Generator to draw one from.
+    context: (rank, size) of the context-parallel group.
     """
+    prep = _prepare(tokens, labels, loss_mask, cfg, mask_id, noise, t_range)
+    if context[1] == 1:
+        return prep
+    counted = loss_mask.bool().clone()  # the positions num_tokens counts
+    if cfg.diffusion.objective != "ar" and cfg.diffusion.shifted_prediction:
+        counted[:, 0] = False  # token 0 has no predecessor
+    return _split_for_context(prep, counted, *context)
+
+
+def _split_for_context(prep: Prepared, counted, rank: int, size: int) -> Prepared:
+    layout = prep.layout.split_for_context(rank, size)
+    held = layout.rows()
+    local = torch.full((prep.layout.total_len,), -1, dtype=torch.long)
+    local[held] = torch.arange(held.numel())
+    rows = prep.readout.rows if prep.readout.rows is not None else \
+        torch.arange(prep.layout.total_len)
+    keep = local[rows] >= 0
+    rows = local[rows[keep]]
+    if torch.equal(rows, torch.arange(held.numel())):
+        rows = None
+    positions = held[:layout.local_len]  # the first stream's rows are its positions
+    return Prepared(prep.input_ids[:, held], prep.position_ids[:, held], layout,
+                    ReadOut(rows, prep.readout.labels[:, keep].contiguous()),
+                    prep.weight[:, keep], prep.scored[:, keep],
+                    int(counted[:, positions].sum()))
+
+
+def _prepare(tokens, labels, loss_mask, cfg, mask_id, noise, t_range) -> Prepared:
     d = cfg.diffusion
     b, L = tokens.shape
     pos = torch.arange(L).expand(b, L)

@@ -11,6 +11,13 @@ Kernels for the block-diffusion layout (`model.attention_kernel`):
 - `flex` (`kernels/flex.py`): FlexAttention with a cached block mask; the default on GPU.
 - `dense`: SDPA under the full boolean (V+1)L mask; the baseline the benchmarks compare against.
 AR uses SDPA's causal path; full diffusion (B = L) uses unmasked SDPA per view.
+
+Context parallel (the layout is split, `AttentionLayout.chunks`): each rank holds two zigzag chunks
+of every stream. The only keys a rank needs from the others are those of the clean stream (noisy
+rows see their own block, which a chunk never splits, and the clean prefix), so the clean stream's
+K/V are all-gathered across the context-parallel group (backward: reduce-scatter of their
+gradients, megatron's sequence-parallel mappings) and the tiled kernel attends the local queries
+to the gathered prefix. AR under context parallel is the same kernel with one stream and B = 1.
 """
 
 from __future__ import annotations
@@ -21,10 +28,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
-from cascade_mega.diffusion.masks import AttentionLayout, dense_mask
+from cascade_mega.diffusion.masks import AttentionLayout, context_chunks, dense_mask
 
 KERNELS = ("auto", "tiled", "flex", "dense")
 
@@ -41,10 +49,38 @@ def _cached_mask(layout: AttentionLayout, device: torch.device) -> torch.Tensor:
     return dense_mask(layout.mask_fn(), n, n, device=device)
 
 
+def gather_clean_stream(key, value, layout: AttentionLayout, group):
+    """K/V of the whole clean stream from every context-parallel rank's chunks.
+
+    key, value: this rank's rows, megatron layout [s, b, g, d]. Returns (k, v) as [b, g, L, d] in
+    sequence order. One all-gather carries K and V together.
+    """
+    start = (layout.streams - 1) * layout.local_len  # the clean stream is the last one
+    d = key.shape[-1]
+    kv = torch.cat([key[start:], value[start:]], dim=-1)
+    gathered = gather_from_sequence_parallel_region(kv, True, group).split(layout.chunk_len)
+    size = len(gathered) // len(layout.chunks)
+    where = {c: i for r in range(size) for i, c in
+             enumerate(context_chunks(r, size), start=r * len(layout.chunks))}
+    kv = torch.cat([gathered[where[c]] for c in range(layout.num_chunks)])
+    return tuple(x.permute(1, 2, 0, 3) for x in kv.split(d, dim=-1))
+
+
 def attend(query, key, value, layout: AttentionLayout, kernel: str = "auto",
-           scale: Optional[float] = None):
-    """q: [b, h, s, d]; k, v: [b, g, s, d] with g dividing h (grouped-query). Returns [b, h, s, d]."""
+           scale: Optional[float] = None, clean_kv=None):
+    """q: [b, h, s, d]; k, v: [b, g, s, d] with g dividing h (grouped-query). Returns [b, h, s, d].
+
+    clean_kv: the gathered clean stream when the layout is split across context-parallel ranks.
+    """
     gqa = key.shape[1] != query.shape[1]
+    if layout.split:
+        from cascade_kernels import tiled
+
+        causal = layout.kind == "causal"
+        return tiled.block_diffusion_attention(
+            query, key, value, layout.seq_len, 1 if causal else layout.block_size,
+            0 if causal else layout.views, scale=scale, chunks=layout.chunks,
+            num_chunks=layout.num_chunks, clean_kv=clean_kv)
     if layout.kind == "causal":
         return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
                                               enable_gqa=gqa)
@@ -79,8 +115,6 @@ class BlockDiffusionAttention(MegatronModule):
                  attention_dropout=None, softmax_scale=None, cp_comm_type=None,
                  pg_collection=None, kernel: str = "auto"):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("BlockDiffusionAttention does not implement context parallel yet")
         if (attention_dropout if attention_dropout is not None else config.attention_dropout):
             raise ValueError("attention dropout is not supported by BlockDiffusionAttention")
         if kernel not in KERNELS:
@@ -90,6 +124,8 @@ class BlockDiffusionAttention(MegatronModule):
         self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale
         self.kernel = kernel
+        self.cp_group = pg_collection.cp if pg_collection is not None and \
+            hasattr(pg_collection, "cp") else None
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
@@ -97,6 +133,10 @@ class BlockDiffusionAttention(MegatronModule):
             raise TypeError("BlockDiffusionAttention expects an AttentionLayout as attention_mask")
         # megatron layout [s, b, heads, d] -> SDPA layout [b, heads, s, d]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
-        out = attend(q, k, v, attention_mask, self.kernel, self.softmax_scale)
+        clean_kv = None
+        if attention_mask.split:
+            group = self.cp_group or parallel_state.get_context_parallel_group()
+            clean_kv = gather_clean_stream(key, value, attention_mask, group)
+        out = attend(q, k, v, attention_mask, self.kernel, self.softmax_scale, clean_kv)
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)

@@ -4,7 +4,8 @@ Design choices:
 - Llama architecture (RMSNorm, SwiGLU, RoPE, optional GQA and QKV bias, tied or untied embeddings)
   so Llama / Qwen2 weights map one to one.
 - RoPE follows `position_ids` (megatron's default RoPE uses 0..S-1), so both halves of the
-  block-diffusion layout `[x_t ; x_0]` get the same positions, and a decoded block gets its offset.
+  block-diffusion layout `[x_t ; x_0]` get the same positions, a decoded block gets its offset,
+  and a context-parallel rank's chunks get theirs.
 - The output layer runs only on the rows that carry a prediction (`ReadOut.rows`): the clean half of
   the 2L layout never reaches the vocabulary projection, and the loss is computed per token there.
 """
@@ -124,7 +125,9 @@ class CascadeGPTModel(GPTModel):
     def _preprocess(self, input_ids, position_ids, *args, **kwargs):
         out = list(super()._preprocess(input_ids, position_ids, *args, **kwargs))
         if self.position_embedding_type == "rope" and position_ids is not None:
-            freqs = self.rotary_pos_emb(int(position_ids.max()) + 1)  # [S, 1, 1, D]
+            # get_emb: the table before megatron's own context-parallel slicing (our position ids
+            # are already this rank's)
+            freqs = self.rotary_pos_emb.get_emb(int(position_ids.max()) + 1)  # [S, 1, 1, D]
             if bool((position_ids == position_ids[:1]).all()):
                 out[1] = freqs[position_ids[0]]
             else:  # per-sequence positions (batched decoding with different prompt lengths)

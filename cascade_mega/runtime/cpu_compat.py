@@ -149,6 +149,7 @@ class _TorchForMegatron(types.ModuleType):
             def factory(*args, __f=attr, **kwargs):
                 if "device" in kwargs:
                     kwargs["device"] = _cpu_device(kwargs["device"])
+                kwargs.pop("pin_memory", None)  # no pinned memory without an accelerator
                 return __f(*args, **kwargs)
 
             return factory

@@ -70,8 +70,10 @@ class Trainer:
         ps = parallel_state
         self.dp_size = ps.get_data_parallel_world_size()
         self.dp_rank = ps.get_data_parallel_rank()
+        self.context = (ps.get_context_parallel_rank(), ps.get_context_parallel_world_size())
         self.is_logger = (ps.is_pipeline_last_stage(ignore_virtual=True)
-                          and ps.get_tensor_model_parallel_rank() == 0 and self.dp_rank == 0)
+                          and ps.get_tensor_model_parallel_rank() == 0 and self.dp_rank == 0
+                          and self.context[0] == 0)
         self.train_data, self.valid_data = loader.build_splits(
             cfg, self.tokenizer, self.prefix, self.dp_size)
         self.num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp_size)
@@ -123,7 +125,8 @@ class Trainer:
             rows = start - step * gbs
             yield objective.prepare(batch.tokens, batch.labels, batch.loss_mask, cfg,
                                     self.tokenizer.mask_id,
-                                    noise.rows(rows, rows + mbs) if noise else None)
+                                    noise.rows(rows, rows + mbs) if noise else None,
+                                    context=self.context)
 
     @staticmethod
     def _forward_step(data_iterator, model):
@@ -155,8 +158,11 @@ class Trainer:
         stats = torch.zeros(4, dtype=torch.float64)
         for out in outs:
             stats += out["stats"]
-        if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and self.dp_size > 1:
-            dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
+        # context-parallel ranks hold parts of the same sequences: their sums add up too
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
+                self.dp_size * self.context[1] > 1:
+            dist.all_reduce(stats, group=parallel_state.get_data_parallel_group(
+                with_context_parallel=True))
         return stats
 
     def _metrics(self, stats, clipped: bool):
