@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--rdzv-endpoint", default="127.0.0.1:29500",
                    help="host:port of the rendezvous, for --nnodes > 1")
     t.set_defaults(func=_train)
+    from cascade_mega import plan
+
+    pl = sub.add_parser("plan", help="memory per GPU of a parallel layout, before launching it")
+    plan.add_arguments(pl)
+    pl.set_defaults(func=plan.run)
     b = sub.add_parser("bench", help="benchmarks printed as ratios against a baseline")
     bsub = b.add_subparsers(dest="what", required=True)
     from cascade_mega.bench import attention as bench_attention

@@ -36,6 +36,7 @@ class ModelConfig:
     init_std: float = 0.02
     attention_backend: str = "auto"  # auto | local | te  (te needs Transformer Engine and a GPU)
     attention_kernel: str = "auto"  # auto (flex on GPU, tiled on CPU) | tiled | flex | dense
+    recompute: str = "none"  # none | full (keep each layer's input, recompute it in backward)
 
 
 @dataclass
@@ -134,6 +135,7 @@ _CHOICES = {
     "train.precision": ("auto", "fp32", "bf16"),
     "model.attention_backend": ("auto", "local", "te"),
     "model.attention_kernel": ("auto", "tiled", "flex", "dense"),
+    "model.recompute": ("none", "full"),
     "train.fp8_recipe": ("delayed", "tensorwise"),
 }
 

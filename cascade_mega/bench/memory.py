@@ -28,11 +28,14 @@ class PeakMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # an output sharing an input's memory is a view (a weight's transpose): nothing new
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor) and t.device.type == "cpu"}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                 storage = t.untyped_storage()
                 key = storage._cdata
-                if key in self._live:
+                if key in self._live or (storage.nbytes() and storage.data_ptr() in inputs):
                     continue
                 nbytes = storage.nbytes()
                 self._live[key] = True

@@ -109,7 +109,8 @@ def layer_spec(cfg: CascadeConfig, vp_stage=None):
     spec.submodules.self_attention.submodules.core_attention = functools.partial(
         BlockDiffusionAttention, kernel=cfg.model.attention_kernel)
     spec.module = SeededTransformerLayer
-    spec.params = {**spec.params, "init_seed": cfg.train.seed}
+    spec.params = {**spec.params, "init_seed": cfg.train.seed,
+                   "recompute": cfg.model.recompute == "full"}
     if te:
         return spec
     spec.submodules.input_layernorm = RMSNorm

@@ -3,7 +3,8 @@
 - `SeededTransformerLayer`: reseeds the CPU generator from (seed, global layer number) before
   building its weights, so initial weights do not depend on the pipeline layout (megatron draws
   them from one stream in build order, which differs per stage). With `use_cpu_initialization`
-  megatron already makes them independent of the tensor-parallel size.
+  megatron already makes them independent of the tensor-parallel size. `model.recompute=full`
+  keeps only each layer's input and recomputes the layer in backward.
 - `RMSNorm`: torch's RMSNorm that marks its weight for megatron's sequence-parallel gradient
   all-reduce (megatron's torch-norm wrapper refuses sequence parallel).
 """
@@ -15,6 +16,7 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
     get_transformer_layer_offset,
 )
+from torch.utils.checkpoint import checkpoint
 
 
 def layer_seed(seed: int, layer_number: int) -> int:
@@ -23,11 +25,20 @@ def layer_seed(seed: int, layer_number: int) -> int:
 
 class SeededTransformerLayer(TransformerLayer):
     def __init__(self, config, submodules, layer_number: int = 1, *args, init_seed: int = 0,
-                 **kwargs):
+                 recompute: bool = False, **kwargs):
         # megatron passes the stage-local number and adds the stage offset itself
         offset = get_transformer_layer_offset(config, kwargs.get("vp_stage"))
         torch.manual_seed(layer_seed(init_seed, layer_number + offset))
         super().__init__(config, submodules, layer_number, *args, **kwargs)
+        self.recompute = recompute
+
+    def forward(self, *args, **kwargs):
+        if self.recompute and torch.is_grad_enabled():
+            # keep only the layer's input; rerun the layer in backward. torch's non-reentrant
+            # checkpoint, since megatron's own saves its arguments as tensors and the attention
+            # layout is not one. Layers hold no dropout, so the recomputation is exact.
+            return checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
+        return super().forward(*args, **kwargs)
 
 
 class RMSNorm(torch.nn.RMSNorm):
