@@ -45,7 +45,10 @@ def main(out_path, config, *overrides):
     for c in trainer.chunks:
         c.eval()
     cfg = trainer.cfg
-    make = lambda: trainer._micro_batches(trainer.valid_data, 0, "valid", t_range=(0.0, 1.0))  # noqa: E731
+
+    def make():
+        return trainer._micro_batches(trainer.valid_data, 0, "valid", t_range=(0.0, 1.0))
+
     with torch.no_grad():
         outs = get_forward_backward_func()(
             forward_step_func=_forward_step,

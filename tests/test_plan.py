@@ -70,7 +70,8 @@ def test_plan_matches_memory_measured_on_cpu(megatron, overrides):
     assert state == stage.optimizer_bytes
 
 
-LLAMA2_70B = ["run_dir=unused", "model.num_layers=80", "model.hidden_size=8192", "model.num_attention_heads=64",
+LLAMA2_70B = ["run_dir=unused", "model.num_layers=80", "model.hidden_size=8192",
+              "model.num_attention_heads=64",
               "model.num_query_groups=8", "model.ffn_hidden_size=28672", "model.vocab_size=32000",
               "data.seq_len=4096", "diffusion.objective=ar", "train.micro_batch_size=1",
               "train.global_batch_size=64", "parallel.tensor=8", "parallel.pipeline=4",

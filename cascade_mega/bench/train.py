@@ -2,7 +2,8 @@
 
 Both trainers are built side by side; timed steps alternate between them (so machine noise hits
 both alike) and the median is reported. Peak memory is what one step allocates (activations,
-gradients, temporaries; `bench/memory.py`). Printed as ratios block-diffusion / AR.
+gradients, temporaries; `bench/memory.py`). Printed as ratios block-diffusion / AR, with the model
+TFLOP/s of each (`bench/flops.py`) and, on a GPU, MFU.
 """
 
 from __future__ import annotations
@@ -12,8 +13,14 @@ import statistics
 import tempfile
 import time
 
+from cascade_mega.bench import flops
 from cascade_mega.bench.memory import peak_bytes
 from cascade_mega.config import load_config
+
+
+# the in-process side-by-side runs, and the baseline of --nproc-per-node, use one process
+ONE_PROCESS = [f"parallel.{k}=1" for k in ("tensor", "pipeline", "context")] + \
+    ["parallel.sequence_parallel=false", "parallel.virtual_pipeline=null"]
 
 
 def add_arguments(p):
@@ -51,8 +58,9 @@ def _config_and_overrides(args):
 def _configs(args):
     path, over = _config_and_overrides(args)
     run_dir = tempfile.mkdtemp(prefix="cascade-bench-")
-    common = over + [f"run_dir={run_dir}", "train.resume=none", "tracking.enabled=false",
-                     "train.steps=100", "optimizer.warmup_steps=1"]
+    common = over + ONE_PROCESS + [f"run_dir={run_dir}", "train.resume=none",
+                                   "tracking.enabled=false", "train.steps=100",
+                                   "optimizer.warmup_steps=1"]
     bd = load_config(path, common + ["diffusion.objective=block_diffusion"])
     dense = load_config(path, common + ["diffusion.objective=block_diffusion",
                                         "model.attention_kernel=dense"])
@@ -92,6 +100,13 @@ def run(args) -> dict:
     }
     print(f"bench train  L={L} B={B} layers={result['layers']} hidden={result['hidden']} "
           f"batch={result['batch']}")
+    vocab = trainers["ar"].tokenizer.vocab_size
+    peak = flops.peak_flops()
+    for name, cfg in (("bd", bd_cfg), ("ar", ar_cfg)):
+        key = "block_diffusion" if name == "bd" else "ar"
+        result[f"{name}_tflops"] = flops.step_flops(cfg, vocab) / med[key] / 1e12
+        if peak:
+            result[f"{name}_mfu"] = result[f"{name}_tflops"] * 1e12 / peak
     if "dense_mask" in med:
         result.update({"dense_step_s": med["dense_mask"],
                        "dense_peak_mb": memory["dense_mask"] / 2**20,
@@ -104,6 +119,10 @@ def run(args) -> dict:
             print(f"  {label:<28}{med[name]:>10.3f}{memory[name] / 2**20:>12.1f}")
     print(f"  time ratio (bd/ar) {result['time_ratio']:.2f}   "
           f"memory ratio (bd/ar) {result['memory_ratio']:.2f}")
+    print(f"  model TFLOP/s (flops.py: the 2L rows in every matmul, attention over the mask's "
+          f"non-zeros): bd {result['bd_tflops']:.3f}   ar {result['ar_tflops']:.3f}" +
+          (f"   MFU bd {result['bd_mfu']:.1%}   ar {result['ar_mfu']:.1%}" if peak else
+           "   (MFU: GPU only)"))
     if "dense_time_ratio" in result:
         print(f"  dense-mask baseline: time ratio {result['dense_time_ratio']:.2f}   "
               f"memory ratio {result['dense_memory_ratio']:.2f}")
@@ -137,8 +156,7 @@ def parallel_ratio(args, cfg) -> dict:
     common = [config, *over, f"train.steps={steps}", "train.log_interval=1",
               "train.eval_interval=0", "tracking.enabled=false", "optimizer.warmup_steps=1",
               f"checkpoint.interval={steps + 1}", "train.resume=none"]
-    parallel = [f"parallel.{k}=1" for k in ("tensor", "pipeline")]
-    single_over = [o for o in common if not o.startswith("parallel.")] + parallel
+    single_over = [o for o in common if not o.startswith("parallel.")] + ONE_PROCESS
     if not any(o.startswith("parallel.") for o in over):  # data parallel: same global batch
         micro = max(1, cfg.train.global_batch_size // args.nproc_per_node)
         single_over.append(f"train.micro_batch_size={micro}")

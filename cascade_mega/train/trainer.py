@@ -38,7 +38,8 @@ def noise_generator(seed: int, *key) -> torch.Generator:
 
 
 def run_dtype(cfg: CascadeConfig) -> torch.dtype:
-    if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available()):
+    precision = cfg.train.precision
+    if precision == "bf16" or (precision == "auto" and torch.cuda.is_available()):
         return torch.bfloat16
     return torch.float32
 

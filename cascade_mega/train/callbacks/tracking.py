@@ -64,7 +64,8 @@ class MlflowTracker:
             client.set_tag(self.run_id, "resumed_from_step", str(params["start_step"]))
             return client
         exp = client.get_experiment_by_name(self.cfg.tracking.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(self.cfg.tracking.experiment)
+        exp_id = exp.experiment_id if exp else \
+            client.create_experiment(self.cfg.tracking.experiment)
         run = client.create_run(exp_id, run_name=self.cfg.tracking.run_name or self.cfg.name)
         self.run_id = run.info.run_id
         with open(id_file, "w") as f:

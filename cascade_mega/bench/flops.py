@@ -1,0 +1,60 @@
+"""Model FLOPs of a training step, and MFU against the GPU's dense bf16 peak.
+
+Counted honestly for block diffusion: every row the model runs goes through every matmul, so the
+`[x_t ; x_0]` layout costs its (V+1) L rows in the linear layers, not L; attention counts the keys
+each query row is allowed to see (the mask's non-zeros), not the dense square, since the kernels
+skip the masked tiles. Per layer, for S rows (2 FLOPs per multiply-add):
+
+    QKV 2 S h (a + 2g) d,  scores and values 4 a d nnz(mask),  output projection 2 S a d h,
+    SwiGLU MLP 6 S h f;    read-out 2 n h V on the n rows that carry a prediction.
+
+nnz: AR L (L + 1) / 2; block diffusion (V + 1) L (L + B) / 2 (clean rows block-causal, each view's
+rows their block plus the earlier clean blocks); full diffusion (B = L) V L^2.
+A step is 3 forwards' worth (forward + backward), times the global batch; full recompute reruns
+the forward but MFU counts model FLOPs, as Megatron does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# dense bf16 tensor-core peak per GPU, FLOP/s (vendor datasheets)
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+
+
+def attention_pairs(cfg) -> int:
+    d, L = cfg.diffusion, cfg.data.seq_len
+    if d.objective == "ar":
+        return L * (L + 1) // 2
+    if d.block_size == L:
+        return d.views * L * L
+    return (d.views + 1) * L * (L + d.block_size) // 2
+
+
+def forward_flops(cfg, vocab: int) -> tuple[float, float]:
+    """(matmul FLOPs of the linear layers and the read-out, attention FLOPs) of one sequence."""
+    from cascade_mega.diffusion.objective import sequence_rows
+    from cascade_mega.model.gpt import ffn_size, padded_vocab_size
+    from cascade_mega.plan import _readout_rows
+
+    m = cfg.model
+    h, a = m.hidden_size, m.num_attention_heads
+    g, dh, f = m.num_query_groups or a, h // a, ffn_size(cfg)
+    V = m.vocab_size or padded_vocab_size(vocab, m.make_vocab_size_divisible_by, 1)
+    S = sequence_rows(cfg)
+    linear = 2 * S * h * (a + 2 * g) * dh + 2 * S * a * dh * h + 6 * S * h * f
+    return (m.num_layers * linear + 2 * _readout_rows(cfg) * h * V,
+            m.num_layers * 4 * a * dh * attention_pairs(cfg))
+
+
+def step_flops(cfg, vocab: int) -> float:
+    """Model FLOPs of one training step (forward and backward, the whole global batch)."""
+    return 3.0 * sum(forward_flops(cfg, vocab)) * cfg.train.global_batch_size
+
+
+def peak_flops() -> float | None:
+    """This GPU's dense bf16 peak, or None (CPU, or a GPU not in the table)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)

@@ -1,0 +1,40 @@
+"""The FLOP formula behind MFU: matmuls against torch's FLOP counter on the real model, attention
+pairs against the dense mask's non-zeros."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cascade_mega.bench.flops import attention_pairs, forward_flops
+from cascade_mega.diffusion import objective
+from cascade_mega.diffusion.masks import dense_mask
+from helpers import MASK_ID, VOCAB, random_tokens, score, tiny_cfg, tiny_model
+
+CASES = [[], ["diffusion.objective=ar"], ["diffusion.block_size=16"],
+         ["diffusion.views=2", "diffusion.complementary=true", "diffusion.shifted_prediction=true",
+          "model.num_query_groups=2"]]
+
+
+@pytest.mark.parametrize("overrides", CASES)
+def test_attention_pairs_are_the_masks_non_zeros(overrides):
+    cfg = tiny_cfg(*overrides)
+    L = cfg.data.seq_len
+    tokens = torch.zeros(1, L, dtype=torch.long)
+    prep = objective.prepare(tokens, tokens, torch.ones(1, L), cfg, MASK_ID,
+                             torch.Generator().manual_seed(0))
+    n = prep.layout.total_len
+    assert attention_pairs(cfg) == int(dense_mask(prep.layout.mask_fn(), n, n).sum())
+
+
+@pytest.mark.parametrize("overrides", CASES)
+def test_matmul_flops_equal_torchs_count_of_the_model(megatron, overrides):
+    cfg = tiny_cfg("model.attention_kernel=dense", *overrides)
+    model = tiny_model(cfg)
+    L = cfg.data.seq_len
+    tokens = random_tokens(1, L, torch.Generator().manual_seed(1))
+    prep = objective.prepare(tokens, tokens, torch.ones(1, L), cfg, MASK_ID,
+                             torch.Generator().manual_seed(2))
+    with FlopCounterMode(display=False) as counter:
+        score(model, prep)
+    counted = counter.get_flop_counts()["Global"]
+    assert forward_flops(cfg, VOCAB)[0] == counted[torch.ops.aten.mm]
