@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml requirements.txt
 
 quickstart: setup
 	$(BIN)/cascade train configs/quickstart.yaml
+	$(BIN)/cascade generate --ckpt runs/quickstart --prompts-file configs/prompts/shakespeare.txt \
+		--max-new-tokens 64
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host:port of the rendezvous, for --nnodes > 1")
     t.set_defaults(func=_train)
     from cascade_mega import plan
+    from cascade_mega.inference import command as generate
+
+    g = sub.add_parser("generate", help="generate text from a run or checkpoint")
+    generate.add_arguments(g)
+    g.set_defaults(func=generate.run)
 
     pl = sub.add_parser("plan", help="memory per GPU of a parallel layout, before launching it")
     plan.add_arguments(pl)
@@ -103,7 +108,9 @@ def main(argv=None) -> int:
     from cascade_mega.config import ConfigError
     from cascade_mega.data.indexed import DataError
 
-    user_errors = (ConfigError, DataError, FileNotFoundError)
+    from cascade_mega.inference.decode import GenerationError
+
+    user_errors = (ConfigError, DataError, FileNotFoundError, GenerationError)
     try:
         from cascade_mega.train.checkpoint import CheckpointError
 

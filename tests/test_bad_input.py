@@ -94,3 +94,36 @@ def test_fp8_without_transformer_engine(tmp_path):
 def test_complementary_needs_two_views(tmp_path):
     one_error(cascade("train", "configs/quickstart.yaml", "diffusion.complementary=true",
                       f"run_dir={tmp_path}"), "diffusion.complementary")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("gen") / "run"
+    proc = cascade("train", "configs/quickstart.yaml", "model.num_layers=1",
+                   "model.hidden_size=64", "data.seq_len=32", "train.steps=1",
+                   "train.micro_batch_size=2", "train.global_batch_size=2", "train.eval_batches=0",
+                   "optimizer.warmup_steps=0", "tracking.enabled=false", f"run_dir={run}")
+    assert proc.returncode == 0, proc.stderr
+    return run
+
+
+def test_generate_from_a_missing_checkpoint(tmp_path):
+    one_error(cascade("generate", "--ckpt", f"{tmp_path}/nowhere", "--prompt", "ROMEO:"),
+              f"{tmp_path}/nowhere")
+
+
+def test_generate_from_an_incompatible_checkpoint(tiny_run, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run, other)
+    config = other / "config.yaml"
+    config.write_text(config.read_text().replace("hidden_size: 64", "hidden_size: 96"))
+    one_error(cascade("generate", "--ckpt", str(other), "--prompt", "ROMEO:"),
+              "cannot load checkpoint", str(other))
+
+
+@pytest.mark.parametrize("prompt,needle", [("", "prompt 0 is empty"),
+                                           ("ROMEO " * 40, "the model's context is 32")])
+def test_generate_rejects_empty_and_too_long_prompts(tiny_run, prompt, needle):
+    one_error(cascade("generate", "--ckpt", str(tiny_run), "--prompt", prompt), needle)

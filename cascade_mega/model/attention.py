@@ -124,19 +124,23 @@ class BlockDiffusionAttention(MegatronModule):
         self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale
         self.kernel = kernel
+        self.layer_number = layer_number
         self.cp_group = pg_collection.cp if pg_collection is not None and \
             hasattr(pg_collection, "cp") else None
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
-        if not isinstance(attention_mask, AttentionLayout):
-            raise TypeError("BlockDiffusionAttention expects an AttentionLayout as attention_mask")
         # megatron layout [s, b, heads, d] -> SDPA layout [b, heads, s, d]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        s, b = query.shape[0], query.shape[1]
+        if getattr(attention_mask, "kind", None) == "decode":  # inference/kv_cache.DecodeStep
+            out = attention_mask.attend(self.layer_number, q, k, v, self.softmax_scale)
+            return out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)
+        if not isinstance(attention_mask, AttentionLayout):
+            raise TypeError("BlockDiffusionAttention expects an AttentionLayout as attention_mask")
         clean_kv = None
         if attention_mask.split:
             group = self.cp_group or parallel_state.get_context_parallel_group()
             clean_kv = gather_clean_stream(key, value, attention_mask, group)
         out = attend(q, k, v, attention_mask, self.kernel, self.softmax_scale, clean_kv)
-        s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)

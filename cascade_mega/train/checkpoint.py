@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
 LATEST = "latest"
 
@@ -123,8 +124,9 @@ def load(path: str, chunks, optimizer, scheduler):
     template = sharded_state(chunks, optimizer, scheduler, 0, 0, is_loading=True)
     try:
         state = dist_checkpointing.load(template, path)
-    except Exception as err:
-        raise CheckpointError(f"cannot load checkpoint {path}: {err}") from None
+    except (Exception, CheckpointException) as err:  # torch's is a BaseException
+        reason = str(err).strip().splitlines()[-1]  # the innermost cause, not its traceback
+        raise CheckpointError(f"cannot load checkpoint {path}: {reason}") from None
     for i, c in enumerate(chunks):
         _unwrap(c).load_state_dict(state[f"model{i}"])
     if optimizer is not None:

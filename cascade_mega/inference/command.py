@@ -1,0 +1,77 @@
+"""`cascade generate`: sample from a run or checkpoint, streaming each decided block to stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from cascade_mega.inference.policies import POLICIES, Policy
+from cascade_mega.inference.sampling import Sampling
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--ckpt", required=True, help="run directory (its latest checkpoint) or a "
+                   "checkpoint folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompts-file", help="one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--policy", choices=POLICIES, default="adaptive",
+                   help="fixed: --steps per block; threshold: --tau; adaptive: --tau with at "
+                        "most --steps per block")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--tau", type=float, default=0.9)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per prompt (tokens, text, per-block statistics)")
+
+
+def run(args) -> int:
+    from dataclasses import asdict
+
+    from cascade_mega.inference.load import load_decoder
+
+    if args.prompt is not None:
+        texts = [args.prompt]
+    else:
+        with open(args.prompts_file) as f:
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+    policy = Policy(args.policy, args.steps, args.tau)
+    sampling = Sampling(greedy=not args.sample, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed)
+    decoder = load_decoder(args.ckpt, args.threads)
+    prompts = [decoder.tok.encode(t) for t in texts]
+    streaming = len(prompts) == 1 and not args.json
+    shown = {"ids": [], "text": ""}
+
+    def stream(i, tokens):  # print the text a decided block adds, as soon as it is decided
+        shown["ids"] += tokens
+        text = decoder.tok.decode(shown["ids"])
+        sys.stdout.write(text[len(shown["text"]):])
+        sys.stdout.flush()
+        shown["text"] = text
+
+    if streaming:
+        sys.stdout.write(texts[0])
+    start = time.perf_counter()
+    results = decoder.generate(prompts, args.max_new_tokens, policy, sampling,
+                               stream if streaming else None)
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(r.tokens) for r in results)
+    for text, r in zip(texts, results):
+        if args.json:
+            print(json.dumps({"prompt": text, **asdict(r)}))
+        elif not streaming:
+            print(text + r.text, end="\n\n")
+    if streaming:
+        print()
+    print(f"[{tokens} tokens, {decoder.forwards} forwards ({tokens / max(decoder.forwards, 1):.2f} "
+          f"tokens/forward), {tokens / elapsed:.1f} tokens/s, policy {args.policy}]",
+          file=sys.stderr)
+    return 0

@@ -1,0 +1,219 @@
+"""Block-by-block generation with an exact KV cache; AR decoding of `ar` checkpoints.
+
+Block decoding (B < L): the prompt's whole blocks are committed to the cache by one forward; then
+each block is denoised by forwards over that block only (its B rows attend the cache), the policy
+deciding some masked positions per forward, until none is left. The decided block is committed by
+the next forward, which is also the first denoising step of the following block, so a block costs
+exactly its number of denoising steps. A prompt that ends inside a block starts that block with
+its tokens given (like x_t with those tokens kept).
+
+Why not reuse the last denoising step's K/V: that forward ran with the tokens it decided still
+[MASK] in its input, and the clean stream of training (what the cache must hold) never sees
+[MASK]; the commit rows recompute them on the decided tokens, at no extra forward.
+
+AR decoding (objective `ar`): the same cache with block size 1; each forward commits the last
+token and predicts the next from its row. Shifted prediction (a block's first token predicted by
+the previous block's last clean row) uses the logits of that row, kept from its commit forward.
+
+Batches: every sequence has its own cache length, position ids and state; sequences that are done
+or have nothing to commit fill their rows with IDLE padding, and stop independently at
+end-of-document or at the length limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+
+from cascade_mega.inference.kv_cache import CLEAN, IDLE, NOISY, DecodeStep, KVCache
+from cascade_mega.inference.policies import Policy
+from cascade_mega.inference.sampling import Sampling, sample
+from cascade_mega.model.gpt import _read_out_logits
+
+
+class GenerationError(ValueError):
+    pass
+
+
+@dataclass
+class BlockStats:
+    index: int  # block index in the sequence (position // B)
+    steps: int  # denoising forwards it took
+    tokens: int  # tokens it decided
+
+
+@dataclass
+class Generation:
+    prompt: List[int]
+    tokens: List[int] = field(default_factory=list)  # generated, end-of-document excluded
+    blocks: List[BlockStats] = field(default_factory=list)
+    stopped: str = ""  # "eod" | "length"
+    text: str = ""
+
+
+def _logits(*, hidden_states, output_layer, output_weight, context, **_unused):
+    logits = _read_out_logits(hidden_states, output_layer, output_weight, context, True)
+    return (logits.float() + output_layer.logit_bias).transpose(0, 1)  # [b, rows, V]
+
+
+class _Sequence:
+    def __init__(self, prompt: List[int], B: int, ar: bool):
+        self.out = Generation(prompt=list(prompt))
+        P = len(prompt)
+        full = P if ar else P // B * B
+        self.commit = list(prompt[:full])  # tokens to commit by the next forward
+        self.commit_start = 0
+        self.block = P // B  # current block (AR: next position)
+        self.given = list(prompt[full:])  # prompt tail inside the current block
+        self.x: Optional[torch.Tensor] = None
+        self.steps = 0
+        self.done = False
+        self.last_clean = None  # logits of the newest committed row
+
+
+class Decoder:
+    def __init__(self, model, cfg, tokenizer):
+        d = cfg.diffusion
+        self.model, self.cfg, self.tok = model, cfg, tokenizer
+        self.ar = d.objective == "ar"
+        self.B = 1 if self.ar else d.block_size
+        self.shifted = self.ar or d.shifted_prediction
+        self.max_len = cfg.data.seq_len
+        if not self.ar and self.B == self.max_len:
+            raise GenerationError("full-diffusion checkpoints (block_size = seq_len) decode with "
+                                  "an approximate prefix cache, which is not built yet")
+        self.forwards = 0
+
+    # ------------------------------------------------------------------ checks
+    def _check(self, prompts: List[List[int]]):
+        for i, p in enumerate(prompts):
+            if not p:
+                raise GenerationError(f"prompt {i} is empty")
+            if len(p) >= self.max_len:
+                raise GenerationError(f"prompt {i} has {len(p)} tokens; the model's context is "
+                                      f"{self.max_len} (data.seq_len), leaving no room to generate")
+
+    # ------------------------------------------------------------------ one forward
+    def _forward(self, seqs: List[_Sequence]):
+        B, mask_id = self.B, self.tok.mask_id
+        width = max(len(s.commit) for s in seqs)
+        noisy = 0 if self.ar else B
+        b, n = len(seqs), width + noisy
+        ids = torch.full((b, n), mask_id, dtype=torch.long)
+        pos = torch.zeros((b, n), dtype=torch.long)
+        kinds = torch.full((b, n), IDLE, dtype=torch.long)
+        blocks = torch.zeros((b, n), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            c = len(s.commit)
+            if c:
+                p = torch.arange(s.commit_start, s.commit_start + c)
+                ids[i, :c], pos[i, :c], kinds[i, :c], blocks[i, :c] = \
+                    torch.tensor(s.commit), p, CLEAN, p // B
+            if noisy and not s.done:
+                p = torch.arange(s.block * B, (s.block + 1) * B)
+                ids[i, width:], pos[i, width:] = s.x, p
+                kinds[i, width:], blocks[i, width:] = NOISY, s.block
+        last = [max(len(s.commit) - 1, 0) for s in seqs]
+        cols = sorted(set(last) | set(range(width, n)))
+        step = DecodeStep(self.cache, kinds, blocks)
+        logits = self.model(ids, pos, step, output_processor=_logits,
+                            output_processor_context=torch.tensor(cols))
+        step.commit()
+        self.forwards += 1
+        where = {c: j for j, c in enumerate(cols)}
+        for i, s in enumerate(seqs):
+            if s.commit:
+                s.last_clean = logits[i, where[last[i]]]
+                s.commit_start += len(s.commit)
+                s.commit = []
+        return logits[:, [where[c] for c in range(width, n)]] if noisy else None
+
+    # ------------------------------------------------------------------ decisions
+    def _finish(self, s: _Sequence, new: List[int], stream, i):
+        """Append decided tokens; stop at end-of-document or the limits."""
+        eod = self.tok.eod
+        if eod in new:
+            new, s.done, s.out.stopped = new[:new.index(eod)], True, "eod"
+        room = self.max_new - len(s.out.tokens)
+        if len(new) >= room:
+            new, s.done = new[:room], True
+            s.out.stopped = s.out.stopped or "length"
+        s.out.tokens += new
+        if stream and new:
+            stream(i, new)
+
+    def _ar_step(self, s: _Sequence, i, stream):
+        token, _ = sample(s.last_clean[None], self.sampling, self.gen)
+        t = int(token)
+        s.out.blocks.append(BlockStats(index=s.block, steps=1, tokens=1))
+        self._finish(s, [t], stream, i)
+        s.block += 1
+        if not s.done and s.block >= self.max_len:
+            s.done, s.out.stopped = True, "length"
+        if not s.done:
+            s.commit = [t]
+
+    def _block_step(self, s: _Sequence, logits, i, stream):
+        B, mask_id = self.B, self.tok.mask_id
+        masked = (s.x == mask_id).nonzero().squeeze(1)
+        if self.shifted:  # position r from row r - 1; the block's first from the clean row
+            # (a prompt shorter than a block has no clean row yet; its position 0 is given)
+            first = s.last_clean if s.last_clean is not None else logits[0]
+            rows = torch.cat([first[None], logits[:-1]])
+        else:
+            rows = logits
+        tokens, confidence = sample(rows[masked], self.sampling, self.gen)
+        chosen = self.policy.choose(confidence, s.steps)
+        s.x[masked[chosen]] = tokens[chosen]
+        s.steps += 1
+        if bool((s.x == mask_id).any()):
+            return
+        decided = s.x.tolist()
+        s.out.blocks.append(BlockStats(index=s.block, steps=s.steps,
+                                       tokens=B - len(s.given)))
+        self._finish(s, decided[len(s.given):], stream, i)
+        s.given = []
+        if not s.done:
+            s.commit = decided
+            s.block += 1
+            self._start_block(s)
+
+    def _start_block(self, s: _Sequence):
+        if s.done:
+            return
+        if (s.block + 1) * self.B > self.max_len:
+            s.done, s.out.stopped = True, "length"
+            return
+        s.x = torch.full((self.B,), self.tok.mask_id, dtype=torch.long)
+        s.x[:len(s.given)] = torch.tensor(s.given, dtype=torch.long)
+        s.steps = 0
+
+    # ------------------------------------------------------------------ public
+    @torch.no_grad()
+    def generate(self, prompts: List[List[int]], max_new_tokens: int = 128,
+                 policy: Policy = Policy(), sampling: Sampling = Sampling(),
+                 stream: Optional[Callable[[int, List[int]], None]] = None) -> List[Generation]:
+        """Token-id prompts -> one Generation each. stream(i, tokens) gets each decided block."""
+        self._check(prompts)
+        self.max_new, self.policy, self.sampling = max_new_tokens, policy, sampling
+        self.gen = torch.Generator().manual_seed(sampling.seed)
+        self.model.eval()
+        self.cache = KVCache(len(prompts), self.max_len)
+        seqs = [_Sequence(p, self.B, self.ar) for p in prompts]
+        if not self.ar:
+            for s in seqs:
+                self._start_block(s)
+        while not all(s.done for s in seqs):
+            logits = self._forward(seqs)
+            for i, s in enumerate(seqs):
+                if s.done:
+                    continue
+                if self.ar:
+                    self._ar_step(s, i, stream)
+                else:
+                    self._block_step(s, logits[i], i, stream)
+        for s in seqs:
+            s.out.text = self.tok.decode(s.out.tokens)
+        return [s.out for s in seqs]

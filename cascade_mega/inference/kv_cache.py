@@ -1,0 +1,92 @@
+"""The KV cache of block decoding, in the core-attention slot of megatron-core's layers.
+
+A decoding forward passes a `DecodeStep` where training passes an `AttentionLayout`; the layers
+(QKV projections, RoPE from the position ids, MLP) are megatron-core's, unchanged. Each row of a
+decoding forward is one of:
+
+  CLEAN  a committed token (prompt, or a block just decided): it attends the cache and the clean
+         rows of this forward in the same or earlier blocks (block-causal, the training mask's x_0
+         rows), and its K/V join the cache after the forward (`commit`);
+  NOISY  a row of the block being denoised: it attends the cache, this forward's clean rows of
+         earlier blocks and the noisy rows of its own block (the training mask's x_t rows);
+  IDLE   padding for a sequence with nothing to do in this forward: it sees only itself.
+
+The keys are the cache (positions 0 .. len_i - 1 of sequence i, all committed, all in blocks
+strictly before any row of the forward) followed by the forward's own rows, so the cache needs no
+mask beyond each sequence's length. With block size 1 the clean rows are causal: AR decoding is the
+same machinery. Noisy rows never enter the cache: a block's clean K/V are computed once, by the
+forward that commits it (fused with the first denoising step of the next block).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IDLE, CLEAN, NOISY = 0, 1, 2
+
+
+class KVCache:
+    def __init__(self, batch: int, max_len: int):
+        self.max_len = max_len
+        self.lengths = torch.zeros(batch, dtype=torch.long)
+        self.k: dict = {}
+        self.v: dict = {}
+
+    def layer(self, number: int, like: torch.Tensor):
+        if number not in self.k:
+            shape = (len(self.lengths), like.shape[1], self.max_len, like.shape[3])
+            self.k[number] = like.new_zeros(shape)
+            self.v[number] = like.new_zeros(shape)
+        return self.k[number], self.v[number]
+
+
+class DecodeStep:
+    """One decoding forward: rows [b, n] of kinds and block indices; what the attention needs."""
+
+    kind = "decode"
+
+    def __init__(self, cache: KVCache, kinds: torch.Tensor, blocks: torch.Tensor):
+        self.cache, self.kinds, self.blocks = cache, kinds, blocks
+        self.used = int(cache.lengths.max())
+        self.mask = self._mask()
+        self.pending = {}
+
+    def _mask(self) -> torch.Tensor:
+        """[b, 1, n, used + n] bool, True = may attend."""
+        kinds, blocks, lengths = self.kinds, self.blocks, self.cache.lengths
+        b, n = kinds.shape
+        q_kind, k_kind = kinds[:, :, None], kinds[:, None, :]
+        q_blk, k_blk = blocks[:, :, None], blocks[:, None, :]
+        rows = (q_kind == CLEAN) & (k_kind == CLEAN) & (k_blk <= q_blk)
+        rows |= (q_kind == NOISY) & (((k_kind == CLEAN) & (k_blk < q_blk)) |
+                                     ((k_kind == NOISY) & (k_blk == q_blk)))
+        rows |= (q_kind == IDLE) & torch.eye(n, dtype=torch.bool)[None]
+        cached = torch.arange(self.used)[None, None, :] < lengths[:, None, None]
+        cached = cached & (kinds != IDLE)[:, :, None]
+        return torch.cat([cached, rows], dim=2)[:, None]
+
+    def attend(self, layer: int, q, k, v, scale=None):
+        """q: [b, h, n, d]; k, v: [b, g, n, d] of this forward's rows."""
+        cache_k, cache_v = self.cache.layer(layer, k)
+        keys = torch.cat([cache_k[:, :, :self.used], k], dim=2)
+        values = torch.cat([cache_v[:, :, :self.used], v], dim=2)
+        self.pending[layer] = (k, v)
+        mask = self.mask.to(q.device)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
+                                              enable_gqa=k.shape[1] != q.shape[1])
+
+    def commit(self) -> None:
+        """Append every sequence's clean rows (in row order) to its cache."""
+        clean = self.kinds == CLEAN
+        counts = clean.sum(dim=1)
+        for layer, (k, v) in self.pending.items():
+            cache_k, cache_v = self.cache.k[layer], self.cache.v[layer]
+            for i in range(len(counts)):
+                if counts[i]:
+                    start = int(self.cache.lengths[i])
+                    rows = clean[i].nonzero().squeeze(1)
+                    cache_k[i, :, start:start + len(rows)] = k[i, :, rows]
+                    cache_v[i, :, start:start + len(rows)] = v[i, :, rows]
+        self.cache.lengths += counts
+        self.pending = {}

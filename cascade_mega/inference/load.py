@@ -1,0 +1,57 @@
+"""A decoder from a run directory or a checkpoint folder, on one process.
+
+The run's `config.yaml` describes the model; the checkpoint (any parallel layout: it is resharded
+on load) gives the weights; the dataset's tokenizer gives the vocabulary.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from cascade_mega.train.checkpoint import CheckpointError
+
+
+def locate(path: str) -> tuple[str, str]:
+    """(config.yaml, checkpoint folder) for a run directory or one of its checkpoints."""
+    from cascade_mega.train import checkpoint
+
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such run directory or checkpoint")
+    if os.path.isdir(os.path.join(path, "checkpoints")) or \
+            os.path.isfile(os.path.join(path, "config.yaml")):
+        ckpt = checkpoint.latest(os.path.join(path, "checkpoints"))
+        if ckpt is None:
+            raise CheckpointError(f"{path}: the run has no complete checkpoint yet")
+        return os.path.join(path, "config.yaml"), ckpt
+    if os.path.isfile(os.path.join(path, "metadata.json")):
+        config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))),
+                              "config.yaml")
+        if not os.path.isfile(config):
+            raise CheckpointError(f"{path}: no config.yaml in its run directory ({config})")
+        return config, path
+    raise CheckpointError(f"{path} is neither a run directory nor a complete checkpoint")
+
+
+def load_decoder(path: str, threads: int = 0):
+    from cascade_mega.config import load_config
+    from cascade_mega.data import loader
+    from cascade_mega.inference.decode import Decoder
+    from cascade_mega.model.gpt import build_model
+    from cascade_mega.runtime import distributed
+    from cascade_mega.train import checkpoint
+
+    config, ckpt = locate(path)
+    one = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.context=1",
+           "parallel.virtual_pipeline=null", "parallel.sequence_parallel=false",
+           "model.recompute=none"]
+    cfg = load_config(config, one, world_size=1)
+    if threads:
+        torch.set_num_threads(threads)
+    tokenizer = loader.load_tokenizer(cfg.data, loader.resolve_path(cfg.data.path))
+    distributed.init(cfg.parallel, cfg.train.seed)
+    model = build_model(cfg, tokenizer.vocab_size, forbidden_ids=[tokenizer.mask_id],
+                        dtype=torch.float32)
+    checkpoint.load(ckpt, [model], None, None)
+    return Decoder(model, cfg, tokenizer)

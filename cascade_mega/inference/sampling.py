@@ -1,0 +1,48 @@
+"""Choosing tokens from logits: greedy, temperature, top-k, top-p, with a seeded generator.
+
+`sample` returns the tokens and their confidence (the probability of the chosen token under the
+distribution it was drawn from), which the unmasking policies rank by.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Sampling:
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no limit
+    top_p: float = 1.0  # nucleus mass kept
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature} (use greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator):
+    """logits: [m, V] (forbidden ids already -inf). Returns (tokens [m], confidence [m])."""
+    logits = logits.float()
+    if s.greedy:
+        confidence, tokens = logits.softmax(-1).max(-1)
+        return tokens, confidence
+    logits = logits / s.temperature
+    if s.top_k:
+        kth = logits.topk(min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= s.top_p  # keep the first token always
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return tokens, probs.gather(1, tokens[:, None]).squeeze(1)
