@@ -1,4 +1,4 @@
-"""`cascade train` end to end on a tiny model, and `cascade bench train --json`."""
+"""`cascade train` end to end on a tiny model, and the benchmarks' `--json` reports."""
 
 import json
 import os
@@ -67,3 +67,28 @@ def test_bench_train_parallel_ratio():
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["parallel_time_ratio"] > 0 and result["parallel_step_s"] > 0
+
+
+def test_bench_generate_json(tmp_path):
+    runs = {}
+    for name, objective in (("bd", "block_diffusion"), ("ar", "ar")):
+        runs[name] = tmp_path / name
+        proc = run("train", "configs/quickstart.yaml", *TINY, "train.steps=2",
+                   "train.eval_batches=0", "optimizer.warmup_steps=1",
+                   f"diffusion.objective={objective}", f"run_dir={runs[name]}")
+        assert proc.returncode == 0, proc.stderr
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("ROMEO:\nJULIET:\n")
+    proc = run("bench", "generate", "--bd", str(runs["bd"]), "--ar", str(runs["ar"]),
+               "--prompts-file", str(prompts), "--max-new-tokens", "12", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["policy"] for r in report["rows"]] == ["ar", "fixed", "threshold", "adaptive"]
+    for row in report["rows"]:
+        assert set(row) == {"policy", "tokens_per_s", "forwards_per_token", "gen_ppl", "entropy",
+                            "speedup_vs_ar"}
+        assert row["tokens_per_s"] > 0 and row["gen_ppl"] > 1 and 0 <= row["entropy"] <= 14
+    ar_row = report["rows"][0]
+    assert ar_row["speedup_vs_ar"] == 1.0 and ar_row["forwards_per_token"] >= 1.0
+    # fixed: 4 forwards per block of 8 (the first block holds the prompt's tail too)
+    assert report["rows"][1]["forwards_per_token"] < 0.85 < ar_row["forwards_per_token"]

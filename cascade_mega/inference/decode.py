@@ -116,7 +116,13 @@ class Decoder:
                 ids[i, width:], pos[i, width:] = s.x, p
                 kinds[i, width:], blocks[i, width:] = NOISY, s.block
         last = [max(len(s.commit) - 1, 0) for s in seqs]
-        cols = sorted(set(last) | set(range(width, n)))
+        # the output layer runs only on rows that predict a still-masked position
+        needed = set()
+        for s in seqs:
+            if noisy and not s.done:
+                masked = (s.x == self.tok.mask_id).nonzero().squeeze(1) - int(self.shifted)
+                needed |= {width + int(r) for r in masked if r >= 0}
+        cols = sorted(set(last) | needed)
         step = DecodeStep(self.cache, kinds, blocks)
         logits = self.model(ids, pos, step, output_processor=_logits,
                             output_processor_context=torch.tensor(cols))
@@ -128,7 +134,12 @@ class Decoder:
                 s.last_clean = logits[i, where[last[i]]]
                 s.commit_start += len(s.commit)
                 s.commit = []
-        return logits[:, [where[c] for c in range(width, n)]] if noisy else None
+        if not noisy:
+            return None
+        block = logits.new_zeros(b, B, logits.shape[-1])  # rows nobody reads stay zero
+        for c in needed:
+            block[:, c - width] = logits[:, where[c]]
+        return block
 
     # ------------------------------------------------------------------ decisions
     def _finish(self, s: _Sequence, new: List[int], stream, i):
