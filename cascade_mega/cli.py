@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host:port of the rendezvous, for --nnodes > 1")
     t.set_defaults(func=_train)
     from cascade_mega import plan
+    from cascade_mega.data import preprocess
+
+    pp = sub.add_parser("preprocess", help="text / JSONL (.gz) files to indexed datasets")
+    preprocess.add_arguments(pp)
+    pp.set_defaults(func=preprocess.run)
     from cascade_mega.inference import command as generate
 
     g = sub.add_parser("generate", help="generate text from a run or checkpoint")

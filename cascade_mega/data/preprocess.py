@@ -1,0 +1,189 @@
+"""`cascade preprocess`: raw text and JSONL (and their .gz) to megatron-core indexed datasets.
+
+Documents: a `.txt` file is one document (with `--lines`, each non-empty line is one); a `.jsonl`
+line is one document, its `--json-key` field. Every document is tokenised and ends with the
+end-of-document token. Worker processes tokenise chunks of documents; the results are written in
+input order, so the output is byte-identical for any number of workers. The token dtype follows
+the vocabulary (uint16 up to 65,536 ids, int32 beyond; `indexed.token_dtype`). `--shard-tokens N`
+starts a new `PREFIX_00001` ... after N tokens, for datasets larger than one file should be.
+
+The tokenizer is a `tokenizer.json` (or a directory holding one) with the `[MASK]` and
+`<|endoftext|>` tokens, or `--train-bpe N` trains a byte-level BPE of N tokens on the inputs.
+It is copied beside the dataset and recorded in `PREFIX.meta.json`, so training refuses a dataset
+made with another tokenizer.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import sys
+import time
+from multiprocessing import get_context
+
+from cascade_mega.data import tokenize_worker
+from cascade_mega.data.indexed import DataError, write_indexed
+from cascade_mega.data.tokenizer import CascadeTokenizer, train_bpe
+
+CHUNK_BYTES = 1 << 20  # text per task, split across the workers
+
+
+def _open(path: str):
+    if not os.path.isfile(path):
+        raise DataError(f"input file not found: {path}")
+    raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
+
+
+def documents(paths, json_key: str = "text", lines: bool = False):
+    """The documents of the inputs, in order."""
+    for path in paths:
+        name = path[:-3] if path.endswith(".gz") else path
+        with _open(path) as f:
+            if name.endswith((".jsonl", ".json")):
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise DataError(f"{path}:{n}: not JSON ({err.msg})") from None
+                    if json_key not in record:
+                        raise DataError(f"{path}:{n}: no field {json_key!r} (--json-key)")
+                    yield record[json_key]
+            elif lines:
+                yield from (line.rstrip("\n") for line in f if line.strip())
+            else:
+                yield f.read()
+
+
+def _chunks(docs, chunk_bytes: int = CHUNK_BYTES):
+    """Documents grouped into about `chunk_bytes` of text: the unit of work of one worker."""
+    chunk, size = [], 0
+    for d in docs:
+        chunk.append(d)
+        size += len(d)
+        if size >= chunk_bytes:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+class _Progress:
+    def __init__(self, quiet: bool):
+        self.quiet, self.start, self.last = quiet, time.perf_counter(), 0.0
+        self.docs = self.tokens = self.bytes = 0
+
+    def add(self, docs, nbytes):
+        self.docs += len(docs)
+        self.tokens += sum(len(d) for d in docs)
+        self.bytes += nbytes
+        now = time.perf_counter()
+        if not self.quiet and now - self.last > 0.5:
+            self.last = now
+            self.show("\r")
+
+    def show(self, end):
+        s = max(time.perf_counter() - self.start, 1e-9)
+        sys.stderr.write(f"{end}preprocess: {self.docs} documents, {self.tokens} tokens, "
+                         f"{self.bytes / 2**20 / s:.2f} MB/s, {self.tokens / s:,.0f} tokens/s")
+        sys.stderr.flush()
+
+
+def resolve_tokenizer(spec: str) -> str:
+    path = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
+    if not os.path.isfile(path):
+        raise DataError(f"tokenizer not found: {spec}")
+    try:
+        CascadeTokenizer(path)
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    return path
+
+
+def preprocess(paths, prefix: str, tokenizer: str | None = None, train_bpe_size: int = 0,
+               workers: int = 1, json_key: str = "text", lines: bool = False,
+               shard_tokens: int = 0, quiet: bool = False) -> dict:
+    """Write the indexed dataset(s); returns {documents, tokens, bytes, seconds, prefixes}."""
+    for p in paths:
+        _open(p).close()  # every input exists and opens, before any work
+    out_dir = os.path.dirname(os.path.abspath(prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    if train_bpe_size:
+        tok = train_bpe(documents(paths, json_key, lines), train_bpe_size,
+                        prefix + ".tokenizer.json")
+    else:
+        if not tokenizer:
+            raise DataError("give --tokenizer PATH or --train-bpe N")
+        tok = CascadeTokenizer(resolve_tokenizer(tokenizer))
+    progress = _Progress(quiet)
+    pool = None
+    if workers > 1:
+        chunks = _chunks(documents(paths, json_key, lines), CHUNK_BYTES // workers)
+        pool = get_context("spawn").Pool(workers, tokenize_worker.init, (tok.path,))
+        encoded = pool.imap(tokenize_worker.encode, chunks, chunksize=1)  # in input order
+    else:
+        tokenize_worker.init(tok.path, single_thread=False)
+        encoded = map(tokenize_worker.encode, _chunks(documents(paths, json_key, lines)))
+
+    def stream():
+        for docs, nbytes in encoded:
+            progress.add(docs, nbytes)
+            yield from docs
+
+    prefixes = []
+    try:
+        docs = stream()
+        pending = next(docs, None)
+        if pending is None:
+            raise DataError(f"no documents in {', '.join(paths)}")
+        while pending is not None:
+            name = prefix if not shard_tokens else f"{prefix}_{len(prefixes):05d}"
+
+            def shard():
+                nonlocal pending
+                count = 0
+                while pending is not None and (not shard_tokens or count < shard_tokens):
+                    count += len(pending)
+                    yield pending
+                    pending = next(docs, None)
+
+            write_indexed(name, shard(), tok)
+            prefixes.append(name)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    progress.show("\r" if not quiet else "")
+    if not quiet:
+        sys.stderr.write("\n")
+    seconds = time.perf_counter() - progress.start
+    return {"documents": progress.docs, "tokens": progress.tokens, "bytes": progress.bytes,
+            "seconds": seconds, "tokens_per_s": progress.tokens / seconds, "prefixes": prefixes}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("inputs", nargs="+", help=".txt / .jsonl files, optionally .gz")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx/.meta.json")
+    tok = p.add_mutually_exclusive_group(required=True)
+    tok.add_argument("--tokenizer", help="tokenizer.json, or a directory holding one")
+    tok.add_argument("--train-bpe", type=int, metavar="N", help="train a BPE of N tokens")
+    p.add_argument("--json-key", default="text", help="JSONL field holding the text")
+    p.add_argument("--lines", action="store_true", help=".txt: one document per line")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--shard-tokens", type=int, default=0, help="tokens per output shard")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of statistics")
+
+
+def run(args) -> int:
+    stats = preprocess(args.inputs, args.output_prefix, args.tokenizer, args.train_bpe or 0,
+                       args.workers, args.json_key, args.lines, args.shard_tokens)
+    print(f"wrote {', '.join(p + '.bin' for p in stats['prefixes'])}: {stats['documents']} "
+          f"documents, {stats['tokens']} tokens, {stats['tokens_per_s']:,.0f} tokens/s with "
+          f"{args.workers} worker(s)")
+    if args.json:
+        print(json.dumps(stats))
+    return 0

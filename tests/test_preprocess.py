@@ -1,0 +1,107 @@
+"""`cascade preprocess`: text, JSONL and gzip inputs round-trip through the indexed dataset, with
+the same bytes for any number of workers."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from cascade_mega.data.indexed import check_dataset, read_meta
+from cascade_mega.data.preprocess import preprocess
+from cascade_mega.data.shakespeare import documents as shakespeare_documents
+from cascade_mega.data.tokenizer import CascadeTokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Real text: 60 Shakespeare documents, as .txt files, JSONL and their gzip forms."""
+    root = tmp_path_factory.mktemp("corpus")
+    docs = [d[:3000] for d in list(shakespeare_documents())[:60]]
+    txt = []
+    for i, d in enumerate(docs[:20]):
+        (root / f"doc{i:02d}.txt").write_text(d)
+        txt.append(str(root / f"doc{i:02d}.txt"))
+    lines = "".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs[20:]))
+    (root / "part.jsonl").write_text(lines)
+    with gzip.open(root / "part.jsonl.gz", "wt") as f:
+        f.write(lines)
+    with gzip.open(root / "doc00.txt.gz", "wt") as f:
+        f.write(docs[0])
+    return root, docs, txt
+
+
+def _read(prefix):
+    ds = IndexedDataset(prefix, mmap=True)
+    return [ds[i].tolist() for i in range(len(ds))]
+
+
+def _round_trip(prefix, expected):
+    meta = read_meta(prefix)
+    tok = CascadeTokenizer(os.path.join(os.path.dirname(prefix), meta["tokenizer"]))
+    check_dataset(prefix, tok.vocab_size)
+    got = _read(prefix)
+    assert len(got) == len(expected)
+    for ids, text in zip(got, expected):
+        assert ids[-1] == tok.eod and tok.eod not in ids[:-1]  # one boundary per document
+        assert tok.decode(ids[:-1]) == text
+    assert meta["dtype"] == "uint16"
+
+
+def test_round_trip_and_identical_bytes_for_any_worker_count(corpus, tmp_path):
+    root, docs, txt = corpus
+    inputs = txt + [str(root / "part.jsonl")]
+    one = preprocess(inputs, str(tmp_path / "w1" / "ds"), train_bpe_size=500, quiet=True)
+    _round_trip(one["prefixes"][0], docs)
+    tokenizer = str(tmp_path / "w1" / "ds.tokenizer.json")
+    two = preprocess(inputs, str(tmp_path / "w2" / "ds"), tokenizer=tokenizer, workers=2,
+                     quiet=True)
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / "w1" / f"ds{ext}").read_bytes() == \
+            (tmp_path / "w2" / f"ds{ext}").read_bytes()
+    assert one["documents"] == two["documents"] == 60 and one["tokens"] == two["tokens"]
+
+
+def test_gzip_inputs_equal_plain_ones(corpus, tmp_path):
+    root, docs, _ = corpus
+    tokenizer = preprocess([str(root / "doc00.txt")], str(tmp_path / "tok" / "ds"),
+                           train_bpe_size=400, quiet=True)["prefixes"][0] + ".tokenizer.json"
+    plain = preprocess([str(root / "doc00.txt"), str(root / "part.jsonl")],
+                       str(tmp_path / "plain" / "ds"), tokenizer=tokenizer, quiet=True)
+    zipped = preprocess([str(root / "doc00.txt.gz"), str(root / "part.jsonl.gz")],
+                        str(tmp_path / "gz" / "ds"), tokenizer=tokenizer, quiet=True)
+    assert _read(plain["prefixes"][0]) == _read(zipped["prefixes"][0])
+    _round_trip(zipped["prefixes"][0], [docs[0]] + docs[20:])
+
+
+def test_shards_split_the_documents_in_order(corpus, tmp_path):
+    root, docs, _ = corpus
+    stats = preprocess([str(root / "part.jsonl")], str(tmp_path / "ds"), train_bpe_size=400,
+                       shard_tokens=5000, quiet=True)
+    assert len(stats["prefixes"]) > 2
+    joined = [ids for p in stats["prefixes"] for ids in _read(p)]
+    assert len(joined) == 40 and sum(map(len, joined)) == stats["tokens"]
+
+
+def test_cli_reports_throughput_and_names_bad_inputs(corpus, tmp_path):
+    root, _, _ = corpus
+    cmd = [sys.executable, "-m", "cascade_mega", "preprocess", str(root / "part.jsonl.gz"),
+           "--output-prefix", str(tmp_path / "ds"), "--train-bpe", "400", "--workers", "2",
+           "--json"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout.splitlines()[-1])
+    assert stats["documents"] == 40 and stats["tokens_per_s"] > 0
+    assert "tokens/s" in proc.stderr  # the progress line
+    bad = subprocess.run(cmd[:4] + [str(tmp_path / "missing.jsonl")] + cmd[5:], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "missing.jsonl" in bad.stderr
+    (tmp_path / "nokey.jsonl").write_text('{"body": "x"}\n')
+    bad = subprocess.run(cmd[:4] + [str(tmp_path / "nokey.jsonl")] + cmd[5:], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no field 'text'" in bad.stderr
