@@ -63,7 +63,8 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "builtin:shakespeare"  # indexed dataset prefix, or builtin:shakespeare
+    # indexed-dataset prefix, builtin:shakespeare, or a blend "W1 PREFIX1 W2 PREFIX2 ..."
+    path: str = "builtin:shakespeare"
     tokenizer: Optional[str] = None  # tokenizer.json; None: the one recorded beside the dataset
     seq_len: int = 256
     split: str = "95,5,0"

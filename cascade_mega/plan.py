@@ -204,7 +204,7 @@ def run(args) -> int:
         from cascade_mega.data import loader
         from cascade_mega.data.indexed import read_meta
 
-        vocab = read_meta(loader.resolve_path(cfg.data.path))["vocab_size"]
+        vocab = read_meta(loader.blend(loader.resolve_path(cfg.data.path))[0][0])["vocab_size"]
     pl = plan(cfg, args.gpus, vocab)
     print(render(pl))
     peak = pl.peak()

@@ -45,6 +45,13 @@ def test_data_parallel_matches_single_process(tmp_path):
     _assert_same(single, _run(tmp_path, "dp2_distopt", "--nproc-per-node", "2",
                               "parallel.distributed_optimizer=true"))
     assert (tmp_path / "dp2_distopt" / "checkpoints" / "latest").exists()
+    # stop at DP = 2, resume on one process: the next samples, the same losses
+    first = _run(tmp_path, "dp_change", "--nproc-per-node", "2", "train.exit_interval=2")
+    assert [r["step"] for r in first if r["split"] == "train"] == [1, 2]
+    resumed = _run(tmp_path, "dp_change")
+    after = [r for r in resumed if r["step"] > 2]
+    assert [r["step"] for r in after if r["split"] == "train"] == [3, 4]
+    _assert_same([r for r in single if r["step"] > 2], after)
 
 
 @pytest.mark.parametrize("nproc,overrides,needle", [

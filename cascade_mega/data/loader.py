@@ -22,19 +22,49 @@ from cascade_mega.data.tokenizer import CascadeTokenizer
 
 
 def resolve_path(path: str) -> str:
+    """`data.path` with the builtin corpus built (once) and replaced by its prefix."""
     if path == "builtin:shakespeare":
         return shakespeare.ensure_dataset()
     return path
 
 
-def load_tokenizer(data_cfg, prefix: str) -> CascadeTokenizer:
+def blend(path: str):
+    """(prefixes, weights or None) of `data.path`: one prefix, or Megatron's weighted list
+    "W1 PREFIX1 W2 PREFIX2 ..." (weights are normalised by the dataset builder)."""
+    parts = path.split()
+    if len(parts) <= 1:
+        return parts, None
+    try:
+        weights = [float(w) for w in parts[0::2]]
+    except ValueError:
+        weights = []
+    if len(parts) % 2 or len(weights) != len(parts) // 2 or min(weights) <= 0:
+        raise DataError(f"data.path {path!r}: expected one prefix, or positive-weight / prefix "
+                        "pairs like '0.7 data/a_text_document 0.3 data/b_text_document'")
+    return parts[1::2], weights
+
+
+def _recorded_tokenizer(prefix: str):
     meta = read_meta(prefix)
-    recorded = os.path.join(os.path.dirname(prefix), meta["tokenizer"])
-    path = data_cfg.tokenizer or recorded
-    tok = CascadeTokenizer(path)
+    return os.path.join(os.path.dirname(prefix), meta["tokenizer"]), meta
+
+
+def load_tokenizer(data_cfg, path: str) -> CascadeTokenizer:
+    """The tokenizer every dataset of `path` was made with (refusing a mix, or a different
+    `data.tokenizer`)."""
+    prefixes, _ = blend(path)
+    recorded, meta = _recorded_tokenizer(prefixes[0])
+    text = open(recorded, "rb").read()
+    for other in prefixes[1:]:
+        other_tok, _ = _recorded_tokenizer(other)
+        if open(other_tok, "rb").read() != text:
+            raise DataError(f"{other}: tokenised with {other_tok}, unlike {prefixes[0]} "
+                            f"({recorded}): a blend needs one tokenizer")
+    chosen = data_cfg.tokenizer or recorded
+    tok = CascadeTokenizer(chosen)
     if tok.vocab_size != meta["vocab_size"] or (
-            data_cfg.tokenizer and open(path).read() != open(recorded).read()):
-        raise DataError(f"{prefix}: dataset was tokenised with {recorded}, not with {path}")
+            data_cfg.tokenizer and open(chosen, "rb").read() != text):
+        raise DataError(f"{prefixes[0]}: dataset was tokenised with {recorded}, not with {chosen}")
     return tok
 
 
@@ -56,20 +86,24 @@ class SplitReader:
         labels = torch.stack([it["labels"] for it in items])
         top = int(max(tokens.max(), labels.max()))
         if top >= self.vocab_size:
-            raise DataError(f"{self.dataset.dataset_path}: token id {top} is beyond the "
+            where = getattr(self.dataset, "dataset_path", None) or f"the {self.name} blend"
+            raise DataError(f"{where}: token id {top} is beyond the "
                             f"vocabulary ({self.vocab_size} entries)")
         return Batch(tokens, labels, torch.stack([it["loss_mask"] for it in items]))
 
 
-def build_splits(cfg, tokenizer: CascadeTokenizer, prefix: str, dp_size: int):
-    """(train, valid) SplitReaders sized for the whole run."""
-    check_dataset(prefix, tokenizer.vocab_size)
+def build_splits(cfg, tokenizer: CascadeTokenizer, path: str, dp_size: int):
+    """(train, valid) SplitReaders sized for the whole run; `path` as `blend` reads it."""
+    prefixes, weights = blend(path)
+    for prefix in prefixes:
+        check_dataset(prefix, tokenizer.vocab_size)
+    prefix = prefixes[0]
     t = cfg.train
-    sizes = [t.steps * t.global_batch_size, max(1, t.eval_batches) * t.global_batch_size, None]
+    sizes = [t.steps * t.global_batch_size, max(1, t.eval_batches) * t.global_batch_size, 0]
     ds_cfg = GPTDatasetConfig(
         random_seed=t.seed,
         sequence_length=cfg.data.seq_len,
-        blend=([prefix], None),
+        blend=(prefixes, weights),
         split=cfg.data.split,
         path_to_cache=cfg.data.cache_dir or os.path.join(os.path.dirname(prefix), "cache"),
         tokenizer=tokenizer,
@@ -92,7 +126,7 @@ def build_splits(cfg, tokenizer: CascadeTokenizer, prefix: str, dp_size: int):
         splits = build()
     train, valid, _ = splits
     if train is None or valid is None:
-        raise DataError(f"{prefix}: split '{cfg.data.split}' leaves no train or validation data")
+        raise DataError(f"{path}: split '{cfg.data.split}' leaves no train or validation data")
     return SplitReader(train, tokenizer.vocab_size, "train"), \
         SplitReader(valid, tokenizer.vocab_size, "valid")
 
