@@ -92,3 +92,11 @@ def test_bench_generate_json(tmp_path):
     assert ar_row["speedup_vs_ar"] == 1.0 and ar_row["forwards_per_token"] >= 1.0
     # fixed: 4 forwards per block of 8 (the first block holds the prompt's tail too)
     assert report["rows"][1]["forwards_per_token"] < 0.85 < ar_row["forwards_per_token"]
+
+
+def test_bench_data_json():
+    proc = run("bench", "data", *TINY, "--batches", "20", "--steps", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(report) == {"loader_tokens_per_s", "train_tokens_per_s", "headroom", "backend"}
+    assert report["headroom"] == report["loader_tokens_per_s"] / report["train_tokens_per_s"]
