@@ -13,7 +13,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from cascade_mega.data.indexed import check_dataset, read_meta
 from cascade_mega.data.preprocess import preprocess
 from cascade_mega.data.shakespeare import documents as shakespeare_documents
-from cascade_mega.data.tokenizer import CascadeTokenizer
+from cascade_mega.data.tokenizer import open_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,16 +41,16 @@ def _read(prefix):
     return [ds[i].tolist() for i in range(len(ds))]
 
 
-def _round_trip(prefix, expected):
+def _round_trip(prefix, expected, dtype="uint16"):
     meta = read_meta(prefix)
-    tok = CascadeTokenizer(os.path.join(os.path.dirname(prefix), meta["tokenizer"]))
+    tok = open_tokenizer(os.path.join(os.path.dirname(prefix), meta["tokenizer"]))
     check_dataset(prefix, tok.vocab_size)
     got = _read(prefix)
     assert len(got) == len(expected)
     for ids, text in zip(got, expected):
         assert ids[-1] == tok.eod and tok.eod not in ids[:-1]  # one boundary per document
         assert tok.decode(ids[:-1]) == text
-    assert meta["dtype"] == "uint16"
+    assert meta["dtype"] == dtype
 
 
 def test_round_trip_and_identical_bytes_for_any_worker_count(corpus, tmp_path):
@@ -105,3 +105,23 @@ def test_cli_reports_throughput_and_names_bad_inputs(corpus, tmp_path):
     bad = subprocess.run(cmd[:4] + [str(tmp_path / "nokey.jsonl")] + cmd[5:], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no field 'text'" in bad.stderr
+
+
+def test_qwen_vocabulary_writes_int32_ids_and_round_trips(corpus, tmp_path):
+    """Qwen's 151,643-entry tiktoken vocabulary (plus the project's special tokens): ids beyond
+    uint16, so the dataset is int32; training finds the vocabulary recorded beside it."""
+    from types import SimpleNamespace
+
+    from cascade_mega.data import loader
+
+    root, docs, _ = corpus
+    one = preprocess([str(root / "part.jsonl.gz")], str(tmp_path / "w1" / "ds"),
+                     tokenizer="qwen", quiet=True)
+    two = preprocess([str(root / "part.jsonl.gz")], str(tmp_path / "w2" / "ds"),
+                     tokenizer="qwen", workers=2, quiet=True)
+    assert (tmp_path / "w1" / "ds.bin").read_bytes() == (tmp_path / "w2" / "ds.bin").read_bytes()
+    _round_trip(one["prefixes"][0], docs[20:], dtype="int32")
+    tok = loader.load_tokenizer(SimpleNamespace(tokenizer=None), one["prefixes"][0])
+    assert tok.vocab_size == 151852 and tok.eod == 151643
+    assert tok.encode("Hello world") == [9707, 1879]  # Qwen's own ids
+    assert max(max(ids) for ids in _read(one["prefixes"][0])) > 65535

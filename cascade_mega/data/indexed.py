@@ -33,7 +33,8 @@ def write_indexed(prefix: str, documents, tokenizer) -> None:
         max_id = max(max_id, int(arr.max()))
         builder.add_document(arr, [len(ids)])
     builder.finalize(prefix + ".idx")
-    tok_copy = prefix + ".tokenizer.json"
+    tok_copy = prefix + (".tiktoken" if tokenizer.path.endswith(".tiktoken") else
+                         ".tokenizer.json")
     if os.path.abspath(tokenizer.path) != os.path.abspath(tok_copy):
         shutil.copyfile(tokenizer.path, tok_copy)
     with open(prefix + ".meta.json", "w") as f:

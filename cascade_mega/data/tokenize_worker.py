@@ -15,9 +15,9 @@ def init(path: str, single_thread: bool = True) -> None:
     global _tokenizer
     if single_thread:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from cascade_mega.data.tokenizer import CascadeTokenizer
+    from cascade_mega.data.tokenizer import open_tokenizer
 
-    _tokenizer = CascadeTokenizer(path)
+    _tokenizer = open_tokenizer(path)
 
 
 def encode(texts):

