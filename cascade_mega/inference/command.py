@@ -42,9 +42,16 @@ def run(args) -> int:
     else:
         with open(args.prompts_file) as f:
             texts = [line.rstrip("\n") for line in f if line.strip()]
-    policy = Policy(args.policy, args.steps, args.tau)
-    sampling = Sampling(greedy=not args.sample, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, seed=args.seed)
+    from cascade_mega.inference.decode import GenerationError
+
+    try:
+        policy = Policy(args.policy, args.steps, args.tau)
+        sampling = Sampling(greedy=not args.sample, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    except ValueError as err:
+        raise GenerationError(str(err)) from None
+    if args.max_new_tokens < 1:
+        raise GenerationError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     decoder = load_decoder(args.ckpt, args.threads)
     prompts = [decoder.tok.encode(t) for t in texts]
     streaming = len(prompts) == 1 and not args.json
@@ -71,7 +78,7 @@ def run(args) -> int:
             print(text + r.text, end="\n\n")
     if streaming:
         print()
-    print(f"[{tokens} tokens, {decoder.forwards} forwards ({tokens / max(decoder.forwards, 1):.2f} "
-          f"tokens/forward), {tokens / elapsed:.1f} tokens/s, policy {args.policy}]",
-          file=sys.stderr)
+    print(f"[{len(prompts)} prompt(s) in one batch: {tokens} tokens, {decoder.forwards} forwards "
+          f"({tokens / max(decoder.forwards, 1):.2f} tokens/forward), {tokens / elapsed:.1f} "
+          f"tokens/s, policy {args.policy}]", file=sys.stderr)
     return 0

@@ -208,6 +208,8 @@ class Decoder:
                  stream: Optional[Callable[[int, List[int]], None]] = None) -> List[Generation]:
         """Token-id prompts -> one Generation each. stream(i, tokens) gets each decided block."""
         self._check(prompts)
+        if max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.max_new, self.policy, self.sampling = max_new_tokens, policy, sampling
         self.gen = torch.Generator().manual_seed(sampling.seed)
         self.model.eval()
