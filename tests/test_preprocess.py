@@ -125,3 +125,28 @@ def test_qwen_vocabulary_writes_int32_ids_and_round_trips(corpus, tmp_path):
     assert tok.vocab_size == 151852 and tok.eod == 151643
     assert tok.encode("Hello world") == [9707, 1879]  # Qwen's own ids
     assert max(max(ids) for ids in _read(one["prefixes"][0])) > 65535
+
+
+@pytest.mark.parametrize("specials,eod_name", [([], "<|endoftext|>"), (["</s>"], "</s>")])
+def test_a_foreign_tokenizer_gets_the_projects_special_tokens(tmp_path, specials, eod_name):
+    """A tokenizer.json from elsewhere (no [MASK], maybe its own end-of-text token): the missing
+    tokens are appended after its vocabulary, with the same ids on every load."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["to be or not to be"] * 20, trainer=trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    (tmp_path / "hf").mkdir()
+    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    base = tok.get_vocab_size()
+    first = open_tokenizer(str(tmp_path / "hf" / "tokenizer.json"))
+    again = open_tokenizer(str(tmp_path / "hf" / "tokenizer.json"))
+    assert first.mask_id == again.mask_id == first.vocab_size - 1 >= base
+    assert first.eod == again.eod == (first.vocab_size - 2 if not specials else 0)
+    assert first.decode([first.eod]) == eod_name
+    (tmp_path / "doc.txt").write_text("to be or not")
+    stats = preprocess([str(tmp_path / "doc.txt")], str(tmp_path / "ds"),
+                       tokenizer=str(tmp_path / "hf"), quiet=True)
+    assert _read(stats["prefixes"][0])[0][-1] == first.eod

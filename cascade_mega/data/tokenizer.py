@@ -16,6 +16,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 MASK_TOKEN = "[MASK]"
 EOD_TOKEN = "<|endoftext|>"
+# end-of-document tokens of common vocabularies, used as `eod` when the file has one
+EOD_NAMES = (EOD_TOKEN, "<|end_of_text|>", "</s>", "<eos>")
 
 
 class CascadeTokenizer:
@@ -24,18 +26,17 @@ class CascadeTokenizer:
             raise FileNotFoundError(f"tokenizer file not found: {path}")
         self.path = path
         self._tok = Tokenizer.from_file(path)
-        self.mask_id = self._require(MASK_TOKEN)
-        self.eod = self._require(EOD_TOKEN)
+        # a tokenizer from elsewhere (a Hugging Face model directory) may lack the project's
+        # special tokens: they are appended after its vocabulary, the same ids on every load
+        eod = next((t for t in EOD_NAMES if self._tok.token_to_id(t) is not None), None)
+        self._tok.add_special_tokens([t for t in (eod or EOD_TOKEN, MASK_TOKEN)
+                                      if self._tok.token_to_id(t) is None])
+        self.mask_id = self._tok.token_to_id(MASK_TOKEN)
+        self.eod = self._tok.token_to_id(eod or EOD_TOKEN)
         self.vocab_size = self._tok.get_vocab_size()
         # megatron-core keys its sample-index cache on this description
         digest = hashlib.sha256(open(path, "rb").read()).hexdigest()[:16]
         self.unique_identifiers = {"class": type(self).__name__, "sha256": digest}
-
-    def _require(self, token: str) -> int:
-        idx = self._tok.token_to_id(token)
-        if idx is None:
-            raise ValueError(f"tokenizer {self.path} has no {token} token")
-        return idx
 
     def encode(self, text: str) -> List[int]:
         return self._tok.encode(text).ids
