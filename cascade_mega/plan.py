@@ -70,7 +70,9 @@ class Plan:
         return max(s.total(self.recompute) for s in self.stages)
 
 
-def _dims(cfg: CascadeConfig, vocab: int):
+def model_dims(cfg: CascadeConfig, vocab: int) -> dict:
+    """h, a (heads), g (query groups), d (head dim), f (FFN), V (padded vocabulary, per the
+    tensor-parallel size)."""
     from cascade_mega.model.gpt import ffn_size, padded_vocab_size
 
     m, p = cfg.model, cfg.parallel
@@ -82,14 +84,14 @@ def _dims(cfg: CascadeConfig, vocab: int):
 
 def layer_parameters(cfg: CascadeConfig, vocab: int) -> int:
     """Parameters of one transformer layer on one tensor-parallel rank."""
-    x, t = _dims(cfg, vocab), cfg.parallel.tensor
+    x, t = model_dims(cfg, vocab), cfg.parallel.tensor
     qkv = (x["a"] + 2 * x["g"]) * x["d"]
     return ((x["h"] + int(cfg.model.qkv_bias)) * qkv + x["a"] * x["d"] * x["h"] +
             3 * x["f"] * x["h"]) // t + 2 * x["h"]
 
 
 def stage_parameters(cfg: CascadeConfig, vocab: int, first: bool, last: bool) -> int:
-    x, p = _dims(cfg, vocab), cfg.parallel
+    x, p = model_dims(cfg, vocab), cfg.parallel
     n = cfg.model.num_layers // p.pipeline * layer_parameters(cfg, vocab)
     table = x["V"] * x["h"] // p.tensor
     if first:
@@ -99,18 +101,11 @@ def stage_parameters(cfg: CascadeConfig, vocab: int, first: bool, last: bool) ->
     return n
 
 
-def _readout_rows(cfg: CascadeConfig) -> int:
-    d, L = cfg.diffusion, cfg.data.seq_len
-    if d.objective == "ar":
-        return L
-    return d.views * (L - int(d.shifted_prediction))
-
-
 def layer_activation_bytes(cfg: CascadeConfig, vocab: int, e: int) -> tuple[int, int]:
     """(saved bytes of one layer, one micro-batch; bytes kept under full recompute)."""
     from cascade_mega.diffusion.objective import sequence_rows
 
-    x, p, b = _dims(cfg, vocab), cfg.parallel, cfg.train.micro_batch_size
+    x, p, b = model_dims(cfg, vocab), cfg.parallel, cfg.train.micro_batch_size
     t = p.tensor
     S = sequence_rows(cfg) // p.context
     sp = t if p.sequence_parallel else 1
@@ -125,12 +120,12 @@ def layer_activation_bytes(cfg: CascadeConfig, vocab: int, e: int) -> tuple[int,
 
 def head_activation_bytes(cfg: CascadeConfig, vocab: int, e: int) -> int:
     """Last stage: final norm, read-out hidden states, fp32 logits (per micro-batch)."""
-    from cascade_mega.diffusion.objective import sequence_rows
+    from cascade_mega.diffusion.objective import readout_rows, sequence_rows
 
-    x, p, b = _dims(cfg, vocab), cfg.parallel, cfg.train.micro_batch_size
+    x, p, b = model_dims(cfg, vocab), cfg.parallel, cfg.train.micro_batch_size
     S = sequence_rows(cfg) // p.context
     sp = p.tensor if p.sequence_parallel else 1
-    n = _readout_rows(cfg) // p.context
+    n = readout_rows(cfg) // p.context
     return (2 * S * b * x["h"] * e + 4 * S * b) // sp + n * b * x["h"] * e + \
         n * b * x["V"] // p.tensor * 4
 

@@ -18,12 +18,12 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from cascade_mega.config import load_config
 from cascade_mega.diffusion import objective
-from cascade_mega.model.gpt import _read_out_logits
+from cascade_mega.model.gpt import read_out_logits
 from cascade_mega.train.trainer import Trainer
 
 
 def _logits(*, hidden_states, output_layer, output_weight, context, **_unused):
-    return _read_out_logits(hidden_states, output_layer, output_weight, context.rows, True)
+    return read_out_logits(hidden_states, output_layer, output_weight, context.rows, True)
 
 
 def _forward_step(data_iterator, model):

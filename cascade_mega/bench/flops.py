@@ -33,18 +33,14 @@ def attention_pairs(cfg) -> int:
 
 def forward_flops(cfg, vocab: int) -> tuple[float, float]:
     """(matmul FLOPs of the linear layers and the read-out, attention FLOPs) of one sequence."""
-    from cascade_mega.diffusion.objective import sequence_rows
-    from cascade_mega.model.gpt import ffn_size, padded_vocab_size
-    from cascade_mega.plan import _readout_rows
+    from cascade_mega.diffusion.objective import readout_rows, sequence_rows
+    from cascade_mega.plan import model_dims
 
-    m = cfg.model
-    h, a = m.hidden_size, m.num_attention_heads
-    g, dh, f = m.num_query_groups or a, h // a, ffn_size(cfg)
-    V = m.vocab_size or padded_vocab_size(vocab, m.make_vocab_size_divisible_by, 1)
-    S = sequence_rows(cfg)
+    x, S = model_dims(cfg, vocab), sequence_rows(cfg)
+    h, a, g, dh, f = x["h"], x["a"], x["g"], x["d"], x["f"]
     linear = 2 * S * h * (a + 2 * g) * dh + 2 * S * a * dh * h + 6 * S * h * f
-    return (m.num_layers * linear + 2 * _readout_rows(cfg) * h * V,
-            m.num_layers * 4 * a * dh * attention_pairs(cfg))
+    return (cfg.model.num_layers * linear + 2 * readout_rows(cfg) * h * x["V"],
+            cfg.model.num_layers * 4 * a * dh * attention_pairs(cfg))
 
 
 def step_flops(cfg, vocab: int) -> float:

@@ -57,15 +57,16 @@ def _ensure_trained(path: str, config: str) -> None:
 @torch.no_grad()
 def generative_nll(ar_decoder, prompt, tokens) -> float:
     """Summed negative log-likelihood of `tokens` after `prompt` under the AR model."""
-    from cascade_mega.diffusion.masks import AttentionLayout
-    from cascade_mega.model.gpt import ReadOut, predict_and_score
+    from cascade_mega.diffusion import objective
+    from cascade_mega.model.gpt import predict_and_score
 
     seq = torch.tensor(prompt + tokens)
     ids, labels = seq[:-1][None], seq[1:][None]
-    n = ids.shape[1]
-    ce, _ = ar_decoder.model(ids, torch.arange(n)[None], AttentionLayout("causal", n),
+    prep = objective.prepare(ids, labels, torch.ones_like(ids), ar_decoder.cfg,
+                             ar_decoder.tok.mask_id, None)
+    ce, _ = ar_decoder.model(prep.input_ids, prep.position_ids, prep.layout,
                              output_processor=predict_and_score,
-                             output_processor_context=ReadOut(None, labels))
+                             output_processor_context=prep.readout)
     return float(ce[0, len(prompt) - 1:].double().sum())
 
 

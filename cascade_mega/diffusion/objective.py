@@ -63,6 +63,14 @@ def sequence_rows(cfg) -> int:
     return (d.views + 1) * L if d.block_size < L else d.views * L
 
 
+def readout_rows(cfg) -> int:
+    """Rows of one sample that carry a prediction (what reaches the output layer)."""
+    d, L = cfg.diffusion, cfg.data.seq_len
+    if d.objective == "ar":
+        return L
+    return d.views * (L - int(d.shifted_prediction))
+
+
 def draw_noise(cfg, n: int, generator: torch.Generator, t_range=None) -> Noise:
     """Noise for n sequences under the run's diffusion settings (t_range overrides the clip)."""
     d = cfg.diffusion

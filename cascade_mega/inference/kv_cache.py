@@ -72,8 +72,9 @@ class DecodeStep:
         keys = torch.cat([cache_k[:, :, :self.used], k], dim=2)
         values = torch.cat([cache_v[:, :, :self.used], v], dim=2)
         self.pending[layer] = (k, v)
-        mask = self.mask.to(q.device)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
+        if self.mask.device != q.device:  # once per step, not once per layer
+            self.mask = self.mask.to(q.device)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, scale=scale,
                                               enable_gqa=k.shape[1] != q.shape[1])
 
     def commit(self) -> None:

@@ -152,7 +152,7 @@ def _vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.stack(indices).gather(0, best).squeeze(0)
 
 
-def _read_out_logits(hidden_states, output_layer, output_weight, rows, gather: bool):
+def read_out_logits(hidden_states, output_layer, output_weight, rows, gather: bool):
     """The output layer on the chosen rows only. Under sequence parallel each rank holds a slice
     of the sequence: gather it first (backward: each rank keeps its slice of the gradient, after
     the output layer's own all-reduce), then run the layer without its sequence gather."""
@@ -177,7 +177,7 @@ def predict_and_score(*, hidden_states, output_layer, output_weight, context: Re
 
     Returns (ce [b, n] fp32, correct [b, n] bool).
     """
-    logits = _read_out_logits(hidden_states, output_layer, output_weight, context.rows, False)
+    logits = read_out_logits(hidden_states, output_layer, output_weight, context.rows, False)
     # forbid [MASK] and vocabulary padding; in place: the linear layer keeps no copy of its output
     logits = logits.float().add_(output_layer.logit_bias)
     labels = context.labels.t().contiguous()  # [n, b]
