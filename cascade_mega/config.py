@@ -69,6 +69,9 @@ class DataConfig:
     seq_len: int = 256
     split: str = "95,5,0"
     cache_dir: Optional[str] = None  # megatron sample-index cache; None: beside the dataset
+    # attention and the loss stay inside each document of a packed sequence (megatron packs
+    # documents end to end; otherwise a block is denoised from an unrelated document's prefix)
+    document_mask: bool = False
 
 
 @dataclass
@@ -265,6 +268,8 @@ def validate(cfg: CascadeConfig, world_size: int = 1) -> None:
         need(m.attention_kernel in ("auto", "tiled"), f"'parallel.context' > 1 runs the tiled "
              f"attention kernel; 'model.attention_kernel' = {m.attention_kernel} has no "
              "context-parallel path")
+        need(not cfg.data.document_mask, "'data.document_mask' has no context-parallel path yet: "
+             "use 'parallel.context' = 1 with it")
     if p.sequence_parallel:
         streams = 1 if d.objective == "ar" else d.views + (d.block_size < L)
         rows = streams * L // p.context

@@ -12,8 +12,9 @@ import functools
 import torch
 
 
-def mask_mod_for(seq_len: int, block_size: int, views: int):
-    """(q, kv) -> may attend, for the layout [x_t^1; ...; x_t^V; x_0]."""
+def mask_mod_for(seq_len: int, block_size: int, views: int, documents=None):
+    """(q, kv) -> may attend, for the layout [x_t^1; ...; x_t^V; x_0]; with `documents` ([b, L]
+    document ids of packed sequences) only within a document."""
     L, B, V = seq_len, block_size, views
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -23,7 +24,9 @@ def mask_mod_for(seq_len: int, block_size: int, views: int):
         bd = (q_stream == k_stream) & ~q_clean & (q_blk == k_blk)
         obc = ~q_clean & k_clean & (k_blk < q_blk)
         bc = q_clean & k_clean & (k_blk <= q_blk)
-        return bd | obc | bc
+        if documents is None:
+            return bd | obc | bc
+        return (bd | obc | bc) & (documents[b, q_idx % L] == documents[b, kv_idx % L])
 
     return mask_mod
 
@@ -46,7 +49,14 @@ def _compiled():
 
 
 def block_diffusion_attention(q, k, v, seq_len: int, block_size: int, views: int = 1,
-                              scale: float | None = None):
-    mask = block_mask(seq_len, block_size, views, str(q.device))
+                              scale: float | None = None, documents=None):
+    if documents is None:
+        mask = block_mask(seq_len, block_size, views, str(q.device))
+    else:  # a new block mask per batch: the documents differ
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        n = (views + 1) * seq_len
+        mask = create_block_mask(mask_mod_for(seq_len, block_size, views, documents.to(q.device)),
+                                 q.shape[0], None, n, n, device=str(q.device))
     gqa = k.shape[1] != q.shape[1]
     return _compiled()(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)

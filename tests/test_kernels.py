@@ -148,3 +148,14 @@ def test_context_parallel_chunks_give_the_whole_sequence_attention(kind, L, B, V
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
     for g, r in zip(got, grads):
         torch.testing.assert_close(g, r, atol=1e-12, rtol=0)
+
+
+def test_flex_document_mask_forward_matches_dense():
+    L, B, V = 32, 4, 1
+    S = (V + 1) * L
+    q, k, v = (x.detach().float() for x in inputs(S, 4, 4, seed=11))
+    documents = torch.tensor([[0] * 7 + [1] * 11 + [2] * 14, [0] * 13 + [1] * 19])
+    layout = AttentionLayout("block_diffusion", L, B, V, documents=documents)
+    out = flex.block_diffusion_attention(q, k, v, L, B, V, documents=documents)
+    ref = dense_reference(q.double(), k.double(), v.double(), layout.dense()).float()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

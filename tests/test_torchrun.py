@@ -60,6 +60,7 @@ def test_data_parallel_matches_single_process(tmp_path):
     (3, ["parallel.tensor=3"], "model.num_attention_heads"),  # 4 heads on 3 ranks
     (2, ["parallel.context=2", "data.seq_len=72"], "data.seq_len"),  # 4 chunks of whole blocks
     (2, ["parallel.context=2", "diffusion.block_size=64"], "diffusion.block_size"),  # B = L
+    (2, ["parallel.context=2", "data.document_mask=true"], "data.document_mask"),
     (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "diffusion.objective=ar",
          "data.seq_len=63"], "parallel.sequence_parallel"),  # 63 rows on 2 ranks
 ])

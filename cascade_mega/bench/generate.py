@@ -63,7 +63,7 @@ def generative_nll(ar_decoder, prompt, tokens) -> float:
     seq = torch.tensor(prompt + tokens)
     ids, labels = seq[:-1][None], seq[1:][None]
     prep = objective.prepare(ids, labels, torch.ones_like(ids), ar_decoder.cfg,
-                             ar_decoder.tok.mask_id, None)
+                             ar_decoder.tok.mask_id, None, eod_id=ar_decoder.tok.eod)
     ce, _ = ar_decoder.model(prep.input_ids, prep.position_ids, prep.layout,
                              output_processor=predict_and_score,
                              output_processor_context=prep.readout)

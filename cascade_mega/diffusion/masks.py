@@ -15,7 +15,8 @@ against. The training path itself only uses `AttentionLayout` (what kind of sequ
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Optional
 
 import torch
 
@@ -63,6 +64,13 @@ def training_mask(seq_len: int, block_size: int) -> torch.Tensor:
     return dense_mask(training_mask_fn(seq_len, block_size), 2 * seq_len, 2 * seq_len)
 
 
+def document_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """Document index of each token of packed sequences [b, L]: the number of end-of-document
+    tokens before it (an end-of-document token belongs to the document it ends)."""
+    ends = (tokens == eod).long()
+    return ends.cumsum(-1) - ends
+
+
 def context_chunks(rank: int, size: int) -> tuple[int, ...]:
     """Chunks of every stream held by rank `rank` of a context-parallel group of `size`.
 
@@ -84,6 +92,10 @@ class AttentionLayout:
 
     Under context parallel a rank holds `chunks` (of `num_chunks`) of every stream: its rows are,
     stream by stream, those chunks in order (`rows()` maps them to the rows of the whole layout).
+
+    documents: [b, L] document ids of packed sequences (`data.document_mask`): a row then also
+    attends only to rows of its own document. Not part of equality or hashing (it changes with
+    every batch); `dense()` is the one place that applies it.
     """
 
     kind: str
@@ -92,6 +104,7 @@ class AttentionLayout:
     views: int = 1
     chunks: tuple = (0,)
     num_chunks: int = 1
+    documents: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
 
     def mask_fn(self):
         """The mask over the rows of the whole (unsplit) layout."""
@@ -112,6 +125,15 @@ class AttentionLayout:
                 (q_clean & k_clean & block_causal(B)(qi, ki))
 
         return fn
+
+    def dense(self, device=None) -> torch.Tensor:
+        """The mask over this rank's rows: [S, S], or [b, 1, S, S] with documents."""
+        rows = self.rows().to(device)
+        mask = self.mask_fn()(rows[:, None], rows[None, :])
+        if self.documents is None:
+            return mask
+        doc = self.documents.to(device)[:, rows % self.seq_len]  # [b, S]
+        return (mask & (doc[:, :, None] == doc[:, None, :]))[:, None]
 
     @property
     def streams(self) -> int:

@@ -12,6 +12,11 @@ shifted_prediction: x0_i is predicted from row i-1 (AR-style); the first token o
   clean stream's last row of the previous block; token 0 has no predecessor and is not a target.
 ar: next-token prediction with a causal mask (labels = the sequence shifted by one).
 
+document_mask (`data.document_mask`): in a packed sequence, attention stays inside each document and
+  no target is predicted from another document (shifted prediction drops a document's first token,
+  AR the token after an end-of-document), so the NELBO of a packed sequence is the sum of its
+  documents' NELBOs, each computed alone (blocks stay where the packed positions put them).
+
 context parallel: `prepare(..., context=(rank, size))` keeps this rank's zigzag chunks of every
   stream (`AttentionLayout.split_for_context`) and the targets whose predicting row is here; the
   per-rank losses, token counts and gradients sum to those of the whole sequence.
@@ -26,7 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from cascade_mega.diffusion.masks import AttentionLayout
+from dataclasses import replace
+
+from cascade_mega.diffusion.masks import AttentionLayout, document_ids
 from cascade_mega.diffusion.noise import Noise, complement, corrupt, draw
 from cascade_mega.model.gpt import ReadOut
 
@@ -81,19 +88,38 @@ def draw_noise(cfg, n: int, generator: torch.Generator, t_range=None) -> Noise:
 
 
 def prepare(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, cfg, mask_id: int,
-            noise, *, t_range=None, context=(0, 1)) -> Prepared:
+            noise, *, t_range=None, context=(0, 1), eod_id=None) -> Prepared:
     """tokens/labels/loss_mask: [b, L] as megatron's GPT dataset yields them.
 
     noise: a `Noise` for these b sequences, or a torch.Generator to draw one from.
     context: (rank, size) of the context-parallel group.
+    eod_id: the end-of-document token (needed by `data.document_mask`).
     """
+    documents = None
+    if cfg.data.document_mask:
+        if eod_id is None:
+            raise ValueError("data.document_mask needs the end-of-document token id (eod_id)")
+        documents = document_ids(tokens, eod_id)
+        loss_mask = loss_mask * _within_document(tokens, documents, cfg, eod_id)
     prep = _prepare(tokens, labels, loss_mask, cfg, mask_id, noise, t_range)
+    if documents is not None:
+        prep.layout = replace(prep.layout, documents=documents)
     if context[1] == 1:
         return prep
     counted = loss_mask.bool().clone()  # the positions num_tokens counts
     if cfg.diffusion.objective != "ar" and cfg.diffusion.shifted_prediction:
         counted[:, 0] = False  # token 0 has no predecessor
     return _split_for_context(prep, counted, *context)
+
+
+def _within_document(tokens, documents, cfg, eod_id) -> torch.Tensor:
+    """[b, L] 1 where the target is predicted from its own document, else 0."""
+    keep = torch.ones_like(tokens, dtype=torch.bool)
+    if cfg.diffusion.objective == "ar":
+        keep = tokens != eod_id  # its label opens the next document
+    elif cfg.diffusion.shifted_prediction:
+        keep[:, 1:] = documents[:, 1:] == documents[:, :-1]  # predicted from the row before
+    return keep
 
 
 def _split_for_context(prep: Prepared, counted, rank: int, size: int) -> Prepared:

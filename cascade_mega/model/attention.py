@@ -32,7 +32,7 @@ from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
-from cascade_mega.diffusion.masks import AttentionLayout, context_chunks, dense_mask
+from cascade_mega.diffusion.masks import AttentionLayout, context_chunks
 
 KERNELS = ("auto", "tiled", "flex", "dense")
 
@@ -45,8 +45,7 @@ def resolve_kernel(kernel: str) -> str:
 
 @functools.lru_cache(maxsize=16)
 def _cached_mask(layout: AttentionLayout, device: torch.device) -> torch.Tensor:
-    n = layout.total_len
-    return dense_mask(layout.mask_fn(), n, n, device=device)
+    return layout.dense(device)
 
 
 def gather_clean_stream(key, value, layout: AttentionLayout, group):
@@ -73,6 +72,8 @@ def attend(query, key, value, layout: AttentionLayout, kernel: str = "auto",
     clean_kv: the gathered clean stream when the layout is split across context-parallel ranks.
     """
     gqa = key.shape[1] != query.shape[1]
+    if layout.documents is not None:
+        return _attend_within_documents(query, key, value, layout, kernel, scale, gqa)
     if layout.split:
         from cascade_kernels import tiled
 
@@ -108,6 +109,19 @@ def attend(query, key, value, layout: AttentionLayout, kernel: str = "auto",
                                           enable_gqa=gqa)
 
 
+def _attend_within_documents(query, key, value, layout, kernel, scale, gqa):
+    """Packed documents (`data.document_mask`): the layout's mask AND same-document, per sequence.
+    FlexAttention takes it as a mask function (GPU); elsewhere SDPA under the dense mask."""
+    if layout.kind == "block_diffusion" and resolve_kernel(kernel) == "flex":
+        from cascade_kernels import flex
+
+        return flex.block_diffusion_attention(query, key, value, layout.seq_len,
+                                              layout.block_size, layout.views, scale=scale,
+                                              documents=layout.documents)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=layout.dense(query.device),
+                                          scale=scale, enable_gqa=gqa)
+
+
 class BlockDiffusionAttention(MegatronModule):
     """Drop-in `core_attention` that follows the project's `AttentionLayout`."""
 
@@ -133,7 +147,7 @@ class BlockDiffusionAttention(MegatronModule):
         # megatron layout [s, b, heads, d] -> SDPA layout [b, heads, s, d]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         s, b = query.shape[0], query.shape[1]
-        if getattr(attention_mask, "kind", None) == "decode":  # inference/kv_cache.DecodeStep
+        if hasattr(attention_mask, "attend"):  # a mask that attends itself (kv_cache.DecodeStep)
             out = attention_mask.attend(self.layer_number, q, k, v, self.softmax_scale)
             return out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)
         if not isinstance(attention_mask, AttentionLayout):

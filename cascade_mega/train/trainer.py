@@ -127,7 +127,7 @@ class Trainer:
             yield objective.prepare(batch.tokens, batch.labels, batch.loss_mask, cfg,
                                     self.tokenizer.mask_id,
                                     noise.rows(rows, rows + mbs) if noise else None,
-                                    context=self.context)
+                                    context=self.context, eod_id=self.tokenizer.eod)
 
     @staticmethod
     def _forward_step(data_iterator, model):
