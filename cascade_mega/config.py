@@ -72,6 +72,7 @@ class DataConfig:
     # attention and the loss stay inside each document of a packed sequence (megatron packs
     # documents end to end; otherwise a block is denoised from an unrelated document's prefix)
     document_mask: bool = False
+    backend: str = "megatron"  # megatron (memory-mapped reads in the step) | dali (extra [dali])
 
 
 @dataclass
@@ -140,6 +141,7 @@ _CHOICES = {
     "model.attention_backend": ("auto", "local", "te"),
     "model.attention_kernel": ("auto", "tiled", "flex", "dense"),
     "model.recompute": ("none", "full"),
+    "data.backend": ("megatron", "dali"),
     "train.fp8_recipe": ("delayed", "tensorwise"),
 }
 
@@ -296,6 +298,13 @@ def validate(cfg: CascadeConfig, world_size: int = 1) -> None:
 
         need(te_support.available(), f"'train.fp8' = {t.fp8} needs Transformer Engine on a CUDA "
              "GPU (install the [gpu] extra there); this machine has none")
+    if cfg.data.backend == "dali":
+        import importlib.util
+
+        need(importlib.util.find_spec("nvidia") is not None and
+             importlib.util.find_spec("nvidia.dali") is not None,
+             "'data.backend' = dali needs NVIDIA DALI: install the [dali] extra "
+             "(nvidia-dali-cuda120)")
     need(o.min_lr <= o.lr, f"'optimizer.min_lr' = {o.min_lr} exceeds 'optimizer.lr' = {o.lr}")
     need(t.eval_interval >= 0 and t.eval_batches >= 0,
          "'train.eval_interval' and 'train.eval_batches' must be >= 0")

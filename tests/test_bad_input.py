@@ -86,6 +86,38 @@ def test_truncated_bin(tmp_path):
                       f"run_dir={tmp_path}/run"), "tiny.bin", "truncated")
 
 
+def test_idx_of_another_bin(tmp_path):
+    prefix, tok = _tiny_dataset(tmp_path, list(range(1, 301)))
+    from cascade_mega.data.indexed import write_indexed
+
+    other = str(tmp_path / "other")
+    write_indexed(other, [list(range(1, 120))] * 50, tok)
+    os.replace(other + ".idx", prefix + ".idx")  # an .idx that describes another .bin
+    one_error(cascade("train", "configs/quickstart.yaml", f"data.path={prefix}",
+                      f"run_dir={tmp_path}/run"), "tiny.bin", "mismatched")
+
+
+def test_corrupt_idx(tmp_path):
+    prefix, _ = _tiny_dataset(tmp_path, list(range(1, 301)))
+    with open(prefix + ".idx", "r+b") as f:
+        f.write(b"NOT-AN-INDEX")
+    one_error(cascade("train", "configs/quickstart.yaml", f"data.path={prefix}",
+                      f"run_dir={tmp_path}/run"), "tiny.idx")
+
+
+def test_dataset_tokenised_with_another_vocabulary(tmp_path):
+    prefix, _ = _tiny_dataset(tmp_path, list(range(1, 301)))
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    other = Tokenizer(models.BPE())
+    other.pre_tokenizer = pre_tokenizers.ByteLevel()
+    other.train_from_iterator(["a different corpus " * 50], trainers.BpeTrainer(vocab_size=300))
+    other.save(str(tmp_path / "other.json"))
+    one_error(cascade("train", "configs/quickstart.yaml", f"data.path={prefix}",
+                      f"data.tokenizer={tmp_path}/other.json", f"run_dir={tmp_path}/run"),
+              "tiny", "tokenised with")
+
+
 def test_fp8_without_transformer_engine(tmp_path):
     one_error(cascade("train", "configs/quickstart.yaml", "train.fp8=e4m3",
                       f"run_dir={tmp_path}"), "train.fp8", "Transformer Engine")

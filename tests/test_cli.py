@@ -98,5 +98,7 @@ def test_bench_data_json():
     proc = run("bench", "data", *TINY, "--batches", "20", "--steps", "1", "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(report) == {"loader_tokens_per_s", "train_tokens_per_s", "headroom", "backend"}
+    assert set(report) == {"loader_tokens_per_s", "train_tokens_per_s", "headroom", "backend",
+                           "dali_tokens_per_s", "dali_headroom"}  # the test venv has DALI
     assert report["headroom"] == report["loader_tokens_per_s"] / report["train_tokens_per_s"]
+    assert report["dali_headroom"] == report["dali_tokens_per_s"] / report["train_tokens_per_s"]

@@ -150,3 +150,24 @@ def test_a_foreign_tokenizer_gets_the_projects_special_tokens(tmp_path, specials
     stats = preprocess([str(tmp_path / "doc.txt")], str(tmp_path / "ds"),
                        tokenizer=str(tmp_path / "hf"), quiet=True)
     assert _read(stats["prefixes"][0])[0][-1] == first.eod
+
+
+def test_mediawiki_dump_gives_one_document_per_article(corpus, tmp_path):
+    import bz2
+    from xml.sax.saxutils import escape
+
+    _, docs, _ = corpus
+    pages = [("Hamlet", "0", False, docs[0]), ("Talk:Hamlet", "1", False, "talk page"),
+             ("Prince of Denmark", "0", True, "#REDIRECT [[Hamlet]]"),
+             ("Macbeth & <co>", "0", False, docs[1] + "\n{{Infobox play}} [[link|text]]")]
+    xml = ['<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/"><siteinfo/>']
+    for title, ns, redirect, text in pages:
+        xml.append(f"<page><title>{escape(title)}</title><ns>{ns}</ns>"
+                   + ('<redirect title="Hamlet"/>' if redirect else "")
+                   + f"<revision><text>{escape(text)}</text></revision></page>")
+    dump = tmp_path / "enwiki-pages-articles1.xml-p10p30302-shortened.bz2"  # as dumps are named
+    dump.write_bytes(bz2.compress(("".join(xml) + "</mediawiki>").encode()))
+    out = preprocess([str(dump)], str(tmp_path / "wiki" / "ds"), train_bpe_size=400,
+                     workers=2, quiet=True)
+    _round_trip(out["prefixes"][0], [f"Hamlet\n\n{docs[0]}",
+                                     f"Macbeth & <co>\n\n{pages[3][3]}"])

@@ -52,6 +52,14 @@ def test_data_parallel_matches_single_process(tmp_path):
     after = [r for r in resumed if r["step"] > 2]
     assert [r["step"] for r in after if r["split"] == "train"] == [3, 4]
     _assert_same([r for r in single if r["step"] > 2], after)
+    # the DALI backend: the same samples on each of two ranks; its pipeline state was saved at
+    # DP = 2, so the one-process resume starts a fresh pipeline at step 2 on the same samples
+    first = _run(tmp_path, "dali", "--nproc-per-node", "2", "train.exit_interval=2",
+                 "data.backend=dali")
+    assert (tmp_path / "dali" / "checkpoints" / "iter_0000002" / "dali" / "rank1.cpt").exists()
+    _assert_same([r for r in single if r["step"] <= 2], first)
+    resumed = _run(tmp_path, "dali", "data.backend=dali")
+    _assert_same([r for r in single if r["step"] > 2], [r for r in resumed if r["step"] > 2])
 
 
 @pytest.mark.parametrize("nproc,overrides,needle", [

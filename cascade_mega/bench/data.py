@@ -2,9 +2,10 @@
 consumes them, for one config (default: the quickstart).
 
 The loader side times what every micro-batch costs before the model runs: reading the samples
-through megatron-core's GPT dataset (memory-mapped indexed files) and turning them into model
-inputs (noise, the [x_t ; x_0] layout). The training side times the trainer's steps on the same
-config in the same process. headroom = loader tokens/s / training tokens/s.
+(each backend: megatron-core's GPT dataset read in the step, and the DALI pipeline when the [dali]
+extra is installed) and turning them into model inputs (noise, the [x_t ; x_0] layout). The
+training side times the trainer's steps on the same config in the same process.
+headroom = loader tokens/s / training tokens/s (of the default backend; `dali_headroom` for DALI).
 """
 
 from __future__ import annotations
@@ -36,15 +37,15 @@ def run(args) -> dict:
                                       "train.resume=none", "tracking.enabled=false"])
     trainer = Trainer(cfg).setup()
     mbs, L = cfg.train.micro_batch_size, cfg.data.seq_len
-    start = time.perf_counter()
-    consumed = 0
-    step = 0
-    while consumed < args.batches:
-        for _ in trainer._micro_batches(trainer.train_data, step, "train"):
-            consumed += 1
-        step += 1
-    loader_s = time.perf_counter() - start
-    loader_tps = consumed * mbs * L / loader_s
+    readers = {"megatron": trainer.train_data}
+    from cascade_mega.data import dali_loader
+
+    if dali_loader.available():
+        readers["dali"] = dali_loader.DaliReader(
+            trainer.train_data.dataset, cfg, trainer.tokenizer.vocab_size, trainer.dp_rank,
+            trainer.dp_size, trainer.num_micro, 0)
+    loader_tps = {name: _loader_tokens_per_s(trainer, reader, args.batches) * mbs * L
+                  for name, reader in readers.items()}
     trainer.train_step(0)  # warm-up
     times = []
     for i in range(args.steps):
@@ -52,12 +53,28 @@ def run(args) -> dict:
         trainer.train_step(i + 1)
         times.append(time.perf_counter() - t)
     train_tps = cfg.train.global_batch_size * L / statistics.median(times)
-    result = {"loader_tokens_per_s": loader_tps, "train_tokens_per_s": train_tps,
-              "headroom": loader_tps / train_tps, "backend": "megatron"}
+    result = {"loader_tokens_per_s": loader_tps["megatron"], "train_tokens_per_s": train_tps,
+              "headroom": loader_tps["megatron"] / train_tps, "backend": "megatron"}
+    if "dali" in loader_tps:
+        result.update(dali_tokens_per_s=loader_tps["dali"],
+                      dali_headroom=loader_tps["dali"] / train_tps)
     print(f"bench data  {config}  seq_len {L}, micro-batch {mbs}")
-    print(f"  loader (read + prepare)  {loader_tps:12,.0f} tokens/s")
-    print(f"  training step            {train_tps:12,.0f} tokens/s")
-    print(f"  headroom                 {result['headroom']:12.1f}x")
+    for name, tps in loader_tps.items():
+        print(f"  loader {name:9s} (read + prepare) {tps:12,.0f} tokens/s   "
+              f"headroom {tps / train_tps:8.1f}x")
+    print(f"  training step                     {train_tps:12,.0f} tokens/s")
+    if "dali" not in loader_tps:
+        print(f"  (dali: not installed; {dali_loader.EXTRA})")
     if args.json:
         print(json.dumps(result))
     return result
+
+
+def _loader_tokens_per_s(trainer, reader, batches: int) -> float:
+    """Micro-batches per second through `reader`, read in training order and prepared."""
+    start, consumed, step = time.perf_counter(), 0, 0
+    while consumed < batches:
+        for _ in trainer._micro_batches(reader, step, "train"):
+            consumed += 1
+        step += 1
+    return consumed / (time.perf_counter() - start)

