@@ -19,6 +19,8 @@ def _quiet():
         warnings.filterwarnings("ignore", category=category)
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     logging.getLogger("megatron").setLevel(logging.ERROR)
+    for name in ("mlflow", "alembic"):  # store set-up chatter on every new sqlite store
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _train(args) -> int:
@@ -29,6 +31,9 @@ def _train(args) -> int:
     world = args.nproc_per_node * args.nnodes if spawn else None
     cfg = load_config(args.config, args.overrides, world_size=world)  # fails before any spawn
     if read_env().rank == 0 and not os.environ.get("CASCADE_CHILD"):
+        from cascade_mega.tracking.store import preflight
+
+        preflight(cfg)  # a malformed tracking URI or a refused experiment stops here
         print(f"run_dir: {os.path.abspath(cfg.run_dir)}", flush=True)
     if spawn:
         return _spawn_torchrun(args)
@@ -82,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text from a run or checkpoint")
     generate.add_arguments(g)
     g.set_defaults(func=generate.run)
+
+    from cascade_mega.tracking import runs
+
+    r = sub.add_parser("runs", help="tracked runs and their final metrics, from MLflow")
+    runs.add_arguments(r)
+    r.set_defaults(func=runs.run)
 
     pl = sub.add_parser("plan", help="memory per GPU of a parallel layout, before launching it")
     plan.add_arguments(pl)

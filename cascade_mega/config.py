@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -114,9 +114,16 @@ class CheckpointConfig:
 @dataclass
 class TrackingConfig:
     enabled: bool = True
-    uri: Optional[str] = None  # None: sqlite store in the run directory
+    uri: Optional[str] = None  # None: sqlite store in the run directory; or http(s)://HOST:PORT
     experiment: str = "cascade"
-    run_name: Optional[str] = None
+    run_name: Optional[str] = None  # None: the config's `name`
+    tags: Dict[str, str] = field(default_factory=dict)
+    group: Optional[str] = None  # runs of one sweep share it (tag cascade.group)
+    parent_run_id: Optional[str] = None  # nest under a parent run (the MLflow UI groups them)
+    samples: int = 2  # generations logged at each evaluation (one-stage layouts); 0: none
+    sample_tokens: int = 32
+    max_buffer: int = 100_000  # metrics held while the store does not answer
+    flush_timeout: float = 30.0  # seconds the end of a run waits for the store to take the rest
 
 
 @dataclass
@@ -306,6 +313,9 @@ def validate(cfg: CascadeConfig, world_size: int = 1) -> None:
              "'data.backend' = dali needs NVIDIA DALI: install the [dali] extra "
              "(nvidia-dali-cuda120)")
     need(o.min_lr <= o.lr, f"'optimizer.min_lr' = {o.min_lr} exceeds 'optimizer.lr' = {o.lr}")
+    need(cfg.tracking.max_buffer > 0, "'tracking.max_buffer' must be positive")
+    need(cfg.tracking.samples >= 0 and cfg.tracking.sample_tokens > 0,
+         "'tracking.samples' must be >= 0 and 'tracking.sample_tokens' > 0")
     need(t.eval_interval >= 0 and t.eval_batches >= 0,
          "'train.eval_interval' and 'train.eval_batches' must be >= 0")
 

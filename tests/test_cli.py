@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["model.num_layers=2", "model.hidden_size=64", "data.seq_len=64", "diffusion.block_size=8",
         "train.micro_batch_size=4", "train.global_batch_size=4", "optimizer.warmup_steps=2"]
@@ -50,6 +52,9 @@ def test_bench_train_json(tmp_path):
     assert result["memory_ratio"] > 1.0  # the 2L layout holds more activations than L
     assert result["seq_len"] == 64 and result["block_size"] == 8
     assert result["dense_time_ratio"] > 0 and result["dense_memory_ratio"] > 0
+    # tracking on vs off, as a fraction of the untracked step (noise may make it negative)
+    assert result["tracking_overhead"] == pytest.approx(
+        result["tracked_step_s"] / result["untracked_step_s"] - 1)
 
 
 def test_bench_attention_json():

@@ -35,6 +35,8 @@ def add_arguments(p):
     p.add_argument("--batch", type=int, help="sequences per step")
     p.add_argument("--steps", type=int, default=5, help="timed steps per objective")
     p.add_argument("--no-dense", action="store_true", help="skip the dense-mask baseline")
+    p.add_argument("--no-tracking", action="store_true",
+                   help="skip the step time with MLflow tracking on vs off")
     p.add_argument("--nproc-per-node", type=int, default=0,
                    help="also time this many ranks (layout from the overrides, default data "
                         "parallel) against one process: parallel_time_ratio")
@@ -126,11 +128,42 @@ def run(args) -> dict:
     if "dense_time_ratio" in result:
         print(f"  dense-mask baseline: time ratio {result['dense_time_ratio']:.2f}   "
               f"memory ratio {result['dense_memory_ratio']:.2f}")
+    if not args.no_tracking:
+        result.update(tracking_overhead(trainers["block_diffusion"], args.steps,
+                                        args.steps + 2))
     if args.nproc_per_node:
         result.update(parallel_ratio(args, bd_cfg))
     if args.json:
         print(json.dumps(result))
     return result
+
+
+def tracking_overhead(trainer, steps: int, first_step: int) -> dict:
+    """Step time with the MLflow tracker (default sqlite store, a metric batch every step: ten
+    times the quickstart's logging) against the same trainer without it, in alternating phases
+    off / on / off / on; each `on` phase is a tracked run that starts, logs and finishes."""
+    from cascade_mega.train.callbacks import MlflowTracker
+
+    times = {"off": [], "on": []}
+    step = first_step
+    for phase in ("off", "on", "off", "on"):
+        tracker = MlflowTracker(trainer.cfg, trainer.cfg.run_dir) if phase == "on" else None
+        if tracker:
+            tracker.on_train_start(trainer)
+        for _ in range(max(steps, 3)):
+            start = time.perf_counter()
+            metrics = trainer.train_step(step)
+            if tracker:
+                tracker.on_step_end(trainer, step, metrics)
+            times[phase].append(time.perf_counter() - start)
+            step += 1
+        if tracker:
+            trainer.outcome = "finished"
+            tracker.on_train_end(trainer)
+    on, off = statistics.median(times["on"]), statistics.median(times["off"])
+    print(f"  MLflow tracking (sqlite, every step): step {on:.3f} s vs {off:.3f} s untracked, "
+          f"overhead {on / off - 1:+.1%}")
+    return {"tracked_step_s": on, "untracked_step_s": off, "tracking_overhead": on / off - 1}
 
 
 def _median_step_time(config_args, run_dir, nproc):

@@ -13,8 +13,10 @@ functions of (seed, step), so nothing else is needed for an exact resume.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
 from typing import Optional
 
 import torch
@@ -23,6 +25,7 @@ from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
 LATEST = "latest"
+INFO = "cascade.json"  # step, consumed samples and the layout a checkpoint was saved at
 
 
 class CheckpointError(RuntimeError):
@@ -79,9 +82,10 @@ def sharded_state(chunks, optimizer, scheduler, step: int, consumed: int, is_loa
 
 
 def save(ckpt_root: str, chunks, optimizer, scheduler, step: int, consumed: int,
-         keep_last: Optional[int] = None, write_extra=None) -> str:
+         keep_last: Optional[int] = None, write_extra=None, layout: Optional[dict] = None) -> str:
     """write_extra(folder): every rank's own files (e.g. the DALI pipeline state), written into
-    the checkpoint before it is declared complete."""
+    the checkpoint before it is declared complete. layout: the parallel layout it was saved at,
+    recorded in `cascade.json` with the step (what `manifest` lists)."""
     final = os.path.join(ckpt_root, iter_name(step))
     partial = final + ".partial"
     if _rank0():
@@ -96,6 +100,9 @@ def save(ckpt_root: str, chunks, optimizer, scheduler, step: int, consumed: int,
         write_extra(partial)
     _barrier()
     if _rank0():
+        with open(os.path.join(partial, INFO), "w") as f:
+            json.dump({"step": step, "consumed_samples": consumed, "layout": layout or {},
+                       "saved_at": time.time()}, f)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -107,6 +114,19 @@ def save(ckpt_root: str, chunks, optimizer, scheduler, step: int, consumed: int,
                 shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
     _barrier()
     return final
+
+
+def manifest(ckpt_root: str) -> list:
+    """The complete checkpoints of a run, oldest first: path, step, layout, time saved."""
+    out = []
+    if not os.path.isdir(ckpt_root):
+        return out
+    for name in sorted(os.listdir(ckpt_root)):
+        info = os.path.join(ckpt_root, name, INFO)
+        if name.startswith("iter_") and not name.endswith(".partial") and os.path.isfile(info):
+            with open(info) as f:
+                out.append({"path": os.path.join(os.path.abspath(ckpt_root), name), **json.load(f)})
+    return out
 
 
 def latest(ckpt_root: str) -> Optional[str]:

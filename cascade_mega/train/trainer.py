@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from cascade_mega.bench import flops
 from cascade_mega.config import CascadeConfig, to_yaml, validate
 from cascade_mega.data import loader
 from cascade_mega.diffusion import objective
@@ -35,6 +36,15 @@ def noise_generator(seed: int, *key) -> torch.Generator:
     """A generator that is a pure function of (seed, key): resumable without saved RNG state."""
     digest = hashlib.sha256(repr((seed,) + key).encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def memory_gb() -> float:
+    """Peak GPU memory allocated by torch, or on CPU the process's resident memory, in GiB."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
 
 
 def run_dtype(cfg: CascadeConfig) -> torch.dtype:
@@ -82,6 +92,8 @@ class Trainer:
         self.chunks = wrap_ddp(self._build_chunks(), cfg)
         self.optimizer, self.scheduler = build_optimizer(self.chunks, cfg, self.dtype)
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
+        self.peak_flops = flops.peak_flops()
+        self.step_flops = flops.step_flops(cfg, self.tokenizer.vocab_size)
         self._resume()
         if cfg.data.backend == "dali":
             from cascade_mega.data.dali_loader import DaliReader
@@ -202,7 +214,10 @@ class Trainer:
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "step_time": elapsed,
             "tokens_per_s": self.cfg.train.global_batch_size * self.cfg.data.seq_len / elapsed,
+            "memory_gb": memory_gb(),
         })
+        if self.peak_flops:  # GPU: model FLOPs utilisation per GPU (bench/flops.py counting)
+            metrics["mfu"] = self.step_flops / elapsed / self.world_size / self.peak_flops
         return metrics
 
     @torch.no_grad()
@@ -230,8 +245,11 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def fit(self):
+        """Train to `train.steps` (or `train.exit_interval` steps of this job). `self.outcome` is
+        'finished', 'stopped' (left early, to be resumed) or 'failed' when callbacks see the end."""
         cfg = self.cfg
         t = cfg.train
+        self.outcome = "failed"
         self._emit("on_train_start")
         try:
             if t.eval_batches and t.eval_interval and self.step == 0 < t.steps:
@@ -247,11 +265,21 @@ class Trainer:
                 leaving = bool(t.exit_interval) and (self.step - self.start_step) % \
                     t.exit_interval == 0
                 if self.step % cfg.checkpoint.interval == 0 or self.step == t.steps or leaving:
-                    checkpoint.save(self.ckpt_root, self.chunks, self.optimizer, self.scheduler,
-                                    self.step, self.step * t.global_batch_size,
-                                    cfg.checkpoint.keep_last, self._save_loader_state)
+                    path = checkpoint.save(self.ckpt_root, self.chunks, self.optimizer,
+                                           self.scheduler, self.step,
+                                           self.step * t.global_batch_size,
+                                           cfg.checkpoint.keep_last, self._save_loader_state,
+                                           self.layout())
+                    self._emit("on_checkpoint_end", self.step, path)
                 if leaving:
                     break
+            self.outcome = "finished" if self.step >= t.steps else "stopped"
         finally:
             self._emit("on_train_end")
         return self
+
+    def layout(self) -> dict:
+        ps = parallel_state
+        return {"tensor": ps.get_tensor_model_parallel_world_size(),
+                "pipeline": ps.get_pipeline_model_parallel_world_size(),
+                "context": self.context[1], "data": self.dp_size, "world_size": self.world_size}

@@ -1,6 +1,6 @@
 """Trainer side concerns, one per file. A callback implements any of:
 on_train_start(trainer), on_step_end(trainer, step, metrics), on_eval_end(trainer, step, metrics),
-on_train_end(trainer). Only the logging rank (last pipeline stage, first TP and DP rank) runs them.
+on_checkpoint_end(trainer, step, path), on_train_end(trainer) (`trainer.outcome` says how it ended). Only the logging rank (last pipeline stage, first TP and DP rank) runs them.
 """
 
 from cascade_mega.train.callbacks.console import ConsoleProgress

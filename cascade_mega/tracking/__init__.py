@@ -1,0 +1,1 @@
+"""Experiment tracking with MLflow: the store, run parameters, plots and `cascade runs`."""

@@ -1,0 +1,75 @@
+"""What a tracked run records about itself: the resolved config, the code and the machine.
+
+Parameters are immutable in MLflow, so everything that can change when a run is resumed (the
+layout after a resharding resume, the Slurm job of a requeue) goes into tags instead.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from importlib import metadata
+
+from omegaconf import OmegaConf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_params(cfg) -> dict:
+    return flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))
+
+
+def code_version(root: str = ROOT) -> dict:
+    """The git commit of the code that runs, and whether the tree had uncommitted changes."""
+    def git(*args):
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"code.git_commit": commit, "code.git_dirty": dirty} if commit else {}
+
+
+def versions() -> dict:
+    out = {"version.python": platform.python_version()}
+    for dist, key in (("torch", "torch"), ("megatron-core", "megatron_core"),
+                      ("transformer-engine", "transformer_engine"), ("mlflow", "mlflow"),
+                      ("nvidia-dali-cuda120", "dali"), ("cascade-mega", "cascade_mega")):
+        try:
+            out[f"version.{key}"] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            if key == "transformer_engine":
+                out[f"version.{key}"] = "not installed"
+    return out
+
+
+def layout_tags(trainer) -> dict:
+    """The parallel layout and where the job runs (tags: they may change on resume)."""
+    from megatron.core import parallel_state as ps
+
+    tags = {"layout.world_size": trainer.world_size,
+            "layout.tensor": ps.get_tensor_model_parallel_world_size(),
+            "layout.pipeline": ps.get_pipeline_model_parallel_world_size(),
+            "layout.context": ps.get_context_parallel_world_size(),
+            "layout.data": trainer.dp_size, "host": platform.node()}
+    for env, key in (("SLURM_JOB_ID", "slurm.job_id"), ("SLURM_ARRAY_JOB_ID", "slurm.array_job_id"),
+                     ("SLURM_ARRAY_TASK_ID", "slurm.array_task_id"),
+                     ("SLURM_RESTART_COUNT", "slurm.restart_count"),
+                     ("SLURM_JOB_NUM_NODES", "slurm.nodes")):
+        if os.environ.get(env):
+            tags[key] = os.environ[env]
+    return {k: str(v) for k, v in tags.items()}

@@ -1,0 +1,106 @@
+"""Where runs are tracked: the URI, its start-up check, and how the MLflow client talks to it.
+
+- Default URI: a sqlite store in the run directory (`sqlite:///<run_dir>/mlflow.db`), so nothing
+  needs a server; `mlflow ui --backend-store-uri` on it shows the run.
+- The start-up check (`preflight`) runs before any model is built: a malformed URI, or an
+  experiment the server refuses (deleted, invalid name), is a `ConfigError`; a server that does
+  not answer is a warning only, since training must not depend on it (metrics are buffered).
+- The HTTP client gets no retries and a short timeout (`MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`,
+  `MLFLOW_HTTP_REQUEST_TIMEOUT=10`, unless the user set them): MLflow's default backoff waits
+  minutes on a dead server; the tracker retries on its own schedule instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from urllib.parse import urlparse
+
+from cascade_mega.config import ConfigError
+
+DATABASES = ("postgresql", "mysql", "mssql")
+
+
+def warn(message: str) -> None:
+    """A tracking problem the run survives: one line on stderr (not a Python warning, which the
+    command line silences for megatron's sake)."""
+    print(f"cascade: warning: {message}", file=sys.stderr, flush=True)
+
+
+def resolve_uri(cfg) -> str:
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    return f"sqlite:///{os.path.abspath(cfg.run_dir)}/mlflow.db"
+
+
+def check_uri(uri: str) -> None:
+    """Refuse URIs MLflow cannot track to, with one message naming `tracking.uri`."""
+    parts = urlparse(uri)
+    scheme = parts.scheme.split("+")[0]  # postgresql+psycopg2://
+    ok = (scheme in ("http", "https") and bool(parts.hostname)) or \
+        (scheme == "sqlite" and parts.path not in ("", "/")) or \
+        (scheme in DATABASES and bool(parts.netloc)) or scheme == "databricks"
+    if ok and scheme in ("http", "https"):
+        try:
+            parts.port  # noqa: B018  (raises on a malformed port)
+        except ValueError:
+            ok = False
+    if not ok:
+        raise ConfigError(f"'tracking.uri' = {uri!r} is not a tracking store: expected "
+                          "http(s)://HOST[:PORT], sqlite:///PATH or a database URL "
+                          "(postgresql://, mysql://); MLflow 3 no longer develops file stores")
+
+
+def configure_http() -> None:
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def unreachable(err: BaseException) -> bool:
+    """True when the store did not answer (as opposed to answering with a refusal)."""
+    from mlflow.exceptions import RestException
+
+    if isinstance(err, RestException):
+        return False
+    text = str(err)
+    return isinstance(err, (ConnectionError, TimeoutError)) or any(
+        s in text for s in ("Max retries exceeded", "Connection refused", "timed out",
+                            "ConnectionError", "Failed to establish", "Read timed out"))
+
+
+def experiment_id(client, name: str) -> str:
+    """The id of experiment `name`, created when missing; ConfigError when it cannot be used."""
+    if not name.strip():
+        raise ConfigError("'tracking.experiment' is empty")
+    exp = client.get_experiment_by_name(name)
+    if exp is not None and exp.lifecycle_stage == "deleted":
+        raise ConfigError(f"'tracking.experiment' = {name!r} is deleted in the tracking store: "
+                          "restore it (mlflow experiments restore) or choose another name")
+    return exp.experiment_id if exp is not None else client.create_experiment(name)
+
+
+def preflight(cfg) -> bool:
+    """Check the tracking store before training. Returns False (after one warning) when it does
+    not answer; raises ConfigError when the URI is malformed or the store refuses the experiment."""
+    if not cfg.tracking.enabled:
+        return True
+    uri = resolve_uri(cfg)
+    check_uri(uri)
+    configure_http()
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("sqlite:"):
+        os.makedirs(os.path.dirname(urlparse(uri).path) or ".", exist_ok=True)
+    try:
+        experiment_id(MlflowClient(uri), cfg.tracking.experiment)
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001  (MLflow raises many kinds)
+        if unreachable(err):
+            warn(f"tracking store {uri} does not answer; training starts anyway and buffers its "
+                 "metrics until it does")
+            return False
+        reason = str(err).strip().splitlines()[0]
+        raise ConfigError(f"tracking store {uri} refuses experiment "
+                          f"{cfg.tracking.experiment!r}: {reason}") from None
+    return True

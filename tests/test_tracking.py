@@ -1,0 +1,212 @@
+"""Tracking against a real MLflow server: params, metrics and artifacts read back with MlflowClient,
+resume appends to the same run, a server killed mid-run loses nothing once it is back, the default
+sqlite store opens in `mlflow ui`, and bad tracking settings fail before training."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mlflow_server import MlflowServer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["model.num_layers=2", "model.hidden_size=64", "data.seq_len=64", "diffusion.block_size=8",
+        "train.micro_batch_size=4", "train.global_batch_size=4", "optimizer.warmup_steps=2",
+        "train.steps=20", "train.log_interval=5", "train.eval_interval=10",
+        "train.eval_batches=1", "checkpoint.interval=10"]
+
+
+def cascade(*args, background=False):
+    cmd = [sys.executable, "-m", "cascade_mega", *args]
+    if background:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield srv
+    srv.stop()
+
+
+def _run_id(run_dir):
+    return (run_dir / "mlflow_run_id").read_text().strip()
+
+
+def _steps(client, run_id, key):
+    return [m.step for m in sorted(client.get_metric_history(run_id, key),
+                                   key=lambda m: (m.step, m.timestamp))]
+
+
+def _artifacts(client, run_id, path=None):
+    out = []
+    for a in client.list_artifacts(run_id, path):
+        out += _artifacts(client, run_id, a.path) if a.is_dir else [a.path]
+    return out
+
+
+def test_run_logs_params_metrics_and_artifacts(server, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = cascade("train", "configs/quickstart.yaml", *TINY, f"run_dir={run_dir}",
+                   f"tracking.uri={server.uri}", "tracking.experiment=readback",
+                   "tracking.tags.team=pretraining", "tracking.group=sweep-a")
+    assert proc.returncode == 0, proc.stderr
+    client = MlflowClient(server.uri)
+    run = client.get_run(_run_id(run_dir))
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "readback"
+    p = run.data.params
+    assert p["data.seq_len"] == "64" and p["diffusion.block_size"] == "8"
+    assert len(p["code.git_commit"]) == 40 and p["code.git_dirty"] in ("True", "False")
+    assert p["version.torch"].startswith("2.13") and p["version.megatron_core"] == "0.19.2"
+    tags = run.data.tags
+    assert tags["layout.world_size"] == "1" and tags["team"] == "pretraining"
+    assert tags["mlflow.source.git.commit"] == p["code.git_commit"]
+    assert tags["cascade.group"] == "sweep-a"  # runs of one sweep, grouped
+    assert _steps(client, run.info.run_id, "loss") == [5, 10, 15, 20]
+    assert _steps(client, run.info.run_id, "valid/nelbo") == [0, 10, 20]
+    for key in ("nelbo", "ppl_bound", "masked_acc", "lr", "grad_norm", "tokens_per_s",
+                "step_time", "memory_gb", "summary/tokens_per_s"):
+        assert key in run.data.metrics, key
+    local = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    sent = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    assert sent == {r["step"]: r["loss"] for r in local if r["split"] == "train"}
+    files = _artifacts(client, run.info.run_id)
+    assert {"config.yaml", "checkpoints/manifest.json", "plots/loss.png",
+            "plots/ppl_bound.png", "samples/step_0000020.txt"} <= set(files)
+    manifest = json.load(open(client.download_artifacts(run.info.run_id,
+                                                        "checkpoints/manifest.json",
+                                                        str(tmp_path))))
+    assert [c["step"] for c in manifest] == [10, 20]
+    assert manifest[-1]["layout"]["world_size"] == 1
+    assert open(client.download_artifacts(run.info.run_id, "plots/loss.png",
+                                          str(tmp_path)), "rb").read(4) == b"\x89PNG"
+    # `cascade runs`: the same run, its final metrics, as a table and as JSON
+    table = cascade("runs", "readback", "--tracking-uri", server.uri)
+    assert table.returncode == 0, table.stderr
+    header, row = table.stdout.splitlines()
+    assert header.split()[:3] == ["run", "status", "step"] and row.split()[:3] == \
+        ["quickstart", "FINISHED", "20"]
+    listed = json.loads(cascade("runs", "readback", "--tracking-uri", server.uri,
+                                "--group", "sweep-a", "--json").stdout)
+    assert listed["run_id"] == run.info.run_id and listed["step"] == 20
+    assert listed["valid/nelbo"] == pytest.approx(run.data.metrics["valid/nelbo"])
+
+
+def test_resumed_run_appends_to_the_same_run(server, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["train", "configs/quickstart.yaml", *TINY, f"run_dir={run_dir}",
+            f"tracking.uri={server.uri}", "tracking.experiment=resume"]
+    assert cascade(*args, "train.exit_interval=10").returncode == 0
+    client = MlflowClient(server.uri)
+    run_id = _run_id(run_dir)
+    assert client.get_run(run_id).info.status == "KILLED"  # stopped, to be resumed
+    assert _steps(client, run_id, "loss") == [5, 10]
+    proc = cascade(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert _run_id(run_dir) == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["cascade.restarts"] == "1"
+    assert _steps(client, run_id, "loss") == [5, 10, 15, 20]  # one continuous step axis
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "restarts")] == \
+        [(10, 1.0)]
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_server_killed_mid_run_loses_nothing(tmp_path):
+    server = MlflowServer(tmp_path / "mlflow").start()
+    run_dir = tmp_path / "run"
+    # ~0.1 s steps: long enough to kill and restart the server while it trains
+    proc = cascade("train", "configs/quickstart.yaml", "model.num_layers=2",
+                   "model.hidden_size=64", "train.micro_batch_size=4",
+                   "train.global_batch_size=4", "train.steps=300", "train.log_interval=1",
+                   "train.eval_interval=0", "checkpoint.interval=1000", "optimizer.warmup_steps=2",
+                   f"run_dir={run_dir}", f"tracking.uri={server.uri}",
+                   "tracking.flush_timeout=120", background=True)
+    try:
+        metrics = run_dir / "metrics.jsonl"
+
+        def logged():
+            return sum(1 for _ in open(metrics)) if metrics.exists() else 0
+
+        deadline = time.time() + 300
+        while logged() < 20 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        server.stop()  # dies mid-run
+        start = logged()
+        while logged() < start + 30 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before the server came back"
+        server.start()
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()
+    assert proc.returncode == 0, err
+    assert err.count("does not answer") == 1 and "answers again" in err
+    client = MlflowClient(server.backend)  # the server's own store, read directly
+    run_id = _run_id(run_dir)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    sent = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+    local = {r["step"]: r["loss"] for r in map(json.loads, open(run_dir / "metrics.jsonl"))}
+    assert sent == local and sorted(sent) == list(range(1, 301))
+    assert not (run_dir / "mlflow_unsent.jsonl").exists()
+
+
+def test_default_sqlite_store_opens_in_mlflow_ui(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = cascade("train", "configs/quickstart.yaml", *TINY, f"run_dir={run_dir}",
+                   "tracking.samples=0")
+    assert proc.returncode == 0, proc.stderr
+    ui = MlflowServer(tmp_path / "ui", command="ui",
+                      backend=f"sqlite:///{run_dir}/mlflow.db").start()
+    try:
+        client = MlflowClient(ui.uri)
+        exp = client.get_experiment_by_name("cascade")
+        runs = client.search_runs([exp.experiment_id])
+        assert [r.info.run_id for r in runs] == [_run_id(run_dir)]
+        assert runs[0].data.metrics["loss"] > 0
+    finally:
+        ui.stop()
+
+
+@pytest.mark.parametrize("uri", ["htp://127.0.0.1:5000", "http://", "mlruns",
+                                 "http://127.0.0.1:notaport"])
+def test_malformed_tracking_uri_fails_before_training(tmp_path, uri):
+    proc = cascade("train", "configs/quickstart.yaml", *TINY, f"run_dir={tmp_path}/run",
+                   f"tracking.uri={uri}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line
+    assert "tracking.uri" in proc.stderr and uri in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_experiment_refused_by_the_server(server, tmp_path):
+    client = MlflowClient(server.uri)
+    client.delete_experiment(client.create_experiment("retired"))
+    proc = cascade("train", "configs/quickstart.yaml", *TINY, f"run_dir={tmp_path}/run",
+                   f"tracking.uri={server.uri}", "tracking.experiment=retired")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("cascade: error:") and "retired" in proc.stderr
+    assert "deleted" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreachable_server_at_start_warns_and_buffers(tmp_path):
+    from mlflow_server import free_port
+
+    run_dir = tmp_path / "run"
+    proc = cascade("train", "configs/quickstart.yaml", *TINY, f"run_dir={run_dir}",
+                   f"tracking.uri=http://127.0.0.1:{free_port()}", "tracking.flush_timeout=1")
+    assert proc.returncode == 0, proc.stderr
+    assert "does not answer" in proc.stderr and "Traceback" not in proc.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000020"
+    unsent = [json.loads(line) for line in open(run_dir / "mlflow_unsent.jsonl")]
+    assert [m[3] for m in unsent if m[0] == "loss"] == [5, 10, 15, 20]
