@@ -4,7 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-done
 
-.PHONY: setup quickstart test clean
+.PHONY: setup slurm-deps quickstart test clean
+
+# Debian's Slurm and munge, for the tests' development cluster (slurm/devcluster.sh)
+SLURM_PKGS := slurmctld slurmd slurm-client munge
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
 
 setup: $(STAMP)
 
@@ -27,7 +32,12 @@ quickstart: setup
 	$(BIN)/cascade generate --ckpt runs/quickstart --prompts-file configs/prompts/shakespeare.txt \
 		--max-new-tokens 64
 
-test: setup
+slurm-deps:
+	@command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
+	|| $(APT) install -y -q --no-install-recommends $(SLURM_PKGS) >/dev/null \
+	|| ($(APT) update -q >/dev/null && $(APT) install -y -q --no-install-recommends $(SLURM_PKGS) >/dev/null)
+
+test: setup slurm-deps
 	$(BIN)/python -m pytest -q tests
 
 clean:

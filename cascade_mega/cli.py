@@ -88,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_arguments(g)
     g.set_defaults(func=generate.run)
 
+    from cascade_mega.slurm import jobs, submit
+
+    sb = sub.add_parser("submit", help="submit training runs, arrays or chains to Slurm")
+    submit.add_arguments(sb)
+    sb.set_defaults(func=submit.run)
+    jb = sub.add_parser("jobs", help="state, restarts, checkpoint and logs of submitted runs")
+    jobs.add_arguments(jb)
+    jb.set_defaults(func=jobs.run)
     from cascade_mega.tracking import runs
 
     r = sub.add_parser("runs", help="tracked runs and their final metrics, from MLflow")

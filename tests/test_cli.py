@@ -17,7 +17,7 @@ def run(*args):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_train_writes_run_directory_and_mlflow(tmp_path):
+def test_train_writes_run_directory_and_its_mlflow_store_opens_in_the_ui(tmp_path):
     run_dir = tmp_path / "run"
     proc = run("train", "configs/quickstart.yaml", *TINY, "train.steps=20",
                "train.log_interval=5", "train.eval_interval=10", "train.eval_batches=2",
@@ -41,6 +41,18 @@ def test_train_writes_run_directory_and_mlflow(tmp_path):
     mlflow_run = client.get_run(run_id)
     assert mlflow_run.data.params["diffusion.block_size"] == "8"
     assert mlflow_run.info.status == "FINISHED"
+    # the default store opens in `mlflow ui` (a real one, on a loopback port)
+    from mlflow_server import MlflowServer
+
+    ui = MlflowServer(tmp_path / "ui", command="ui",
+                      backend=f"sqlite:///{run_dir}/mlflow.db").start()
+    try:
+        shown = MlflowClient(ui.uri)
+        exp = shown.get_experiment_by_name("cascade")
+        assert [r.info.run_id for r in shown.search_runs([exp.experiment_id])] == [run_id]
+        assert shown.get_run(run_id).data.metrics["loss"] == history[-1].value
+    finally:
+        ui.stop()
 
 
 def test_bench_train_json(tmp_path):

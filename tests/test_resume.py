@@ -65,3 +65,24 @@ def test_crash_during_save_keeps_last_checkpoint(megatron, tmp_path):
     step, _ = checkpoint.load(checkpoint.latest(str(root)), trainer.chunks, trainer.optimizer,
                               trainer.scheduler)
     assert step == 3
+
+
+def test_a_scheduler_signal_stops_at_a_step_with_a_checkpoint(megatron, tmp_path):
+    """SIGUSR1 (Slurm's time-limit warning) mid-run: checkpoint at the next step boundary, stop;
+    the resumed run reproduces the uninterrupted losses."""
+    import signal
+
+    class SignalAtStep:
+        def on_step_end(self, trainer, step, metrics):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    straight = _run(_cfg(tmp_path / "straight"))
+    cfg = _cfg(tmp_path / "signalled")
+    trainer = Trainer(cfg, [MetricsFile(cfg.run_dir), SignalAtStep()]).setup().fit()
+    assert (trainer.outcome, trainer.stop_signal, trainer.step) == ("stopped", "SIGUSR1", 2)
+    assert (tmp_path / "signalled" / "checkpoints" / "latest").read_text().strip() == \
+        "iter_0000002"
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored
+    resumed = _run(_cfg(tmp_path / "signalled"))
+    assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in straight]

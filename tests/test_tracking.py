@@ -1,6 +1,6 @@
 """Tracking against a real MLflow server: params, metrics and artifacts read back with MlflowClient,
-resume appends to the same run, a server killed mid-run loses nothing once it is back, the default
-sqlite store opens in `mlflow ui`, and bad tracking settings fail before training."""
+resume appends to the same run, a server killed mid-run loses nothing once it is back, and bad
+tracking settings fail before training. (The default sqlite store in `mlflow ui`: test_cli.py.)"""
 
 import json
 import os
@@ -122,10 +122,11 @@ def test_resumed_run_appends_to_the_same_run(server, tmp_path):
 def test_server_killed_mid_run_loses_nothing(tmp_path):
     server = MlflowServer(tmp_path / "mlflow").start()
     run_dir = tmp_path / "run"
-    # ~0.1 s steps: long enough to kill and restart the server while it trains
+    # the server dies after 20 logged steps and comes back 30 steps later; a run that ends
+    # meanwhile waits for it (tracking.flush_timeout) before finishing
     proc = cascade("train", "configs/quickstart.yaml", "model.num_layers=2",
-                   "model.hidden_size=64", "train.micro_batch_size=4",
-                   "train.global_batch_size=4", "train.steps=300", "train.log_interval=1",
+                   "model.hidden_size=64", "data.seq_len=128", "train.micro_batch_size=4",
+                   "train.global_batch_size=4", "train.steps=150", "train.log_interval=1",
                    "train.eval_interval=0", "checkpoint.interval=1000", "optimizer.warmup_steps=2",
                    f"run_dir={run_dir}", f"tracking.uri={server.uri}",
                    "tracking.flush_timeout=120", background=True)
@@ -142,7 +143,7 @@ def test_server_killed_mid_run_loses_nothing(tmp_path):
         start = logged()
         while logged() < start + 30 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.2)
-        assert proc.poll() is None, "the run ended before the server came back"
+        assert proc.poll() is None, "the run ended before the server died"
         server.start()
         out, err = proc.communicate(timeout=600)
     finally:
@@ -156,25 +157,8 @@ def test_server_killed_mid_run_loses_nothing(tmp_path):
     assert client.get_run(run_id).info.status == "FINISHED"
     sent = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
     local = {r["step"]: r["loss"] for r in map(json.loads, open(run_dir / "metrics.jsonl"))}
-    assert sent == local and sorted(sent) == list(range(1, 301))
+    assert sent == local and sorted(sent) == list(range(1, 151))
     assert not (run_dir / "mlflow_unsent.jsonl").exists()
-
-
-def test_default_sqlite_store_opens_in_mlflow_ui(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = cascade("train", "configs/quickstart.yaml", *TINY, f"run_dir={run_dir}",
-                   "tracking.samples=0")
-    assert proc.returncode == 0, proc.stderr
-    ui = MlflowServer(tmp_path / "ui", command="ui",
-                      backend=f"sqlite:///{run_dir}/mlflow.db").start()
-    try:
-        client = MlflowClient(ui.uri)
-        exp = client.get_experiment_by_name("cascade")
-        runs = client.search_runs([exp.experiment_id])
-        assert [r.info.run_id for r in runs] == [_run_id(run_dir)]
-        assert runs[0].data.metrics["loss"] > 0
-    finally:
-        ui.stop()
 
 
 @pytest.mark.parametrize("uri", ["htp://127.0.0.1:5000", "http://", "mlruns",

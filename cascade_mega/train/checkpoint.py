@@ -81,6 +81,39 @@ def sharded_state(chunks, optimizer, scheduler, step: int, consumed: int, is_loa
     return state
 
 
+def start_writer() -> None:
+    """megatron's checkpoint writer reports through a queue served by a helper process it starts
+    once and keeps. A scheduler's SIGTERM (preemption) or USR1 reaches every process of the job,
+    and would kill that helper just when the checkpoint matters most. So the trainer starts it at
+    set-up, deaf to both (the trainer handles them, `signals.py`): the signals stay blocked while
+    it is spawned (the child inherits the mask, so no signal lands before it ignores them)."""
+    import signal
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is not None:
+        return
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    stop = {signal.SIGTERM, signal.SIGUSR1}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=_ignore_stop_signals)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
+
+
+def _ignore_stop_signals() -> None:
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
+
+
 def save(ckpt_root: str, chunks, optimizer, scheduler, step: int, consumed: int,
          keep_last: Optional[int] = None, write_extra=None, layout: Optional[dict] = None) -> str:
     """write_extra(folder): every rank's own files (e.g. the DALI pipeline state), written into
@@ -95,6 +128,7 @@ def save(ckpt_root: str, chunks, optimizer, scheduler, step: int, consumed: int,
                 shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
         os.makedirs(partial)
     _barrier()
+    start_writer()
     dist_checkpointing.save(sharded_state(chunks, optimizer, scheduler, step, consumed), partial)
     if write_extra is not None:
         write_extra(partial)

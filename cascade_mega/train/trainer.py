@@ -13,6 +13,7 @@ sum over tokens; megatron divides the gradients by the global token count
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from functools import partial
@@ -30,6 +31,7 @@ from cascade_mega.model.gpt import build_model, predict_and_score
 from cascade_mega.runtime import distributed
 from cascade_mega.train import checkpoint
 from cascade_mega.train.optim import build_optimizer, wrap_ddp
+from cascade_mega.train.signals import StopSignals
 
 
 def noise_generator(seed: int, *key) -> torch.Generator:
@@ -92,6 +94,7 @@ class Trainer:
         self.chunks = wrap_ddp(self._build_chunks(), cfg)
         self.optimizer, self.scheduler = build_optimizer(self.chunks, cfg, self.dtype)
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
+        checkpoint.start_writer()  # before any scheduler signal can arrive
         self.peak_flops = flops.peak_flops()
         self.step_flops = flops.step_flops(cfg, self.tokenizer.vocab_size)
         self._resume()
@@ -245,11 +248,14 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def fit(self):
-        """Train to `train.steps` (or `train.exit_interval` steps of this job). `self.outcome` is
-        'finished', 'stopped' (left early, to be resumed) or 'failed' when callbacks see the end."""
+        """Train to `train.steps` (or `train.exit_interval` steps of this job, or until the scheduler
+        signals: `signals.py`). `self.outcome` is 'finished', 'stopped' (left early, to be resumed;
+        `self.stop_signal` names the signal) or 'failed' when the callbacks see the end."""
         cfg = self.cfg
         t = cfg.train
-        self.outcome = "failed"
+        self.outcome, self.stop_signal = "failed", None
+        signals = StopSignals().install()
+        self._record_exit("running")
         self._emit("on_train_start")
         try:
             if t.eval_batches and t.eval_interval and self.step == 0 < t.steps:
@@ -262,8 +268,9 @@ class Trainer:
                 if t.eval_batches and t.eval_interval and (
                         self.step % t.eval_interval == 0 or self.step == t.steps):
                     self._emit("on_eval_end", self.step, self.evaluate(self.step))
-                leaving = bool(t.exit_interval) and (self.step - self.start_step) % \
-                    t.exit_interval == 0
+                self.stop_signal = signals.agreed()  # the scheduler's warning or preemption
+                leaving = bool(self.stop_signal) or bool(t.exit_interval) and \
+                    (self.step - self.start_step) % t.exit_interval == 0
                 if self.step % cfg.checkpoint.interval == 0 or self.step == t.steps or leaving:
                     path = checkpoint.save(self.ckpt_root, self.chunks, self.optimizer,
                                            self.scheduler, self.step,
@@ -275,8 +282,19 @@ class Trainer:
                     break
             self.outcome = "finished" if self.step >= t.steps else "stopped"
         finally:
+            signals.restore()
+            self._record_exit(self.outcome)
             self._emit("on_train_end")
         return self
+
+    def _record_exit(self, outcome: str) -> None:
+        """`<run_dir>/exit.json`: how this job's training ended (read by the Slurm job script's
+        requeue decision and `cascade jobs`); 'running' while it runs, so a killed job shows."""
+        if dist.get_rank() == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "exit.json"), "w") as f:
+                json.dump({"outcome": outcome, "signal": self.stop_signal, "step": self.step,
+                           "time": time.time()}, f)
 
     def layout(self) -> dict:
         ps = parallel_state

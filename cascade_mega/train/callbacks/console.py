@@ -24,3 +24,8 @@ class ConsoleProgress:
 
     def on_eval_end(self, trainer, step, metrics):
         print(f"eval {step:>6}/{self.total} | {_fmt(metrics)}", file=self.stream, flush=True)
+
+    def on_train_end(self, trainer):
+        if getattr(trainer, "stop_signal", None):
+            print(f"stopped after step {trainer.step} on {trainer.stop_signal}: checkpoint "
+                  "written, resume continues from it", file=self.stream, flush=True)

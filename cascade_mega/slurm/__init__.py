@@ -1,0 +1,2 @@
+"""Slurm: cluster profiles, sbatch scripts, submission (single runs, arrays, chains), requeue
+decisions inside the job, and `cascade jobs`."""

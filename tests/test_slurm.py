@@ -1,0 +1,292 @@
+"""`cascade submit` / `cascade jobs` against a real Slurm cluster: slurmctld, two slurmd posing as
+two nodes, munge (slurm/devcluster.sh), always torn down, also when a test fails.
+
+Training jobs are CPU runs, one rank per node (data parallel across the two nodes); their losses
+must equal a local one-process run of the same config, also when the job is interrupted by the
+time-limit warning or preempted, checkpoints, requeues and resumes.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = ["configs/quickstart.yaml", "model.num_layers=2", "model.hidden_size=64",
+         "data.seq_len=64", "diffusion.block_size=8", "train.micro_batch_size=2",
+         "train.global_batch_size=4", "optimizer.warmup_steps=2", "train.steps=16",
+         "train.log_interval=1", "train.eval_interval=8", "train.eval_batches=1",
+         "checkpoint.interval=8", "tracking.samples=0"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slurm")
+    script = os.path.join(ROOT, "slurm", "devcluster.sh")
+    up = subprocess.run([script, "up", "--dir", str(root), "--nodes", "2"], capture_output=True,
+                        text=True, timeout=120)
+    assert up.returncode == 0, f"the development cluster did not start:\n{up.stderr}"
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(root / "etc" / "slurm.conf")
+    try:
+        yield root
+    finally:
+        subprocess.run([script, "down", "--dir", str(root)], timeout=120)
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+
+
+def cascade(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "cascade_mega", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def submit(*args) -> str:
+    proc = cascade("submit", *args, "--cluster", "local")
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip().splitlines()[-1]
+    return line.split("submitted job ")[1].split()[0]
+
+
+def in_queue(job_id) -> bool:
+    out = subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True)
+    return bool(out.stdout.strip())
+
+
+def wait_until(condition, timeout=420, what="the job"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{what} did not happen within {timeout} s")
+
+
+def records(run_dir):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def train_steps(run_dir) -> int:
+    return sum(r["split"] == "train" for r in records(run_dir))
+
+
+def jobs_report(run_dir) -> dict:
+    """What `cascade jobs RUN_DIR --json` prints, in-process (cheap enough to poll)."""
+    from cascade_mega.slurm import jobs
+
+    return jobs.report(str(run_dir), 5)
+
+
+def endings(run_dir) -> list:
+    return jobs_report(run_dir)["endings"] if (run_dir / "slurm" / "jobs.jsonl").exists() else []
+
+
+def assert_same_losses(a, b):
+    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+    for ra, rb in zip(a, b):
+        assert abs(ra["loss"] - rb["loss"]) < 1e-5, (ra, rb)
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("local") / "run"
+    proc = cascade("train", *TRAIN, f"run_dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr
+    return records(run_dir)
+
+
+def finished(job_id, run_dir):
+    return lambda: not in_queue(job_id) and os.path.exists(
+        os.path.join(run_dir, "slurm", "history.jsonl"))
+
+
+def test_two_node_job_matches_a_local_run(cluster, local_run, tmp_path):
+    run_dir = tmp_path / "two_nodes"
+    job = submit(*TRAIN, f"run_dir={run_dir}", "--nodes", "2")
+    wait_until(finished(job, run_dir))
+    assert_same_losses(local_run, records(run_dir))
+    proc = cascade("jobs", str(run_dir), "--json")  # the command itself, once
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["job_id"] == job and report["last_checkpoint_step"] == 16
+    assert report["restarts"] == 0 and report["endings"] == ["exit 0 signal -: done"]
+    logs = sorted(os.listdir(run_dir / "slurm" / job))
+    assert logs == ["node1.0.out", "node2.1.out"]  # one log per node and rank
+    assert "step     16/16" in (run_dir / "slurm" / job / "node1.0.out").read_text()
+
+
+def test_time_limit_warning_checkpoints_requeues_and_finishes(cluster, local_run, tmp_path):
+    run_dir = tmp_path / "warned"
+    job = submit(*TRAIN, f"run_dir={run_dir}", "--nodes", "2")
+    wait_until(lambda: train_steps(run_dir) >= 4, what="training")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    wait_until(lambda: any(h.startswith("exit 0 signal USR1: requeue")
+                           for h in endings(run_dir)), what="the requeue")
+    wait_until(lambda: (endings(run_dir) or [""])[-1] == "exit 0 signal -: done", what="the resumed job")
+    wait_until(lambda: not in_queue(job), what="the job's end")
+    assert_same_losses(local_run, records(run_dir))
+    report = jobs_report(run_dir)
+    assert report["restarts"] == 1 and report["last_checkpoint_step"] == 16
+    stopped = [line for line in (run_dir / "slurm" / job / "node1.0.out").read_text().splitlines()
+               if line.startswith("stopped after step")]
+    assert stopped and "SIGUSR1" in stopped[0]
+
+
+def test_preempted_job_checkpoints_requeues_and_finishes(cluster, local_run, tmp_path):
+    run_dir = tmp_path / "preempted"
+    job = submit(*TRAIN, f"run_dir={run_dir}", "--nodes", "2")
+    wait_until(lambda: train_steps(run_dir) >= 4, what="training")
+    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-N2", "--exclusive",
+                             "-o", str(tmp_path / "urgent.out"), "--wrap", "sleep 2"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    wait_until(lambda: any(e.startswith("exit 0 signal TERM: requeue: preempted")
+                           for e in endings(run_dir)),
+               what="the preemption")  # the ranks checkpointed cleanly on SIGTERM
+    wait_until(lambda: (endings(run_dir) or [""])[-1] == "exit 0 signal -: done", what="the requeued job")
+    wait_until(lambda: not in_queue(job) and not in_queue(urgent), what="the jobs' end")
+    assert_same_losses(local_run, records(run_dir))
+    assert jobs_report(run_dir)["restarts"] >= 1
+    assert (tmp_path / "urgent.out").exists()
+
+
+def test_array_of_three_configs(cluster, tmp_path):
+    configs = []
+    for i, block in enumerate((4, 8, 16)):
+        path = tmp_path / f"b{block}.yaml"
+        path.write_text(f"base: {ROOT}/configs/quickstart.yaml\nname: b{block}\n"
+                        f"run_dir: {tmp_path}/runs/b{block}\ndiffusion:\n  block_size: {block}\n")
+        configs.append(str(path))
+    over = [o for o in TRAIN[1:] if not o.startswith(("diffusion.block_size", "train.steps",
+                                                       "train.eval_interval"))]
+    job = submit(*configs, *over, "train.steps=3", "train.eval_interval=0", "--nodes", "1")
+    for block in (4, 8, 16):
+        run_dir = tmp_path / "runs" / f"b{block}"
+        wait_until(lambda d=run_dir: os.path.exists(d / "slurm" / "history.jsonl"),
+                   what=f"array task b{block}")
+        assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000003"
+        assert f"block_size: {block}\n" in (run_dir / "config.yaml").read_text()
+    wait_until(lambda: not in_queue(job), what="the array's end")
+
+
+def test_chain_runs_in_order(cluster, tmp_path):
+    from cascade_mega.data.shakespeare import documents
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(list(documents())[0][:40000])
+    prefix = tmp_path / "data" / "plays"
+    run_dir = tmp_path / "runs" / "chained"
+    chain = tmp_path / "chain.yaml"
+    chain.write_text(f"""stages:
+  - name: preprocess
+    run: preprocess {corpus} --output-prefix {prefix} --train-bpe 400
+  - name: train
+    train: configs/quickstart.yaml
+    overrides: [data.path={prefix}, run_dir={run_dir}, model.num_layers=2, model.hidden_size=64,
+                data.seq_len=64, diffusion.block_size=8, train.steps=2, train.eval_interval=0,
+                train.micro_batch_size=2, train.global_batch_size=2, optimizer.warmup_steps=1]
+    nodes: 1
+  - name: sample
+    run: generate --ckpt {run_dir} --prompt "ROMEO" --max-new-tokens 8
+""")
+    proc = cascade("submit", "--chain", str(chain), "--cluster", "local")
+    assert proc.returncode == 0, proc.stderr
+    ids = [line.split("submitted job ")[1].split()[0] for line in proc.stdout.splitlines()]
+    assert len(ids) == 3
+    wait_until(lambda: not any(in_queue(j) for j in ids), what="the chain")
+    logs = tmp_path / "slurm-chain"
+    times = []
+    for name, job in (("preprocess", ids[0]), ("sample", ids[2])):
+        text = (logs / f"cascade-{name}-{job}.out").read_text()
+        assert "done" in text.splitlines()[-1], text
+        times.append(text)
+    assert (prefix.parent / "plays.bin").exists()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
+    train_log = (run_dir / "slurm" / f"cascade-train-{ids[1]}.out").read_text()
+    # in order: training started after preprocessing ended, sampling after training
+    pre_end = times[0].splitlines()[-1].split("]")[0].strip("[")
+    train_start = train_log.splitlines()[0].split("]")[0].strip("[")
+    sample_start = times[1].splitlines()[0].split("]")[0].strip("[")
+    train_end = train_log.splitlines()[-1].split("]")[0].strip("[")
+    assert pre_end <= train_start and train_end <= sample_start
+    assert "ROMEO" in times[1]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--cluster", "nonesuch"], "unknown cluster profile 'nonesuch'"),
+    (["--cluster", "local", "--partition", "gpu"], "partition 'gpu'"),
+    (["--cluster", "local", "--gpus-per-node", "4"], "4 GPUs per node"),
+    (["--cluster", "local", "--time", "00:01:30"], "time limit 00:01:30"),
+    (["--cluster", "local", "--nodes", "3"], "--nodes 3"),
+])
+def test_bad_submissions_fail_before_anything_is_submitted(cluster, tmp_path, capsys, args,
+                                                           needle):
+    from cascade_mega.cli import main
+
+    before = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout
+    assert main(["submit", *TRAIN, f"run_dir={tmp_path}/run", *args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
+
+
+def test_partition_missing_on_the_cluster(cluster, tmp_path, capsys):
+    from cascade_mega.cli import main
+
+    profile = tmp_path / "site.yaml"
+    profile.write_text("name: site\npartition: gpu\nnodes: 1\ncpus_per_node: 2\n"
+                       "device_tflops: 0.05\nassumed_mfu: 1.0\nstartup_s: 30\n")
+    assert main(["submit", *TRAIN, f"run_dir={tmp_path}/run", "--cluster", str(profile)]) == 2
+    err = capsys.readouterr().err
+    assert "partition 'gpu' does not exist on this cluster (sinfo: debug, urgent)" in err
+
+
+def test_dry_run_for_sixteen_h100_nodes():
+    proc = cascade("submit", "configs/quickstart.yaml", "train.global_batch_size=1024",
+                   "run_dir=/tmp/cascade-dry-run", "--cluster", "h100", "--nodes", "16",
+                   "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    script = proc.stdout
+    for line in ["#SBATCH --nodes=16", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --cpus-per-task=14", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300",
+                 "#SBATCH --open-mode=append", "#SBATCH --exclusive", "#SBATCH --account=my-project",
+                 "#SBATCH --output=/tmp/cascade-dry-run/slurm/%x-%j.out",
+                 'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+                 "export CUDA_DEVICE_MAX_CONNECTIONS=1", "trap 'forward USR1' USR1",
+                 'scontrol requeue "$SLURM_JOB_ID"']:
+        assert line in script.splitlines(), line
+    assert "--container-image='nvcr.io#nvidia/pytorch:25.01-py3'" in script
+    assert "/tmp/cascade-dry-run/slurm/$SLURM_JOB_ID/$SLURMD_NODENAME.$SLURM_PROCID.out" in script
+    assert not os.path.exists("/tmp/cascade-dry-run")  # nothing written, nothing submitted
+
+
+def test_requeue_decisions(tmp_path):
+    """The job script's decision after its training step: requeue on the time-limit warning, on
+    preemption and on a first failure; stop on the same failure twice or past the restart cap."""
+    from cascade_mega.slurm.requeue import decide
+
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    (ckpt / "latest").write_text("iter_0000040\n")
+    d = str(tmp_path)
+    assert decide(d, 0, "", 5, 0, []) == "done"
+    assert decide(d, 0, "USR1", 5, 1, []).startswith("requeue: time-limit warning")
+    assert decide(d, 0, "USR1", 5, 5, []).startswith("stop: 5 restarts")
+    assert decide(d, 0, "TERM", 5, 9, [], was_preempted=True).startswith("requeue: preempted")
+    assert decide(d, 0, "TERM", 5, 0, []) == "done: SIGTERM (cancelled)"
+    first = decide(d, 1, "", 5, 0, [])
+    assert first.startswith("requeue: exit 1")
+    failed = [{"rc": 1, "signal": None, "last_step": 40, "decision": first}]
+    assert decide(d, 1, "", 5, 1, failed).startswith("stop: failed the same way twice")
+    assert decide(d, 137, "", 5, 1, failed).startswith("requeue")  # another failure
+    (ckpt / "latest").write_text("iter_0000060\n")
+    assert decide(d, 1, "", 5, 1, failed).startswith("requeue")  # progress since
