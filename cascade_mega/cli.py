@@ -18,9 +18,9 @@ def _quiet():
     for category in (UserWarning, FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    # MLflow 3 reports usage to its vendor unless told not to; runs here stay private
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     logging.getLogger("megatron").setLevel(logging.ERROR)
-    for name in ("mlflow", "alembic"):  # store set-up chatter on every new sqlite store
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _train(args) -> int:

@@ -29,25 +29,34 @@ BASE_PORT=$(( 17000 + ($(cksum <<<"$DIR" | cut -d' ' -f1) % 400) * 20 ))
 
 pids() { cat "$DIR"/run/*.pid 2>/dev/null || true; }
 
+# processes of this cluster: daemons and everything the jobs started (they carry SLURM_CONF=$CONF)
+job_pids() {
+  for p in /proc/[0-9]*; do
+    p=${p#/proc/}
+    [ "$p" = $$ ] && continue
+    tr '\0' '\n' < "/proc/$p/environ" 2>/dev/null | grep -qx "SLURM_CONF=$CONF" && echo "$p"
+  done
+  return 0
+}
+
 down() {
+  if [ -f "$DIR/run/slurmctld.pid" ] && kill -0 "$(cat "$DIR/run/slurmctld.pid")" 2>/dev/null; then
+    SLURM_CONF=$CONF scancel --quiet $(SLURM_CONF=$CONF squeue -h -o %i 2>/dev/null) 2>/dev/null || true
+  fi
   for f in "$DIR"/run/slurmd-*.pid "$DIR"/run/slurmctld.pid "$DIR"/run/munged.pid; do
     [ -f "$f" ] || continue
     pid=$(cat "$f")
     if kill -0 "$pid" 2>/dev/null; then kill "$pid" 2>/dev/null || true; fi
   done
-  # job steps (slurmstepd) can outlive their slurmd: stop those this cluster started
-  for p in $(pgrep -f "slurmstepd" 2>/dev/null || true); do
-    if tr '\0' '\n' < "/proc/$p/environ" 2>/dev/null | grep -qx "SLURM_CONF=$CONF"; then
-      kill "$p" 2>/dev/null || true
-    fi
-  done
+  # job steps (slurmstepd and the tasks under it) can outlive their slurmd
+  for p in $(job_pids); do kill "$p" 2>/dev/null || true; done
   for _ in $(seq 50); do
     alive=0
-    for pid in $(pids); do kill -0 "$pid" 2>/dev/null && alive=1; done
+    for pid in $(pids) $(job_pids); do kill -0 "$pid" 2>/dev/null && alive=1; done
     [ $alive = 0 ] && break
     sleep 0.1
   done
-  for pid in $(pids); do kill -9 "$pid" 2>/dev/null || true; done
+  for pid in $(pids) $(job_pids); do kill -9 "$pid" 2>/dev/null || true; done
   rm -f "$DIR"/run/*.pid
 }
 

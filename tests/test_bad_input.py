@@ -86,6 +86,16 @@ def test_truncated_bin(tmp_path):
                       f"run_dir={tmp_path}/run"), "tiny.bin", "truncated")
 
 
+def test_dataset_too_small_for_its_split(tmp_path):
+    from cascade_mega.data.indexed import write_indexed
+
+    _, tok = _tiny_dataset(tmp_path, list(range(1, 301)))
+    prefix = str(tmp_path / "one_document")
+    write_indexed(prefix, [list(range(1, 2000))], tok)  # one document: nothing to validate on
+    one_error(cascade("train", "configs/quickstart.yaml", f"data.path={prefix}",
+                      f"run_dir={tmp_path}/run"), "one_document", "validation split")
+
+
 def test_idx_of_another_bin(tmp_path):
     prefix, tok = _tiny_dataset(tmp_path, list(range(1, 301)))
     from cascade_mega.data.indexed import write_indexed

@@ -79,8 +79,8 @@ def test_bench_attention_json():
 
 
 def test_bench_train_parallel_ratio():
-    proc = run("bench", "train", *TINY, "--steps", "1", "--no-dense", "--nproc-per-node", "2",
-               "--json")
+    proc = run("bench", "train", *TINY, "--steps", "1", "--no-dense", "--no-tracking",
+               "--nproc-per-node", "2", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["parallel_time_ratio"] > 0 and result["parallel_step_s"] > 0

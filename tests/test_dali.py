@@ -67,3 +67,19 @@ def test_resume_from_the_dali_checkpoint_is_exact(megatron, tmp_path):
     trainer, resumed = _run(_cfg(tmp_path / "stopped", "data.backend=dali"))
     assert trainer.train_data.first_step == 0  # restored through DALI's checkpoint
     assert resumed == straight
+
+
+def test_state_saved_at_another_data_parallel_size_starts_fresh(splits, tmp_path):
+    """A DALI checkpoint written at DP = 1 does not fit DP = 2: the reader starts a new pipeline at
+    the resumed step, which reads the default backend's samples for that step."""
+    cfg, tok, default = splits
+    saved = DaliReader(default.dataset, cfg, tok.vocab_size, 0, 1, 4, 0)
+    for m in range(4):
+        saved.micro_batch(loader.micro_batch_start(0, m, 0, cfg, 1), 2)
+    saved.save_state(str(tmp_path / "dali"))
+    for rank in (0, 1):
+        resumed = DaliReader(default.dataset, cfg, tok.vocab_size, rank, 2, 2, 1,
+                             state_dir=str(tmp_path / "dali"))
+        assert resumed.first_step == 1
+        start = loader.micro_batch_start(1, 0, rank, cfg, 2)
+        assert torch.equal(resumed.micro_batch(start, 2).tokens, default.micro_batch(start, 2).tokens)

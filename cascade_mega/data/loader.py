@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy
+
 import torch
 import torch.distributed as dist
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -114,6 +116,9 @@ def build_splits(cfg, tokenizer: CascadeTokenizer, path: str, dp_size: int):
         mmap_bin_files=True,
     )
 
+    for prefix in prefixes:
+        _check_split_sizes(prefix, ds_cfg.split_matrix, cfg.data)
+
     def build():
         return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, ds_cfg).build()
 
@@ -129,6 +134,26 @@ def build_splits(cfg, tokenizer: CascadeTokenizer, path: str, dp_size: int):
         raise DataError(f"{path}: split '{cfg.data.split}' leaves no train or validation data")
     return SplitReader(train, tokenizer.vocab_size, "train"), \
         SplitReader(valid, tokenizer.vocab_size, "valid")
+
+
+def _check_split_sizes(prefix: str, split_matrix, data_cfg) -> None:
+    """Each split training reads (train, validation) must hold at least one sample: megatron cuts
+    the split by documents and would loop forever looking for tokens in an empty one."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefix, mmap=True)
+    lengths = numpy.array(ds.sequence_lengths, dtype=numpy.int64)  # a copy: the map closes with ds
+    need = data_cfg.seq_len + 1
+    for name, bounds in zip(("train", "validation"), split_matrix[:2]):
+        if bounds is None:
+            continue
+        beg, end = (int(round(b * float(len(lengths)))) for b in bounds)
+        tokens = int(lengths[beg:end].sum())
+        if tokens < need:
+            raise DataError(f"{prefix}: data.split '{data_cfg.split}' leaves the {name} split "
+                            f"{end - beg} of {len(lengths)} documents ({tokens} tokens), fewer than "
+                            f"one sample of data.seq_len + 1 = {need} tokens: give it more "
+                            "documents or change data.split")
 
 
 def micro_batch_start(step: int, micro: int, dp_rank: int, cfg, dp_size: int) -> int:

@@ -52,8 +52,15 @@ def check_uri(uri: str) -> None:
 
 
 def configure_http() -> None:
+    import logging
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no usage reports to the vendor
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    import mlflow  # noqa: F401  (it sets its loggers up on import; quiet them after that)
+
+    for name in ("mlflow", "alembic"):  # store set-up chatter on every new sqlite store
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def unreachable(err: BaseException) -> bool:

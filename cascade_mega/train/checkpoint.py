@@ -91,27 +91,20 @@ def start_writer() -> None:
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    from cascade_mega.runtime import stop_signals
+
     if getattr(filesystem_async, "_results_queue", None) is not None:
         return
     import multiprocessing as mp
     from multiprocessing.managers import SyncManager
 
-    stop = {signal.SIGTERM, signal.SIGUSR1}
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, set(stop_signals.STOP))
     try:
         manager = SyncManager(ctx=mp.get_context("spawn"))
-        manager.start(initializer=_ignore_stop_signals)
+        manager.start(initializer=stop_signals.ignore)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
-
-
-def _ignore_stop_signals() -> None:
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
 
 
 def save(ckpt_root: str, chunks, optimizer, scheduler, step: int, consumed: int,

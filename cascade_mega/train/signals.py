@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+from cascade_mega.runtime.stop_signals import STOP as SIGNALS
 
 
 class StopSignals:
