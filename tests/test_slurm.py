@@ -17,9 +17,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["configs/quickstart.yaml", "model.num_layers=2", "model.hidden_size=64",
          "data.seq_len=64", "diffusion.block_size=8", "train.micro_batch_size=2",
-         "train.global_batch_size=4", "optimizer.warmup_steps=2", "train.steps=16",
-         "train.log_interval=1", "train.eval_interval=8", "train.eval_batches=1",
-         "checkpoint.interval=8", "tracking.samples=0"]
+         "train.global_batch_size=4", "optimizer.warmup_steps=2", "train.steps=80",
+         "train.log_interval=1", "train.eval_interval=40", "train.eval_batches=1",
+         "checkpoint.interval=20", "tracking.samples=0"]
 
 
 @pytest.fixture(scope="module")
@@ -109,38 +109,22 @@ def finished(job_id, run_dir):
         os.path.join(run_dir, "slurm", "history.jsonl"))
 
 
-def test_two_node_job_matches_a_local_run(cluster, local_run, tmp_path):
-    """Data parallel over the two nodes, fed by the DALI backend: the local run's losses."""
-    run_dir = tmp_path / "two_nodes"
-    job = submit(*TRAIN, f"run_dir={run_dir}", "data.backend=dali", "--nodes", "2")
-    wait_until(finished(job, run_dir))
-    assert_same_losses(local_run, records(run_dir))
-    proc = cascade("jobs", str(run_dir), "--json")  # the command itself, once
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
-    assert report["job_id"] == job and report["last_checkpoint_step"] == 16
-    assert report["restarts"] == 0 and report["endings"] == ["exit 0 signal -: done"]
-    logs = sorted(os.listdir(run_dir / "slurm" / job))
-    assert logs == ["node1.0.out", "node2.1.out"]  # one log per rank, named by its node
-    assert "step     16/16" in (run_dir / "slurm" / job / "node1.0.out").read_text()
-    assert (run_dir / "checkpoints" / "iter_0000016" / "dali" / "rank1.cpt").exists()
-
-
-def test_warning_and_preemption_each_checkpoint_requeue_and_resume_exactly(cluster, local_run,
-                                                                          tmp_path):
-    """One job, interrupted twice: first by the time-limit warning (USR1 to the batch shell, as
-    `--signal=B:USR1@T` sends it), then preempted by a job in the higher-priority partition.
-    Each time the ranks checkpoint at the same step and the job requeues; the finished run has
-    the per-step losses of an uninterrupted one."""
+def test_two_node_job_survives_warning_and_preemption_with_the_local_losses(cluster, local_run,
+                                                                           tmp_path):
+    """A 2-node job (data parallel across the nodes, fed by the DALI backend), interrupted twice:
+    first by the time-limit warning (USR1 to the batch shell, as `--signal=B:USR1@T` sends it),
+    then preempted by a job in the higher-priority partition. Each time the ranks checkpoint at
+    the same step and the job requeues; the finished run has the per-step losses of an
+    uninterrupted local one-process run."""
     run_dir = tmp_path / "interrupted"
-    job = submit(*TRAIN, f"run_dir={run_dir}", "--nodes", "2")
+    job = submit(*TRAIN, f"run_dir={run_dir}", "data.backend=dali", "--nodes", "2")
     wait_until(lambda: train_steps(run_dir) >= 3, what="training")
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     wait_until(lambda: any(e.startswith("exit 0 signal USR1: requeue: time-limit warning")
                            for e in endings(run_dir)), what="the requeue after the warning")
     first_stop = jobs_report(run_dir)["last_checkpoint_step"]
-    wait_until(lambda: max((r["step"] for r in records(run_dir)), default=0) >= first_stop + 3,
-               what="the resumed training")
+    wait_until(lambda: max((r["step"] for r in records(run_dir)), default=0) >= first_stop + 2,
+               what="the resumed training")  # and far from its end: preempt it mid-run
     urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-N2", "--exclusive",
                              "-o", str(tmp_path / "urgent.out"), "--wrap", "sleep 1"],
                             capture_output=True, text=True, check=True).stdout.strip()
@@ -150,12 +134,18 @@ def test_warning_and_preemption_each_checkpoint_requeue_and_resume_exactly(clust
                what="the end of the run")
     wait_until(lambda: not in_queue(job) and not in_queue(urgent), what="the jobs' end")
     assert_same_losses(local_run, records(run_dir))
-    report = jobs_report(run_dir)
-    assert report["restarts"] == 2 and report["last_checkpoint_step"] == 16
+    proc = cascade("jobs", str(run_dir), "--json")  # the command itself, once
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["job_id"] == job and report["last_checkpoint_step"] == 80
+    assert report["restarts"] == 2 and len(report["endings"]) == 3
+    logs = sorted(os.listdir(run_dir / "slurm" / job))
+    assert logs == ["node1.0.out", "node2.1.out"]  # one log per rank, named by its node
     log = (run_dir / "slurm" / job / "node1.0.out").read_text()
     stops = [line.split(" on ")[1].split(":")[0] for line in log.splitlines()
              if line.startswith("stopped after step")]
-    assert stops == ["SIGUSR1", "SIGTERM"]
+    assert stops == ["SIGUSR1", "SIGTERM"] and "step     80/80" in log
+    assert (run_dir / "checkpoints" / "iter_0000080" / "dali" / "rank1.cpt").exists()
     assert (tmp_path / "urgent.out").exists()
 
 
@@ -167,7 +157,8 @@ def test_array_of_three_configs(cluster, tmp_path):
                         f"run_dir: {tmp_path}/runs/b{block}\ndiffusion:\n  block_size: {block}\n")
         configs.append(str(path))
     over = [o for o in TRAIN[1:] if not o.startswith(("diffusion.block_size", "train.steps",
-                                                       "train.eval_interval"))]
+                                                       "train.eval_interval",
+                                                       "checkpoint.interval"))]
     job = submit(*configs, *over, "train.steps=3", "train.eval_interval=0", "--nodes", "1")
     for block in (4, 8, 16):
         run_dir = tmp_path / "runs" / f"b{block}"

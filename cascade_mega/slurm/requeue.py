@@ -71,9 +71,9 @@ def preempted() -> bool:
 def decide(run_dir: str, rc: int, signal: str, max_restarts: int, restart: int,
            previous: list, was_preempted: bool = False) -> str:
     step = last_checkpoint_step(run_dir)
+    if was_preempted:  # whatever the exit: the ranks may have been stopped anywhere
+        return f"requeue: preempted, checkpoint at step {step}"
     if signal == "TERM":
-        if was_preempted:
-            return f"requeue: preempted, checkpoint at step {step}"
         return "done: SIGTERM (cancelled)"
     if rc == 0 and not signal:
         return "done"
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     restart = int(os.environ.get("SLURM_RESTART_COUNT", 0))
     args.signal = stop_signal(args.run_dir, args.signal)
     decision = decide(args.run_dir, args.rc, args.signal, args.max_restarts, restart,
-                      history(args.run_dir), args.signal == "TERM" and preempted())
+                      history(args.run_dir), (args.signal == "TERM" or args.rc != 0) and preempted())
     os.makedirs(os.path.join(args.run_dir, "slurm"), exist_ok=True)
     with open(os.path.join(args.run_dir, "slurm", "history.jsonl"), "a") as f:
         f.write(json.dumps({"job_id": os.environ.get("SLURM_JOB_ID"), "restart": restart,

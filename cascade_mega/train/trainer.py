@@ -282,9 +282,9 @@ class Trainer:
                     break
             self.outcome = "finished" if self.step >= t.steps else "stopped"
         finally:
-            signals.restore()
             self._record_exit(self.outcome)
-            self._emit("on_train_end")
+            self._emit("on_train_end")  # a late signal (e.g. during the tracking flush) is ignored
+            signals.restore()
         return self
 
     def _record_exit(self, outcome: str) -> None:
