@@ -78,33 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
     from cascade_mega import plan
     from cascade_mega.data import preprocess
-
-    pp = sub.add_parser("preprocess", help="text / JSONL (.gz) files to indexed datasets")
-    preprocess.add_arguments(pp)
-    pp.set_defaults(func=preprocess.run)
     from cascade_mega.inference import command as generate
-
-    g = sub.add_parser("generate", help="generate text from a run or checkpoint")
-    generate.add_arguments(g)
-    g.set_defaults(func=generate.run)
-
     from cascade_mega.slurm import jobs, submit
-
-    sb = sub.add_parser("submit", help="submit training runs, arrays or chains to Slurm")
-    submit.add_arguments(sb)
-    sb.set_defaults(func=submit.run)
-    jb = sub.add_parser("jobs", help="state, restarts, checkpoint and logs of submitted runs")
-    jobs.add_arguments(jb)
-    jb.set_defaults(func=jobs.run)
     from cascade_mega.tracking import runs
 
-    r = sub.add_parser("runs", help="tracked runs and their final metrics, from MLflow")
-    runs.add_arguments(r)
-    r.set_defaults(func=runs.run)
-
-    pl = sub.add_parser("plan", help="memory per GPU of a parallel layout, before launching it")
-    plan.add_arguments(pl)
-    pl.set_defaults(func=plan.run)
+    for name, module, text in (
+            ("preprocess", preprocess, "text / JSONL / wiki dumps to indexed datasets"),
+            ("generate", generate, "generate text from a run or checkpoint"),
+            ("submit", submit, "submit training runs, arrays or chains to Slurm"),
+            ("jobs", jobs, "state, restarts, checkpoint and logs of submitted runs"),
+            ("runs", runs, "tracked runs and their final metrics, from MLflow"),
+            ("plan", plan, "memory per GPU of a parallel layout, before launching it")):
+        sp = sub.add_parser(name, help=text)
+        module.add_arguments(sp)
+        sp.set_defaults(func=module.run)
     b = sub.add_parser("bench", help="benchmarks printed as ratios against a baseline")
     bsub = b.add_subparsers(dest="what", required=True)
     from cascade_mega.bench import attention as bench_attention

@@ -15,7 +15,7 @@ import re
 import subprocess
 
 from cascade_mega.config import ConfigError
-from cascade_mega.slurm.requeue import history, last_checkpoint_step
+from cascade_mega.slurm.requeue import history, last_checkpoint_step, read_jsonl
 
 
 def add_arguments(p) -> None:
@@ -52,18 +52,13 @@ def job_state(job_id: str) -> dict:
 
 
 def _jobs(run_dir: str) -> list:
-    path = os.path.join(run_dir, "slurm", "jobs.jsonl")
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(os.path.join(run_dir, "slurm", "jobs.jsonl"))
 
 
 def _run_dir_of(job_id: str, root: str) -> str:
     for path in glob.glob(os.path.join(root, "**", "slurm", "jobs.jsonl"), recursive=True):
-        with open(path) as f:
-            if any(json.loads(line)["job_id"] == job_id for line in f if line.strip()):
-                return os.path.dirname(os.path.dirname(path))
+        if any(job["job_id"] == job_id for job in read_jsonl(path)):
+            return os.path.dirname(os.path.dirname(path))
     text = _cmd("scontrol", "show", "job", job_id)
     out = dict(re.findall(r"(\w+)=(\S*)", text)).get("StdOut")
     if out and os.path.basename(os.path.dirname(out)) == "slurm":
@@ -72,7 +67,7 @@ def _run_dir_of(job_id: str, root: str) -> str:
 
 
 def _tail(path: str, n: int) -> list:
-    if not path or not os.path.isfile(path):
+    if n <= 0 or not path or not os.path.isfile(path):
         return []
     with open(path, errors="replace") as f:
         return f.read().splitlines()[-n:]

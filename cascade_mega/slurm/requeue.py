@@ -45,12 +45,16 @@ def stop_signal(run_dir: str, trapped: str) -> str:
     return recorded.removeprefix("SIG")
 
 
-def history(run_dir: str) -> list:
-    path = os.path.join(run_dir, "slurm", "history.jsonl")
+def read_jsonl(path: str) -> list:
+    """The records of a JSON-lines file, or [] when there is none yet."""
     if not os.path.isfile(path):
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def history(run_dir: str) -> list:
+    return read_jsonl(os.path.join(run_dir, "slurm", "history.jsonl"))
 
 
 def preempted() -> bool:
