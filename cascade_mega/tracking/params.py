@@ -59,13 +59,8 @@ def versions() -> dict:
 
 def layout_tags(trainer) -> dict:
     """The parallel layout and where the job runs (tags: they may change on resume)."""
-    from megatron.core import parallel_state as ps
-
-    tags = {"layout.world_size": trainer.world_size,
-            "layout.tensor": ps.get_tensor_model_parallel_world_size(),
-            "layout.pipeline": ps.get_pipeline_model_parallel_world_size(),
-            "layout.context": ps.get_context_parallel_world_size(),
-            "layout.data": trainer.dp_size, "host": platform.node()}
+    tags = {f"layout.{k}": v for k, v in trainer.layout().items()}
+    tags["host"] = platform.node()
     for env, key in (("SLURM_JOB_ID", "slurm.job_id"), ("SLURM_ARRAY_JOB_ID", "slurm.array_job_id"),
                      ("SLURM_ARRAY_TASK_ID", "slurm.array_task_id"),
                      ("SLURM_RESTART_COUNT", "slurm.restart_count"),
