@@ -195,7 +195,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
                 world_size: Optional[int] = None) -> CascadeConfig:
     """Merge defaults <- YAML chain <- overrides, validate, and return a typed config object.
 
-    world_size: the number of processes the run will have (default: the launcher's environment).
+    world_size: the number of processes the run will have (default: the launcher's environment;
+    0: not known here, the layout is checked against no world size).
     """
     cfg = OmegaConf.structured(CascadeConfig)
     for node in _yaml_chain(path) if path else []:
@@ -285,6 +286,8 @@ def validate(cfg: CascadeConfig, world_size: int = 1) -> None:
         need(rows % p.tensor == 0, f"'parallel.sequence_parallel' splits this rank's {rows} "
              f"sequence rows across 'parallel.tensor' = {p.tensor} ranks: they must divide evenly")
     model_parallel = p.tensor * p.pipeline * p.context
+    if world_size == 0:  # e.g. reading a finished sweep back: whatever world it ran at
+        world_size = model_parallel * t.global_batch_size // t.micro_batch_size
     need(world_size % model_parallel == 0,
          f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline x "
          f"parallel.context = {model_parallel}")

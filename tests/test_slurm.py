@@ -149,24 +149,44 @@ def test_two_node_job_survives_warning_and_preemption_with_the_local_losses(clus
     assert (tmp_path / "urgent.out").exists()
 
 
-def test_array_of_three_configs(cluster, tmp_path):
-    configs = []
-    for i, block in enumerate((4, 8, 16)):
-        path = tmp_path / f"b{block}.yaml"
-        path.write_text(f"base: {ROOT}/configs/quickstart.yaml\nname: b{block}\n"
-                        f"run_dir: {tmp_path}/runs/b{block}\ndiffusion:\n  block_size: {block}\n")
-        configs.append(str(path))
-    over = [o for o in TRAIN[1:] if not o.startswith(("diffusion.block_size", "train.steps",
-                                                       "train.eval_interval",
-                                                       "checkpoint.interval"))]
-    job = submit(*configs, *over, "train.steps=3", "train.eval_interval=0", "--nodes", "1")
-    for block in (4, 8, 16):
-        run_dir = tmp_path / "runs" / f"b{block}"
+def test_sweep_runs_as_a_job_array_grouped_in_mlflow(cluster, tmp_path):
+    """`cascade sweep --executor slurm`: three runs (AR, B = 4, B = 8) as one job array, tracked
+    in the sweep's store under its group; a second invocation submits nothing."""
+    sweep = tmp_path / "arr.yaml"
+    sweep.write_text(f"""name: arr
+base: {ROOT}/configs/quickstart.yaml
+root: {tmp_path}/arr
+head_dim: 32
+cluster: local
+nodes: 1
+array_parallel: 2
+overrides: [data.seq_len=64, train.micro_batch_size=2, train.global_batch_size=2,
+            train.eval_interval=1000, train.eval_batches=1, tracking.samples=0]
+grids:
+  - size: [[2, 64]]
+    tokens: [384]
+    objective: [ar, block_diffusion]
+    block_size: [4, 8]
+""")
+    proc = cascade("sweep", str(sweep), "--executor", "slurm")
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().splitlines()[-1].split("submitted job ")[1].split(":")[0]
+    names = ["ar_n2x64_d384", "bd4_n2x64_d384", "bd8_n2x64_d384"]
+    for name in names:
+        run_dir = tmp_path / "arr" / name
         wait_until(lambda d=run_dir: os.path.exists(d / "slurm" / "history.jsonl"),
-                   what=f"array task b{block}")
+                   what=f"array task {name}")
         assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000003"
-        assert f"block_size: {block}\n" in (run_dir / "config.yaml").read_text()
+        assert json.loads((run_dir / "slurm" / "jobs.jsonl").read_text())["job_id"] == job
     wait_until(lambda: not in_queue(job), what="the array's end")
+    again = cascade("sweep", str(sweep), "--executor", "slurm")
+    assert "nothing to submit: every run is finished or queued" in again.stdout, again.stdout
+    listed = cascade("runs", "--tracking-uri", f"sqlite:///{tmp_path}/arr/mlflow.db", "--group",
+                     "arr", "--json")
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert sorted(r["run"] for r in rows if r["run"] != "arr") == names
+    assert all(r["status"] == "FINISHED" and r["valid/nelbo"] > 0 for r in rows
+               if r["run"] != "arr")
 
 
 def test_chain_runs_in_order(cluster, tmp_path):

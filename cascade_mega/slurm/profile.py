@@ -31,6 +31,7 @@ class ClusterProfile:
     max_nodes: Optional[int] = None
     gpus_per_node: int = 0  # used per node; 0: CPU nodes
     max_gpus_per_node: int = 0  # what a node has
+    gpu_memory_gb: float = 0.0  # per GPU, for `cascade sweep`'s memory check (0: not checked)
     cpus_per_node: int = 1
     tasks_per_node: Optional[int] = None  # None: one per GPU (or 1 on CPU nodes)
     time_limit: str = "04:00:00"

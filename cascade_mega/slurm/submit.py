@@ -81,7 +81,7 @@ def check_time_limit(cfg, profile: ClusterProfile, res: Resources) -> None:
     """The time limit must fit start-up plus one checkpoint interval before the warning signal."""
     from cascade_mega.bench.flops import step_flops
 
-    vocab = cfg.model.vocab_size or _vocab(cfg)
+    vocab = cfg.model.vocab_size or dataset_vocab(cfg)
     devices = res.nodes * res.tasks_per_node
     rate = devices * profile.device_tflops * 1e12 * profile.assumed_mfu
     step_s = step_flops(cfg, vocab) / rate
@@ -96,7 +96,7 @@ def check_time_limit(cfg, profile: ClusterProfile, res: Resources) -> None:
             f"devices) need ~{need:.0f} s: raise --time or lower checkpoint.interval")
 
 
-def _vocab(cfg) -> int:
+def dataset_vocab(cfg) -> int:
     from cascade_mega.data import loader
     from cascade_mega.data.indexed import DataError
 

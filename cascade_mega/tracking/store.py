@@ -83,7 +83,18 @@ def experiment_id(client, name: str) -> str:
     if exp is not None and exp.lifecycle_stage == "deleted":
         raise ConfigError(f"'tracking.experiment' = {name!r} is deleted in the tracking store: "
                           "restore it (mlflow experiments restore) or choose another name")
-    return exp.experiment_id if exp is not None else client.create_experiment(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri))
+
+
+def artifact_root(uri: str):
+    """Where a new experiment keeps its artifacts: beside a sqlite store's file (MLflow's default
+    is `./mlruns` in whatever directory the process started from); a server decides its own."""
+    if urlparse(uri).scheme != "sqlite":
+        return None
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else urlparse(uri).path
+    return "file://" + os.path.join(os.path.dirname(os.path.abspath(path)), "mlartifacts")
 
 
 def preflight(cfg) -> bool:
