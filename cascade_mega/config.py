@@ -31,6 +31,8 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     tie_embeddings: bool = False
     rotary_base: float = 10000.0
+    rope_scaling: Optional[str] = None  # None | llama3 (Llama 3.1's long-context frequencies)
+    rope_scaling_factor: float = 8.0
     norm_epsilon: float = 1e-5
     qkv_bias: bool = False  # Qwen2 has QKV biases; Llama has none
     init_std: float = 0.02
@@ -101,6 +103,9 @@ class TrainConfig:
     eval_interval: int = 100
     eval_batches: int = 8
     resume: str = "auto"  # auto (latest complete checkpoint in run_dir) | none | a checkpoint path
+    # a run directory or checkpoint whose model weights start this run at step 0 with a fresh
+    # optimizer (e.g. a converted AR model, `cascade convert`); unused once the run has its own
+    init_from: Optional[str] = None
     threads: Optional[int] = None  # torch intra-op threads on CPU; None: torch's default
     exit_interval: Optional[int] = None  # checkpoint and stop after this many steps of this job
 
@@ -251,6 +256,8 @@ def validate(cfg: CascadeConfig, world_size: int = 1) -> None:
     need(0.0 <= d.t_min < d.t_max <= 1.0,
          f"'diffusion.t_min'/'diffusion.t_max' must satisfy 0 <= t_min < t_max <= 1, "
          f"got [{d.t_min}, {d.t_max}]")
+    need(m.rope_scaling in (None, "llama3"),
+         f"'model.rope_scaling' = {m.rope_scaling!r}; expected null or llama3")
     need(m.hidden_size % m.num_attention_heads == 0,
          f"'model.num_attention_heads' = {m.num_attention_heads} does not divide "
          f"'model.hidden_size' = {m.hidden_size}")
@@ -263,6 +270,8 @@ def validate(cfg: CascadeConfig, world_size: int = 1) -> None:
          f"{m.num_attention_heads}")
     need(groups % p.tensor == 0,
          f"'parallel.tensor' = {p.tensor} does not divide 'model.num_query_groups' = {groups}")
+    need(m.vocab_size is None or m.vocab_size % p.tensor == 0,
+         f"'parallel.tensor' = {p.tensor} does not divide 'model.vocab_size' = {m.vocab_size}")
     need(m.num_layers % p.pipeline == 0,
          f"'parallel.pipeline' = {p.pipeline} does not divide 'model.num_layers' = {m.num_layers}")
     need(not p.sequence_parallel or p.tensor > 1,

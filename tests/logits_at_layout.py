@@ -6,7 +6,8 @@ usage: python -m torch.distributed.run --nproc-per-node N tests/logits_at_layout
 Every rank loads the checkpoint through the trainer's own set-up (so it is resharded to this
 layout), runs the validation micro-batches forward, and the full-vocabulary logits of every
 read-out row are put back in whole-sequence order: OUT holds a [micro-batches, b, rows, vocab]
-float64 tensor, written by one rank.
+float64 tensor, written by one rank; OUT.ids the input ids of those micro-batches (whole
+sequences except under context parallel).
 """
 
 import sys
@@ -35,7 +36,8 @@ def _forward_step(data_iterator, model):
 
     def report(out):
         return out.sum() * 0.0, torch.tensor(1, dtype=torch.int), {
-            "logits": out.detach().double().transpose(0, 1), "rows": rows}
+            "logits": out.detach().double().transpose(0, 1), "rows": rows,
+            "ids": prep.input_ids}
 
     return logits, report
 
@@ -68,6 +70,7 @@ def main(out_path, config, *overrides):
                 rows = torch.cat([g[m][1] for g in gathered])
                 batches.append(logits[:, rows.argsort()])
             torch.save(torch.stack(batches), out_path)
+            torch.save(torch.stack([o["ids"] for o in outs]), out_path + ".ids")
     dist.barrier()
 
 

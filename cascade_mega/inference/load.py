@@ -49,7 +49,12 @@ def load_decoder(path: str, threads: int = 0):
     cfg = load_config(config, one, world_size=1)
     if threads:
         torch.set_num_threads(threads)
-    tokenizer = loader.load_tokenizer(cfg.data, loader.resolve_path(cfg.data.path))
+    if cfg.data.tokenizer:  # the run names its tokenizer (a converted model has no dataset)
+        from cascade_mega.data.tokenizer import open_tokenizer
+
+        tokenizer = open_tokenizer(cfg.data.tokenizer)
+    else:
+        tokenizer = loader.load_tokenizer(cfg.data, loader.resolve_path(cfg.data.path))
     distributed.init(cfg.parallel, cfg.train.seed)
     model = build_model(cfg, tokenizer.vocab_size, forbidden_ids=[tokenizer.mask_id],
                         dtype=torch.float32)

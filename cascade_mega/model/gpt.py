@@ -204,6 +204,8 @@ def build_model(cfg: CascadeConfig, vocab_size: int, forbidden_ids=(), *, pre_pr
         share_embeddings_and_output_weights=cfg.model.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=int(cfg.model.rotary_base),
+        rope_scaling=cfg.model.rope_scaling == "llama3",
+        rope_scaling_factor=cfg.model.rope_scaling_factor,
         vp_stage=vp_stage,
     )
     if post_process:

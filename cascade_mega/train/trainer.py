@@ -134,6 +134,11 @@ class Trainer:
         self.resumed_from = path
         if path:
             self.start_step, _ = checkpoint.load(path, self.chunks, self.optimizer, self.scheduler)
+        elif self.cfg.train.init_from:  # weights only; megatron's bf16 optimizer keeps fp32
+            from cascade_mega.inference.load import locate  # copies: refresh them
+
+            checkpoint.load(locate(self.cfg.train.init_from)[1], self.chunks, None, None)
+            self.optimizer.reload_model_params()
         self.step = self.start_step
 
     # ---------------------------------------------------------------- steps

@@ -1,0 +1,296 @@
+"""`cascade convert`: Hugging Face <-> megatron-core checkpoints, and a run at another layout.
+
+    cascade convert hf-to-mcore HF_DIR OUT [--objective ar|block_diffusion] [--block-size B]
+                                [--seq-len L] [--tensor T] [--pipeline P] [--dtype fp32|bf16]
+    cascade convert mcore-to-hf RUN_OR_CHECKPOINT OUT [--max-shard-gb G]
+    cascade convert mcore-to-mcore RUN_OR_CHECKPOINT OUT --tensor T --pipeline P
+
+hf-to-mcore writes a run directory: `config.yaml` (the model, its tokenizer, the objective),
+`tokenizer.json`, `hf_config.json` (for the way back) and `checkpoints/iter_0000000`.
+`cascade generate --ckpt OUT` runs it; `train.init_from=OUT` continues pretraining from it.
+megatron-core's distributed checkpoints are resharded on load, so one process writes the whole
+model and any layout that divides it loads it: the target layout is checked here (heads, query
+groups, layers, vocabulary) and written into the config. Memory: the model once, in the
+checkpoint's dtype, plus one Hugging Face tensor at a time.
+
+mcore-to-hf writes safetensors shards (at most --max-shard-gb each, one in memory at a time),
+config.json, tokenizer.json and a generation config that forbids the project's added tokens. The
+embedding keeps every row of the megatron table, so the way back is bit-exact. A block-diffusion
+checkpoint is exported the same way with a note of what `transformers` cannot run.
+
+Everything is written into `OUT.partial` and renamed to OUT at the end: a failed conversion
+leaves nothing behind, and an existing OUT is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+from contextlib import contextmanager
+from dataclasses import replace
+
+import torch
+
+from cascade_mega.config import ConfigError, load_config, to_yaml
+from cascade_mega.convert import hf as hfmap
+
+PAD_MULTIPLE = 1024  # embedding rows: whole at tensor-parallel sizes 1 to 8 with 128 per rank
+NOTE = "CASCADE_MODEL.md"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("direction", choices=("hf-to-mcore", "mcore-to-hf", "mcore-to-mcore"))
+    p.add_argument("source", help="a Hugging Face model directory, or a run / checkpoint")
+    p.add_argument("out", help="the directory to write (must not exist)")
+    p.add_argument("--objective", choices=("ar", "block_diffusion"), default="ar")
+    p.add_argument("--block-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--tensor", type=int, default=1, help="target tensor-parallel size")
+    p.add_argument("--pipeline", type=int, default=1, help="target pipeline-parallel size")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--max-shard-gb", type=float, default=5.0)
+
+
+@contextmanager
+def staged(out: str):
+    """Write into OUT.partial; rename to OUT on success, remove it on any failure."""
+    out = os.path.abspath(out)
+    if os.path.exists(out):
+        raise ConfigError(f"{out} exists: remove it or choose another output directory")
+    partial = out + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    os.replace(partial, out)
+
+
+def _progress(total: int, what: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=what, unit="tensor", file=sys.stderr,
+                disable=not sys.stderr.isatty())
+
+
+def _target(overrides, tensor: int, pipeline: int):
+    """The config at the target layout (checked there) and the same at one process."""
+    cfg = load_config(None, [*overrides, f"parallel.tensor={tensor}",
+                             f"parallel.pipeline={pipeline}"], world_size=tensor * pipeline)
+    return cfg, replace(cfg, parallel=replace(cfg.parallel, tensor=1, pipeline=1))
+
+
+def _build(cfg, tokenizer, dtype):
+    from cascade_mega.model.gpt import build_model
+    from cascade_mega.runtime import distributed
+
+    distributed.init(cfg.parallel, cfg.train.seed)
+    return build_model(cfg, tokenizer.vocab_size, forbidden_ids=[tokenizer.mask_id], dtype=dtype)
+
+
+def hf_to_mcore(args) -> str:
+    from cascade_mega.data.tokenizer import open_tokenizer
+    from cascade_mega.train import checkpoint
+
+    hf = hfmap.read_config(args.source)
+    tok_path = os.path.join(args.source, "tokenizer.json")
+    if not os.path.isfile(tok_path):
+        raise ConfigError(f"{args.source}: no tokenizer.json (a Hugging Face fast tokenizer)")
+    reader = hfmap.HFReader(args.source)
+    tokenizer = open_tokenizer(tok_path)
+    known = bool(hf.get("cascade"))  # exported by mcore-to-hf: every row is the model's own
+    padded = math.ceil(max(tokenizer.vocab_size, hf["vocab_size"]) / PAD_MULTIPLE) * PAD_MULTIPLE
+    objective = hf["cascade"]["objective"] if known else args.objective
+    out = os.path.abspath(args.out)
+    overrides = [*hfmap.model_overrides(hf), f"model.vocab_size={padded}", f"run_dir={out}",
+                 f"name={os.path.basename(out)}", f"data.tokenizer={out}/tokenizer.json",
+                 f"diffusion.objective={objective}",
+                 f"data.seq_len={min(args.seq_len, hf.get('max_position_embeddings', 1 << 30))}"]
+    if objective == "block_diffusion":
+        block = hf["cascade"]["block_size"] if known else args.block_size
+        overrides.append(f"diffusion.block_size={block}")
+    cfg, one = _target(overrides, args.tensor, args.pipeline)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    with staged(out) as partial:
+        model = _build(one, tokenizer, dtype)
+        state = model.state_dict()
+        params = {k for k in state if not k.endswith("_extra_state")}
+        filled = set()
+        with torch.no_grad(), _progress(len(reader.where), "hf-to-mcore") as bar:
+            for name, tensor in hfmap.hf_to_megatron(reader, hf, tokenizer.vocab_size, padded,
+                                                     None if known else tokenizer.mask_id):
+                if name not in state:
+                    raise ConfigError(f"{args.source}: tensor {name} has no place in the model")
+                if tuple(tensor.shape) != tuple(state[name].shape):
+                    raise ConfigError(
+                        f"{args.source}: the checkpoint's shapes do not match its config.json: "
+                        f"{name} is {list(tensor.shape)}, the config makes it "
+                        f"{list(state[name].shape)}")
+                state[name].copy_(tensor)
+                filled.add(name)
+                bar.update(1)
+        missing = sorted(params - filled)
+        if missing:
+            raise ConfigError(f"{args.source}: no weights for {', '.join(missing[:3])}")
+        checkpoint.save(os.path.join(partial, "checkpoints"), [model], None, None, 0, 0,
+                        layout={"tensor": args.tensor, "pipeline": args.pipeline})
+        shutil.copy(tok_path, os.path.join(partial, "tokenizer.json"))
+        with open(os.path.join(partial, "hf_config.json"), "w") as f:
+            json.dump({k: v for k, v in hf.items() if k != "cascade"}, f, indent=2)
+        with open(os.path.join(partial, "config.yaml"), "w") as f:
+            f.write(to_yaml(cfg))
+    return out
+
+
+def _load_run(path: str):
+    """(config at one process, tokenizer, model with the checkpoint's weights, run dir)."""
+    from cascade_mega.data import loader
+    from cascade_mega.data.tokenizer import open_tokenizer
+    from cascade_mega.inference.load import locate
+    from cascade_mega.train import checkpoint
+
+    config, ckpt = locate(path)
+    cfg = load_config(config, ["parallel.tensor=1", "parallel.pipeline=1", "parallel.context=1",
+                               "parallel.virtual_pipeline=null",
+                               "parallel.sequence_parallel=false"], world_size=1)
+    tokenizer = open_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else \
+        loader.load_tokenizer(cfg.data, loader.resolve_path(cfg.data.path))
+    model = _build(cfg, tokenizer, torch.float32)
+    checkpoint.load(ckpt, [model], None, None)
+    return cfg, tokenizer, model, os.path.dirname(config)
+
+
+def _hf_config(cfg, run_dir: str, rows: int) -> dict:
+    m = cfg.model
+    base_path = os.path.join(run_dir, "hf_config.json")
+    if os.path.isfile(base_path):
+        with open(base_path) as f:
+            hf = json.load(f)
+    else:  # trained here: describe it in Hugging Face's terms
+        qwen = m.qkv_bias
+        hf = {"architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
+              "model_type": "qwen2" if qwen else "llama", "hidden_act": "silu",
+              "hidden_size": m.hidden_size, "intermediate_size": _ffn(cfg),
+              "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
+              "num_key_value_heads": m.num_query_groups or m.num_attention_heads,
+              "rms_norm_eps": m.norm_epsilon, "tie_word_embeddings": m.tie_embeddings,
+              "max_position_embeddings": cfg.data.seq_len, "attention_bias": False,
+              "rope_theta": m.rotary_base}
+        if m.rope_scaling:
+            hf["rope_scaling"] = {"rope_type": "llama3", "factor": m.rope_scaling_factor,
+                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": 8192}
+    hf.update(vocab_size=rows, torch_dtype="float32", dtype="float32")
+    d = cfg.diffusion
+    hf["cascade"] = {"objective": d.objective,
+                     "block_size": d.block_size if d.objective != "ar" else 1}
+    return hf
+
+
+def _ffn(cfg) -> int:
+    from cascade_mega.model.gpt import ffn_size
+
+    return ffn_size(cfg)
+
+
+def mcore_to_hf(args) -> str:
+    from safetensors.torch import save_file
+
+    from cascade_mega.data.tokenizer import MASK_TOKEN
+
+    cfg, tokenizer, model, run_dir = _load_run(args.source)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    rows = state["embedding.word_embeddings.weight"].shape[0]
+    hf = _hf_config(cfg, run_dir, rows)
+    tensors = list(hfmap.megatron_to_hf(state, hf))
+    limit = args.max_shard_gb * 1024 ** 3
+    shards, size = [[]], 0
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, t))
+        size += nbytes
+    with staged(args.out) as partial:
+        weight_map = {}
+        with _progress(len(tensors), "mcore-to-hf") as bar:
+            for i, shard in enumerate(shards):
+                fname = "model.safetensors" if len(shards) == 1 else \
+                    f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file({n: t.contiguous() for n, t in shard},
+                          os.path.join(partial, fname), metadata={"format": "pt"})
+                weight_map.update({n: fname for n, _ in shard})
+                bar.update(len(shard))
+        if len(shards) > 1:
+            total = sum(t.numel() * t.element_size() for _, t in tensors)
+            with open(os.path.join(partial, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f,
+                          indent=2)
+        with open(os.path.join(partial, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+        # the project's added tokens and the padding rows are never predicted (the megatron model
+        # masks them with -inf logits); transformers' generate does the same through this list
+        banned = [tokenizer.mask_id] + list(range(tokenizer.vocab_size, rows))
+        with open(os.path.join(partial, "generation_config.json"), "w") as f:
+            json.dump({"eos_token_id": tokenizer.eod, "suppress_tokens": banned,
+                       "do_sample": False}, f, indent=2)
+        shutil.copy(tokenizer.path, os.path.join(partial, "tokenizer.json"))
+        if cfg.diffusion.objective != "ar":
+            with open(os.path.join(partial, NOTE), "w") as f:
+                f.write(_diffusion_note(cfg, tokenizer.mask_id, MASK_TOKEN))
+    return os.path.abspath(args.out)
+
+
+def _diffusion_note(cfg, mask_id: int, mask_token: str) -> str:
+    d = cfg.diffusion
+    block = d.block_size if d.block_size < cfg.data.seq_len else "L (full sequence)"
+    return f"""# A block-diffusion model in Hugging Face's format
+
+These weights are a standard {'Qwen2' if cfg.model.qkv_bias else 'Llama'} network, so
+`transformers` loads them, but they were trained as a block-diffusion denoiser (block size
+{block}, sequence length {cfg.data.seq_len}): given the clean earlier blocks and a block
+where some tokens are `{mask_token}` (id {mask_id}), the model predicts the masked tokens, under
+block-causal attention over the `[x_t ; x_0]` layout. `transformers` has neither that attention
+mask nor the denoising sampler, so `generate()` and causal-LM logits of this model are not
+meaningful. Run it with `cascade generate`, after `cascade convert hf-to-mcore` of this directory
+(the `cascade` entry of config.json brings the objective and block size back).
+"""
+
+
+def mcore_to_mcore(args) -> str:
+    """The distributed checkpoint loads at any layout; this checks the target layout against the
+    model and writes a run directory whose config asks for it."""
+    from cascade_mega.inference.load import locate
+
+    config, ckpt = locate(args.source)
+    out = os.path.abspath(args.out)
+    cfg = load_config(config, [f"parallel.tensor={args.tensor}",
+                               f"parallel.pipeline={args.pipeline}", f"run_dir={out}"],
+                      world_size=args.tensor * args.pipeline)
+    with staged(out) as partial:
+        shutil.copytree(ckpt, os.path.join(partial, "checkpoints", os.path.basename(ckpt)))
+        with open(os.path.join(partial, "checkpoints", "latest"), "w") as f:
+            f.write(os.path.basename(ckpt) + "\n")
+        for extra in ("tokenizer.json", "hf_config.json"):
+            src = os.path.join(os.path.dirname(config), extra)
+            if os.path.isfile(src):
+                shutil.copy(src, os.path.join(partial, extra))
+        if cfg.data.tokenizer and os.path.dirname(os.path.abspath(cfg.data.tokenizer)) == \
+                os.path.dirname(config):
+            cfg = replace(cfg, data=replace(cfg.data, tokenizer=f"{out}/tokenizer.json"))
+        with open(os.path.join(partial, "config.yaml"), "w") as f:
+            f.write(to_yaml(cfg))
+    return out
+
+
+def run(args) -> int:
+    fn = {"hf-to-mcore": hf_to_mcore, "mcore-to-hf": mcore_to_hf,
+          "mcore-to-mcore": mcore_to_mcore}[args.direction]
+    print(f"wrote {fn(args)}", flush=True)
+    return 0

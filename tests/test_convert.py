@@ -1,0 +1,207 @@
+"""`cascade convert` against `transformers` as the reference (fp32, CPU): small random Llama
+(grouped-query attention, untied embeddings, RoPE theta 50k) and Qwen2 (grouped-query attention,
+QKV biases, tied embeddings) models, converted to megatron checkpoints, give the Hugging Face
+logits; megatron -> Hugging Face -> megatron is bit-exact; the exported model's greedy tokens in
+`transformers` are `cascade generate`'s; bad input leaves nothing behind."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+transformers = pytest.importorskip("transformers")
+
+
+def tokenizer_file(path):
+    """A byte-level BPE of 300 tokens with an end-of-document token and no [MASK] (the project
+    appends it), like a Hugging Face model's own tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from cascade_mega.data.shakespeare import documents
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(list(documents())[:3], trainer=trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(path))
+
+
+def hf_model(kind, folder):
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                  max_position_embeddings=256, rms_norm_eps=1e-6)
+    torch.manual_seed({"llama": 1, "qwen2": 2}[kind])
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(**common, rope_theta=50000.0, tie_word_embeddings=False)
+        model = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen2Config(**common, rope_theta=1e6, tie_word_embeddings=True)
+        model = transformers.Qwen2ForCausalLM(cfg)
+        with torch.no_grad():  # biases start at zero: give them values the test can see
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                             layer.self_attn.v_proj):
+                    proj.bias.normal_(0.0, 0.5)
+    model.save_pretrained(folder)
+    tokenizer_file(folder / "tokenizer.json")
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def converted(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    model = hf_model(request.param, root / "hf")
+    proc = cascade("convert", "hf-to-mcore", str(root / "hf"), str(root / "mc"), "--seq-len",
+                   "64", "--tensor", "2", "--pipeline", "2")
+    assert proc.returncode == 0, proc.stderr
+    return request.param, root, model
+
+
+def cascade(*args):
+    return subprocess.run([sys.executable, "-m", "cascade_mega", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def megatron_logits(run, ids):
+    """AR logits of `ids` through the converted megatron model (one process)."""
+    from cascade_mega.diffusion.masks import AttentionLayout
+    from cascade_mega.inference.load import load_decoder
+    from cascade_mega.model.gpt import read_out_logits
+
+    model = load_decoder(str(run)).model
+    L = ids.shape[1]
+
+    def logits(*, hidden_states, output_layer, output_weight, **_):
+        return read_out_logits(hidden_states, output_layer, output_weight, None, True)
+
+    with torch.no_grad():
+        out = model(ids, torch.arange(L).expand_as(ids), AttentionLayout("causal", L),
+                    output_processor=logits)
+    return out.transpose(0, 1).double()
+
+
+def test_megatron_logits_equal_the_hugging_face_logits(converted):
+    kind, root, model = converted
+    ids = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = model(ids).logits.double()
+    got = megatron_logits(root / "mc", ids)
+    assert got.shape[-1] == 1024  # 300 + [MASK], padded for tensor-parallel sizes up to 8
+    assert ref.abs().max() > 1.0  # logits large enough for the tolerance to mean something
+    assert (got[..., :300] - ref).abs().max() < 1e-4
+    assert (got[..., 301:] == 0).all()  # padding rows are zero (and, like [MASK], never predicted)
+    cfg = (root / "mc" / "config.yaml").read_text()
+    assert "tensor: 2" in cfg and "pipeline: 2" in cfg and \
+        f"tie_embeddings: {'true' if kind == 'qwen2' else 'false'}" in cfg
+    assert f"qkv_bias: {'true' if kind == 'qwen2' else 'false'}" in cfg
+
+
+@pytest.mark.parametrize("tensor,pipeline", [(2, 1), (1, 2)])
+def test_logits_equal_at_tensor_and_pipeline_parallel(converted, tensor, pipeline, tmp_path):
+    """The converted checkpoint loaded at TP = 2 or PP = 2 (2 processes, the trainer's own
+    set-up, `train.init_from`) gives the Hugging Face logits of a validation batch."""
+    from cascade_mega.data.shakespeare import documents
+
+    kind, root, model = converted
+    corpus = tmp_path / "plays.txt"
+    corpus.write_text(list(documents())[4][:30000])
+    proc = cascade("preprocess", str(corpus), "--output-prefix", str(tmp_path / "plays"),
+                   "--tokenizer", str(root / "mc" / "tokenizer.json"), "--lines")
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "logits.pt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "tests/logits_at_layout.py", str(out), str(root / "mc" / "config.yaml"),
+         f"data.path={tmp_path}/plays", f"train.init_from={root}/mc", "train.resume=none",
+         f"run_dir={tmp_path}/run", f"parallel.tensor={tensor}", f"parallel.pipeline={pipeline}",
+         "train.micro_batch_size=2", "train.global_batch_size=2", "tracking.enabled=false",
+         "data.split=80,20,0"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, ids = torch.load(out)[0], torch.load(str(out) + ".ids")[0]
+    with torch.no_grad():
+        ref = model(ids).logits.double()
+    assert (got[..., :300] - ref).abs().max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def exported(converted):
+    """megatron -> Hugging Face -> megatron."""
+    kind, root, _ = converted
+    back, again = root / "hf_back", root / "mc_again"
+    for args in (("mcore-to-hf", root / "mc", back), ("hf-to-mcore", back, again)):
+        proc = cascade("convert", *map(str, args))
+        assert proc.returncode == 0, proc.stderr
+    return back, again
+
+
+def test_megatron_hf_megatron_round_trip_is_bit_exact(converted, exported):
+    kind, root, _ = converted
+    back, again = exported
+    first, second = _weights(root / "mc"), _weights(again)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    hf = json.loads((back / "config.json").read_text())
+    assert hf["vocab_size"] == 1024 and hf["cascade"] == {"objective": "ar", "block_size": 1}
+
+
+def _weights(run):
+    from cascade_mega.inference.load import load_decoder
+
+    return {k: v.clone() for k, v in load_decoder(str(run)).model.state_dict().items()
+            if not k.endswith("_extra_state")}
+
+
+def test_exported_model_generates_the_same_greedy_tokens_in_transformers(converted, exported):
+    kind, root, _ = converted
+    back = exported[0]
+    prompt = "ROMEO: But soft"
+    ours = cascade("generate", "--ckpt", str(root / "mc"), "--prompt", prompt,
+                   "--max-new-tokens", "20", "--json")
+    assert ours.returncode == 0, ours.stderr
+    record = json.loads(ours.stdout.strip().splitlines()[-1])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(back / "tokenizer.json"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode(prompt)])
+    out = model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert len(record["tokens"]) >= 10 and out[:len(record["tokens"])] == record["tokens"]
+    assert len(record["tokens"]) == 20 or out[len(record["tokens"])] == tok.convert_tokens_to_ids(
+        "<|endoftext|>")  # both stop at the end of the document
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("architecture", "architecture GPT2LMHeadModel is not supported"),
+    ("shapes", "the checkpoint's shapes do not match its config.json: "
+               "decoder.layers.0.self_attention.linear_qkv.weight is [128, 64], the config makes "
+               "it [96, 64]"),
+    ("layout", "'parallel.tensor' = 3 does not divide 'model.num_attention_heads' = 4"),
+])
+def test_bad_input_is_one_message_and_leaves_nothing(converted, tmp_path, case, needle):
+    kind, root, _ = converted
+    if kind != "llama":
+        pytest.skip("one architecture is enough")
+    src = tmp_path / "hf"
+    src.mkdir()
+    for name in os.listdir(root / "hf"):
+        (src / name).write_bytes((root / "hf" / name).read_bytes())
+    hf = json.loads((src / "config.json").read_text())
+    extra = []
+    if case == "architecture":
+        hf["architectures"] = ["GPT2LMHeadModel"]
+    elif case == "shapes":
+        hf["num_key_value_heads"] = 1  # the k/v projections on disk are for 2 groups
+    else:
+        extra = ["--tensor", "3"]
+    (src / "config.json").write_text(json.dumps(hf))
+    proc = cascade("convert", "hf-to-mcore", str(src), str(tmp_path / "out"), *extra)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], proc.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
