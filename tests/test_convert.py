@@ -4,6 +4,8 @@ QKV biases, tied embeddings) models, converted to megatron checkpoints, give the
 logits; megatron -> Hugging Face -> megatron is bit-exact; the exported model's greedy tokens in
 `transformers` are `cascade generate`'s; bad input leaves nothing behind."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -34,7 +36,7 @@ def tokenizer_file(path):
 
 def hf_model(kind, folder):
     if kind == "smollm2":  # the real pretrained model, dequantized from its GGUF
-        proc = cascade("convert", "gguf-to-hf", "smollm2", str(folder))
+        proc = convert("gguf-to-hf", "smollm2", str(folder))
         assert proc.returncode == 0, proc.stderr
         return transformers.AutoModelForCausalLM.from_pretrained(folder,
                                                                  dtype=torch.float32).eval()
@@ -62,7 +64,7 @@ def hf_model(kind, folder):
 def converted(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     model = hf_model(request.param, root / "hf")
-    proc = cascade("convert", "hf-to-mcore", str(root / "hf"), str(root / "mc"), "--seq-len",
+    proc = convert("hf-to-mcore", str(root / "hf"), str(root / "mc"), "--seq-len",
                    "64", "--tensor", str(tensor_size(request.param)), "--pipeline", "2")
     assert proc.returncode == 0, proc.stderr
     return request.param, root, model
@@ -76,6 +78,16 @@ def tensor_size(kind):
 def cascade(*args):
     return subprocess.run([sys.executable, "-m", "cascade_mega", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
+
+
+def convert(*args):
+    """`cascade convert ...` in this process (no interpreter start-up per call)."""
+    from cascade_mega.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["convert", *map(str, args)])
+    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
 
 
 def megatron_logits(run, ids):
@@ -161,7 +173,7 @@ def exported(converted):
     kind, root, _ = converted
     back, again = root / "hf_back", root / "mc_again"
     for args in (("mcore-to-hf", root / "mc", back), ("hf-to-mcore", back, again)):
-        proc = cascade("convert", *map(str, args))
+        proc = convert(*map(str, args))
         assert proc.returncode == 0, proc.stderr
     return back, again
 
@@ -227,7 +239,7 @@ def test_bad_input_is_one_message_and_leaves_nothing(converted, tmp_path, case, 
     else:
         extra = ["--tensor", "3"]
     (src / "config.json").write_text(json.dumps(hf))
-    proc = cascade("convert", "hf-to-mcore", str(src), str(tmp_path / "out"), *extra)
+    proc = convert("hf-to-mcore", str(src), str(tmp_path / "out"), *extra)
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and needle in err[0], proc.stderr
@@ -238,14 +250,14 @@ def test_mcore_to_mcore_writes_the_run_at_a_layout_that_divides_it(converted, tm
     kind, root, _ = converted
     if kind != "llama":
         pytest.skip("one architecture is enough")
-    proc = cascade("convert", "mcore-to-mcore", str(root / "mc"), str(tmp_path / "moved"),
+    proc = convert("mcore-to-mcore", str(root / "mc"), str(tmp_path / "moved"),
                    "--tensor", "2", "--pipeline", "4")
     assert proc.returncode == 0, proc.stderr
     cfg = (tmp_path / "moved" / "config.yaml").read_text()
     assert "tensor: 2" in cfg and "pipeline: 4" in cfg
     assert f"tokenizer: {tmp_path}/moved/tokenizer.json" in cfg
     assert (tmp_path / "moved" / "checkpoints" / "latest").read_text() == "iter_0000000\n"
-    bad = cascade("convert", "mcore-to-mcore", str(root / "mc"), str(tmp_path / "pp3"),
+    bad = convert("mcore-to-mcore", str(root / "mc"), str(tmp_path / "pp3"),
                   "--pipeline", "3")
     assert bad.returncode == 2 and "'parallel.pipeline' = 3 does not divide " \
         "'model.num_layers' = 4" in bad.stderr
