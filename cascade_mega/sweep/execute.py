@@ -41,6 +41,8 @@ def run_state(run: Run) -> str:
         return "queued"
     if outcome in ("failed", "stopped", "running"):
         return outcome  # 'running' without a live job: the process died; it resumes
+    if os.path.exists(os.path.join(run_dir, "sweep.log")):
+        return "failed"  # started by the sweep, stopped before training began
     return "new"
 
 
