@@ -126,7 +126,7 @@ def test_server_killed_mid_run_loses_nothing(tmp_path):
     # meanwhile waits for it (tracking.flush_timeout) before finishing
     proc = cascade("train", "configs/quickstart.yaml", "model.num_layers=2",
                    "model.hidden_size=64", "data.seq_len=128", "train.micro_batch_size=4",
-                   "train.global_batch_size=4", "train.steps=150", "train.log_interval=1",
+                   "train.global_batch_size=4", "train.steps=400", "train.log_interval=1",
                    "train.eval_interval=0", "checkpoint.interval=1000", "optimizer.warmup_steps=2",
                    f"run_dir={run_dir}", f"tracking.uri={server.uri}",
                    "tracking.flush_timeout=120", background=True)
@@ -139,8 +139,9 @@ def test_server_killed_mid_run_loses_nothing(tmp_path):
         deadline = time.time() + 300
         while logged() < 20 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.2)
-        server.stop()  # dies mid-run
         start = logged()
+        server.stop()  # dies mid-run (a step takes ~15 ms: the run must be long enough that
+        # it is still training after the kill and 30 more steps on a slow machine)
         while logged() < start + 30 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.2)
         assert proc.poll() is None, "the run ended before the server died"
@@ -157,7 +158,7 @@ def test_server_killed_mid_run_loses_nothing(tmp_path):
     assert client.get_run(run_id).info.status == "FINISHED"
     sent = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
     local = {r["step"]: r["loss"] for r in map(json.loads, open(run_dir / "metrics.jsonl"))}
-    assert sent == local and sorted(sent) == list(range(1, 151))
+    assert sent == local and sorted(sent) == list(range(1, 401))
     assert not (run_dir / "mlflow_unsent.jsonl").exists()
 
 
