@@ -70,6 +70,27 @@ def test_fit_per_objective_with_too_few_runs_says_why():
     assert "a fit needs at least 5 runs, 2 sizes and 2 budgets" in laws["bd4"]
 
 
+def test_report_fits_the_finished_runs_and_names_the_failed_one(tmp_path):
+    """25 runs drawn from a law finished, one failed: the law is fitted from the 25 and the
+    failure is listed with its reason, in the Markdown and the CSV."""
+    from cascade_mega.sweep import report
+
+    N, D, L = draw(TRUE, 6)
+    results = [{"run": f"ar_{i}", "label": "ar", "params": n, "tokens": d, "loss": v,
+                "flops": 6 * n * d, "block_size": None, "depth": 2, "width": 64, "lr": 1e-3}
+               for i, (n, d, v) in enumerate(zip(N, D, L))]
+    failures = [{"run": "ar_broken", "label": "ar", "reason": "MLflow status FAILED"}]
+    laws = fit_objectives(results, bootstrap=10)
+    paths = report.write(str(tmp_path), results, failures, laws, 128)
+    md = (tmp_path / "fit.md").read_text()
+    assert "25 finished runs, 1 failed" in md and "| ar | 25 | " in md
+    assert "| ar_broken | MLflow status FAILED |" in md
+    rows = (tmp_path / "runs.csv").read_text().splitlines()
+    assert len(rows) == 27 and rows[-1] == "ar_broken,ar,,,,,,,,,failed,MLflow status FAILED"
+    assert laws["ar"].alpha == pytest.approx(TRUE["alpha"], rel=0.05)
+    assert str(tmp_path / "loss_vs_compute.png") in paths
+
+
 def sweep_file(tmp_path, grids, extra="", name="tiny"):
     path = tmp_path / f"{name}.yaml"
     path.write_text(f"""name: {name}
