@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks printed as ratios against a baseline")
     bsub = b.add_subparsers(dest="what", required=True)
     from cascade_mega.bench import attention as bench_attention
+    from cascade_mega.bench import continued as bench_continued
     from cascade_mega.bench import data as bench_data
     from cascade_mega.bench import generate as bench_generate
     from cascade_mega.bench import train as bench_train
@@ -106,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, text in (("train", bench_train, "block diffusion vs AR training step"),
                                ("attention", bench_attention, "attention kernels vs AR"),
                                ("generate", bench_generate, "block decoding vs AR decoding"),
-                               ("data", bench_data, "input pipeline vs training tokens/s")):
+                               ("data", bench_data, "input pipeline vs training tokens/s"),
+                               ("continued", bench_continued,
+                                "continued pretraining from an AR model vs scratch")):
         sp = bsub.add_parser(name, help=text)
         module.add_arguments(sp)
         sp.set_defaults(bench_run=module.run)

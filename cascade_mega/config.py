@@ -51,6 +51,22 @@ class DiffusionConfig:
     t_max: float = 1.0
     views: int = 1  # noisy views of each sequence sharing one clean stream: [x_t^1..x_t^V ; x_0]
     complementary: bool = False  # views = 2, the second masks exactly what the first keeps
+    # continued pretraining from an AR model (SDAR / Fast-dLLM v2 style):
+    # an auxiliary next-token loss on one more stream, the clean sequence under a causal mask,
+    # added to the NELBO with this weight (0: off; one extra L-row stream per sequence)
+    ar_loss_weight: float = 0.0
+    # start step -> block size, e.g. {0: 4, 2000: 8}: small blocks first, then grow; the last
+    # entry must equal `block_size` (the block size the model is decoded with). Empty: fixed B.
+    block_size_schedule: Dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class DistillConfig:
+    # a frozen AR teacher (run directory or checkpoint, diffusion.objective = ar, same vocabulary):
+    # for each masked position, KL(teacher's next-token distribution || the denoiser's prediction)
+    # is added to the loss with `weight` per masked token; one extra no-gradient L-row forward
+    teacher: Optional[str] = None
+    weight: float = 1.0
 
 
 @dataclass
@@ -137,6 +153,7 @@ class CascadeConfig:
     run_dir: str = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -253,6 +270,7 @@ def validate(cfg: CascadeConfig, world_size: int = 1) -> None:
     if d.objective == "block_diffusion":
         need(L % d.block_size == 0, f"'diffusion.block_size' = {d.block_size} does not divide "
              f"'data.seq_len' = {L}")
+    _validate_continued(cfg, need)
     need(0.0 <= d.t_min < d.t_max <= 1.0,
          f"'diffusion.t_min'/'diffusion.t_max' must satisfy 0 <= t_min < t_max <= 1, "
          f"got [{d.t_min}, {d.t_max}]")
@@ -330,6 +348,43 @@ def validate(cfg: CascadeConfig, world_size: int = 1) -> None:
          "'tracking.samples' must be >= 0 and 'tracking.sample_tokens' > 0")
     need(t.eval_interval >= 0 and t.eval_batches >= 0,
          "'train.eval_interval' and 'train.eval_batches' must be >= 0")
+
+
+def _validate_continued(cfg: CascadeConfig, need) -> None:
+    """The auxiliary AR loss, the block-size schedule and distillation."""
+    d, p, L = cfg.diffusion, cfg.parallel, cfg.data.seq_len
+    diffusion = d.objective == "block_diffusion"
+    need(d.ar_loss_weight >= 0, f"'diffusion.ar_loss_weight' must be >= 0, got {d.ar_loss_weight}")
+    need(d.ar_loss_weight == 0 or diffusion,
+         "'diffusion.ar_loss_weight' is an auxiliary loss of block diffusion; the ar objective "
+         "has the next-token loss already")
+    need(d.ar_loss_weight == 0 or p.context == 1,
+         "'diffusion.ar_loss_weight' has no context-parallel path: use 'parallel.context' = 1")
+    schedule = d.block_size_schedule
+    if schedule:
+        need(diffusion, "'diffusion.block_size_schedule' needs 'diffusion.objective' = "
+             "block_diffusion")
+        steps = sorted(schedule)
+        need(steps[0] == 0, f"'diffusion.block_size_schedule' must start at step 0, got "
+             f"{steps[0]}")
+        need(schedule[steps[-1]] == d.block_size, f"'diffusion.block_size_schedule' ends at "
+             f"block size {schedule[steps[-1]]}; it must end at 'diffusion.block_size' = "
+             f"{d.block_size} (the block size the model is decoded with)")
+        for step, B in schedule.items():
+            need(B > 0 and L % B == 0, f"'diffusion.block_size_schedule' block size {B} (from "
+                 f"step {step}) does not divide 'data.seq_len' = {L}")
+            need((B < L) == (d.block_size < L), "'diffusion.block_size_schedule' mixes B = L "
+                 "with B < L (they lay out a different number of rows)")
+            need(p.context == 1 or L % (2 * p.context * B) == 0,
+                 f"'diffusion.block_size_schedule' block size {B} does not fit the "
+                 f"context-parallel chunks (seq_len a multiple of 2 x context x B)")
+    t = cfg.distill
+    if t.teacher:
+        need(diffusion, "'distill.teacher' distils an AR teacher into a block-diffusion model: "
+             "'diffusion.objective' must be block_diffusion")
+        need(t.weight > 0, f"'distill.weight' must be positive, got {t.weight}")
+        need(p.pipeline == 1 and p.context == 1, "'distill.teacher' runs at tensor and data "
+             "parallel layouts; 'parallel.pipeline' and 'parallel.context' must be 1")
 
 
 def to_yaml(cfg: CascadeConfig) -> str:

@@ -9,9 +9,11 @@ skip the masked tiles. Per layer, for S rows (2 FLOPs per multiply-add):
     SwiGLU MLP 6 S h f;    read-out 2 n h V on the n rows that carry a prediction.
 
 nnz: AR L (L + 1) / 2; block diffusion (V + 1) L (L + B) / 2 (clean rows block-causal, each view's
-rows their block plus the earlier clean blocks); full diffusion (B = L) V L^2.
+rows their block plus the earlier clean blocks); full diffusion (B = L) V L^2; the auxiliary AR
+stream (`diffusion.ar_loss_weight`) adds L (L + 1) / 2 (its L rows are in S).
 A step is 3 forwards' worth (forward + backward), times the global batch; full recompute reruns
-the forward but MFU counts model FLOPs, as Megatron does.
+the forward but MFU counts model FLOPs, as Megatron does. A distillation teacher adds one forward
+of its own (an AR model of the teacher's size) per sequence.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 
 def attention_pairs(cfg) -> int:
     d, L = cfg.diffusion, cfg.data.seq_len
+    causal = L * (L + 1) // 2
     if d.objective == "ar":
-        return L * (L + 1) // 2
+        return causal
+    aux = causal if d.ar_loss_weight > 0 else 0
     if d.block_size == L:
-        return d.views * L * L
-    return (d.views + 1) * L * (L + d.block_size) // 2
+        return d.views * L * L + aux
+    return (d.views + 1) * L * (L + d.block_size) // 2 + aux
 
 
 def forward_flops(cfg, vocab: int) -> tuple[float, float]:
@@ -45,7 +49,12 @@ def forward_flops(cfg, vocab: int) -> tuple[float, float]:
 
 def step_flops(cfg, vocab: int) -> float:
     """Model FLOPs of one training step (forward and backward, the whole global batch)."""
-    return 3.0 * sum(forward_flops(cfg, vocab)) * cfg.train.global_batch_size
+    flops = 3.0 * sum(forward_flops(cfg, vocab))
+    if cfg.distill.teacher:
+        from cascade_mega.train.distill import teacher_config
+
+        flops += sum(forward_flops(teacher_config(cfg, vocab)[0], vocab))
+    return flops * cfg.train.global_batch_size
 
 
 def peak_flops() -> float | None:

@@ -96,6 +96,9 @@ class AttentionLayout:
     documents: [b, L] document ids of packed sequences (`data.document_mask`): a row then also
     attends only to rows of its own document. Not part of equality or hashing (it changes with
     every batch); `dense()` is the one place that applies it.
+
+    causal_stream: one more stream after the others, the clean sequence under a causal mask that
+    attends only to itself (the auxiliary AR loss, `diffusion.ar_loss_weight`).
     """
 
     kind: str
@@ -105,9 +108,14 @@ class AttentionLayout:
     chunks: tuple = (0,)
     num_chunks: int = 1
     documents: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
+    causal_stream: bool = False
 
     def mask_fn(self):
         """The mask over the rows of the whole (unsplit) layout."""
+        if self.causal_stream:
+            start, inner = (self.streams - 1) * self.seq_len, self.without_causal_stream.mask_fn()
+            return lambda q, k: torch.where(q >= start, (k >= start) & (k <= q),
+                                            (k < start) & inner(q, k))
         L, B, V = self.seq_len, self.block_size, self.views
         if self.kind == "causal":
             return causal
@@ -136,10 +144,15 @@ class AttentionLayout:
         return (mask & (doc[:, :, None] == doc[:, None, :]))[:, None]
 
     @property
+    def without_causal_stream(self) -> "AttentionLayout":
+        return replace(self, causal_stream=False)
+
+    @property
     def streams(self) -> int:
+        extra = int(self.causal_stream)
         if self.kind == "block_diffusion":
-            return self.views + 1
-        return self.views if self.kind == "full" else 1
+            return self.views + 1 + extra
+        return (self.views if self.kind == "full" else 1) + extra
 
     @property
     def split(self) -> bool:

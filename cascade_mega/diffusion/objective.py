@@ -17,6 +17,13 @@ document_mask (`data.document_mask`): in a packed sequence, attention stays insi
   AR the token after an end-of-document), so the NELBO of a packed sequence is the sum of its
   documents' NELBOs, each computed alone (blocks stay where the packed positions put them).
 
+ar_loss_weight > 0 (continued pretraining from an AR model): one more stream, the clean sequence
+  under a causal mask attending only to itself, read out as next-token prediction; its summed CE
+  times the weight joins the loss (reported apart from the NELBO as `ar_loss`).
+block_size_schedule: `at_step(cfg, step)` is the config with the block size in force at a step.
+distillation (`train/distill.py`): `Prepared.target_pos` says which position each NELBO target is,
+  so the teacher's next-token logits can be lined up with it.
+
 context parallel: `prepare(..., context=(rank, size))` keeps this rank's zigzag chunks of every
   stream (`AttentionLayout.split_for_context`) and the targets whose predicting row is here; the
   per-rank losses, token counts and gradients sum to those of the whole sequence.
@@ -27,11 +34,10 @@ context parallel: `prepare(..., context=(rank, size))` keeps this rank's zigzag 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
-
-from dataclasses import replace
 
 from cascade_mega.diffusion.masks import AttentionLayout, document_ids
 from cascade_mega.diffusion.noise import Noise, complement, corrupt, draw
@@ -47,6 +53,24 @@ class Prepared:
     weight: torch.Tensor  # [b, n] fp64 loss weight per read-out target (1/t on masked, else 0)
     scored: torch.Tensor  # [b, n] bool: targets that count for accuracy (masked / all for AR)
     num_tokens: int  # denominator of the per-token NELBO
+    aux_cols: int = 0  # trailing read-out columns of the auxiliary AR stream
+    target_pos: Optional[torch.Tensor] = None  # [n - aux_cols] sequence position of each target
+    distill_weight: Optional[torch.Tensor] = None  # [b, n - aux_cols] KL weight (train/distill.py)
+
+
+# sums the loss reduction returns per micro-batch (summed over micro-batches and ranks):
+# NELBO sum, tokens, correct masked predictions, masked predictions, auxiliary AR CE sum and its
+# targets, distillation KL sum and its targets
+STATS = 8
+
+
+def at_step(cfg, step: int):
+    """The config with the block size `diffusion.block_size_schedule` puts in force at `step`."""
+    schedule = cfg.diffusion.block_size_schedule
+    if not schedule:
+        return cfg
+    block = schedule[max(s for s in schedule if s <= step)]
+    return replace(cfg, diffusion=replace(cfg.diffusion, block_size=block))
 
 
 def shifted_rows(L: int, B: int, clean_offset: int | None, view_offset: int = 0) -> torch.Tensor:
@@ -67,7 +91,8 @@ def sequence_rows(cfg) -> int:
     d, L = cfg.diffusion, cfg.data.seq_len
     if d.objective == "ar":
         return L
-    return (d.views + 1) * L if d.block_size < L else d.views * L
+    streams = d.views + int(d.block_size < L) + int(d.ar_loss_weight > 0)
+    return streams * L
 
 
 def readout_rows(cfg) -> int:
@@ -75,7 +100,7 @@ def readout_rows(cfg) -> int:
     d, L = cfg.diffusion, cfg.data.seq_len
     if d.objective == "ar":
         return L
-    return d.views * (L - int(d.shifted_prediction))
+    return d.views * (L - int(d.shifted_prediction)) + L * int(d.ar_loss_weight > 0)
 
 
 def draw_noise(cfg, n: int, generator: torch.Generator, t_range=None) -> Noise:
@@ -95,13 +120,16 @@ def prepare(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
     context: (rank, size) of the context-parallel group.
     eod_id: the end-of-document token (needed by `data.document_mask`).
     """
-    documents = None
+    documents, ar_mask = None, loss_mask
     if cfg.data.document_mask:
         if eod_id is None:
             raise ValueError("data.document_mask needs the end-of-document token id (eod_id)")
         documents = document_ids(tokens, eod_id)
+        ar_mask = loss_mask * (tokens != eod_id)  # an end-of-document's label opens the next one
         loss_mask = loss_mask * _within_document(tokens, documents, cfg, eod_id)
     prep = _prepare(tokens, labels, loss_mask, cfg, mask_id, noise, t_range)
+    if cfg.diffusion.ar_loss_weight > 0 and cfg.diffusion.objective != "ar":
+        prep = _add_causal_stream(prep, tokens, labels, ar_mask, cfg.diffusion.ar_loss_weight)
     if documents is not None:
         prep.layout = replace(prep.layout, documents=documents)
     if context[1] == 1:
@@ -140,6 +168,22 @@ def _split_for_context(prep: Prepared, counted, rank: int, size: int) -> Prepare
                     int(counted[:, positions].sum()))
 
 
+def _add_causal_stream(prep: Prepared, tokens, labels, ar_mask, weight: float) -> Prepared:
+    """Append the clean sequence as a causal stream whose rows predict the next token."""
+    b, L = tokens.shape
+    start = prep.layout.total_len
+    rows = prep.readout.rows if prep.readout.rows is not None else torch.arange(start)
+    return replace(
+        prep, input_ids=torch.cat([prep.input_ids, tokens], 1),
+        position_ids=torch.cat([prep.position_ids, torch.arange(L).expand(b, L)], 1),
+        layout=replace(prep.layout, causal_stream=True),
+        readout=ReadOut(torch.cat([rows, start + torch.arange(L)]),
+                        torch.cat([prep.readout.labels, labels], 1)),
+        weight=torch.cat([prep.weight, ar_mask.to(torch.float64) * weight], 1),
+        scored=torch.cat([prep.scored, torch.zeros(b, L, dtype=torch.bool)], 1),
+        aux_cols=L)
+
+
 def _prepare(tokens, labels, loss_mask, cfg, mask_id, noise, t_range) -> Prepared:
     d = cfg.diffusion
     b, L = tokens.shape
@@ -170,24 +214,39 @@ def _prepare(tokens, labels, loss_mask, cfg, mask_id, noise, t_range) -> Prepare
         rows = torch.cat([shifted_rows(L, B, clean_offset, v * L) for v in range(V)])
         targets, weight = targets[..., 1:], weight[..., 1:]
         masked, valid = masked[..., 1:], valid[..., 1:]
+        positions = torch.arange(1, L)
     else:
-        rows = torch.arange(V * L)
+        rows, positions = torch.arange(V * L), torch.arange(L)
     weight = weight * valid
     n_per_view = targets.shape[-1]
     flat = lambda x: x.reshape(b, V * n_per_view)  # noqa: E731  [b, V, n] -> view-major rows
     return Prepared(input_ids, position_ids, layout, ReadOut(rows, flat(targets).contiguous()),
-                    flat(weight), flat(masked & valid), int(valid[:, 0].sum()))
+                    flat(weight), flat(masked & valid), int(valid[:, 0].sum()),
+                    target_pos=positions.repeat(V))
 
 
-def reduce(ce: torch.Tensor, correct: torch.Tensor, prep: Prepared):
-    """Summed weighted loss (for backward) and metric sums. ce, correct: [b, n]."""
+def reduce(ce: torch.Tensor, correct: torch.Tensor, prep: Prepared, kl=None):
+    """Summed weighted loss (for backward) and the `STATS` metric sums. ce, correct: [b, n];
+    kl: [b, n - aux_cols] per-target distillation KL, or None."""
     w = prep.weight.to(ce.dtype)
-    loss_sum = (ce * w).sum()
+    n = ce.shape[1] - prep.aux_cols
+    nelbo = (ce[:, :n] * w[:, :n]).sum()
+    loss_sum = nelbo
+    zero = torch.zeros((), dtype=torch.float64)
+    ar_sum = ar_count = kl_sum = kl_count = zero
+    if prep.aux_cols:
+        aux = w[:, n:]
+        loss_sum = loss_sum + (ce[:, n:] * aux).sum()
+        ar_sum, ar_count = (ce[:, n:].detach() * (aux > 0)).sum().double(), (aux > 0).sum().double()
+    if kl is not None:
+        kw = prep.distill_weight.to(kl.dtype)
+        loss_sum = loss_sum + (kl * kw).sum()
+        kl_sum, kl_count = (kl.detach() * (kw > 0)).sum().double(), (kw > 0).sum().double()
     scored = prep.scored
     stats = torch.stack([
-        loss_sum.detach().double(),
+        nelbo.detach().double(),
         torch.tensor(float(prep.num_tokens), dtype=torch.float64),
         (correct & scored).sum().double(),
-        scored.sum().double(),
+        scored.sum().double(), ar_sum, ar_count, kl_sum, kl_count,
     ])
     return loss_sum, stats

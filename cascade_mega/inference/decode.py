@@ -83,7 +83,7 @@ class Decoder:
         self.max_len = cfg.data.seq_len
         if not self.ar and self.B == self.max_len:
             raise GenerationError("full-diffusion checkpoints (block_size = seq_len) decode with "
-                                  "an approximate prefix cache, which is not built yet")
+                                  "FullDiffusionDecoder (inference/full_diffusion.py)")
         self.forwards = 0
 
     # ------------------------------------------------------------------ checks

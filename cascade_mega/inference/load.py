@@ -63,8 +63,19 @@ def load_model(path: str, threads: int = 0):
     return cfg, tokenizer, model
 
 
-def load_decoder(path: str, threads: int = 0):
-    from cascade_mega.inference.decode import Decoder
+def load_decoder(path: str, threads: int = 0, **full_diffusion):
+    """The decoder for the checkpoint's objective: block / AR decoding, or for a full-diffusion
+    checkpoint (B = L) `FullDiffusionDecoder` with `full_diffusion` options (cache, block,
+    guidance)."""
+    from cascade_mega.inference.decode import Decoder, GenerationError
 
     cfg, tokenizer, model = load_model(path, threads)
+    d = cfg.diffusion
+    if d.objective != "ar" and d.block_size == cfg.data.seq_len:
+        from cascade_mega.inference.full_diffusion import FullDiffusionDecoder
+
+        return FullDiffusionDecoder(model, cfg, tokenizer, **full_diffusion)
+    if full_diffusion.get("guidance"):
+        raise GenerationError("--guidance applies to full-diffusion checkpoints (block_size = "
+                              "seq_len); this one decodes block by block")
     return Decoder(model, cfg, tokenizer)

@@ -72,6 +72,13 @@ def attend(query, key, value, layout: AttentionLayout, kernel: str = "auto",
     clean_kv: the gathered clean stream when the layout is split across context-parallel ranks.
     """
     gqa = key.shape[1] != query.shape[1]
+    if layout.causal_stream:  # the auxiliary AR stream attends only to itself: its own call
+        n = layout.total_len - layout.local_len
+        ar = AttentionLayout("causal", layout.seq_len, documents=layout.documents)
+        return torch.cat([
+            attend(query[:, :, :n], key[:, :, :n], value[:, :, :n], layout.without_causal_stream,
+                   kernel, scale, clean_kv),
+            attend(query[:, :, n:], key[:, :, n:], value[:, :, n:], ar, kernel, scale)], dim=2)
     if layout.documents is not None:
         return _attend_within_documents(query, key, value, layout, kernel, scale, gqa)
     if layout.split:

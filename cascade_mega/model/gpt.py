@@ -37,10 +37,13 @@ from cascade_mega.runtime import te_support
 
 @dataclass
 class ReadOut:
-    """Which sequence rows predict which targets. rows: [n] row index; labels: [b, n]."""
+    """Which sequence rows predict which targets. rows: [n] row index; labels: [b, n].
+
+    teacher: [m, b, v/tp] a frozen teacher's logits for the first m targets (distillation)."""
 
     rows: Optional[torch.Tensor]
     labels: torch.Tensor
+    teacher: Optional[torch.Tensor] = None
 
 
 def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
@@ -152,6 +155,47 @@ def _vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.stack(indices).gather(0, best).squeeze(0)
 
 
+class _VocabParallelKL(torch.autograd.Function):
+    """KL(teacher || student) per row over a vocabulary split across the tensor-parallel group.
+
+    Ids a model never predicts carry -inf in both (same `logit_bias`); they add nothing. The
+    gradient with respect to the student's logits is softmax(student) - softmax(teacher), kept
+    from the forward (one [n, b, v/tp] tensor, like the cross-entropy's)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher):
+        group = parallel_state.get_tensor_model_parallel_group()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+
+        def log_softmax(x):
+            top = x.max(dim=-1, keepdim=True).values
+            if tp > 1:
+                torch.distributed.all_reduce(top, torch.distributed.ReduceOp.MAX, group=group)
+            shifted = x - top
+            total = shifted.exp().sum(dim=-1, keepdim=True)
+            if tp > 1:
+                torch.distributed.all_reduce(total, group=group)
+            return shifted - total.log()
+
+        log_s, log_t = log_softmax(student), log_softmax(teacher)
+        p_t = log_t.exp()
+        kl = torch.where(p_t > 0, p_t * (log_t - log_s), 0.0).sum(dim=-1)
+        if tp > 1:
+            torch.distributed.all_reduce(kl, group=group)
+        ctx.save_for_backward(log_s.exp_().sub_(p_t))
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad):
+        (diff,) = ctx.saved_tensors
+        return grad.unsqueeze(-1) * diff, None
+
+
+def vocab_parallel_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(teacher) || softmax(student)) per row; [n, b, v/tp] fp32 logits -> [n, b]."""
+    return _VocabParallelKL.apply(student, teacher)
+
+
 def read_out_logits(hidden_states, output_layer, output_weight, rows, gather: bool):
     """The output layer on the chosen rows only. Under sequence parallel each rank holds a slice
     of the sequence: gather it first (backward: each rank keeps its slice of the gradient, after
@@ -175,16 +219,22 @@ def predict_and_score(*, hidden_states, output_layer, output_weight, context: Re
                       **_unused):
     """megatron `output_processor`: logits on the read-out rows only, per-token CE and hits.
 
-    Returns (ce [b, n] fp32, correct [b, n] bool).
+    Returns (ce [b, n] fp32, correct [b, n] bool), and kl [b, m] when the context carries a
+    teacher's logits for the first m targets.
     """
     logits = read_out_logits(hidden_states, output_layer, output_weight, context.rows, False)
     # forbid [MASK] and vocabulary padding; in place: the linear layer keeps no copy of its output
     logits = logits.float().add_(output_layer.logit_bias)
     labels = context.labels.t().contiguous()  # [n, b]
+    # before the cross-entropy, which turns the logits into probabilities in place
+    kl = None if context.teacher is None else \
+        vocab_parallel_kl(logits[:context.teacher.shape[0]], context.teacher)
     ce = tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
     with torch.no_grad():
         correct = _vocab_parallel_argmax(logits) == labels
-    return ce.t(), correct.t()
+    if kl is None:
+        return ce.t(), correct.t()
+    return ce.t(), correct.t(), kl.t()
 
 
 def build_model(cfg: CascadeConfig, vocab_size: int, forbidden_ids=(), *, pre_process=True,

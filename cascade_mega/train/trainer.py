@@ -29,7 +29,7 @@ from cascade_mega.data import loader
 from cascade_mega.diffusion import objective
 from cascade_mega.model.gpt import build_model, predict_and_score
 from cascade_mega.runtime import distributed
-from cascade_mega.train import checkpoint
+from cascade_mega.train import checkpoint, distill
 from cascade_mega.train.optim import build_optimizer, wrap_ddp
 from cascade_mega.train.signals import StopSignals
 
@@ -79,6 +79,8 @@ class Trainer:
             dist.broadcast_object_list(box, src=0)
             self.prefix = box[0]
         self.tokenizer = loader.load_tokenizer(cfg.data, self.prefix)
+        teacher = distill.teacher_config(cfg, self.tokenizer.vocab_size) \
+            if cfg.distill.teacher else None
         distributed.init(cfg.parallel, cfg.train.seed)
         ps = parallel_state
         self.dp_size = ps.get_data_parallel_world_size()
@@ -92,6 +94,8 @@ class Trainer:
         self.num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp_size)
         self.dtype = run_dtype(cfg)
         self.chunks = wrap_ddp(self._build_chunks(), cfg)
+        self.teacher = distill.build_teacher(*teacher, self.tokenizer, self.dtype) \
+            if teacher else None
         self.optimizer, self.scheduler = build_optimizer(self.chunks, cfg, self.dtype)
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         checkpoint.start_writer()  # before any scheduler signal can arrive
@@ -143,7 +147,10 @@ class Trainer:
 
     # ---------------------------------------------------------------- steps
     def _micro_batches(self, reader, step: int, split: str, t_range=None):
-        cfg, mbs, gbs = self.cfg, self.cfg.train.micro_batch_size, self.cfg.train.global_batch_size
+        # block-size schedule: validation (`step` is then the batch) uses the last trained step's
+        train = split == "train"
+        cfg = objective.at_step(self.cfg, step if train else max(self.step - 1, 0))
+        mbs, gbs = cfg.train.micro_batch_size, cfg.train.global_batch_size
         noise = None
         if cfg.diffusion.objective != "ar":  # one draw per global batch: layout-independent
             noise = objective.draw_noise(cfg, gbs, noise_generator(cfg.train.seed, split, step),
@@ -152,10 +159,13 @@ class Trainer:
             start = loader.micro_batch_start(step, m, self.dp_rank, cfg, self.dp_size)
             batch = reader.micro_batch(start, mbs)
             rows = start - step * gbs
-            yield objective.prepare(batch.tokens, batch.labels, batch.loss_mask, cfg,
-                                    self.tokenizer.mask_id,
-                                    noise.rows(rows, rows + mbs) if noise else None,
-                                    context=self.context, eod_id=self.tokenizer.eod)
+            prep = objective.prepare(batch.tokens, batch.labels, batch.loss_mask, cfg,
+                                     self.tokenizer.mask_id,
+                                     noise.rows(rows, rows + mbs) if noise else None,
+                                     context=self.context, eod_id=self.tokenizer.eod)
+            if self.teacher is not None and train:
+                prep = distill.attach(prep, self.teacher, batch.tokens, cfg.distill.weight)
+            yield prep
 
     @staticmethod
     def _forward_step(data_iterator, model):
@@ -166,8 +176,7 @@ class Trainer:
 
     @staticmethod
     def _loss(prep, output):
-        ce, correct = output
-        loss_sum, stats = objective.reduce(ce, correct, prep)
+        loss_sum, stats = objective.reduce(*output[:2], prep, *output[2:])
         return loss_sum, torch.tensor(prep.num_tokens, dtype=torch.int), {"stats": stats}
 
     def _run_schedule(self, make_iter, forward_only: bool):
@@ -184,7 +193,7 @@ class Trainer:
             micro_batch_size=cfg.train.micro_batch_size,
             forward_only=forward_only,
         )
-        stats = torch.zeros(4, dtype=torch.float64)
+        stats = torch.zeros(objective.STATS, dtype=torch.float64)
         for out in outs:
             stats += out["stats"]
         # context-parallel ranks hold parts of the same sequences: their sums add up too
@@ -202,6 +211,12 @@ class Trainer:
             out["ppl_bound"] = float(torch.exp(torch.tensor(min(loss, 50.0))))
         out["masked_acc" if self.cfg.diffusion.objective != "ar" else "acc"] = \
             float(stats[2] / stats[3].clamp(min=1))
+        if stats[5] > 0:
+            out["ar_loss"] = float(stats[4] / stats[5])
+        if stats[7] > 0:
+            out["distill_kl"] = float(stats[6] / stats[7])
+        if self.cfg.diffusion.block_size_schedule:
+            out["block_size"] = objective.at_step(self.cfg, self.step).diffusion.block_size
         return out
 
     def train_step(self, step: int) -> dict:
@@ -233,7 +248,7 @@ class Trainer:
         """NELBO on a fixed validation set with fixed noise (t over the full range (0, 1])."""
         for c in self.chunks:
             c.eval()
-        stats = torch.zeros(4, dtype=torch.float64)
+        stats = torch.zeros(objective.STATS, dtype=torch.float64)
         for i in range(self.cfg.train.eval_batches):
             stats += self._run_schedule(
                 lambda i=i: self._micro_batches(self.valid_data, i, "valid", t_range=(0.0, 1.0)),

@@ -8,7 +8,8 @@ import sys
 def _fmt(metrics: dict) -> str:
     parts = []
     for key, fmt in (("loss", "{:.4f}"), ("nelbo", "{:.4f}"), ("ppl_bound", "{:.1f}"),
-                     ("masked_acc", "{:.3f}"), ("lr", "{:.2e}"), ("grad_norm", "{:.3f}"),
+                     ("masked_acc", "{:.3f}"), ("ar_loss", "{:.4f}"), ("distill_kl", "{:.4f}"),
+                     ("block_size", "{}"), ("lr", "{:.2e}"), ("grad_norm", "{:.3f}"),
                      ("tokens_per_s", "{:.0f}"), ("step_time", "{:.3f}s")):
         if key in metrics:
             parts.append(f"{key} " + fmt.format(metrics[key]))

@@ -1,0 +1,141 @@
+"""`cascade bench continued`: continued pretraining from a converted AR model against scratch.
+
+The recipe (`configs/recipes/smollm2_135m_cpu.yaml` by default) is trained twice with the same
+steps, data and validation noise: from the converted SmolLM2-135M weights (`train.init_from`) and
+from a random initialisation of the same architecture (at a from-scratch learning rate); with
+`--distill`, a third time from the converted weights with the frozen AR SmolLM2 as teacher. The
+printed figure is the validation perplexity bound (exp of the NELBO over t in (0, 1]) at the end,
+and its ratio scratch / converted.
+
+Everything missing is prepared first under `--root` (default `runs/smollm2`), so the command runs
+on a fresh clone: the Hugging Face model from the GGUF the [hf] extra ships, the block-diffusion and
+AR conversions, and Shakespeare in SmolLM2's tokenizer. Finished runs are reused; an interrupted
+one resumes from its checkpoint. Each run is a `cascade train` child process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+RECIPE = "configs/recipes/smollm2_135m_cpu.yaml"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--recipe", default=RECIPE)
+    p.add_argument("--root", default="runs/smollm2", help="where the models, data and runs go")
+    p.add_argument("--steps", type=int, default=None, help="override the recipe's train.steps")
+    p.add_argument("--scratch-lr", type=float, default=1e-3,
+                   help="learning rate of the from-scratch run (min_lr a tenth of it)")
+    p.add_argument("--distill", action="store_true",
+                   help="also train with the AR model as distillation teacher")
+    p.add_argument("--distill-weight", type=float, default=1.0)
+    p.add_argument("--json", action="store_true", help="end with one JSON line")
+
+
+def _cascade(*args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "cascade_mega", *args])
+    if proc.returncode != 0:
+        raise RuntimeError(f"cascade {' '.join(args[:3])} ... failed (exit {proc.returncode})")
+
+
+def prepare(root: str, cfg) -> dict:
+    """The converted models and the tokenised corpus under root (made when missing)."""
+    from cascade_mega.data.shakespeare import documents
+
+    paths = {k: os.path.join(root, k) for k in ("hf", "bd", "ar", "plays")}
+    if not os.path.isdir(paths["hf"]):
+        _cascade("convert", "gguf-to-hf", "smollm2", paths["hf"])
+    L, B = str(cfg.data.seq_len), str(cfg.diffusion.block_size)
+    if not os.path.isdir(paths["bd"]):
+        _cascade("convert", "hf-to-mcore", paths["hf"], paths["bd"], "--objective",
+                 "block_diffusion", "--block-size", B, "--seq-len", L)
+    if not os.path.isdir(paths["ar"]):
+        _cascade("convert", "hf-to-mcore", paths["hf"], paths["ar"], "--objective", "ar",
+                 "--seq-len", L)
+    if not os.path.isfile(paths["plays"] + ".idx"):
+        corpus = paths["plays"] + ".jsonl"
+        with open(corpus, "w") as f:
+            for doc in documents():
+                f.write(json.dumps({"text": doc}) + "\n")
+        _cascade("preprocess", corpus, "--output-prefix", paths["plays"], "--tokenizer",
+                 os.path.join(paths["bd"], "tokenizer.json"))
+    return paths
+
+
+def _finished(run_dir: str, steps: int) -> bool:
+    try:
+        with open(os.path.join(run_dir, "exit.json")) as f:
+            done = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return done.get("outcome") == "finished" and done.get("step") == steps
+
+
+def final_eval(run_dir: str) -> dict:
+    """The last validation record of a run's metrics.jsonl, and the first (step 0)."""
+    evals = []
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec.get("split") == "valid":
+                evals.append(rec)
+    return {"start": evals[0], "end": evals[-1]}
+
+
+def run(args) -> int:
+    from cascade_mega.config import load_config
+
+    root = os.path.abspath(args.root)
+    base = [f"data.path={root}/plays", f"data.tokenizer={root}/bd/tokenizer.json"]
+    if args.steps:
+        warmup = load_config(args.recipe, base, world_size=0).optimizer.warmup_steps
+        base += [f"train.steps={args.steps}",
+                 f"optimizer.warmup_steps={min(warmup, args.steps // 10)}"]
+    cfg = load_config(args.recipe, base + [f"run_dir={root}/converted"], world_size=0)
+    steps = cfg.train.steps
+    runs = {
+        "converted": [f"train.init_from={root}/bd"],
+        "scratch": ["train.init_from=null", f"optimizer.lr={args.scratch_lr}",
+                    f"optimizer.min_lr={args.scratch_lr / 10}"],
+    }
+    if args.distill:
+        runs["distilled"] = [f"train.init_from={root}/bd", f"distill.teacher={root}/ar",
+                             f"distill.weight={args.distill_weight}"]
+    for name, extra in runs.items():  # every run's config is checked before anything is made
+        load_config(args.recipe, base + extra + [f"run_dir={root}/{name}"], world_size=0)
+    prepare(root, cfg)
+    rows = []
+    for name, extra in runs.items():
+        run_dir = f"{root}/{name}"
+        start = time.perf_counter()
+        if not _finished(run_dir, steps):
+            print(f"bench continued: training {name} ({steps} steps)", flush=True)
+            _cascade("train", args.recipe, *base, *extra, f"run_dir={run_dir}")
+        ev = final_eval(run_dir)
+        rows.append({"run": name, "steps": steps, "start_ppl_bound": ev["start"]["ppl_bound"],
+                     "ppl_bound": ev["end"]["ppl_bound"], "nelbo": ev["end"]["nelbo"],
+                     "minutes": round((time.perf_counter() - start) / 60, 1)})
+    by = {r["run"]: r for r in rows}
+    print(f"\n{'run':<10} {'steps':>5} {'ppl bound at 0':>15} {'ppl bound':>10} {'nelbo':>7} "
+          f"{'min':>5}")
+    for r in rows:
+        print(f"{r['run']:<10} {r['steps']:>5} {r['start_ppl_bound']:>15.1f} "
+              f"{r['ppl_bound']:>10.1f} {r['nelbo']:>7.3f} {r['minutes']:>5}")
+    result = {"rows": rows, "converted_ppl_bound": by["converted"]["ppl_bound"],
+              "scratch_ppl_bound": by["scratch"]["ppl_bound"],
+              "scratch_over_converted": by["scratch"]["ppl_bound"] /
+              by["converted"]["ppl_bound"]}
+    print(f"scratch / converted perplexity bound: {result['scratch_over_converted']:.2f}x")
+    if "distilled" in by:
+        result["distilled_ppl_bound"] = by["distilled"]["ppl_bound"]
+        result["distilled_over_converted"] = by["distilled"]["ppl_bound"] / \
+            by["converted"]["ppl_bound"]
+        print(f"distilled / converted perplexity bound: "
+              f"{result['distilled_over_converted']:.3f}x")
+    if args.json:
+        print(json.dumps(result))
+    return 0
