@@ -53,9 +53,21 @@ class Generation:
     text: str = ""
 
 
-def _logits(*, hidden_states, output_layer, output_weight, context, **_unused):
+def logits_of_rows(*, hidden_states, output_layer, output_weight, context, **_unused):
     logits = read_out_logits(hidden_states, output_layer, output_weight, context, True)
     return (logits.float() + output_layer.logit_bias).transpose(0, 1)  # [b, rows, V]
+
+
+def check_request(prompts: List[List[int]], max_len: int, max_new_tokens: int) -> None:
+    """Empty prompts, prompts that fill the context, a non-positive token budget: one message."""
+    for i, p in enumerate(prompts):
+        if not p:
+            raise GenerationError(f"prompt {i} is empty")
+        if len(p) >= max_len:
+            raise GenerationError(f"prompt {i} has {len(p)} tokens; the model's context is "
+                                  f"{max_len} (data.seq_len), leaving no room to generate")
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
 class _Sequence:
@@ -86,15 +98,6 @@ class Decoder:
                                   "FullDiffusionDecoder (inference/full_diffusion.py)")
         self.forwards = 0
 
-    # ------------------------------------------------------------------ checks
-    def _check(self, prompts: List[List[int]]):
-        for i, p in enumerate(prompts):
-            if not p:
-                raise GenerationError(f"prompt {i} is empty")
-            if len(p) >= self.max_len:
-                raise GenerationError(f"prompt {i} has {len(p)} tokens; the model's context is "
-                                      f"{self.max_len} (data.seq_len), leaving no room to generate")
-
     # ------------------------------------------------------------------ one forward
     def _forward(self, seqs: List[_Sequence]):
         B, mask_id = self.B, self.tok.mask_id
@@ -124,7 +127,7 @@ class Decoder:
                 needed |= {width + int(r) for r in masked if r >= 0}
         cols = sorted(set(last) | needed)
         step = DecodeStep(self.cache, kinds, blocks)
-        logits = self.model(ids, pos, step, output_processor=_logits,
+        logits = self.model(ids, pos, step, output_processor=logits_of_rows,
                             output_processor_context=torch.tensor(cols))
         step.commit()
         self.forwards += 1
@@ -207,9 +210,7 @@ class Decoder:
                  policy: Policy = Policy(), sampling: Sampling = Sampling(),
                  stream: Optional[Callable[[int, List[int]], None]] = None) -> List[Generation]:
         """Token-id prompts -> one Generation each. stream(i, tokens) gets each decided block."""
-        self._check(prompts)
-        if max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_request(prompts, self.max_len, max_new_tokens)
         self.max_new, self.policy, self.sampling = max_new_tokens, policy, sampling
         self.gen = torch.Generator().manual_seed(sampling.seed)
         self.model.eval()

@@ -29,7 +29,8 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
-from cascade_mega.inference.decode import BlockStats, Generation, GenerationError, _logits
+from cascade_mega.inference.decode import (BlockStats, Generation, GenerationError, logits_of_rows,
+                                            check_request)
 from cascade_mega.inference.policies import Policy
 from cascade_mega.inference.sampling import Sampling, sample
 
@@ -81,7 +82,7 @@ class FullDiffusionDecoder:
         pos = torch.arange(lo, hi).expand(canvas.shape[0], hi - lo)
         step = CanvasStep(self.kv, lo, hi, total, fill)
         self.forwards += 1
-        return self.model(canvas[:, lo:hi], pos, step, output_processor=_logits,
+        return self.model(canvas[:, lo:hi], pos, step, output_processor=logits_of_rows,
                           output_processor_context=torch.as_tensor(rows) - lo)
 
     def _block_logits(self, canvas, start, end, first: bool, stale_first):
@@ -101,14 +102,7 @@ class FullDiffusionDecoder:
     def generate(self, prompts: List[List[int]], max_new_tokens: int = 128,
                  policy: Policy = Policy("threshold"), sampling: Sampling = Sampling(),
                  stream: Optional[Callable[[int, List[int]], None]] = None) -> List[Generation]:
-        for i, p in enumerate(prompts):
-            if not p:
-                raise GenerationError(f"prompt {i} is empty")
-            if len(p) >= self.max_len:
-                raise GenerationError(f"prompt {i} has {len(p)} tokens; the model's context is "
-                                      f"{self.max_len} (data.seq_len), leaving no room to generate")
-        if max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_request(prompts, self.max_len, max_new_tokens)
         self.model.eval()
         gen = torch.Generator().manual_seed(sampling.seed)
         return [self._one(p, min(max_new_tokens, self.max_len - len(p)), policy, sampling, gen,
