@@ -383,8 +383,10 @@ def _validate_continued(cfg: CascadeConfig, need) -> None:
         need(diffusion, "'distill.teacher' distils an AR teacher into a block-diffusion model: "
              "'diffusion.objective' must be block_diffusion")
         need(t.weight > 0, f"'distill.weight' must be positive, got {t.weight}")
-        need(p.pipeline == 1 and p.context == 1, "'distill.teacher' runs at tensor and data "
-             "parallel layouts; 'parallel.pipeline' and 'parallel.context' must be 1")
+        need(p.context == 1, "'distill.teacher' has no context-parallel path (a target's teacher "
+             "row can sit on another rank): use 'parallel.context' = 1")
+        need(not p.virtual_pipeline, "'distill.teacher' has no interleaved-pipeline path: unset "
+             "'parallel.virtual_pipeline'")
 
 
 def to_yaml(cfg: CascadeConfig) -> str:

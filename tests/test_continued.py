@@ -94,13 +94,13 @@ def test_distillation_kl_against_float64_reference(megatron, shifted):
     tokens = random_tokens(b, L, gen)
     prep = objective.prepare(tokens, tokens, torch.ones(b, L), cfg, MASK_ID,
                              objective.draw_noise(cfg, b, gen))
-    prep = distill.attach(prep, teacher, tokens, weight)
-    ce, correct, kl = score(student, prep)
+    prep = distill.targets(prep, tokens, weight)
+    teacher.requires_grad_(False)  # frozen, as the trainer's teacher
+    ce, correct, kl = distill.forward(student, teacher, prep)
     loss, stats = objective.reduce(ce, correct, prep, kl)
     nelbo, _ = objective.reduce(ce, correct, prep)
 
     pos = prep.target_pos
-    teacher.requires_grad_(False)  # frozen, as the trainer's teacher
     t_logits = teacher(tokens, torch.arange(L).expand(b, L), AttentionLayout("causal", L),
                        output_processor=_student_logits, output_processor_context=None)
     s_logits = student(prep.input_ids, prep.position_ids, prep.layout,
@@ -174,8 +174,10 @@ def test_vocab_parallel_kl_at_tensor_parallel_2(tmp_path):
 def test_distillation_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="auxiliary loss of block diffusion"):
         tiny_cfg("diffusion.objective=ar", "diffusion.ar_loss_weight=0.5")
-    with pytest.raises(ConfigError, match="'parallel.pipeline' and 'parallel.context' must be 1"):
-        tiny_cfg("distill.teacher=/x", "parallel.pipeline=2")
+    with pytest.raises(ConfigError, match="no context-parallel path"):
+        tiny_cfg("distill.teacher=/x", "parallel.context=2")
+    with pytest.raises(ConfigError, match="no interleaved-pipeline path"):
+        tiny_cfg("distill.teacher=/x", "parallel.pipeline=2", "parallel.virtual_pipeline=2")
     with pytest.raises(ConfigError, match="objective' must be block_diffusion"):
         tiny_cfg("distill.teacher=/x", "diffusion.objective=ar")
 
@@ -214,10 +216,11 @@ def test_recipes_describe_the_converted_models(recipe, hf, gpus):
     assert cfg.model.vocab_size >= hf["vocab_size"] + 1  # room for [MASK]
 
 
-def test_distillation_aux_loss_and_schedule_at_tp2_match_single_process(tmp_path):
+def test_distillation_aux_loss_and_schedule_at_tp2_and_pp2_match_single_process(tmp_path):
     """`cascade train` with a teacher, the auxiliary AR loss and a block-size schedule: two
-    tensor-parallel ranks (sequence parallel) give the single process's losses, gradient norms,
-    KL and AR loss, and the block size follows the schedule."""
+    tensor-parallel ranks (sequence parallel), and two pipeline stages (the teacher's rows travel
+    with the student's), give the single process's losses, gradient norms, KL and AR loss; the
+    block size follows the schedule."""
     from test_torchrun import _assert_same, _run
 
     _run(tmp_path, "teacher", "diffusion.objective=ar", "train.steps=3", "train.eval_interval=0")
@@ -226,10 +229,12 @@ def test_distillation_aux_loss_and_schedule_at_tp2_match_single_process(tmp_path
     single = _run(tmp_path, "single", *args)
     tp2 = _run(tmp_path, "tp2", "--nproc-per-node", "2", *args, "parallel.tensor=2",
                "parallel.sequence_parallel=true")
-    _assert_same(single, tp2)
+    pp2 = _run(tmp_path, "pp2", "--nproc-per-node", "2", *args, "parallel.pipeline=2")
     train = [r for r in single if r["split"] == "train"]
     assert [r["block_size"] for r in train] == [4, 4, 8, 8]
-    for a, b in zip(train, [r for r in tp2 if r["split"] == "train"]):
-        assert a["distill_kl"] > 0.01 and a["ar_loss"] > 1.0
-        assert abs(a["distill_kl"] - b["distill_kl"]) < 1e-5
-        assert abs(a["ar_loss"] - b["ar_loss"]) < 1e-5
+    for other in (tp2, pp2):
+        _assert_same(single, other)
+        for a, b in zip(train, [r for r in other if r["split"] == "train"]):
+            assert a["distill_kl"] > 0.01 and a["ar_loss"] > 1.0
+            assert abs(a["distill_kl"] - b["distill_kl"]) < 1e-5
+            assert abs(a["ar_loss"] - b["ar_loss"]) < 1e-5

@@ -56,6 +56,7 @@ class Prepared:
     aux_cols: int = 0  # trailing read-out columns of the auxiliary AR stream
     target_pos: Optional[torch.Tensor] = None  # [n - aux_cols] sequence position of each target
     distill_weight: Optional[torch.Tensor] = None  # [b, n - aux_cols] KL weight (train/distill.py)
+    clean_tokens: Optional[torch.Tensor] = None  # [b, L] what a distillation teacher reads
 
 
 # sums the loss reduction returns per micro-batch (summed over micro-batches and ranks):

@@ -29,8 +29,8 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
-from cascade_mega.inference.decode import (BlockStats, Generation, GenerationError, logits_of_rows,
-                                            check_request)
+from cascade_mega.inference.decode import (BlockStats, Generation, GenerationError,
+                                            check_request, logits_of_rows)
 from cascade_mega.inference.policies import Policy
 from cascade_mega.inference.sampling import Sampling, sample
 

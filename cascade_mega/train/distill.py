@@ -10,10 +10,13 @@ Design choices:
   loaded from its own checkpoint (resharded on load), frozen and in eval mode. Its logits stay
   split over the vocabulary like the student's; the KL reduces across the tensor-parallel group
   (`model/gpt.py: vocab_parallel_kl`). Data-parallel ranks run it on their own micro-batches.
-- One extra L-row forward per sequence without gradient, run when the micro-batch is prepared; the
-  logits travel to the student's output layer in its `ReadOut`, lined up with the targets.
-- Pipeline and context parallel are refused by the config check: the teacher would need its own
-  pipeline schedule, or rows held by other context-parallel ranks.
+- One extra L-row forward per sequence without gradient, in the same forward step as the student;
+  the logits travel to the student's output layer in its `ReadOut`, lined up with the targets.
+- Pipeline parallel: each stage holds the teacher's layers of that stage (same hidden size as the
+  student), and the teacher's hidden rows travel between stages with the student's, in one tensor
+  (megatron-core's schedule sends one tensor per micro-batch).
+- Context parallel is refused by the config check: a target's teacher row can sit on another
+  context-parallel rank.
 - The teacher must share the student's vocabulary (same tokenizer, same padded size): both come
   from one `cascade convert` of the same AR model, or the teacher from the student's data.
 """
@@ -26,7 +29,7 @@ import torch
 
 from cascade_mega.config import ConfigError
 from cascade_mega.diffusion.masks import AttentionLayout
-from cascade_mega.model.gpt import ReadOut, build_model, padded_vocab_size, read_out_logits
+from cascade_mega.model.gpt import build_model, padded_vocab_size, read_out_logits
 
 
 def _vocab_rows(cfg, vocab_size: int) -> int:
@@ -43,10 +46,14 @@ def teacher_config(cfg, vocab_size: int):
     path = cfg.distill.teacher
     config, ckpt = locate(path)
     p = cfg.parallel
-    teacher = load_config(config, [f"parallel.tensor={p.tensor}", "parallel.pipeline=1",
-                                   "parallel.context=1", "parallel.virtual_pipeline=null",
-                                   f"parallel.sequence_parallel={p.sequence_parallel}",
-                                   "model.recompute=none"], world_size=0)
+    try:
+        teacher = load_config(config, [f"parallel.tensor={p.tensor}",
+                                       f"parallel.pipeline={p.pipeline}", "parallel.context=1",
+                                       "parallel.virtual_pipeline=null",
+                                       f"parallel.sequence_parallel={p.sequence_parallel}",
+                                       "model.recompute=none"], world_size=0)
+    except ConfigError as err:
+        raise ConfigError(f"'distill.teacher' = {path} at the student's layout: {err}") from None
     if teacher.diffusion.objective != "ar":
         raise ConfigError(f"'distill.teacher' = {path} is a {teacher.diffusion.objective} model; "
                           "the teacher must be an AR model (diffusion.objective = ar)")
@@ -54,18 +61,25 @@ def teacher_config(cfg, vocab_size: int):
         raise ConfigError(f"'distill.teacher' = {path} has a vocabulary of "
                           f"{_vocab_rows(teacher, vocab_size)} rows, the student "
                           f"{_vocab_rows(cfg, vocab_size)}: they must share one tokenizer")
+    if p.pipeline > 1 and teacher.model.hidden_size != cfg.model.hidden_size:
+        raise ConfigError(f"'distill.teacher' = {path} has hidden size "
+                          f"{teacher.model.hidden_size}, the student {cfg.model.hidden_size}: "
+                          "under pipeline parallel both travel between stages in one tensor")
     if teacher.data.seq_len < cfg.data.seq_len:
         teacher = replace(teacher, data=replace(teacher.data, seq_len=cfg.data.seq_len))
     return teacher, ckpt
 
 
 def build_teacher(tcfg, ckpt: str, tokenizer, dtype):
-    """The frozen teacher (config and checkpoint from `teacher_config`) at this rank's
-    tensor-parallel layout."""
+    """The frozen teacher (config and checkpoint from `teacher_config`): this rank's tensor-parallel
+    share of this pipeline stage's layers."""
+    from megatron.core import parallel_state as ps
+
     from cascade_mega.train import checkpoint
 
     teacher = build_model(tcfg, tokenizer.vocab_size, forbidden_ids=[tokenizer.mask_id],
-                          dtype=dtype)
+                          pre_process=ps.is_pipeline_first_stage(),
+                          post_process=ps.is_pipeline_last_stage(), dtype=dtype)
     try:
         checkpoint.load(ckpt, [teacher], None, None)
     except Exception as err:
@@ -81,20 +95,57 @@ def _teacher_logits(*, hidden_states, output_layer, output_weight, context, **_u
     return logits.float().add_(output_layer.logit_bias)
 
 
-@torch.no_grad()
-def attach(prep, teacher, tokens: torch.Tensor, weight: float):
-    """The teacher's logits for the NELBO targets of `prep` (clean tokens [b, L]) and their KL
-    weights: masked targets that have a predecessor in their own document."""
-    b, L = tokens.shape
-    documents = prep.layout.documents
-    layout = AttentionLayout("causal", L, documents=documents)
+def targets(prep, tokens: torch.Tensor, weight: float):
+    """`prep` with the KL weight of each NELBO target (masked targets that have a predecessor in
+    their own document) and the clean tokens [b, L] the teacher reads."""
     pos = prep.target_pos
     rows = (pos - 1).clamp(min=0)
-    logits = teacher(tokens, torch.arange(L).expand(b, L), layout,
-                     output_processor=_teacher_logits, output_processor_context=rows)
-    n = pos.numel()
-    keep = prep.scored[:, :n] & (pos > 0)
+    keep = prep.scored[:, :pos.numel()] & (pos > 0)
+    documents = prep.layout.documents
     if documents is not None:
         keep &= documents[:, pos] == documents[:, rows]
-    readout = ReadOut(prep.readout.rows, prep.readout.labels, teacher=logits)
-    return replace(prep, readout=readout, distill_weight=keep.to(torch.float64) * weight)
+    return replace(prep, distill_weight=keep.to(torch.float64) * weight, clean_tokens=tokens)
+
+
+def forward(model, teacher, prep):
+    """One micro-batch through the student and the teacher at this pipeline stage.
+
+    Last stage: the student's (ce, correct, kl), the teacher's logits at the rows that predict
+    the NELBO targets riding in the student's `ReadOut`. Other stages: both models' hidden rows as
+    one tensor `[student ; teacher]` (the schedule's sequence length counts both, `extra_rows`),
+    split again by the next stage; under sequence parallel each rank's share of both.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.utils import get_attr_wrapped_model
+
+    from cascade_mega.model.gpt import predict_and_score
+
+    tokens = prep.clean_tokens
+    b, L = tokens.shape
+    if not ps.is_pipeline_first_stage():
+        decoder = get_attr_wrapped_model(model, "decoder")
+        both = decoder.input_tensor
+        n = both.shape[0] - _local_rows(teacher, L)
+        decoder.input_tensor, teacher.decoder.input_tensor = both[:n], both[n:]
+    rows = (prep.target_pos - 1).clamp(min=0)
+    layout = AttentionLayout("causal", L, documents=prep.layout.documents)
+    with torch.no_grad():
+        taught = teacher(tokens, torch.arange(L).expand(b, L), layout,
+                         output_processor=_teacher_logits, output_processor_context=rows)
+    if ps.is_pipeline_last_stage():
+        return model(prep.input_ids, prep.position_ids, prep.layout,
+                     output_processor=predict_and_score,
+                     output_processor_context=replace(prep.readout, teacher=taught))
+    return torch.cat([model(prep.input_ids, prep.position_ids, prep.layout), taught])
+
+
+def extra_rows(cfg) -> int:
+    """Rows the teacher adds to what the pipeline schedule sends between stages."""
+    return cfg.data.seq_len if cfg.distill.teacher and cfg.parallel.pipeline > 1 else 0
+
+
+def _local_rows(teacher, L: int) -> int:
+    from megatron.core import parallel_state as ps
+
+    sp = teacher.config.sequence_parallel
+    return L // ps.get_tensor_model_parallel_world_size() if sp else L

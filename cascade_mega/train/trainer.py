@@ -164,12 +164,13 @@ class Trainer:
                                      noise.rows(rows, rows + mbs) if noise else None,
                                      context=self.context, eod_id=self.tokenizer.eod)
             if self.teacher is not None and train:
-                prep = distill.attach(prep, self.teacher, batch.tokens, cfg.distill.weight)
+                prep = distill.targets(prep, batch.tokens, cfg.distill.weight)
             yield prep
 
-    @staticmethod
-    def _forward_step(data_iterator, model):
+    def _forward_step(self, data_iterator, model):
         prep = next(data_iterator)
+        if prep.distill_weight is not None:
+            return distill.forward(model, self.teacher, prep), partial(Trainer._loss, prep)
         out = model(prep.input_ids, prep.position_ids, prep.layout,
                     output_processor=predict_and_score, output_processor_context=prep.readout)
         return out, partial(Trainer._loss, prep)
@@ -189,7 +190,8 @@ class Trainer:
             data_iterator=iters,
             model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
             num_microbatches=self.num_micro,
-            seq_length=objective.sequence_rows(cfg),
+            seq_length=objective.sequence_rows(cfg) + (0 if forward_only else
+                                                        distill.extra_rows(cfg)),
             micro_batch_size=cfg.train.micro_batch_size,
             forward_only=forward_only,
         )
