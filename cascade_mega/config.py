@@ -308,7 +308,8 @@ def validate(cfg: CascadeConfig, world_size: int = 1) -> None:
         need(not cfg.data.document_mask, "'data.document_mask' has no context-parallel path yet: "
              "use 'parallel.context' = 1 with it")
     if p.sequence_parallel:
-        streams = 1 if d.objective == "ar" else d.views + (d.block_size < L)
+        streams = 1 if d.objective == "ar" else \
+            d.views + (d.block_size < L) + (d.ar_loss_weight > 0)
         rows = streams * L // p.context
         need(rows % p.tensor == 0, f"'parallel.sequence_parallel' splits this rank's {rows} "
              f"sequence rows across 'parallel.tensor' = {p.tensor} ranks: they must divide evenly")
@@ -367,6 +368,9 @@ def _validate_continued(cfg: CascadeConfig, need) -> None:
         steps = sorted(schedule)
         need(steps[0] == 0, f"'diffusion.block_size_schedule' must start at step 0, got "
              f"{steps[0]}")
+        need(steps[-1] < cfg.train.steps, f"'diffusion.block_size_schedule' starts block size "
+             f"{schedule[steps[-1]]} at step {steps[-1]}, not before 'train.steps' = "
+             f"{cfg.train.steps}")
         need(schedule[steps[-1]] == d.block_size, f"'diffusion.block_size_schedule' ends at "
              f"block size {schedule[steps[-1]]}; it must end at 'diffusion.block_size' = "
              f"{d.block_size} (the block size the model is decoded with)")
@@ -383,6 +387,9 @@ def _validate_continued(cfg: CascadeConfig, need) -> None:
         need(diffusion, "'distill.teacher' distils an AR teacher into a block-diffusion model: "
              "'diffusion.objective' must be block_diffusion")
         need(t.weight > 0, f"'distill.weight' must be positive, got {t.weight}")
+        need(not (p.sequence_parallel and p.pipeline > 1) or L % p.tensor == 0,
+             f"'distill.teacher' under pipeline and sequence parallel splits the teacher's {L} "
+             f"rows across 'parallel.tensor' = {p.tensor} ranks: they must divide evenly")
         need(p.context == 1, "'distill.teacher' has no context-parallel path (a target's teacher "
              "row can sit on another rank): use 'parallel.context' = 1")
         need(not p.virtual_pipeline, "'distill.teacher' has no interleaved-pipeline path: unset "

@@ -69,7 +69,7 @@ def test_block_size_schedule(megatron):
     prep = objective.prepare(random_tokens(2, 16), random_tokens(2, 16), torch.ones(2, 16),
                              objective.at_step(cfg, 6), MASK_ID, torch.Generator())
     assert prep.layout.block_size == 4
-    for bad, what in [("{0: 2, 5: 4}", "must end at"), ("{1: 8}", "start at step 0"),
+    for bad, what in [("{0: 2, 5: 4}", "must end at"), ("{0: 2, 10: 8}", "not before"), ("{1: 8}", "start at step 0"),
                       ("{0: 3, 5: 8}", "does not divide"), ("{0: 4, 5: 16, 8: 8}", "mixes B = L")]:
         with pytest.raises(ConfigError, match=what):
             tiny_cfg("diffusion.block_size=8", f"diffusion.block_size_schedule={bad}")
@@ -121,14 +121,22 @@ def test_distillation_kl_against_float64_reference(megatron, shifted):
                                atol=1e-5)  # fp32 sums of a few hundred
     torch.testing.assert_close(stats[6], (ref_kl * masked).sum(), rtol=1e-5, atol=1e-6)
     assert stats[7] == masked.sum()
-    # gradient on the student's logits: weight * (softmax(student) - softmax(teacher))
-    s32 = s_logits.detach().float().requires_grad_(True)
-    t_rows = t_logits[(pos - 1).clamp(min=0)]
-    (vocab_parallel_kl(s32, t_rows) * masked.t() * weight).sum().backward()
-    ref.backward()
-    torch.testing.assert_close(s32.grad[:, :, :V].double(), s_logits.grad[:, :, :V], rtol=1e-4,
-                               atol=1e-6)
-    assert (s32.grad[:, :, V:] == 0).all()
+    # the KL's gradient on the student's weights, through `predict_and_score` (where the
+    # cross-entropy later overwrites the logits in place), against float64 autograd
+    student.zero_grad()
+    (loss - nelbo).backward()
+    got = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad()
+    rows64 = student(prep.input_ids, prep.position_ids, prep.layout,
+                     output_processor=_student_logits,
+                     output_processor_context=prep.readout.rows).double()[:, :, :V]
+    kl64 = (log_t.exp()[(pos - 1).clamp(min=0)] *
+            (log_t[(pos - 1).clamp(min=0)] - rows64.log_softmax(-1))).sum(-1).t()
+    (weight * (kl64 * masked).sum()).backward()
+    for name, param in student.named_parameters():
+        torch.testing.assert_close(got[name].double(), param.grad.double(), rtol=1e-3,
+                                   atol=1e-6, msg=name)
+    assert any(g.abs().max() > 1e-4 for g in got.values())
 
 
 def _kl_rank(rank, port, student, teacher, out):
@@ -174,7 +182,7 @@ def test_vocab_parallel_kl_at_tensor_parallel_2(tmp_path):
 def test_distillation_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="auxiliary loss of block diffusion"):
         tiny_cfg("diffusion.objective=ar", "diffusion.ar_loss_weight=0.5")
-    with pytest.raises(ConfigError, match="no context-parallel path"):
+    with pytest.raises(ConfigError, match="'distill.teacher' has no context-parallel path"):
         tiny_cfg("distill.teacher=/x", "parallel.context=2")
     with pytest.raises(ConfigError, match="no interleaved-pipeline path"):
         tiny_cfg("distill.teacher=/x", "parallel.pipeline=2", "parallel.virtual_pipeline=2")
@@ -224,6 +232,18 @@ def test_distillation_aux_loss_and_schedule_at_tp2_and_pp2_match_single_process(
     from test_torchrun import _assert_same, _run
 
     _run(tmp_path, "teacher", "diffusion.objective=ar", "train.steps=3", "train.eval_interval=0")
+    # the teacher must read the student's token ids: another tokenizer is refused up front
+    from types import SimpleNamespace
+
+    from cascade_mega.data import loader
+
+    student = tiny_cfg(f"distill.teacher={tmp_path}/teacher")
+    own = loader.load_tokenizer(student.data, loader.resolve_path(student.data.path))
+    assert distill.teacher_config(student, own)[0].diffusion.objective == "ar"
+    other = SimpleNamespace(vocab_size=own.vocab_size, mask_id=own.mask_id, eod=own.eod,
+                            encode=lambda text: own.encode(text)[::-1])
+    with pytest.raises(ConfigError, match="another tokenizer"):
+        distill.teacher_config(student, other)
     args = ["diffusion.block_size_schedule={0: 4, 2: 8}", "diffusion.ar_loss_weight=0.5",
             f"distill.teacher={tmp_path}/teacher", "distill.weight=0.3"]
     single = _run(tmp_path, "single", *args)

@@ -80,24 +80,31 @@ def test_uncached_decoding_and_guidance_equal_the_reference(megatron, shifted, g
         assert want != _reference(model, prompt, 20, 6, policy, shifted)[0]
 
 
+@pytest.mark.parametrize("shifted", [False, True])
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
-def test_cached_forward_equals_the_full_forward_while_the_canvas_is_unchanged(megatron, mode):
+def test_cached_forward_equals_the_full_forward_while_the_canvas_is_unchanged(megatron, mode,
+                                                                              shifted):
     """The cache plumbing is exact: a cached forward right after the filling one, on the same
     canvas, gives the whole-canvas logits of the block (the approximation only comes from tokens
-    decided since the cache was filled)."""
-    cfg, model = _setup()
+    decided since the cache was filled). Shifted: position p from row p - 1, the block's first
+    from the filling forward's row."""
+    cfg, model = _setup(shifted)
     canvas = torch.randint(0, MASK_ID, (1, 24), generator=torch.Generator().manual_seed(2))
     canvas[0, 14:] = MASK_ID
     dec = FullDiffusionDecoder(model, cfg, _tok(), cache=mode, block=4)
     dec.kv = {}
     first = dec._block_logits(canvas, 10, 14, True, None)
-    again = dec._block_logits(canvas, 10, 14, False, None)
-    ref = _full_logits(model, canvas)[:, 10:14]
+    rows = dec.rows
+    again = dec._block_logits(canvas, 10, 14, False, first[:, :1])
+    assert rows == 24 and dec.rows - rows == (4 if mode == "dual" else 14)
+    ref = _full_logits(model, canvas)[:, 9:13] if shifted else \
+        _full_logits(model, canvas)[:, 10:14]
     torch.testing.assert_close(first, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, ref, rtol=1e-5, atol=1e-5)
     canvas[0, 16] = 3  # a later token decided: the dual cache does not see it, prefix does
-    changed = _full_logits(model, canvas)[:, 10:14]
-    stale = dec._block_logits(canvas, 10, 14, False, None)
+    changed = _full_logits(model, canvas)[:, 9:13] if shifted else \
+        _full_logits(model, canvas)[:, 10:14]
+    stale = dec._block_logits(canvas, 10, 14, False, first[:, :1])
     assert not torch.allclose(changed, ref, atol=1e-4)
     if mode == "dual":  # the block's rows attend the suffix as it was when the cache was filled
         torch.testing.assert_close(stale, ref, rtol=1e-5, atol=1e-5)
@@ -114,6 +121,8 @@ def test_cached_decoding_runs_fewer_rows_and_stops_at_end_of_document(megatron):
     dual = FullDiffusionDecoder(model, cfg, _tok(), cache="dual", block=4)
     out = dual.generate([prompt], 24, Policy("threshold", tau=1.1))[0]
     assert dual.forwards == 24 and len(out.blocks) == 6 and all(b.steps == 4 for b in out.blocks)
+    # rows run: the whole canvas (28) once a block, then the block's 4 rows (none: 28 each time)
+    assert exact.rows == 24 * 28 and dual.rows == 6 * 28 + 18 * 4
     eod = tokens[9]  # a token the exact decoder puts at position 9: make it end-of-document
     stop = FullDiffusionDecoder(model, cfg, _tok(eod), cache="none", block=4)
     got = stop.generate([prompt], 24, Policy("threshold", tau=1.1))[0]
@@ -154,4 +163,5 @@ def test_cascade_generate_decodes_a_full_diffusion_run(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert 0 < len(out["tokens"]) <= 16 and out["blocks"][0]["tokens"] == 8
     one_error(cascade("generate", "--ckpt", str(runs["bd"]), "--prompt", "ROMEO:",
-                      "--guidance", "1.0"), "full-diffusion")
+                      "--guidance", "1.0", "--cache", "prefix"),
+              "--cache, --guidance applies to full-diffusion")

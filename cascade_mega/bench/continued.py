@@ -9,14 +9,16 @@ and its ratio scratch / converted.
 
 Everything missing is prepared first under `--root` (default `runs/smollm2`), so the command runs
 on a fresh clone: the Hugging Face model from the GGUF the [hf] extra ships, the block-diffusion and
-AR conversions, and Shakespeare in SmolLM2's tokenizer. Finished runs are reused; an interrupted
-one resumes from its checkpoint. Each run is a `cascade train` child process.
+AR conversions, and Shakespeare in SmolLM2's tokenizer. Finished runs with the same options are
+reused; an interrupted one resumes from its checkpoint; one made with other options is trained
+again. Each run is a `cascade train` child process.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -66,13 +68,17 @@ def prepare(root: str, cfg) -> dict:
     return paths
 
 
-def _finished(run_dir: str, steps: int) -> bool:
+def _finished(run_dir: str, steps: int, overrides: list) -> bool:
+    """The run finished these steps with these overrides (an earlier invocation's run with other
+    options is trained again, from scratch)."""
     try:
         with open(os.path.join(run_dir, "exit.json")) as f:
             done = json.load(f)
+        with open(os.path.join(run_dir, "bench_overrides.json")) as f:
+            same = json.load(f) == overrides
     except (OSError, ValueError):
-        return False
-    return done.get("outcome") == "finished" and done.get("step") == steps
+        same, done = False, {}
+    return same and done.get("outcome") == "finished" and done.get("step") == steps
 
 
 def final_eval(run_dir: str) -> dict:
@@ -112,9 +118,17 @@ def run(args) -> int:
     for name, extra in runs.items():
         run_dir = f"{root}/{name}"
         start = time.perf_counter()
-        if not _finished(run_dir, steps):
+        overrides = [*base, *extra, f"run_dir={run_dir}"]
+        if not _finished(run_dir, steps, overrides):
             print(f"bench continued: training {name} ({steps} steps)", flush=True)
-            _cascade("train", args.recipe, *base, *extra, f"run_dir={run_dir}")
+            recorded = os.path.join(run_dir, "bench_overrides.json")
+            if os.path.isdir(run_dir) and not (os.path.isfile(recorded) and
+                                               json.load(open(recorded)) == overrides):
+                shutil.rmtree(run_dir)  # another invocation's options: not resumable
+            os.makedirs(run_dir, exist_ok=True)
+            with open(recorded, "w") as f:
+                json.dump(overrides, f)
+            _cascade("train", args.recipe, *overrides)
         ev = final_eval(run_dir)
         rows.append({"run": name, "steps": steps, "start_ppl_bound": ev["start"]["ppl_bound"],
                      "ppl_bound": ev["end"]["ppl_bound"], "nelbo": ev["end"]["nelbo"],

@@ -47,13 +47,12 @@ def forward_flops(cfg, vocab: int) -> tuple[float, float]:
             cfg.model.num_layers * 4 * a * dh * attention_pairs(cfg))
 
 
-def step_flops(cfg, vocab: int) -> float:
-    """Model FLOPs of one training step (forward and backward, the whole global batch)."""
+def step_flops(cfg, vocab: int, teacher=None) -> float:
+    """Model FLOPs of one training step (forward and backward, the whole global batch); teacher:
+    a distillation teacher's config (`train/distill.py: teacher_config`), one forward of it."""
     flops = 3.0 * sum(forward_flops(cfg, vocab))
-    if cfg.distill.teacher:
-        from cascade_mega.train.distill import teacher_config
-
-        flops += sum(forward_flops(teacher_config(cfg, vocab)[0], vocab))
+    if teacher is not None:
+        flops += sum(forward_flops(teacher, vocab))
     return flops * cfg.train.global_batch_size
 
 

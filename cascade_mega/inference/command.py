@@ -28,13 +28,13 @@ def add_arguments(p) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     full = p.add_argument_group("full-diffusion checkpoints (block_size = seq_len)")
-    full.add_argument("--cache", choices=("none", "prefix", "dual"), default="dual",
-                      help="Fast-dLLM's approximate KV cache (none: exact, a whole-canvas "
-                           "forward every step)")
-    full.add_argument("--decode-block", type=int, default=32,
-                      help="tokens decided left to right as one block")
-    full.add_argument("--guidance", type=float, default=0.0,
-                      help="classifier-free guidance scale g (0: off)")
+    full.add_argument("--cache", choices=("none", "prefix", "dual"),
+                      help="Fast-dLLM's approximate KV cache (default dual; none: exact, a "
+                           "whole-canvas forward every step)")
+    full.add_argument("--decode-block", type=int,
+                      help="tokens decided left to right as one block (default 32)")
+    full.add_argument("--guidance", type=float,
+                      help="classifier-free guidance scale g (default 0: off)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt (tokens, text, per-block statistics)")
@@ -60,8 +60,9 @@ def run(args) -> int:
         raise GenerationError(str(err)) from None
     if args.max_new_tokens < 1:
         raise GenerationError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    decoder = load_decoder(args.ckpt, args.threads, cache=args.cache, block=args.decode_block,
-                           guidance=args.guidance)
+    given = {"cache": args.cache, "block": args.decode_block, "guidance": args.guidance}
+    decoder = load_decoder(args.ckpt, args.threads,
+                           **{k: v for k, v in given.items() if v is not None})
     prompts = [decoder.tok.encode(t) for t in texts]
     streaming = len(prompts) == 1 and not args.json
     shown = {"ids": [], "text": ""}
@@ -87,7 +88,8 @@ def run(args) -> int:
             print(text + r.text, end="\n\n")
     if streaming:
         print()
-    print(f"[{len(prompts)} prompt(s) in one batch: {tokens} tokens, {decoder.forwards} forwards "
+    together = "one after the other" if hasattr(decoder, "cache_mode") else "in one batch"
+    print(f"[{len(prompts)} prompt(s) {together}: {tokens} tokens, {decoder.forwards} forwards "
           f"({tokens / max(decoder.forwards, 1):.2f} tokens/forward), {tokens / elapsed:.1f} "
           f"tokens/s, policy {args.policy}]", file=sys.stderr)
     return 0

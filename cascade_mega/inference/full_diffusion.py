@@ -73,6 +73,7 @@ class FullDiffusionDecoder:
         self.shifted = cfg.diffusion.shifted_prediction
         self.max_len = cfg.data.seq_len
         self.forwards = 0
+        self.rows = 0  # canvas rows run through the model (what the cache saves)
 
     def _forward(self, canvas: torch.Tensor, start: int, end: int, fill: bool, rows):
         """Logits [b, len(rows), V] of canvas rows `rows` (absolute positions) from a forward over
@@ -82,6 +83,7 @@ class FullDiffusionDecoder:
         pos = torch.arange(lo, hi).expand(canvas.shape[0], hi - lo)
         step = CanvasStep(self.kv, lo, hi, total, fill)
         self.forwards += 1
+        self.rows += (hi - lo) * canvas.shape[0]
         return self.model(canvas[:, lo:hi], pos, step, output_processor=logits_of_rows,
                           output_processor_context=torch.as_tensor(rows) - lo)
 

@@ -75,7 +75,9 @@ def load_decoder(path: str, threads: int = 0, **full_diffusion):
         from cascade_mega.inference.full_diffusion import FullDiffusionDecoder
 
         return FullDiffusionDecoder(model, cfg, tokenizer, **full_diffusion)
-    if full_diffusion.get("guidance"):
-        raise GenerationError("--guidance applies to full-diffusion checkpoints (block_size = "
-                              "seq_len); this one decodes block by block")
+    if full_diffusion:
+        options = ", ".join(f"--{'decode-block' if k == 'block' else k}" for k in full_diffusion)
+        raise GenerationError(f"{options} applies to full-diffusion checkpoints (block_size = "
+                              f"seq_len); {path} is a {d.objective} checkpoint with block size "
+                              f"{1 if d.objective == 'ar' else d.block_size}")
     return Decoder(model, cfg, tokenizer)

@@ -5,6 +5,8 @@ p_T(. | x_<i) (its causal pass over the clean sequence, row i-1) is the referenc
 
     loss += distill.weight * sum_{masked i} KL(p_T(. | x_<i) || p_theta(. | x_t, clean prefix))
 
+(with V noisy views, the mean over the views, like the NELBO).
+
 Design choices:
 - The teacher is a second megatron-core model built at the student's tensor-parallel layout and
   loaded from its own checkpoint (resharded on load), frozen and in eval mode. Its logits stay
@@ -37,14 +39,21 @@ def _vocab_rows(cfg, vocab_size: int) -> int:
         vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor)
 
 
-def teacher_config(cfg, vocab_size: int):
-    """The teacher's run config at the student's layout, checked against the student (vocab_size:
-    the tokenizer's) before any model is built."""
+PROBE = "ROMEO: But soft, what light through yonder window breaks? 1609 \u00e6\u00f8 -> {x}"
+
+
+def teacher_config(cfg, tokenizer):
+    """The teacher's run config at the student's layout, checked against the student (its
+    tokenizer, vocabulary, hidden size) before any model is built."""
     from cascade_mega.config import load_config
     from cascade_mega.inference.load import locate
+    from cascade_mega.train.checkpoint import CheckpointError
 
     path = cfg.distill.teacher
-    config, ckpt = locate(path)
+    try:
+        config, ckpt = locate(path)
+    except CheckpointError as err:
+        raise ConfigError(f"'distill.teacher': {err}") from None
     p = cfg.parallel
     try:
         teacher = load_config(config, [f"parallel.tensor={p.tensor}",
@@ -57,6 +66,8 @@ def teacher_config(cfg, vocab_size: int):
     if teacher.diffusion.objective != "ar":
         raise ConfigError(f"'distill.teacher' = {path} is a {teacher.diffusion.objective} model; "
                           "the teacher must be an AR model (diffusion.objective = ar)")
+    _same_tokenizer(teacher, tokenizer, path)
+    vocab_size = tokenizer.vocab_size
     if _vocab_rows(teacher, vocab_size) != _vocab_rows(cfg, vocab_size):
         raise ConfigError(f"'distill.teacher' = {path} has a vocabulary of "
                           f"{_vocab_rows(teacher, vocab_size)} rows, the student "
@@ -65,9 +76,28 @@ def teacher_config(cfg, vocab_size: int):
         raise ConfigError(f"'distill.teacher' = {path} has hidden size "
                           f"{teacher.model.hidden_size}, the student {cfg.model.hidden_size}: "
                           "under pipeline parallel both travel between stages in one tensor")
-    if teacher.data.seq_len < cfg.data.seq_len:
-        teacher = replace(teacher, data=replace(teacher.data, seq_len=cfg.data.seq_len))
-    return teacher, ckpt
+    return replace(teacher, data=replace(teacher.data, seq_len=cfg.data.seq_len)), ckpt
+
+
+def _same_tokenizer(teacher, tokenizer, path: str) -> None:
+    """The teacher reads the student's token ids: its own tokenizer must be the same one."""
+    from cascade_mega.data import loader
+
+    try:
+        if teacher.data.tokenizer:
+            from cascade_mega.data.tokenizer import open_tokenizer
+
+            own = open_tokenizer(teacher.data.tokenizer)
+        else:
+            own = loader.load_tokenizer(teacher.data, loader.resolve_path(teacher.data.path))
+    except Exception as err:  # noqa: BLE001  the teacher's record of its tokenizer is unreadable
+        raise ConfigError(f"'distill.teacher' = {path}: its tokenizer cannot be read "
+                          f"({str(err).splitlines()[0][:200]})") from None
+    same = (own.vocab_size, own.mask_id, own.eod, own.encode(PROBE)) == \
+        (tokenizer.vocab_size, tokenizer.mask_id, tokenizer.eod, tokenizer.encode(PROBE))
+    if not same:
+        raise ConfigError(f"'distill.teacher' = {path} uses another tokenizer than the student "
+                          "(the KL compares distributions over the same token ids)")
 
 
 def build_teacher(tcfg, ckpt: str, tokenizer, dtype):
@@ -104,7 +134,9 @@ def targets(prep, tokens: torch.Tensor, weight: float):
     documents = prep.layout.documents
     if documents is not None:
         keep &= documents[:, pos] == documents[:, rows]
-    return replace(prep, distill_weight=keep.to(torch.float64) * weight, clean_tokens=tokens)
+    views = prep.layout.views  # averaged over the noisy views, like the NELBO
+    return replace(prep, distill_weight=keep.to(torch.float64) * (weight / views),
+                   clean_tokens=tokens)
 
 
 def forward(model, teacher, prep):

@@ -79,8 +79,7 @@ class Trainer:
             dist.broadcast_object_list(box, src=0)
             self.prefix = box[0]
         self.tokenizer = loader.load_tokenizer(cfg.data, self.prefix)
-        teacher = distill.teacher_config(cfg, self.tokenizer.vocab_size) \
-            if cfg.distill.teacher else None
+        teacher = distill.teacher_config(cfg, self.tokenizer) if cfg.distill.teacher else None
         distributed.init(cfg.parallel, cfg.train.seed)
         ps = parallel_state
         self.dp_size = ps.get_data_parallel_world_size()
@@ -100,7 +99,8 @@ class Trainer:
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         checkpoint.start_writer()  # before any scheduler signal can arrive
         self.peak_flops = flops.peak_flops()
-        self.step_flops = flops.step_flops(cfg, self.tokenizer.vocab_size)
+        self.step_flops = flops.step_flops(cfg, self.tokenizer.vocab_size,
+                                           teacher[0] if teacher else None)
         self._resume()
         if cfg.data.backend == "dali":
             from cascade_mega.data.dali_loader import DaliReader
@@ -147,9 +147,10 @@ class Trainer:
 
     # ---------------------------------------------------------------- steps
     def _micro_batches(self, reader, step: int, split: str, t_range=None):
-        # block-size schedule: validation (`step` is then the batch) uses the last trained step's
+        # block-size schedule: training at the step's block size; validation (`step` is then the
+        # batch) always at `diffusion.block_size`, the one the model decodes with (one curve)
         train = split == "train"
-        cfg = objective.at_step(self.cfg, step if train else max(self.step - 1, 0))
+        cfg = objective.at_step(self.cfg, step) if train else self.cfg
         mbs, gbs = cfg.train.micro_batch_size, cfg.train.global_batch_size
         noise = None
         if cfg.diffusion.objective != "ar":  # one draw per global batch: layout-independent
@@ -217,8 +218,6 @@ class Trainer:
             out["ar_loss"] = float(stats[4] / stats[5])
         if stats[7] > 0:
             out["distill_kl"] = float(stats[6] / stats[7])
-        if self.cfg.diffusion.block_size_schedule:
-            out["block_size"] = objective.at_step(self.cfg, self.step).diffusion.block_size
         return out
 
     def train_step(self, step: int) -> dict:
@@ -234,6 +233,8 @@ class Trainer:
         elapsed = time.perf_counter() - start
         d = self.cfg.diffusion
         metrics = self._metrics(stats, clipped=(d.t_min, d.t_max) != (0.0, 1.0))
+        if d.block_size_schedule:
+            metrics["block_size"] = objective.at_step(self.cfg, step).diffusion.block_size
         metrics.update({
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
