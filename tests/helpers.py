@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import os
+import subprocess
+from contextlib import redirect_stderr, redirect_stdout
+
 import torch
 
 from cascade_mega.config import load_config
@@ -39,3 +44,29 @@ def hidden(model, input_ids, position_ids, layout):
 
 def random_tokens(b, L, generator=None):
     return torch.randint(0, MASK_ID, (b, L), generator=generator)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cascade(*args, env=None) -> subprocess.CompletedProcess:
+    """`cascade ARGS` run in this process from the repository root (the command line's own
+    `main`, no interpreter start per call): its exit code and what it printed, as a finished
+    subprocess gives them. Commands that launch processes (torchrun, Slurm) still do."""
+    from cascade_mega.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved, cwd = dict(os.environ), os.getcwd()
+    os.environ.update(env or {})
+    os.chdir(ROOT)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as stop:  # argparse's own errors
+                code = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())

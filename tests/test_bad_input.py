@@ -1,19 +1,11 @@
 """Bad input: one clear message naming the problem, a non-zero exit, nothing trained."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def cascade(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "cascade_mega", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+from helpers import ROOT, cascade
 
 
 def one_error(proc, *needles):

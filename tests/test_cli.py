@@ -1,27 +1,29 @@
 """`cascade train` end to end on a tiny model, and the benchmarks' `--json` reports."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, cascade
 TINY = ["model.num_layers=2", "model.hidden_size=64", "data.seq_len=64", "diffusion.block_size=8",
         "train.micro_batch_size=4", "train.global_batch_size=4", "optimizer.warmup_steps=2"]
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "cascade_mega", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    """The command line in this process (`helpers.cascade`); the first test below starts it as
+    its own process, as users do."""
+    return cascade(*args)
 
 
 def test_train_writes_run_directory_and_its_mlflow_store_opens_in_the_ui(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run("train", "configs/quickstart.yaml", *TINY, "train.steps=20",
-               "train.log_interval=5", "train.eval_interval=10", "train.eval_batches=2",
-               "checkpoint.interval=10", f"run_dir={run_dir}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cascade_mega", "train", "configs/quickstart.yaml", *TINY,
+         "train.steps=20", "train.log_interval=5", "train.eval_interval=10",
+         "train.eval_batches=2", "checkpoint.interval=10", f"run_dir={run_dir}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == f"run_dir: {run_dir}"

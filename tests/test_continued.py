@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from cascade_mega.config import ConfigError
 from cascade_mega.diffusion import objective
 from cascade_mega.diffusion.masks import AttentionLayout
-from cascade_mega.model.gpt import ReadOut, read_out_logits, vocab_parallel_kl
+from cascade_mega.model.gpt import read_out_logits, vocab_parallel_kl
 from cascade_mega.train import distill
 from helpers import MASK_ID, random_tokens, score, tiny_cfg, tiny_model
 

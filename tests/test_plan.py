@@ -11,9 +11,6 @@ parallel).
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,7 +22,6 @@ from cascade_mega.plan import layer_activation_bytes, plan
 from cascade_mega.train.optim import build_optimizer, wrap_ddp
 from helpers import MASK_ID, VOCAB, random_tokens, score, tiny_cfg, tiny_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["train.precision=fp32", "model.num_layers=3", "model.hidden_size=128",
          "data.seq_len=64", "diffusion.block_size=8", "train.micro_batch_size=4",
          "train.global_batch_size=4"]
@@ -105,8 +101,9 @@ def test_plan_full_recompute_keeps_what_korthikanti_et_al_publish():
 
 
 def _cascade_plan(*args):
-    return subprocess.run([sys.executable, "-m", "cascade_mega", "plan", "configs/quickstart.yaml",
-                           *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    from helpers import cascade
+
+    return cascade("plan", "configs/quickstart.yaml", *args)
 
 
 def test_cascade_plan_prints_the_layout_and_refuses_what_cannot_work():

@@ -4,8 +4,6 @@ the same bytes for any number of workers."""
 import gzip
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -14,8 +12,6 @@ from cascade_mega.data.indexed import check_dataset, read_meta
 from cascade_mega.data.preprocess import preprocess
 from cascade_mega.data.shakespeare import documents as shakespeare_documents
 from cascade_mega.data.tokenizer import open_tokenizer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -90,20 +86,19 @@ def test_shards_split_the_documents_in_order(corpus, tmp_path):
 
 def test_cli_reports_throughput_and_names_bad_inputs(corpus, tmp_path):
     root, _, _ = corpus
-    cmd = [sys.executable, "-m", "cascade_mega", "preprocess", str(root / "part.jsonl.gz"),
-           "--output-prefix", str(tmp_path / "ds"), "--train-bpe", "400", "--workers", "2",
-           "--json"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    from helpers import cascade
+
+    cmd = ["preprocess", str(root / "part.jsonl.gz"), "--output-prefix", str(tmp_path / "ds"),
+           "--train-bpe", "400", "--workers", "2", "--json"]
+    proc = cascade(*cmd)
     assert proc.returncode == 0, proc.stderr
     stats = json.loads(proc.stdout.splitlines()[-1])
     assert stats["documents"] == 40 and stats["tokens_per_s"] > 0
     assert "tokens/s" in proc.stderr  # the progress line
-    bad = subprocess.run(cmd[:4] + [str(tmp_path / "missing.jsonl")] + cmd[5:], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    bad = cascade(*cmd[:1], str(tmp_path / "missing.jsonl"), *cmd[2:])
     assert bad.returncode == 2 and "missing.jsonl" in bad.stderr
     (tmp_path / "nokey.jsonl").write_text('{"body": "x"}\n')
-    bad = subprocess.run(cmd[:4] + [str(tmp_path / "nokey.jsonl")] + cmd[5:], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    bad = cascade(*cmd[:1], str(tmp_path / "nokey.jsonl"), *cmd[2:])
     assert bad.returncode == 2 and "no field 'text'" in bad.stderr
 
 

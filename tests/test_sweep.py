@@ -2,18 +2,14 @@
 executor (stop, resume, skip, a failed run named and left out of the fit), and bad sweep files
 refused before anything runs. The Slurm executor's job array is tested in test_slurm.py."""
 
-import contextlib
-import io
 import json
-import os
-import subprocess
 
 import numpy as np
 import pytest
 
 from cascade_mega.sweep.fit import NAMES, fit_law, fit_objectives, multiplier
+from helpers import ROOT, cascade
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRUE = dict(E=1.8, A=400.0, alpha=0.34, B=410.0, beta=0.28)  # Chinchilla's fit, roughly
 
 
@@ -104,15 +100,6 @@ overrides: [data.seq_len=32, train.micro_batch_size=2, train.global_batch_size=2
 {grids}""")
     return str(path)
 
-
-def cascade(*args):
-    """The command line in this process (the runs it trains are child processes anyway)."""
-    from cascade_mega.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(list(args))
-    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
 
 
 def test_local_sweep_stops_resumes_skips_and_names_its_failed_run(tmp_path):
