@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from cascade_mega.config import ConfigError
 from cascade_mega.diffusion import objective
 from cascade_mega.diffusion.masks import AttentionLayout
-from cascade_mega.model.gpt import read_out_logits, vocab_parallel_kl
+from cascade_mega.model.gpt import logits_at_rows, vocab_parallel_kl
 from cascade_mega.train import distill
 from helpers import MASK_ID, random_tokens, score, tiny_cfg, tiny_model
 
@@ -75,11 +75,6 @@ def test_block_size_schedule(megatron):
             tiny_cfg("diffusion.block_size=8", f"diffusion.block_size_schedule={bad}")
 
 
-def _student_logits(*, hidden_states, output_layer, output_weight, context, **_unused):
-    logits = read_out_logits(hidden_states, output_layer, output_weight, context, False)
-    return logits.float().add_(output_layer.logit_bias)
-
-
 @pytest.mark.parametrize("shifted", [False, True])
 def test_distillation_kl_against_float64_reference(megatron, shifted):
     """The KL term of the loss and its gradient on the student's logits equal a float64
@@ -102,9 +97,9 @@ def test_distillation_kl_against_float64_reference(megatron, shifted):
 
     pos = prep.target_pos
     t_logits = teacher(tokens, torch.arange(L).expand(b, L), AttentionLayout("causal", L),
-                       output_processor=_student_logits, output_processor_context=None)
+                       output_processor=logits_at_rows, output_processor_context=None)
     s_logits = student(prep.input_ids, prep.position_ids, prep.layout,
-                       output_processor=_student_logits,
+                       output_processor=logits_at_rows,
                        output_processor_context=prep.readout.rows).double().detach()
     s_logits.requires_grad_(True)
     V = MASK_ID  # real vocabulary: [MASK] and padding are -inf in both
@@ -128,7 +123,7 @@ def test_distillation_kl_against_float64_reference(megatron, shifted):
     got = {n: p.grad.clone() for n, p in student.named_parameters()}
     student.zero_grad()
     rows64 = student(prep.input_ids, prep.position_ids, prep.layout,
-                     output_processor=_student_logits,
+                     output_processor=logits_at_rows,
                      output_processor_context=prep.readout.rows).double()[:, :, :V]
     kl64 = (log_t.exp()[(pos - 1).clamp(min=0)] *
             (log_t[(pos - 1).clamp(min=0)] - rows64.log_softmax(-1))).sum(-1).t()

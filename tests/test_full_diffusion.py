@@ -145,7 +145,8 @@ def test_cascade_generate_decodes_a_full_diffusion_run(tmp_path):
     `--guidance` on a block-diffusion checkpoint is one clear error."""
     import json
 
-    from test_bad_input import cascade, one_error
+    from helpers import cascade
+    from test_bad_input import one_error
 
     runs = {}
     for name, block in (("mdlm", 32), ("bd", 8)):

@@ -24,6 +24,7 @@ import sys
 import time
 
 RECIPE = "configs/recipes/smollm2_135m_cpu.yaml"
+RECORD = "bench_overrides.json"  # the options a run was trained with
 
 
 def add_arguments(p) -> None:
@@ -68,17 +69,12 @@ def prepare(root: str, cfg) -> dict:
     return paths
 
 
-def _finished(run_dir: str, steps: int, overrides: list) -> bool:
-    """The run finished these steps with these overrides (an earlier invocation's run with other
-    options is trained again, from scratch)."""
+def _read(run_dir: str, name: str):
     try:
-        with open(os.path.join(run_dir, "exit.json")) as f:
-            done = json.load(f)
-        with open(os.path.join(run_dir, "bench_overrides.json")) as f:
-            same = json.load(f) == overrides
+        with open(os.path.join(run_dir, name)) as f:
+            return json.load(f)
     except (OSError, ValueError):
-        same, done = False, {}
-    return same and done.get("outcome") == "finished" and done.get("step") == steps
+        return None
 
 
 def final_eval(run_dir: str) -> dict:
@@ -119,15 +115,15 @@ def run(args) -> int:
         run_dir = f"{root}/{name}"
         start, minutes = time.perf_counter(), None  # None: reused from an earlier invocation
         overrides = [*base, *extra, f"run_dir={run_dir}"]
-        if not _finished(run_dir, steps, overrides):
+        same = _read(run_dir, RECORD) == overrides
+        done = _read(run_dir, "exit.json") or {}
+        if not (same and done.get("outcome") == "finished" and done.get("step") == steps):
             print(f"bench continued: training {name} ({steps} steps)", flush=True)
-            recorded = os.path.join(run_dir, "bench_overrides.json")
-            if os.path.isdir(run_dir) and not (os.path.isfile(recorded) and
-                                               json.load(open(recorded)) == overrides):
-                shutil.rmtree(run_dir)  # another invocation's options: not resumable
-            os.makedirs(run_dir, exist_ok=True)
-            with open(recorded, "w") as f:
-                json.dump(overrides, f)
+            if not same:  # another invocation's options (or none): not resumable, start over
+                shutil.rmtree(run_dir, ignore_errors=True)
+                os.makedirs(run_dir)
+                with open(os.path.join(run_dir, RECORD), "w") as f:
+                    json.dump(overrides, f)
             _cascade("train", args.recipe, *overrides)
             minutes = round((time.perf_counter() - start) / 60, 1)
         ev = final_eval(run_dir)

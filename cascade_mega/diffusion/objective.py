@@ -129,7 +129,7 @@ def prepare(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
         ar_mask = loss_mask * (tokens != eod_id)  # an end-of-document's label opens the next one
         loss_mask = loss_mask * _within_document(tokens, documents, cfg, eod_id)
     prep = _prepare(tokens, labels, loss_mask, cfg, mask_id, noise, t_range)
-    if cfg.diffusion.ar_loss_weight > 0 and cfg.diffusion.objective != "ar":
+    if cfg.diffusion.ar_loss_weight > 0:  # block diffusion only (config check)
         prep = _add_causal_stream(prep, tokens, labels, ar_mask, cfg.diffusion.ar_loss_weight)
     if documents is not None:
         prep.layout = replace(prep.layout, documents=documents)

@@ -30,7 +30,7 @@ import torch
 from cascade_mega.inference.kv_cache import CLEAN, IDLE, NOISY, DecodeStep, KVCache
 from cascade_mega.inference.policies import Policy
 from cascade_mega.inference.sampling import Sampling, sample
-from cascade_mega.model.gpt import read_out_logits
+from cascade_mega.model.gpt import allowed_logits
 
 
 class GenerationError(ValueError):
@@ -54,8 +54,8 @@ class Generation:
 
 
 def logits_of_rows(*, hidden_states, output_layer, output_weight, context, **_unused):
-    logits = read_out_logits(hidden_states, output_layer, output_weight, context, True)
-    return (logits.float() + output_layer.logit_bias).transpose(0, 1)  # [b, rows, V]
+    return allowed_logits(hidden_states, output_layer, output_weight, context,
+                          True).transpose(0, 1)  # [b, rows, V]
 
 
 def check_request(prompts: List[List[int]], max_len: int, max_new_tokens: int) -> None:

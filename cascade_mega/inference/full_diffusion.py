@@ -89,15 +89,16 @@ class FullDiffusionDecoder:
 
     def _block_logits(self, canvas, start, end, first: bool, stale_first):
         """Logits [b, end - start, V] predicting the block's positions."""
-        exact = first or self.cache_mode == "none"
-        if not self.shifted:
-            hi = end if self.cache_mode == "dual" else canvas.shape[1]
-            return self._forward(canvas, start, hi, exact, list(range(start, end)))
-        if exact:  # position p from row p - 1; the block's first from the prefix's last row
-            return self._forward(canvas, 0, 0, True, list(range(start - 1, end - 1)))
+        shift = int(self.shifted)  # position p from row p - 1
+        rows = list(range(start - shift, end - shift))
+        if first or self.cache_mode == "none":
+            return self._forward(canvas, 0, 0, True, rows)
         hi = end if self.cache_mode == "dual" else canvas.shape[1]
-        rest = self._forward(canvas, start, hi, False, list(range(start, end - 1))) \
-            if end - start > 1 else stale_first[:, :0]
+        if not shift:
+            return self._forward(canvas, start, hi, False, rows)
+        # the block's first position from the prefix's last row, kept from the filling forward
+        rest = self._forward(canvas, start, hi, False, rows[1:]) if rows[1:] else \
+            stale_first[:, :0]
         return torch.cat([stale_first, rest], dim=1)
 
     @torch.no_grad()

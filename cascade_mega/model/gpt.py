@@ -215,6 +215,20 @@ def read_out_logits(hidden_states, output_layer, output_weight, rows, gather: bo
     return logits
 
 
+def allowed_logits(hidden_states, output_layer, output_weight, rows, gather: bool):
+    """fp32 logits of the read-out rows with the ids the model never predicts ([MASK], vocabulary
+    padding) at -inf. In place on the linear layer's own output (it keeps no copy); a gathered
+    output can be a view autograd forbids changing, so that one is copied."""
+    logits = read_out_logits(hidden_states, output_layer, output_weight, rows, gather).float()
+    bias = output_layer.logit_bias
+    return logits + bias if gather else logits.add_(bias)
+
+
+def logits_at_rows(*, hidden_states, output_layer, output_weight, context, **_unused):
+    """megatron `output_processor`: `allowed_logits` [n, b, v/tp] of the rows in `context`."""
+    return allowed_logits(hidden_states, output_layer, output_weight, context, False)
+
+
 def predict_and_score(*, hidden_states, output_layer, output_weight, context: ReadOut,
                       **_unused):
     """megatron `output_processor`: logits on the read-out rows only, per-token CE and hits.
@@ -222,9 +236,7 @@ def predict_and_score(*, hidden_states, output_layer, output_weight, context: Re
     Returns (ce [b, n] fp32, correct [b, n] bool), and kl [b, m] when the context carries a
     teacher's logits for the first m targets.
     """
-    logits = read_out_logits(hidden_states, output_layer, output_weight, context.rows, False)
-    # forbid [MASK] and vocabulary padding; in place: the linear layer keeps no copy of its output
-    logits = logits.float().add_(output_layer.logit_bias)
+    logits = allowed_logits(hidden_states, output_layer, output_weight, context.rows, False)
     labels = context.labels.t().contiguous()  # [n, b]
     # before the cross-entropy, which turns the logits into probabilities in place
     kl = None if context.teacher is None else \

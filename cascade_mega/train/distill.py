@@ -31,7 +31,7 @@ import torch
 
 from cascade_mega.config import ConfigError
 from cascade_mega.diffusion.masks import AttentionLayout
-from cascade_mega.model.gpt import build_model, padded_vocab_size, read_out_logits
+from cascade_mega.model.gpt import build_model, logits_at_rows, padded_vocab_size
 
 
 def _vocab_rows(cfg, vocab_size: int) -> int:
@@ -120,11 +120,6 @@ def build_teacher(tcfg, ckpt: str, tokenizer, dtype):
     return teacher
 
 
-def _teacher_logits(*, hidden_states, output_layer, output_weight, context, **_unused):
-    logits = read_out_logits(hidden_states, output_layer, output_weight, context, False)
-    return logits.float().add_(output_layer.logit_bias)
-
-
 def targets(prep, tokens: torch.Tensor, weight: float):
     """`prep` with the KL weight of each NELBO target (masked targets that have a predecessor in
     their own document) and the clean tokens [b, L] the teacher reads."""
@@ -163,7 +158,7 @@ def forward(model, teacher, prep):
     layout = AttentionLayout("causal", L, documents=prep.layout.documents)
     with torch.no_grad():
         taught = teacher(tokens, torch.arange(L).expand(b, L), layout,
-                         output_processor=_teacher_logits, output_processor_context=rows)
+                         output_processor=logits_at_rows, output_processor_context=rows)
     if ps.is_pipeline_last_stage():
         return model(prep.input_ids, prep.position_ids, prep.layout,
                      output_processor=predict_and_score,
