@@ -57,6 +57,8 @@ class DiffusionConfig:
     ar_loss_weight: float = 0.0
     # start step -> block size, e.g. {0: 4, 2000: 8}: small blocks first, then grow; the last
     # entry must equal `block_size` (the block size the model is decoded with). Empty: fixed B.
+    # Block size 1 (with shifted prediction) is AR: {0: 1, 250: 16} starts the run as an AR model
+    # and converts it to block diffusion in the same run (objective.at_step).
     block_size_schedule: Dict[int, int] = field(default_factory=dict)
 
 
@@ -374,6 +376,12 @@ def _validate_continued(cfg: CascadeConfig, need) -> None:
         need(schedule[steps[-1]] == d.block_size, f"'diffusion.block_size_schedule' ends at "
              f"block size {schedule[steps[-1]]}; it must end at 'diffusion.block_size' = "
              f"{d.block_size} (the block size the model is decoded with)")
+        need(1 not in schedule.values() or d.shifted_prediction,
+             "'diffusion.block_size_schedule' block size 1 is an AR phase: it needs "
+             "'diffusion.shifted_prediction' = true (row i-1 predicts token i, as in AR)")
+        need(1 not in schedule.values() or not cfg.distill.teacher,
+             "'diffusion.block_size_schedule' block size 1 (an AR phase) cannot be distilled "
+             "from 'distill.teacher' (the teacher is that AR model's kind already)")
         for step, B in schedule.items():
             need(B > 0 and L % B == 0, f"'diffusion.block_size_schedule' block size {B} (from "
                  f"step {step}) does not divide 'data.seq_len' = {L}")

@@ -18,19 +18,19 @@ def one_error(proc, *needles):
 
 
 def test_unknown_key(tmp_path):
-    one_error(cascade("train", "configs/quickstart.yaml", "model.num_layrs=3",
+    one_error(cascade("train", "configs/base.yaml", "model.num_layrs=3",
                       f"run_dir={tmp_path}"), "model.num_layrs", "did you mean 'model.num_layers'")
 
 
 def test_unknown_key_in_yaml(tmp_path):
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text("base: " + os.path.join(ROOT, "configs/quickstart.yaml") +
+    cfg.write_text("base: " + os.path.join(ROOT, "configs/base.yaml") +
                    "\ntrain:\n  stepz: 3\n")
     one_error(cascade("train", str(cfg)), "train.stepz", str(cfg))
 
 
 def test_wrong_type(tmp_path):
-    one_error(cascade("train", "configs/quickstart.yaml", "train.steps=many",
+    one_error(cascade("train", "configs/base.yaml", "train.steps=many",
                       f"run_dir={tmp_path}"), "train.steps")
 
 
@@ -40,12 +40,12 @@ def test_wrong_type(tmp_path):
     ("train.global_batch_size=12", "train.global_batch_size"),
 ])
 def test_impossible_combination(tmp_path, override, needle):
-    one_error(cascade("train", "configs/quickstart.yaml", override, f"run_dir={tmp_path}"),
+    one_error(cascade("train", "configs/base.yaml", override, f"run_dir={tmp_path}"),
               needle)
 
 
 def test_missing_dataset(tmp_path):
-    proc = cascade("train", "configs/quickstart.yaml", f"data.path={tmp_path}/nowhere",
+    proc = cascade("train", "configs/base.yaml", f"data.path={tmp_path}/nowhere",
                    f"run_dir={tmp_path}/run")
     one_error(proc, f"{tmp_path}/nowhere.bin")
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
@@ -66,7 +66,7 @@ def test_token_id_beyond_vocabulary(tmp_path):
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 8000, (300,), generator=gen).tolist() + [9000]
     prefix, _ = _tiny_dataset(tmp_path, ids)
-    one_error(cascade("train", "configs/quickstart.yaml", f"data.path={prefix}",
+    one_error(cascade("train", "configs/base.yaml", f"data.path={prefix}",
                       f"run_dir={tmp_path}/run"), "token id 9000", "tiny.bin")
 
 
@@ -74,7 +74,7 @@ def test_truncated_bin(tmp_path):
     prefix, _ = _tiny_dataset(tmp_path, list(range(1, 301)))
     with open(prefix + ".bin", "r+b") as f:
         f.truncate(os.path.getsize(prefix + ".bin") - 10)
-    one_error(cascade("train", "configs/quickstart.yaml", f"data.path={prefix}",
+    one_error(cascade("train", "configs/base.yaml", f"data.path={prefix}",
                       f"run_dir={tmp_path}/run"), "tiny.bin", "truncated")
 
 
@@ -84,7 +84,7 @@ def test_dataset_too_small_for_its_split(tmp_path):
     _, tok = _tiny_dataset(tmp_path, list(range(1, 301)))
     prefix = str(tmp_path / "one_document")
     write_indexed(prefix, [list(range(1, 2000))], tok)  # one document: nothing to validate on
-    one_error(cascade("train", "configs/quickstart.yaml", f"data.path={prefix}",
+    one_error(cascade("train", "configs/base.yaml", f"data.path={prefix}",
                       f"run_dir={tmp_path}/run"), "one_document", "validation split")
 
 
@@ -95,7 +95,7 @@ def test_idx_of_another_bin(tmp_path):
     other = str(tmp_path / "other")
     write_indexed(other, [list(range(1, 120))] * 50, tok)
     os.replace(other + ".idx", prefix + ".idx")  # an .idx that describes another .bin
-    one_error(cascade("train", "configs/quickstart.yaml", f"data.path={prefix}",
+    one_error(cascade("train", "configs/base.yaml", f"data.path={prefix}",
                       f"run_dir={tmp_path}/run"), "tiny.bin", "mismatched")
 
 
@@ -103,7 +103,7 @@ def test_corrupt_idx(tmp_path):
     prefix, _ = _tiny_dataset(tmp_path, list(range(1, 301)))
     with open(prefix + ".idx", "r+b") as f:
         f.write(b"NOT-AN-INDEX")
-    one_error(cascade("train", "configs/quickstart.yaml", f"data.path={prefix}",
+    one_error(cascade("train", "configs/base.yaml", f"data.path={prefix}",
                       f"run_dir={tmp_path}/run"), "tiny.idx")
 
 
@@ -115,25 +115,25 @@ def test_dataset_tokenised_with_another_vocabulary(tmp_path):
     other.pre_tokenizer = pre_tokenizers.ByteLevel()
     other.train_from_iterator(["a different corpus " * 50], trainers.BpeTrainer(vocab_size=300))
     other.save(str(tmp_path / "other.json"))
-    one_error(cascade("train", "configs/quickstart.yaml", f"data.path={prefix}",
+    one_error(cascade("train", "configs/base.yaml", f"data.path={prefix}",
                       f"data.tokenizer={tmp_path}/other.json", f"run_dir={tmp_path}/run"),
               "tiny", "tokenised with")
 
 
 def test_fp8_without_transformer_engine(tmp_path):
-    one_error(cascade("train", "configs/quickstart.yaml", "train.fp8=e4m3",
+    one_error(cascade("train", "configs/base.yaml", "train.fp8=e4m3",
                       f"run_dir={tmp_path}"), "train.fp8", "Transformer Engine")
 
 
 def test_complementary_needs_two_views(tmp_path):
-    one_error(cascade("train", "configs/quickstart.yaml", "diffusion.complementary=true",
+    one_error(cascade("train", "configs/base.yaml", "diffusion.complementary=true",
                       f"run_dir={tmp_path}"), "diffusion.complementary")
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("gen") / "run"
-    proc = cascade("train", "configs/quickstart.yaml", "model.num_layers=1",
+    proc = cascade("train", "configs/base.yaml", "model.num_layers=1",
                    "model.hidden_size=64", "data.seq_len=32", "train.steps=1",
                    "train.micro_batch_size=2", "train.global_batch_size=2", "train.eval_batches=0",
                    "optimizer.warmup_steps=0", "tracking.enabled=false", f"run_dir={run}")

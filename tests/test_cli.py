@@ -20,7 +20,7 @@ def run(*args):
 def test_train_writes_run_directory_and_its_mlflow_store_opens_in_the_ui(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "cascade_mega", "train", "configs/quickstart.yaml", *TINY,
+        [sys.executable, "-m", "cascade_mega", "train", "configs/base.yaml", *TINY,
          "train.steps=20", "train.log_interval=5", "train.eval_interval=10",
          "train.eval_batches=2", "checkpoint.interval=10", f"run_dir={run_dir}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -92,16 +92,18 @@ def test_bench_generate_json(tmp_path):
     runs = {}
     for name, objective in (("bd", "block_diffusion"), ("ar", "ar")):
         runs[name] = tmp_path / name
-        proc = run("train", "configs/quickstart.yaml", *TINY, "train.steps=2",
+        proc = run("train", "configs/base.yaml", *TINY, "train.steps=2",
                    "train.eval_batches=0", "optimizer.warmup_steps=1",
                    f"diffusion.objective={objective}", f"run_dir={runs[name]}")
         assert proc.returncode == 0, proc.stderr
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("ROMEO:\nJULIET:\n")
     proc = run("bench", "generate", "--bd", str(runs["bd"]), "--ar", str(runs["ar"]),
-               "--prompts-file", str(prompts), "--max-new-tokens", "12", "--json")
+               "--prompts-file", str(prompts), "--max-new-tokens", "12", "--samples", "2",
+               "--judge", str(runs["ar"]), "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["samples"] == 4  # 2 prompts x 2 seeds
     assert [r["policy"] for r in report["rows"]] == ["ar", "fixed", "threshold", "adaptive"]
     for row in report["rows"]:
         assert set(row) == {"policy", "tokens_per_s", "forwards_per_token", "gen_ppl", "entropy",
@@ -111,6 +113,9 @@ def test_bench_generate_json(tmp_path):
     assert ar_row["speedup_vs_ar"] == 1.0 and ar_row["forwards_per_token"] >= 1.0
     # fixed: 4 forwards per block of 8 (the first block holds the prompt's tail too)
     assert report["rows"][1]["forwards_per_token"] < 0.85 < ar_row["forwards_per_token"]
+    bad = run("bench", "generate", "--bd", str(runs["bd"]), "--ar", str(runs["ar"]),
+              "--judge", str(runs["bd"]), "--prompts-file", str(prompts))
+    assert bad.returncode != 0 and "--judge" in bad.stderr and "not an AR checkpoint" in bad.stderr
 
 
 def test_bench_data_json():

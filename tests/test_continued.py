@@ -73,6 +73,17 @@ def test_block_size_schedule(megatron):
                       ("{0: 3, 5: 8}", "does not divide"), ("{0: 4, 5: 16, 8: 8}", "mixes B = L")]:
         with pytest.raises(ConfigError, match=what):
             tiny_cfg("diffusion.block_size=8", f"diffusion.block_size_schedule={bad}")
+    # block size 1 is an AR phase: the ar objective on L rows; it needs shifted prediction
+    ar = tiny_cfg("diffusion.block_size=8", "diffusion.shifted_prediction=true",
+                  "diffusion.block_size_schedule={0: 1, 5: 8}", "diffusion.ar_loss_weight=0.5")
+    assert [(objective.at_step(ar, s).diffusion.objective, objective.sequence_rows(
+        objective.at_step(ar, s))) for s in (4, 5)] == [("ar", 16), ("block_diffusion", 48)]
+    for extra, what in [((), "needs 'diffusion.shifted_prediction'"),
+                        (("diffusion.shifted_prediction=true", "distill.teacher=runs/ar"),
+                         "cannot be distilled")]:
+        with pytest.raises(ConfigError, match=what):
+            tiny_cfg("diffusion.block_size=8", "diffusion.block_size_schedule={0: 1, 5: 8}",
+                     *extra)
 
 
 @pytest.mark.parametrize("shifted", [False, True])
@@ -253,3 +264,21 @@ def test_distillation_aux_loss_and_schedule_at_tp2_and_pp2_match_single_process(
             assert a["distill_kl"] > 0.01 and a["ar_loss"] > 1.0
             assert abs(a["distill_kl"] - b["distill_kl"]) < 1e-5
             assert abs(a["ar_loss"] - b["ar_loss"]) < 1e-5
+
+
+def test_block_size_one_phase_trains_the_ar_objective_then_converts(tmp_path):
+    """A schedule starting at B = 1 (shifted prediction) is an AR run until it switches: its
+    first steps' losses and gradient norms are those of the `ar` objective (same seed and
+    data); then block diffusion. Two pipeline stages (the rows per sample go from L to 2L at
+    the switch) give the single process's figures."""
+    from test_torchrun import _assert_same, _run
+
+    args = ["diffusion.shifted_prediction=true", "diffusion.block_size_schedule={0: 1, 2: 8}"]
+    single = _run(tmp_path, "single", *args)
+    ar = [r for r in _run(tmp_path, "ar", "diffusion.objective=ar") if r["split"] == "train"]
+    train = [r for r in single if r["split"] == "train"]
+    assert [r["block_size"] for r in train] == [1, 1, 8, 8]
+    _assert_same(train[:2], ar[:2])
+    assert abs(train[2]["loss"] - ar[2]["loss"]) > 1e-2  # block diffusion from the switch
+    _assert_same(single, _run(tmp_path, "pp2", "--nproc-per-node", "2", *args,
+                              "parallel.pipeline=2"))

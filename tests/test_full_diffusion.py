@@ -151,7 +151,7 @@ def test_cascade_generate_decodes_a_full_diffusion_run(tmp_path):
     runs = {}
     for name, block in (("mdlm", 32), ("bd", 8)):
         runs[name] = tmp_path / name
-        proc = cascade("train", "configs/quickstart.yaml", "model.num_layers=1",
+        proc = cascade("train", "configs/base.yaml", "model.num_layers=1",
                        "model.hidden_size=64", "data.seq_len=32", f"diffusion.block_size={block}",
                        "train.steps=1", "train.micro_batch_size=2", "train.global_batch_size=2",
                        "train.eval_batches=0", "optimizer.warmup_steps=0",

@@ -103,7 +103,7 @@ def test_plan_full_recompute_keeps_what_korthikanti_et_al_publish():
 def _cascade_plan(*args):
     from helpers import cascade
 
-    return cascade("plan", "configs/quickstart.yaml", *args)
+    return cascade("plan", "configs/base.yaml", *args)
 
 
 def test_cascade_plan_prints_the_layout_and_refuses_what_cannot_work():

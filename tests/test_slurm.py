@@ -15,7 +15,7 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = ["configs/quickstart.yaml", "model.num_layers=2", "model.hidden_size=64",
+TRAIN = ["configs/base.yaml", "model.num_layers=2", "model.hidden_size=64",
          "data.seq_len=64", "diffusion.block_size=8", "train.micro_batch_size=2",
          "train.global_batch_size=4", "optimizer.warmup_steps=2", "train.steps=80",
          "train.log_interval=1", "train.eval_interval=40", "train.eval_batches=1",
@@ -154,7 +154,7 @@ def test_sweep_runs_as_a_job_array_grouped_in_mlflow(cluster, tmp_path):
     sweep's store under its group; a second invocation submits nothing."""
     sweep = tmp_path / "arr.yaml"
     sweep.write_text(f"""name: arr
-base: {ROOT}/configs/quickstart.yaml
+base: {ROOT}/configs/base.yaml
 root: {tmp_path}/arr
 head_dim: 32
 cluster: local
@@ -201,7 +201,7 @@ def test_chain_runs_in_order(cluster, tmp_path):
   - name: preprocess
     run: preprocess {corpus} --output-prefix {prefix} --train-bpe 400 --lines
   - name: train
-    train: configs/quickstart.yaml
+    train: configs/base.yaml
     overrides: [data.path={prefix}, run_dir={run_dir}, model.num_layers=2, model.hidden_size=64,
                 data.seq_len=64, diffusion.block_size=8, train.steps=2, train.eval_interval=0,
                 train.micro_batch_size=2, train.global_batch_size=2, optimizer.warmup_steps=1]
@@ -263,7 +263,7 @@ def test_partition_missing_on_the_cluster(cluster, tmp_path, capsys):
 
 
 def test_dry_run_for_sixteen_h100_nodes():
-    proc = cascade("submit", "configs/quickstart.yaml", "train.global_batch_size=1024",
+    proc = cascade("submit", "configs/base.yaml", "train.global_batch_size=1024",
                    "run_dir=/tmp/cascade-dry-run", "--cluster", "h100", "--nodes", "16",
                    "--dry-run")
     assert proc.returncode == 0, proc.stderr

@@ -90,7 +90,7 @@ def test_report_fits_the_finished_runs_and_names_the_failed_one(tmp_path):
 def sweep_file(tmp_path, grids, extra="", name="tiny"):
     path = tmp_path / f"{name}.yaml"
     path.write_text(f"""name: {name}
-base: {ROOT}/configs/quickstart.yaml
+base: {ROOT}/configs/base.yaml
 root: {tmp_path}/{name}
 head_dim: 32
 overrides: [data.seq_len=32, train.micro_batch_size=2, train.global_batch_size=2,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARGS = ["train", "configs/quickstart.yaml", "model.num_layers=2", "model.hidden_size=64",
+ARGS = ["train", "configs/base.yaml", "model.num_layers=2", "model.hidden_size=64",
         "data.seq_len=64", "diffusion.block_size=8", "train.micro_batch_size=2",
         "train.global_batch_size=4", "optimizer.warmup_steps=2", "train.steps=4",
         "train.log_interval=1", "train.eval_interval=2", "train.eval_batches=1",

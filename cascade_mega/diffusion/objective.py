@@ -21,6 +21,9 @@ ar_loss_weight > 0 (continued pretraining from an AR model): one more stream, th
   under a causal mask attending only to itself, read out as next-token prediction; its summed CE
   times the weight joins the loss (reported apart from the NELBO as `ar_loss`).
 block_size_schedule: `at_step(cfg, step)` is the config with the block size in force at a step.
+  A phase at B = 1 trains the AR objective: with shifted prediction every B = 1 target is read
+  from the clean stream's row before it, exactly AR's prediction, and the AR loss is the exact
+  expectation of that NELBO over the noise (every token a target, weight 1), on L rows, not 2L.
 distillation (`train/distill.py`): `Prepared.target_pos` says which position each NELBO target is,
   so the teacher's next-token logits can be lined up with it.
 
@@ -71,7 +74,10 @@ def at_step(cfg, step: int):
     if not schedule:
         return cfg
     block = schedule[max(s for s in schedule if s <= step)]
-    return replace(cfg, diffusion=replace(cfg.diffusion, block_size=block))
+    d = replace(cfg.diffusion, block_size=block)
+    if block == 1:  # an AR phase (shifted prediction, config check): see the module docstring
+        d = replace(d, objective="ar", ar_loss_weight=0.0, block_size_schedule={})
+    return replace(cfg, diffusion=d)
 
 
 def shifted_rows(L: int, B: int, clean_offset: int | None, view_offset: int = 0) -> torch.Tensor:

@@ -30,6 +30,7 @@ from dataclasses import replace
 import torch
 
 from cascade_mega.config import ConfigError
+from cascade_mega.data.tokenizer import same_tokenizer
 from cascade_mega.diffusion.masks import AttentionLayout
 from cascade_mega.model.gpt import build_model, logits_at_rows, padded_vocab_size
 
@@ -37,9 +38,6 @@ from cascade_mega.model.gpt import build_model, logits_at_rows, padded_vocab_siz
 def _vocab_rows(cfg, vocab_size: int) -> int:
     return cfg.model.vocab_size or padded_vocab_size(
         vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor)
-
-
-PROBE = "ROMEO: But soft, what light through yonder window breaks? 1609 \u00e6\u00f8 -> {x}"
 
 
 def teacher_config(cfg, tokenizer):
@@ -93,9 +91,7 @@ def _same_tokenizer(teacher, tokenizer, path: str) -> None:
     except Exception as err:  # noqa: BLE001  the teacher's record of its tokenizer is unreadable
         raise ConfigError(f"'distill.teacher' = {path}: its tokenizer cannot be read "
                           f"({str(err).splitlines()[0][:200]})") from None
-    same = (own.vocab_size, own.mask_id, own.eod, own.encode(PROBE)) == \
-        (tokenizer.vocab_size, tokenizer.mask_id, tokenizer.eod, tokenizer.encode(PROBE))
-    if not same:
+    if not same_tokenizer(own, tokenizer):
         raise ConfigError(f"'distill.teacher' = {path} uses another tokenizer than the student "
                           "(the KL compares distributions over the same token ids)")
 

@@ -99,8 +99,7 @@ class Trainer:
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         checkpoint.start_writer()  # before any scheduler signal can arrive
         self.peak_flops = flops.peak_flops()
-        self.step_flops = flops.step_flops(cfg, self.tokenizer.vocab_size,
-                                           teacher[0] if teacher else None)
+        self.teacher_cfg = teacher[0] if teacher else None
         self._resume()
         if cfg.data.backend == "dali":
             from cascade_mega.data.dali_loader import DaliReader
@@ -181,10 +180,10 @@ class Trainer:
         loss_sum, stats = objective.reduce(*output[:2], prep, *output[2:])
         return loss_sum, torch.tensor(prep.num_tokens, dtype=torch.int), {"stats": stats}
 
-    def _run_schedule(self, make_iter, forward_only: bool):
+    def _run_schedule(self, make_iter, forward_only: bool, cfg):
         """make_iter() -> an iterator over this step's micro-batches; one per model chunk, since
-        the interleaved schedule draws every micro-batch once per virtual stage."""
-        cfg = self.cfg
+        the interleaved schedule draws every micro-batch once per virtual stage. cfg: the config
+        in force (its rows per sample are what the pipeline sends between stages)."""
         iters = make_iter() if len(self.chunks) == 1 else [make_iter() for _ in self.chunks]
         outs = get_forward_backward_func()(
             forward_step_func=self._forward_step,
@@ -226,15 +225,16 @@ class Trainer:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         start = time.perf_counter()
+        cfg = objective.at_step(self.cfg, step)
         stats = self._run_schedule(lambda: self._micro_batches(self.train_data, step, "train"),
-                                   False)
+                                   False, cfg)
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         elapsed = time.perf_counter() - start
         d = self.cfg.diffusion
         metrics = self._metrics(stats, clipped=(d.t_min, d.t_max) != (0.0, 1.0))
         if d.block_size_schedule:
-            metrics["block_size"] = objective.at_step(self.cfg, step).diffusion.block_size
+            metrics["block_size"] = cfg.diffusion.block_size
         metrics.update({
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -243,7 +243,8 @@ class Trainer:
             "memory_gb": memory_gb(),
         })
         if self.peak_flops:  # GPU: model FLOPs utilisation per GPU (bench/flops.py counting)
-            metrics["mfu"] = self.step_flops / elapsed / self.world_size / self.peak_flops
+            step_flops = flops.step_flops(cfg, self.tokenizer.vocab_size, self.teacher_cfg)
+            metrics["mfu"] = step_flops / elapsed / self.world_size / self.peak_flops
         return metrics
 
     @torch.no_grad()
@@ -255,7 +256,7 @@ class Trainer:
         for i in range(self.cfg.train.eval_batches):
             stats += self._run_schedule(
                 lambda i=i: self._micro_batches(self.valid_data, i, "valid", t_range=(0.0, 1.0)),
-                True)
+                True, self.cfg)
         return self._metrics(stats, clipped=False)
 
     def _emit(self, hook: str, *args):
