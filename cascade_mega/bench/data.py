@@ -1,5 +1,5 @@
 """`cascade bench data`: how fast the input pipeline delivers tokens, next to how fast training
-consumes them, for one config (default: the quickstart).
+consumes them, for one config (default: configs/base.yaml, the quickstart's model and data).
 
 The loader side times what every micro-batch costs before the model runs: reading the samples
 (each backend: megatron-core's GPT dataset read in the step, and the DALI pipeline when the [dali]
@@ -20,7 +20,8 @@ from cascade_mega.config import load_config
 
 def add_arguments(p) -> None:
     p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]",
-                   help="YAML config (default: configs/quickstart.yaml) and dotted overrides")
+                   help="YAML config (default: configs/base.yaml, the quickstart's model "
+                   "and data at B = 16) and dotted overrides")
     p.set_defaults(overrides=[])
     p.add_argument("--batches", type=int, default=200, help="micro-batches the loader reads")
     p.add_argument("--steps", type=int, default=3, help="training steps timed")
@@ -31,7 +32,7 @@ def run(args) -> dict:
     from cascade_mega.train.trainer import Trainer
 
     config = args.args[0] if args.args and args.args[0].endswith((".yaml", ".yml")) else \
-        "configs/quickstart.yaml"
+        "configs/base.yaml"
     over = [a for a in args.args if a != config] + list(args.overrides)
     cfg = load_config(config, over + [f"run_dir={tempfile.mkdtemp(prefix='cascade-bench-')}",
                                       "train.resume=none", "tracking.enabled=false"])

@@ -25,7 +25,8 @@ ONE_PROCESS = [f"parallel.{k}=1" for k in ("tensor", "pipeline", "context")] + \
 
 def add_arguments(p):
     p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]",
-                   help="YAML config (default: configs/quickstart.yaml) and dotted overrides")
+                   help="YAML config (default: configs/base.yaml, the quickstart's model "
+                   "and data at B = 16) and dotted overrides")
     p.set_defaults(overrides=[])
     p.add_argument("--layers", type=int)
     p.add_argument("--hidden", type=int)
@@ -44,7 +45,7 @@ def add_arguments(p):
 
 
 def _config_and_overrides(args):
-    """The YAML path (default: the quickstart) and the overrides the flags stand for."""
+    """The YAML path (default: configs/base.yaml) and the overrides the flags stand for."""
     config = args.args[0] if args.args and args.args[0].endswith((".yaml", ".yml")) else None
     over = [a for a in args.args if a is not config] + list(args.overrides)
     for flag, key in (("layers", "model.num_layers"), ("hidden", "model.hidden_size"),
@@ -54,7 +55,7 @@ def _config_and_overrides(args):
             over.append(f"{key}={getattr(args, flag)}")
     if args.batch:
         over += [f"train.micro_batch_size={args.batch}", f"train.global_batch_size={args.batch}"]
-    return config or "configs/quickstart.yaml", over
+    return config or "configs/base.yaml", over
 
 
 def _configs(args):

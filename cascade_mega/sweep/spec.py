@@ -1,7 +1,7 @@
 """Sweep files: a base run config and grids of axes, expanded into runs with their compute.
 
     name: cpu_demo
-    base: ../quickstart.yaml        # the run config every run starts from (relative to this file)
+    base: ../base.yaml              # the run config every run starts from (relative to this file)
     root: runs/sweeps/cpu_demo      # run directories: <root>/<run name>
     overrides: [data.seq_len=128]   # dotted overrides for every run
     head_dim: 32                    # width / head_dim attention heads (FFN and the rest derived)
