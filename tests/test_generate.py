@@ -116,3 +116,18 @@ def test_threshold_above_one_decides_one_token_per_step(megatron):
     assert decoder.forwards == sum(b.steps for b in one.blocks)  # the commits ride along
     [fixed] = decoder.generate([prompt], max_new_tokens=12, policy=Policy("fixed", steps=B))
     assert fixed.tokens == one.tokens
+
+
+@pytest.mark.parametrize("name, counts", [("fixed", [6, 5, 5]), ("adaptive", [3, 6, 7])])
+def test_steps_per_block_follow_the_policy_schedule(name, counts):
+    """With nothing confident, a block of 16 at S = 3: fixed splits evenly, adaptive follows the
+    cosine floor; positions at or above tau are decided together; at most S steps either way."""
+    policy, gen = Policy(name, steps=3, tau=0.9), torch.Generator().manual_seed(0)
+    left, got = 16, []
+    while left:
+        got.append(len(policy.choose(torch.rand(left, generator=gen) * 0.8, len(got))))
+        left -= got[-1]
+    assert got == counts
+    confident = torch.cat([torch.full((10,), 0.95), torch.rand(6, generator=gen) * 0.8])
+    expected = 10 if name == "adaptive" else 6
+    assert len(policy.choose(confident, 0)) == expected
