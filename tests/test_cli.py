@@ -116,6 +116,8 @@ def test_bench_generate_json(tmp_path):
     bad = run("bench", "generate", "--bd", str(runs["bd"]), "--ar", str(runs["ar"]),
               "--judge", str(runs["bd"]), "--prompts-file", str(prompts))
     assert bad.returncode != 0 and "--judge" in bad.stderr and "not an AR checkpoint" in bad.stderr
+    none = run("bench", "generate", "--bd", str(runs["bd"]), "--samples", "0")
+    assert none.returncode != 0 and "--samples must be >= 1" in none.stderr
 
 
 def test_bench_data_json():

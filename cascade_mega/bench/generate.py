@@ -90,6 +90,8 @@ def run(args) -> dict:
     from cascade_mega.inference.load import load_decoder
     from cascade_mega.train.checkpoint import CheckpointError
 
+    if args.samples < 1:  # before anything is trained or loaded
+        raise GenerationError(f"--samples must be >= 1, got {args.samples}")
     for which, path in (("bd", args.bd), ("ar", args.ar)):
         if path == RUNS[which][0]:
             _ensure_trained(*RUNS[which])
@@ -99,12 +101,10 @@ def run(args) -> dict:
         if dec.cfg.diffusion.objective != "ar":
             raise CheckpointError(f"{flag} {getattr(args, flag[2:])} is not an AR checkpoint")
         if not same_tokenizer(dec.tok, bd.tok):
-            raise CheckpointError(f"{flag} {getattr(args, flag[2:])} uses another tokenizer than "
-                             f"--bd {args.bd}")
+            raise CheckpointError(f"{flag} {getattr(args, flag[2:])} uses another tokenizer "
+                                  f"than --bd {args.bd}")
     with open(args.prompts_file) as f:
         texts = [line.rstrip("\n") for line in f if line.strip()]
-    if args.samples < 1:
-        raise GenerationError(f"--samples must be >= 1, got {args.samples}")
     rows = {"ar": (ar, Policy("fixed", 1)),
             "fixed": (bd, Policy("fixed", args.steps)),
             "threshold": (bd, Policy("threshold", tau=args.tau)),
