@@ -164,11 +164,12 @@ class CascadeConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
 _CHOICES = {
     "diffusion.objective": ("block_diffusion", "ar"),
     "diffusion.noise_sampling": ("stratified", "uniform"),
     "optimizer.decay_style": ("cosine", "linear", "constant"),
-    "train.precision": ("auto", "fp32", "bf16"),
+    "train.precision": PRECISIONS,
     "model.attention_backend": ("auto", "local", "te"),
     "model.attention_kernel": ("auto", "tiled", "flex", "dense"),
     "model.recompute": ("none", "full"),

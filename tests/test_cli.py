@@ -103,7 +103,7 @@ def test_bench_generate_json(tmp_path):
                "--judge", str(runs["ar"]), "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["samples"] == 4  # 2 prompts x 2 seeds
+    assert report["samples"] == 4 and report["dtype"] == "float32"  # 2 prompts x 2 seeds
     assert [r["policy"] for r in report["rows"]] == ["ar", "fixed", "threshold", "adaptive"]
     for row in report["rows"]:
         assert set(row) == {"policy", "tokens_per_s", "forwards_per_token", "gen_ppl", "entropy",
@@ -113,6 +113,17 @@ def test_bench_generate_json(tmp_path):
     assert ar_row["speedup_vs_ar"] == 1.0 and ar_row["forwards_per_token"] >= 1.0
     # fixed: 4 forwards per block of 8 (the first block holds the prompt's tail too)
     assert report["rows"][1]["forwards_per_token"] < 0.85 < ar_row["forwards_per_token"]
+    half = run("bench", "generate", "--bd", str(runs["bd"]), "--ar", str(runs["ar"]),
+               "--prompts-file", str(prompts), "--max-new-tokens", "12", "--samples", "1",
+               "--precision", "bf16", "--json")
+    assert half.returncode == 0, half.stderr
+    report = json.loads(half.stdout.strip().splitlines()[-1])
+    assert report["dtype"] == "bfloat16" and all(1 < r["gen_ppl"] < 1e6 for r in report["rows"])
+    gen = run("generate", "--ckpt", str(runs["bd"]), "--prompt", "ROMEO:", "--max-new-tokens",
+              "8", "--precision", "bf16", "--json")
+    assert gen.returncode == 0, gen.stderr
+    out = json.loads(gen.stdout.strip().splitlines()[-1])
+    assert out["stopped"] in ("eod", "length") and len(out["tokens"]) <= 8
     bad = run("bench", "generate", "--bd", str(runs["bd"]), "--ar", str(runs["ar"]),
               "--judge", str(runs["bd"]), "--prompts-file", str(prompts))
     assert bad.returncode != 0 and "--judge" in bad.stderr and "not an AR checkpoint" in bad.stderr

@@ -35,8 +35,9 @@ def _uncached(model, cfg, prompt, max_new, policy):
     out = []
     while len(out) < max_new and len(seq) + B <= L:
         x = torch.tensor(given + [MASK_ID] * (B - len(given)))
-        step = 0
-        while (x == MASK_ID).any():
+        end = min(B, len(given) + max_new - len(out))  # the budget may end inside the block
+        step, cap = 0, policy.steps_for(end - len(given), B)
+        while (x[:end] == MASK_ID).any():
             n = len(seq) + B
             clean = torch.tensor(seq + [MASK_ID] * B)  # the current block's clean rows: unseen
             noisy = torch.cat([clean[:len(seq)], x])
@@ -46,12 +47,12 @@ def _uncached(model, cfg, prompt, max_new, policy):
                            output_processor=lambda hidden_states, output_layer, output_weight,
                            **_: output_layer(hidden_states, weight=output_weight)[0])
             logits = (hidden[len(seq):n, 0].float() + model.output_layer.logit_bias)
-            masked = (x == MASK_ID).nonzero().squeeze(1)
+            masked = (x[:end] == MASK_ID).nonzero().squeeze(1)
             tokens, confidence = sample(logits[masked], Sampling(), None)
-            chosen = policy.choose(confidence, step)
+            chosen = policy.choose(confidence, step, cap)
             x[masked[chosen]] = tokens[chosen]
             step += 1
-        out += x.tolist()[len(given):]
+        out += x.tolist()[len(given):end]
         seq += x.tolist()
         given = []
     return out[:max_new]
@@ -116,6 +117,18 @@ def test_threshold_above_one_decides_one_token_per_step(megatron):
     assert decoder.forwards == sum(b.steps for b in one.blocks)  # the commits ride along
     [fixed] = decoder.generate([prompt], max_new_tokens=12, policy=Policy("fixed", steps=B))
     assert fixed.tokens == one.tokens
+
+
+def test_adaptive_cap_follows_the_positions_a_block_decides(megatron):
+    """Prompt tail and token budget inside blocks: 1 and 2 of B = 4 positions to decide get
+    ceil(3 k / 4) = 1 and 2 steps, a whole block the cap of 3; the rest of the last block stays
+    undecided."""
+    cfg = tiny_cfg(f"data.seq_len={L}", f"diffusion.block_size={B}", WIDE)
+    decoder = Decoder(tiny_model(cfg, seed=11), cfg, _tokenizer())
+    [prompt] = _prompts(7, seed=12)
+    [out] = decoder.generate([prompt], max_new_tokens=7, policy=Policy("adaptive", 3, tau=2.0))
+    assert [(b.steps, b.tokens) for b in out.blocks] == [(1, 1), (3, 4), (2, 2)]
+    assert decoder.forwards == 6 and len(out.tokens) == 7 and out.stopped == "length"
 
 
 @pytest.mark.parametrize("name, counts", [("fixed", [6, 5, 5]), ("adaptive", [3, 6, 7])])

@@ -8,7 +8,8 @@ B = 16 and the other goes on as AR. The judge of generative perplexity is the AR
 row generates in turn (so machine noise hits all rows alike), at batch 1 with the same sampling.
 Per row: tokens/s, forwards per generated token, the generative perplexity (the AR model's
 perplexity of the generated tokens given their prompt) and the unigram entropy of the samples in
-bits (low entropy = repetition, which also lowers perplexity).
+bits (low entropy = repetition, which also lowers perplexity). Both decoders run at `--precision`
+(default: their runs' training precision, fp32 on CPU); the judge always scores in fp32.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections import Counter
 
 import torch
 
+from cascade_mega.config import PRECISIONS
 from cascade_mega.data.tokenizer import same_tokenizer
 from cascade_mega.inference.policies import Policy
 from cascade_mega.inference.sampling import Sampling
@@ -47,6 +49,8 @@ def add_arguments(p) -> None:
     p.add_argument("--samples", type=int, default=4, help="samples per prompt and row (seeds "
                    "seed .. seed + samples - 1): generative perplexity of one 1k-token draw "
                    "varies by ~15 %% from seed to seed")
+    p.add_argument("--precision", choices=PRECISIONS, default="", help="of both decoders (default: "
+                   "each run's train.precision); the judge scores in fp32")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
 
 
@@ -95,8 +99,11 @@ def run(args) -> dict:
     for which, path in (("bd", args.bd), ("ar", args.ar)):
         if path == RUNS[which][0]:
             _ensure_trained(*RUNS[which])
-    bd, ar = load_decoder(args.bd), load_decoder(args.ar)
-    judge = load_decoder(args.judge) if args.judge else ar
+    bd = load_decoder(args.bd, precision=args.precision)
+    ar = load_decoder(args.ar, precision=args.precision)
+    fp32 = next(ar.model.parameters()).dtype == torch.float32
+    judge = ar if fp32 and not args.judge else load_decoder(args.judge or args.ar,
+                                                           precision="fp32")
     for flag, dec in (("--ar", ar), ("--judge", judge)):
         if dec.cfg.diffusion.objective != "ar":
             raise CheckpointError(f"{flag} {getattr(args, flag[2:])} is not an AR checkpoint")
@@ -134,15 +141,17 @@ def run(args) -> dict:
     for row in table:
         row["speedup_vs_ar"] = row["tokens_per_s"] / table[0]["tokens_per_s"]
     how = "greedy" if args.greedy else f"sampling (top-p {args.top_p})"
+    dtype = str(next(bd.model.parameters()).dtype).replace("torch.", "")
     print(f"bench generate  {len(draws)} samples ({len(texts)} prompts) x {args.max_new_tokens} "
-          f"new tokens, batch 1, {how}; B = {bd.B}, tau = {args.tau}, steps = {args.steps}")
+          f"new tokens, batch 1, {how}, {dtype}; B = {bd.B}, tau = {args.tau}, "
+          f"steps = {args.steps}")
     print(f"  {'policy':<10}{'tokens/s':>10}{'fwd/token':>11}{'gen ppl':>10}{'entropy':>9}"
           f"{'vs AR':>8}")
     for r in table:
         print(f"  {r['policy']:<10}{r['tokens_per_s']:>10.1f}{r['forwards_per_token']:>11.3f}"
               f"{r['gen_ppl']:>10.1f}{r['entropy']:>9.2f}{r['speedup_vs_ar']:>7.2f}x")
     result = {"rows": table, "block_size": bd.B, "prompts": len(texts), "samples": len(draws),
-              "max_new_tokens": args.max_new_tokens}
+              "max_new_tokens": args.max_new_tokens, "dtype": dtype}
     if args.json:
         print(json.dumps(result))
     return result

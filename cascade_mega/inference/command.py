@@ -6,6 +6,7 @@ import json
 import sys
 import time
 
+from cascade_mega.config import PRECISIONS
 from cascade_mega.inference.policies import POLICIES, Policy
 from cascade_mega.inference.sampling import Sampling
 
@@ -35,6 +36,8 @@ def add_arguments(p) -> None:
                       help="tokens decided left to right as one block (default 32)")
     full.add_argument("--guidance", type=float,
                       help="classifier-free guidance scale g (default 0: off)")
+    p.add_argument("--precision", choices=PRECISIONS, default="", help="weights and activations "
+                   "(default: the run's train.precision; auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt (tokens, text, per-block statistics)")
@@ -61,7 +64,7 @@ def run(args) -> int:
     if args.max_new_tokens < 1:
         raise GenerationError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     given = {"cache": args.cache, "block": args.decode_block, "guidance": args.guidance}
-    decoder = load_decoder(args.ckpt, args.threads,
+    decoder = load_decoder(args.ckpt, args.threads, args.precision,
                            **{k: v for k, v in given.items() if v is not None})
     prompts = [decoder.tok.encode(t) for t in texts]
     streaming = len(prompts) == 1 and not args.json

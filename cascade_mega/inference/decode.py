@@ -5,7 +5,9 @@ each block is denoised by forwards over that block only (its B rows attend the c
 deciding some masked positions per forward, until none is left. The decided block is committed by
 the next forward, which is also the first denoising step of the following block, so a block costs
 exactly its number of denoising steps. A prompt that ends inside a block starts that block with
-its tokens given (like x_t with those tokens kept).
+its tokens given (like x_t with those tokens kept). Where the token budget ends inside a block,
+only the positions within it are decided (the others stay [MASK], as in any x_t); the policy's
+step count for a block follows the positions it decides (`Policy.steps_for`).
 
 Why not reuse the last denoising step's K/V: that forward ran with the tokens it decided still
 [MASK] in its input, and the clean stream of training (what the cache must hold) never sees
@@ -80,7 +82,9 @@ class _Sequence:
         self.block = P // B  # current block (AR: next position)
         self.given = list(prompt[full:])  # prompt tail inside the current block
         self.x: Optional[torch.Tensor] = None
+        self.end = 0  # positions [len(given), end) of the block are decided
         self.steps = 0
+        self.cap = 0  # the policy's steps for this block
         self.done = False
         self.last_clean = None  # logits of the newest committed row
 
@@ -123,7 +127,7 @@ class Decoder:
         needed = set()
         for s in seqs:
             if noisy and not s.done:
-                masked = (s.x == self.tok.mask_id).nonzero().squeeze(1) - int(self.shifted)
+                masked = (s.x[:s.end] == self.tok.mask_id).nonzero().squeeze(1) - int(self.shifted)
                 needed |= {width + int(r) for r in masked if r >= 0}
         cols = sorted(set(last) | needed)
         step = DecodeStep(self.cache, kinds, blocks)
@@ -171,7 +175,7 @@ class Decoder:
 
     def _block_step(self, s: _Sequence, logits, i, stream):
         B, mask_id = self.B, self.tok.mask_id
-        masked = (s.x == mask_id).nonzero().squeeze(1)
+        masked = (s.x[:s.end] == mask_id).nonzero().squeeze(1)
         if self.shifted:  # position r from row r - 1; the block's first from the clean row
             # (a prompt shorter than a block has no clean row yet; its position 0 is given)
             first = s.last_clean if s.last_clean is not None else logits[0]
@@ -179,14 +183,14 @@ class Decoder:
         else:
             rows = logits
         tokens, confidence = sample(rows[masked], self.sampling, self.gen)
-        chosen = self.policy.choose(confidence, s.steps)
+        chosen = self.policy.choose(confidence, s.steps, s.cap)
         s.x[masked[chosen]] = tokens[chosen]
         s.steps += 1
-        if bool((s.x == mask_id).any()):
+        if bool((s.x[:s.end] == mask_id).any()):
             return
-        decided = s.x.tolist()
+        decided = s.x[:s.end].tolist()
         s.out.blocks.append(BlockStats(index=s.block, steps=s.steps,
-                                       tokens=B - len(s.given)))
+                                       tokens=s.end - len(s.given)))
         self._finish(s, decided[len(s.given):], stream, i)
         s.given = []
         if not s.done:
@@ -202,7 +206,8 @@ class Decoder:
             return
         s.x = torch.full((self.B,), self.tok.mask_id, dtype=torch.long)
         s.x[:len(s.given)] = torch.tensor(s.given, dtype=torch.long)
-        s.steps = 0
+        s.end = min(self.B, len(s.given) + self.max_new - len(s.out.tokens))
+        s.steps, s.cap = 0, self.policy.steps_for(s.end - len(s.given), self.B)
 
     # ------------------------------------------------------------------ public
     @torch.no_grad()

@@ -124,6 +124,7 @@ class FullDiffusionDecoder:
         for start in range(P, P + max_new, self.block):
             end = min(start + self.block, P + max_new)
             steps, stale_first = 0, None
+            cap = policy.steps_for(end - start, self.block)
             while bool((canvas[0, start:end] == mask_id).any()):
                 logits = self._block_logits(canvas, start, end, steps == 0, stale_first)
                 if self.shifted and steps == 0:
@@ -133,7 +134,7 @@ class FullDiffusionDecoder:
                     logits = torch.where(cond.isinf(), cond, (1 + g) * cond - g * logits[1:])
                 masked = (canvas[0, start:end] == mask_id).nonzero().squeeze(1)
                 tokens, confidence = sample(logits[0, masked], sampling, gen)
-                chosen = policy.choose(confidence, steps)
+                chosen = policy.choose(confidence, steps, cap)
                 canvas[:, start + masked[chosen]] = tokens[chosen]
                 steps += 1
             decided = canvas[0, start:end].tolist()

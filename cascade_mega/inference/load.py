@@ -63,13 +63,23 @@ def load_model(path: str, threads: int = 0):
     return cfg, tokenizer, model
 
 
-def load_decoder(path: str, threads: int = 0, **full_diffusion):
+def load_decoder(path: str, threads: int = 0, precision: str = "", **full_diffusion):
     """The decoder for the checkpoint's objective: block / AR decoding, or for a full-diffusion
     checkpoint (B = L) `FullDiffusionDecoder` with `full_diffusion` options (cache, block,
-    guidance)."""
-    from cascade_mega.inference.decode import Decoder, GenerationError
+    guidance). precision: the weights' and activations' dtype, like `train.precision` (auto:
+    bf16 on GPU, fp32 on CPU); empty: the run's own setting."""
+    from dataclasses import replace
 
+    from cascade_mega.config import PRECISIONS
+    from cascade_mega.inference.decode import Decoder, GenerationError
+    from cascade_mega.train.trainer import run_dtype
+
+    if precision and precision not in PRECISIONS:
+        raise GenerationError(f"precision must be one of {', '.join(PRECISIONS)}, got "
+                              f"{precision!r}")
     cfg, tokenizer, model = load_model(path, threads)
+    cfg = replace(cfg, train=replace(cfg.train, precision=precision or cfg.train.precision))
+    model.to(run_dtype(cfg))  # the checkpoint's fp32 weights, rounded once
     d = cfg.diffusion
     if d.objective != "ar" and d.block_size == cfg.data.seq_len:
         from cascade_mega.inference.full_diffusion import FullDiffusionDecoder

@@ -9,6 +9,9 @@
   (CASCADE's per-block step count). The cosine floor decides few positions while the block has no
   context of its own and more as it fills in: at S = 3 a block of 16 goes 3, 6, 7, against 6, 5, 5
   for the even split, which measured ~5 % lower generative perplexity on the quickstart model.
+  A block with fewer positions to decide (a prompt's tail given in it, or the token budget ending
+  inside it) gets a proportionally lower cap, ceil(S k / B) for k of B positions, so the floor of
+  positions per step is the same in every block.
 """
 
 from __future__ import annotations
@@ -33,15 +36,23 @@ class Policy:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
 
-    def choose(self, confidence: torch.Tensor, step: int) -> torch.Tensor:
-        """confidence: [m] of the m still-masked positions. Returns the indices to decide."""
-        m = confidence.numel()
+    def steps_for(self, positions: int, block: int) -> int:
+        """Steps for a block that decides `positions` of its `block` (fixed: K; adaptive: the cap,
+        scaled to the positions; threshold: no limit but one position per step)."""
+        if self.name == "adaptive":
+            return max(1, math.ceil(self.steps * positions / block))
+        return self.steps if self.name == "fixed" else positions
+
+    def choose(self, confidence: torch.Tensor, step: int, steps: int = 0) -> torch.Tensor:
+        """confidence: [m] of the m still-masked positions; steps: this block's `steps_for`
+        (default: the policy's steps). Returns the indices to decide."""
+        m, steps = confidence.numel(), steps or self.steps
         order = confidence.argsort(descending=True)
         if self.name == "fixed":
-            return order[:math.ceil(m / max(self.steps - step, 1))]
+            return order[:math.ceil(m / max(steps - step, 1))]
         count = int((confidence >= self.tau).sum())
         if self.name == "adaptive":
-            count = max(count, cosine_floor(m, step, self.steps))
+            count = max(count, cosine_floor(m, step, steps))
         return order[:max(count, 1)]
 
 
