@@ -143,10 +143,11 @@ class Decoder:
                 s.commit = []
         if not noisy:
             return None
-        block = logits.new_zeros(b, B, logits.shape[-1])  # rows nobody reads stay zero
-        for c in needed:
-            block[:, c - width] = logits[:, where[c]]
-        return block
+        # position r of the block reads logits row index[r] (-1: none; shifted r = 0: the clean
+        # row, kept in last_clean)
+        shift = int(self.shifted)
+        index = torch.tensor([where.get(width + r - shift, -1) for r in range(B)])
+        return logits, index
 
     # ------------------------------------------------------------------ decisions
     def _finish(self, s: _Sequence, new: List[int], stream, i):
@@ -173,16 +174,14 @@ class Decoder:
         if not s.done:
             s.commit = [t]
 
-    def _block_step(self, s: _Sequence, logits, i, stream):
-        B, mask_id = self.B, self.tok.mask_id
+    def _block_step(self, s: _Sequence, logits, index, stream, i):
+        mask_id = self.tok.mask_id
         masked = (s.x[:s.end] == mask_id).nonzero().squeeze(1)
-        if self.shifted:  # position r from row r - 1; the block's first from the clean row
-            # (a prompt shorter than a block has no clean row yet; its position 0 is given)
-            first = s.last_clean if s.last_clean is not None else logits[0]
-            rows = torch.cat([first[None], logits[:-1]])
-        else:
-            rows = logits
-        tokens, confidence = sample(rows[masked], self.sampling, self.gen)
+        rows = logits[index[masked].clamp(min=0)]
+        if self.shifted and int(masked[0]) == 0 and s.last_clean is not None:
+            rows[0] = s.last_clean  # the block's first position: from the clean row before it
+            # (a prompt shorter than a block has no clean row yet, but gives position 0)
+        tokens, confidence = sample(rows, self.sampling, self.gen)
         chosen = self.policy.choose(confidence, s.steps, s.cap)
         s.x[masked[chosen]] = tokens[chosen]
         s.steps += 1
@@ -225,14 +224,14 @@ class Decoder:
             for s in seqs:
                 self._start_block(s)
         while not all(s.done for s in seqs):
-            logits = self._forward(seqs)
+            out = self._forward(seqs)
             for i, s in enumerate(seqs):
                 if s.done:
                     continue
                 if self.ar:
                     self._ar_step(s, i, stream)
                 else:
-                    self._block_step(s, logits[i], i, stream)
+                    self._block_step(s, out[0][i], out[1], stream, i)
         for s in seqs:
             s.out.text = self.tok.decode(s.out.tokens)
         return [s.out for s in seqs]
