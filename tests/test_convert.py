@@ -96,7 +96,7 @@ def megatron_logits(run, ids):
     from cascade_mega.inference.load import load_decoder
     from cascade_mega.model.gpt import read_out_logits
 
-    model = load_decoder(str(run)).model
+    model = load_decoder(str(run), precision="fp32").model
     L = ids.shape[1]
 
     def logits(*, hidden_states, output_layer, output_weight, **_):
@@ -195,8 +195,8 @@ def test_megatron_hf_megatron_round_trip_is_bit_exact(converted, exported):
 def _weights(run):
     from cascade_mega.inference.load import load_decoder
 
-    return {k: v.clone() for k, v in load_decoder(str(run)).model.state_dict().items()
-            if not k.endswith("_extra_state")}
+    model = load_decoder(str(run), precision="fp32").model
+    return {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
 
 def test_exported_model_generates_the_same_greedy_tokens_in_transformers(converted, exported):
@@ -204,7 +204,7 @@ def test_exported_model_generates_the_same_greedy_tokens_in_transformers(convert
     back = exported[0]
     prompt = "ROMEO: But soft"
     ours = cascade("generate", "--ckpt", str(root / "mc"), "--prompt", prompt,
-                   "--max-new-tokens", "20", "--json")
+                   "--max-new-tokens", "20", "--precision", "fp32", "--json")
     assert ours.returncode == 0, ours.stderr
     record = json.loads(ours.stdout.strip().splitlines()[-1])
     tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(back / "tokenizer.json"))

@@ -141,7 +141,8 @@ def run(args) -> dict:
     for row in table:
         row["speedup_vs_ar"] = row["tokens_per_s"] / table[0]["tokens_per_s"]
     how = "greedy" if args.greedy else f"sampling (top-p {args.top_p})"
-    dtype = str(next(bd.model.parameters()).dtype).replace("torch.", "")
+    dtype = "/".join(sorted({str(next(d.model.parameters()).dtype).replace("torch.", "")
+                             for d in (bd, ar)}))  # one name unless the runs' precisions differ
     print(f"bench generate  {len(draws)} samples ({len(texts)} prompts) x {args.max_new_tokens} "
           f"new tokens, batch 1, {how}, {dtype}; B = {bd.B}, tau = {args.tau}, "
           f"steps = {args.steps}")
