@@ -101,9 +101,9 @@ def run(args) -> dict:
             _ensure_trained(*RUNS[which])
     bd = load_decoder(args.bd, precision=args.precision)
     ar = load_decoder(args.ar, precision=args.precision)
-    fp32 = next(ar.model.parameters()).dtype == torch.float32
-    judge = ar if fp32 and not args.judge else load_decoder(args.judge or args.ar,
-                                                           precision="fp32")
+    dtypes = [next(d.model.parameters()).dtype for d in (bd, ar)]
+    judge = ar if dtypes[1] == torch.float32 and not args.judge else \
+        load_decoder(args.judge or args.ar, precision="fp32")
     for flag, dec in (("--ar", ar), ("--judge", judge)):
         if dec.cfg.diffusion.objective != "ar":
             raise CheckpointError(f"{flag} {getattr(args, flag[2:])} is not an AR checkpoint")
@@ -141,8 +141,8 @@ def run(args) -> dict:
     for row in table:
         row["speedup_vs_ar"] = row["tokens_per_s"] / table[0]["tokens_per_s"]
     how = "greedy" if args.greedy else f"sampling (top-p {args.top_p})"
-    dtype = "/".join(sorted({str(next(d.model.parameters()).dtype).replace("torch.", "")
-                             for d in (bd, ar)}))  # one name unless the runs' precisions differ
+    # one name unless the runs' precisions differ
+    dtype = "/".join(sorted({str(t).replace("torch.", "") for t in dtypes}))
     print(f"bench generate  {len(draws)} samples ({len(texts)} prompts) x {args.max_new_tokens} "
           f"new tokens, batch 1, {how}, {dtype}; B = {bd.B}, tau = {args.tau}, "
           f"steps = {args.steps}")

@@ -174,7 +174,7 @@ class Decoder:
         if not s.done:
             s.commit = [t]
 
-    def _block_step(self, s: _Sequence, logits, index, stream, i):
+    def _block_step(self, s: _Sequence, logits, index, i, stream):
         mask_id = self.tok.mask_id
         masked = (s.x[:s.end] == mask_id).nonzero().squeeze(1)
         rows = logits[index[masked].clamp(min=0)]
@@ -224,14 +224,17 @@ class Decoder:
             for s in seqs:
                 self._start_block(s)
         while not all(s.done for s in seqs):
-            out = self._forward(seqs)
+            if self.ar:
+                self._forward(seqs)
+            else:
+                logits, index = self._forward(seqs)
             for i, s in enumerate(seqs):
                 if s.done:
                     continue
                 if self.ar:
                     self._ar_step(s, i, stream)
                 else:
-                    self._block_step(s, out[0][i], out[1], stream, i)
+                    self._block_step(s, logits[i], index, i, stream)
         for s in seqs:
             s.out.text = self.tok.decode(s.out.tokens)
         return [s.out for s in seqs]
