@@ -132,7 +132,9 @@ def main(argv=None) -> int:
 
     from cascade_mega.inference.decode import GenerationError
 
-    user_errors = (ConfigError, DataError, FileNotFoundError, GenerationError)
+    from cascade_mega.runtime.device import DeviceError
+
+    user_errors = (ConfigError, DataError, FileNotFoundError, GenerationError, DeviceError)
     try:
         from cascade_mega.train.checkpoint import CheckpointError
 

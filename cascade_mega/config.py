@@ -115,8 +115,17 @@ class TrainConfig:
     global_batch_size: int = 16
     seed: int = 1234
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    fp8: Optional[str] = None  # None | e4m3 | hybrid  (Transformer Engine on a GPU)
-    fp8_recipe: str = "delayed"  # delayed | tensorwise (current scaling)
+    # FP8 GEMMs through Transformer Engine on a GPU (checked where the job runs, not where it is
+    # submitted); decoding and the samples logged during training run without FP8
+    fp8: Optional[str] = None  # None | e4m3 | hybrid
+    fp8_recipe: str = "delayed"  # delayed (amax history) | tensorwise (current scaling)
+    fp8_margin: int = 0  # scaling-factor margin (powers of 2)
+    fp8_amax_history_len: int = 1024  # delayed scaling: amax history per tensor
+    fp8_amax_compute_algo: str = "max"  # delayed scaling: max | most_recent of the history
+    # layers kept in BF16 at the start and the end of each pipeline stage (tensorwise only;
+    # megatron-core's first_last_layers_bf16)
+    fp8_bf16_first_layers: int = 0
+    fp8_bf16_last_layers: int = 0
     log_interval: int = 10
     eval_interval: int = 100
     eval_batches: int = 8
@@ -175,6 +184,7 @@ _CHOICES = {
     "model.recompute": ("none", "full"),
     "data.backend": ("megatron", "dali"),
     "train.fp8_recipe": ("delayed", "tensorwise"),
+    "train.fp8_amax_compute_algo": ("max", "most_recent"),
 }
 
 
@@ -334,18 +344,15 @@ def validate(cfg: CascadeConfig, world_size: int = 1) -> None:
     need(d.views == 1 or d.objective == "block_diffusion",
          "'diffusion.views' > 1 needs 'diffusion.objective' = block_diffusion")
     need(t.fp8 in (None, "e4m3", "hybrid"), f"'train.fp8' = {t.fp8!r}; expected e4m3 or hybrid")
-    if t.fp8:
-        from cascade_mega.runtime import te_support
-
-        need(te_support.available(), f"'train.fp8' = {t.fp8} needs Transformer Engine on a CUDA "
-             "GPU (install the [gpu] extra there); this machine has none")
-    if cfg.data.backend == "dali":
-        import importlib.util
-
-        need(importlib.util.find_spec("nvidia") is not None and
-             importlib.util.find_spec("nvidia.dali") is not None,
-             "'data.backend' = dali needs NVIDIA DALI: install the [dali] extra "
-             "(nvidia-dali-cuda120)")
+    bf16_layers = t.fp8_bf16_first_layers, t.fp8_bf16_last_layers
+    need(min(bf16_layers) >= 0 and max(bf16_layers) <= m.num_layers // p.pipeline,
+         f"'train.fp8_bf16_first_layers' / 'train.fp8_bf16_last_layers' = {bf16_layers} must be "
+         f"between 0 and the layers of a pipeline stage ({m.num_layers // p.pipeline})")
+    need(not any(bf16_layers) or t.fp8_recipe != "delayed",
+         "'train.fp8_bf16_first_layers' / 'train.fp8_bf16_last_layers' need "
+         "'train.fp8_recipe' = tensorwise (delayed scaling keeps every layer in FP8)")
+    need(t.fp8_margin >= 0 and t.fp8_amax_history_len >= 1,
+         "'train.fp8_margin' must be >= 0 and 'train.fp8_amax_history_len' >= 1")
     need(o.min_lr <= o.lr, f"'optimizer.min_lr' = {o.min_lr} exceeds 'optimizer.lr' = {o.lr}")
     need(cfg.tracking.max_buffer > 0, "'tracking.max_buffer' must be positive")
     need(cfg.tracking.samples >= 0 and cfg.tracking.sample_tokens > 0,

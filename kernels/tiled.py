@@ -27,8 +27,58 @@ import functools
 
 import torch
 
-_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+# ------------------------------------------------------------------ the fused tile ops, per device
+# Each piece is one fused attention that takes an additive mask and returns its log-sum-exp, and
+# whose backward accepts the merged output and log-sum-exp. The CPU has the flash kernel for it;
+# on CUDA the flash kernel takes no mask (and only fp16/bf16), so the memory-efficient kernel is
+# used, which takes a mask, fp32 and bf16. It wants as many K/V heads as query heads (grouped
+# K/V are repeated, their gradients summed back) and a mask whose rows are 16-element aligned
+# (`diagonal_bias`); it pads the log-sum-exp to a multiple of 32 rows.
+
+def _cpu_fwd(q, k, v, bias, scale):
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+    return o, lse, None
+
+
+def _cpu_bwd(grad, q, k, v, out, lse, bias, scale, extra):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale)
+
+
+def _heads(x, h):
+    return x if x.shape[1] == h else x.repeat_interleave(h // x.shape[1], dim=1)
+
+
+def _fold(dx, g):
+    b, h, s, d = dx.shape
+    return dx if h == g else dx.view(b, g, h // g, s, d).sum(2)
+
+
+def _bias_for(q, k, bias):
+    return None if bias is None else bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def _efficient_fwd(q, k, v, bias, scale):
+    h = q.shape[1]
+    o, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, _heads(k, h), _heads(v, h), _bias_for(q, k, bias), True, 0.0, False, scale=scale)
+    return o, lse[:, :, :q.shape[2]], (seed, offset)
+
+
+def _efficient_bwd(grad, q, k, v, out, lse, bias, scale, extra):
+    h, g, s = q.shape[1], k.shape[1], q.shape[2]
+    lse = torch.nn.functional.pad(lse, (0, -s % 32)).contiguous()
+    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        grad, q, _heads(k, h), _heads(v, h), _bias_for(q, k, bias), out, lse, *extra, 0.0,
+        [True, True, True, False], False, scale=scale)
+    return dq, _fold(dk, g), _fold(dv, g)
+
+
+def tile_ops(device: torch.device):
+    """(forward, backward) of one fused piece on this device."""
+    return (_cpu_fwd, _cpu_bwd) if device.type == "cpu" else (_efficient_fwd, _efficient_bwd)
 
 
 def tile_size(seq_len: int, block_size: int, target: int = 128) -> int:
@@ -44,10 +94,13 @@ def tile_size(seq_len: int, block_size: int, target: int = 128) -> int:
 @functools.lru_cache(maxsize=64)
 def diagonal_bias(block_size: int, views: int, tile: int, device: torch.device,
                   dtype: torch.dtype) -> torch.Tensor:
-    """Piece (b)'s mask as the additive bias the fused kernel takes (0 or -inf, query dtype)."""
+    """Piece (b)'s mask as the additive bias the fused kernel takes (0 or -inf, query dtype);
+    off the CPU its rows are 16-element aligned (a view into padded memory)."""
     allowed = diagonal_mask(block_size, views, tile, device)
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed,
-                                                                              float("-inf"))
+    n = allowed.shape[1]
+    padded = n if device.type == "cpu" else -(-n // 16) * 16
+    bias = torch.zeros(allowed.shape[0], padded, dtype=dtype, device=device)[:, :n]
+    return bias.masked_fill_(~allowed, float("-inf"))
 
 
 @functools.lru_cache(maxsize=64)
@@ -89,6 +142,8 @@ class _TiledBlockAttention(torch.autograd.Function):
         pk, pv = (k[:, :, clean:], v[:, :, clean:]) if clean_k is None else \
             (clean_k.contiguous(), clean_v.contiguous())
         mask = diagonal_bias(B, V, T, q.device, q.dtype)
+        fwd, _ = tile_ops(q.device)
+        extra = None
         out = torch.empty_like(q)
         lse = q.new_empty(q.shape[:3], dtype=torch.float32 if q.dtype != torch.float64
                           else torch.float64)
@@ -97,15 +152,16 @@ class _TiledBlockAttention(torch.autograd.Function):
             qi = torch.cat([q[:, :, r] for r in rows], dim=2)
             kb = torch.cat([k[:, :, r] for r in rows], dim=2)
             vb = torch.cat([v[:, :, r] for r in rows], dim=2)
-            o, l = _fwd(qi, kb, vb, 0.0, False, attn_mask=mask, scale=scale)
+            o, l, extra = fwd(qi, kb, vb, mask, scale)
             if g:
-                o_a, l_a = _fwd(qi, pk[:, :, :g * T], pv[:, :, :g * T], 0.0, False, scale=scale)
+                o_a, l_a, _ = fwd(qi, pk[:, :, :g * T], pv[:, :, :g * T], None, scale)
                 o, l = _merge(o_a, l_a.to(l.dtype), o, l)
             for i, r in enumerate(rows):
                 out[:, :, r] = o[:, :, i * T:(i + 1) * T]
                 lse[:, :, r] = l[:, :, i * T:(i + 1) * T]
         ctx.save_for_backward(q, k, v, pk, pv, out, lse)
         ctx.shape = (B, V, T, tiles, scale, clean_k is not None)
+        ctx.extra = extra  # what the device's backward needs besides (e.g. CUDA's RNG state)
         return out
 
     @staticmethod
@@ -116,6 +172,7 @@ class _TiledBlockAttention(torch.autograd.Function):
         clean = V * Ll
         grad_out = grad_out.contiguous()
         mask = diagonal_bias(B, V, T, q.device, q.dtype)
+        _, bwd = tile_ops(q.device)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         # prefix gradients: into the gathered clean stream, or in place into dk/dv's clean rows
         dpk, dpv = (torch.zeros_like(pk), torch.zeros_like(pv)) if separate else \
@@ -124,14 +181,13 @@ class _TiledBlockAttention(torch.autograd.Function):
             rows = _tile_rows(Ll, V, T, j)
             pick = lambda x: torch.cat([x[:, :, r] for r in rows], dim=2)  # noqa: E731
             qi, oi, gi, li = pick(q), pick(out), pick(grad_out), pick(lse)
-            dqi, dkb, dvb = _bwd(gi, qi, pick(k), pick(v), oi, li, 0.0, False, attn_mask=mask,
-                                 scale=scale)
+            dqi, dkb, dvb = bwd(gi, qi, pick(k), pick(v), oi, li, mask, scale, ctx.extra)
             for i, r in enumerate(rows):
                 dk[:, :, r] += dkb[:, :, i * T:(i + 1) * T]
                 dv[:, :, r] += dvb[:, :, i * T:(i + 1) * T]
             if g:
-                dqa, dka, dva = _bwd(gi, qi, pk[:, :, :g * T], pv[:, :, :g * T], oi, li, 0.0,
-                                     False, scale=scale)
+                dqa, dka, dva = bwd(gi, qi, pk[:, :, :g * T], pv[:, :, :g * T], oi, li, None,
+                                    scale, ctx.extra)
                 dqi = dqi + dqa
                 dpk[:, :, :g * T] += dka
                 dpv[:, :, :g * T] += dva

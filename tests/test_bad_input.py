@@ -125,6 +125,63 @@ def test_fp8_without_transformer_engine(tmp_path):
                       f"run_dir={tmp_path}"), "train.fp8", "Transformer Engine")
 
 
+def test_gpu_only_checks_run_where_the_job_runs(tmp_path):
+    """The FP8 recipe is submitted, planned and swept from a host without a GPU or Transformer
+    Engine: those are checked on the nodes (`runtime/machine.py`), which must have a GPU."""
+    fp8 = "configs/recipes/qwen2.5_7b_h100_fp8.yaml"
+    proc = cascade("submit", fp8, "--cluster", "h100", "--nodes", "8", "--dry-run",
+                   f"run_dir={tmp_path}/fp8")
+    assert proc.returncode == 0, proc.stderr
+    assert "export CASCADE_EXPECT_GPU=1" in proc.stdout and "--gpus-per-node=8" in proc.stdout
+    plan = cascade("plan", fp8, "--gpus", "64")
+    assert plan.returncode == 0 and "total" in plan.stdout, plan.stderr
+    one_error(cascade("train", "configs/base.yaml", "train.fp8=hybrid",
+                      "train.fp8_bf16_first_layers=1", f"run_dir={tmp_path}/x"),
+              "train.fp8_bf16_first_layers", "tensorwise")
+
+
+def test_a_gpu_job_rank_without_a_gpu_stops_with_one_message(tmp_path):
+    from cascade_mega.runtime import device
+
+    saved = device.current()
+    device.use(None)
+    try:
+        one_error(cascade("train", "configs/base.yaml", f"run_dir={tmp_path}",
+                          env={"CASCADE_EXPECT_GPU": "1"}), "sees no CUDA device",
+                  "GPU cluster profile")
+    finally:
+        device.use(saved)
+
+
+def test_a_broken_transformer_engine_is_named(tmp_path, monkeypatch, capsys):
+    """An installed Transformer Engine that fails to import (stand-in: a package raising OSError
+    as a wrong CUDA build does; CUDA reported present) is named, not silently skipped."""
+    import sys
+
+    import torch
+
+    from cascade_mega.runtime import te_support
+
+    pkg = tmp_path / "transformer_engine"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "pytorch.py").write_text("raise OSError('libtransformer_engine.so: undefined symbol')")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    te_support._probe.cache_clear()
+    try:
+        assert not te_support.available()
+        assert "undefined symbol" in te_support.import_error()
+        with pytest.raises(RuntimeError, match="installed but does not import.*undefined symbol"):
+            te_support.require("train.fp8")
+        assert te_support.use_for_auto() is False
+        assert "falls back to the local spec" in capsys.readouterr().err
+    finally:
+        te_support._probe.cache_clear()
+        sys.modules.pop("transformer_engine", None)
+        sys.modules.pop("transformer_engine.pytorch", None)
+
+
 def test_complementary_needs_two_views(tmp_path):
     one_error(cascade("train", "configs/base.yaml", "diffusion.complementary=true",
                       f"run_dir={tmp_path}"), "diffusion.complementary")

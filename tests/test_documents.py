@@ -5,6 +5,8 @@ The reference runs the same megatron model on one document at a time: only that 
 the packed run's noise and positions. The packed NELBO must be the sum of these.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -63,7 +65,7 @@ def test_document_ids_and_mask_never_cross():
     for layout in [AttentionLayout("block_diffusion", L, 4), AttentionLayout("block_diffusion", L,
                    4, views=2), AttentionLayout("causal", L), AttentionLayout("full", L, L)]:
         plain = layout.dense()
-        mask = AttentionLayout(**{**layout.__dict__, "documents": docs}).dense()
+        mask = replace(layout, documents=docs).dense()
         row_doc = docs[:, torch.arange(layout.total_len) % L]
         same = row_doc[:, :, None] == row_doc[:, None, :]
         assert not mask[:, 0][~same].any()  # nothing across documents ...
@@ -79,7 +81,7 @@ def test_packed_nelbo_is_the_sum_over_documents(megatron, case):
         prep = _prepare(cfg, tokens)
         packed, _ = objective.reduce(*score(model, prep), prep)
         docs = prep.layout.documents
-        plain = AttentionLayout(**{**prep.layout.__dict__, "documents": None})
+        plain = replace(prep.layout, documents=None)
         rows = prep.readout.rows if prep.readout.rows is not None else torch.arange(plain.total_len)
         n = prep.weight.shape[1] // plain.views if plain.kind != "causal" else L
         shift = L - n  # 1 under shifted prediction

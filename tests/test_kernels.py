@@ -75,7 +75,7 @@ def test_flex_mask_mod_forward_matches_dense(L, B, V):
     # FlexAttention has no CPU backward; its forward checks the mask function the GPU path uses.
     S = (V + 1) * L
     q, k, v = (x.detach().float() for x in inputs(S, 4, 4, seed=S))
-    out = flex.block_diffusion_attention(q, k, v, L, B, V)
+    out = flex.attention(q, k, v, AttentionLayout("block_diffusion", L, B, V))
     mask = dense_mask(AttentionLayout("block_diffusion", L, B, V).mask_fn(), S, S)
     torch.testing.assert_close(out, dense_reference(q.double(), k.double(), v.double(), mask)
                                .float(), rtol=1e-4, atol=1e-4)
@@ -150,12 +150,17 @@ def test_context_parallel_chunks_give_the_whole_sequence_attention(kind, L, B, V
         torch.testing.assert_close(g, r, atol=1e-12, rtol=0)
 
 
-def test_flex_document_mask_forward_matches_dense():
-    L, B, V = 32, 4, 1
-    S = (V + 1) * L
+@pytest.mark.parametrize("kind,B,V", [("block_diffusion", 4, 1), ("causal", 1, 1),
+                                       ("full", 32, 2)])
+def test_flex_document_mask_forward_matches_dense(kind, B, V):
+    """Every kind of layout with packed documents (AR too: the GPU path of AR with documents),
+    the block mask built once per layout object and reused."""
+    L = 32
+    layout = AttentionLayout(kind, L, B, V, documents=torch.tensor(
+        [[0] * 7 + [1] * 11 + [2] * 14, [0] * 13 + [1] * 19]))
+    S = layout.total_len
     q, k, v = (x.detach().float() for x in inputs(S, 4, 4, seed=11))
-    documents = torch.tensor([[0] * 7 + [1] * 11 + [2] * 14, [0] * 13 + [1] * 19])
-    layout = AttentionLayout("block_diffusion", L, B, V, documents=documents)
-    out = flex.block_diffusion_attention(q, k, v, L, B, V, documents=documents)
+    out = flex.attention(q, k, v, layout)
+    assert flex.block_mask(layout, q.device) is flex.block_mask(layout, q.device)  # built once
     ref = dense_reference(q.double(), k.double(), v.double(), layout.dense()).float()
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -109,6 +109,15 @@ class AttentionLayout:
     num_chunks: int = 1
     documents: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
     causal_stream: bool = False
+    # what the kernels derive from this layout for one forward (a per-batch block mask, a dense
+    # mask): built by the first layer, reused by the others; not copied by `replace`
+    _cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def cached(self, key, build):
+        """`build()`, once per layout object (every layer of a forward gets the same one)."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
 
     def mask_fn(self):
         """The mask over the rows of the whole (unsplit) layout."""

@@ -31,8 +31,10 @@ context parallel: `prepare(..., context=(rank, size))` keeps this rank's zigzag 
   stream (`AttentionLayout.split_for_context`) and the targets whose predicting row is here; the
   per-rank losses, token counts and gradients sum to those of the whole sequence.
 
-`prepare()` turns a batch of clean tokens into model inputs plus per-token loss weights;
-`reduce()` turns the model's per-token cross-entropy into the summed loss and metrics.
+`prepare()` turns a batch of clean tokens into model inputs plus per-token loss weights, on the
+host (the trainer moves the result to the device in one copy: `runtime/device.py`);
+`reduce()` turns the model's per-token cross-entropy into the summed loss and metrics, on the
+device of the cross-entropy.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ class Prepared:
     target_pos: Optional[torch.Tensor] = None  # [n - aux_cols] sequence position of each target
     distill_weight: Optional[torch.Tensor] = None  # [b, n - aux_cols] KL weight (train/distill.py)
     clean_tokens: Optional[torch.Tensor] = None  # [b, L] what a distillation teacher reads
+    # num_tokens as a 0-dim int32 tensor (megatron's schedule sums it on the device): made on the
+    # host by `prepare` and moved with the batch, so no step copies a Python number to the device
+    count: Optional[torch.Tensor] = None
 
 
 # sums the loss reduction returns per micro-batch (summed over micro-batches and ranks):
@@ -139,12 +144,13 @@ def prepare(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
         prep = _add_causal_stream(prep, tokens, labels, ar_mask, cfg.diffusion.ar_loss_weight)
     if documents is not None:
         prep.layout = replace(prep.layout, documents=documents)
-    if context[1] == 1:
-        return prep
-    counted = loss_mask.bool().clone()  # the positions num_tokens counts
-    if cfg.diffusion.objective != "ar" and cfg.diffusion.shifted_prediction:
-        counted[:, 0] = False  # token 0 has no predecessor
-    return _split_for_context(prep, counted, *context)
+    if context[1] > 1:
+        counted = loss_mask.bool().clone()  # the positions num_tokens counts
+        if cfg.diffusion.objective != "ar" and cfg.diffusion.shifted_prediction:
+            counted[:, 0] = False  # token 0 has no predecessor
+        prep = _split_for_context(prep, counted, *context)
+    prep.count = torch.tensor(prep.num_tokens, dtype=torch.int)
+    return prep
 
 
 def _within_document(tokens, documents, cfg, eod_id) -> torch.Tensor:
@@ -239,7 +245,7 @@ def reduce(ce: torch.Tensor, correct: torch.Tensor, prep: Prepared, kl=None):
     n = ce.shape[1] - prep.aux_cols
     nelbo = (ce[:, :n] * w[:, :n]).sum()
     loss_sum = nelbo
-    zero = torch.zeros((), dtype=torch.float64)
+    zero = torch.zeros((), dtype=torch.float64, device=ce.device)
     ar_sum = ar_count = kl_sum = kl_count = zero
     if prep.aux_cols:
         aux = w[:, n:]
@@ -250,9 +256,10 @@ def reduce(ce: torch.Tensor, correct: torch.Tensor, prep: Prepared, kl=None):
         loss_sum = loss_sum + (kl * kw).sum()
         kl_sum, kl_count = (kl.detach() * (kw > 0)).sum().double(), (kw > 0).sum().double()
     scored = prep.scored
+    count = prep.count if prep.count is not None else torch.tensor(prep.num_tokens)
     stats = torch.stack([
         nelbo.detach().double(),
-        torch.tensor(float(prep.num_tokens), dtype=torch.float64),
+        count.to(ce.device, torch.float64),
         (correct & scored).sum().double(),
         scored.sum().double(), ar_sum, ar_count, kl_sum, kl_count,
     ])

@@ -32,7 +32,8 @@ import torch
 from cascade_mega.inference.kv_cache import CLEAN, IDLE, NOISY, DecodeStep, KVCache
 from cascade_mega.inference.policies import Policy
 from cascade_mega.inference.sampling import Sampling, sample
-from cascade_mega.model.gpt import allowed_logits
+from cascade_mega.model.gpt import allowed_logits, without_fp8
+from cascade_mega.runtime.device import to_device
 
 
 class GenerationError(ValueError):
@@ -131,8 +132,10 @@ class Decoder:
                 needed |= {width + int(r) for r in masked if r >= 0}
         cols = sorted(set(last) | needed)
         step = DecodeStep(self.cache, kinds, blocks)
+        # the rows are laid out on the host (per-sequence bookkeeping) and cross in one go
+        ids, pos, cols_t = to_device((ids, pos, torch.tensor(cols)))
         logits = self.model(ids, pos, step, output_processor=logits_of_rows,
-                            output_processor_context=torch.tensor(cols))
+                            output_processor_context=cols_t)
         step.commit()
         self.forwards += 1
         where = {c: j for j, c in enumerate(cols)}
@@ -147,7 +150,7 @@ class Decoder:
         # row, kept in last_clean)
         shift = int(self.shifted)
         index = torch.tensor([where.get(width + r - shift, -1) for r in range(B)])
-        return logits, index
+        return logits, index  # index: host (the decoder's state lives there)
 
     # ------------------------------------------------------------------ decisions
     def _finish(self, s: _Sequence, new: List[int], stream, i):
@@ -177,7 +180,7 @@ class Decoder:
     def _block_step(self, s: _Sequence, logits, index, i, stream):
         mask_id = self.tok.mask_id
         masked = (s.x[:s.end] == mask_id).nonzero().squeeze(1)
-        rows = logits[index[masked].clamp(min=0)]
+        rows = logits[index[masked].clamp(min=0).to(logits.device)]
         if self.shifted and int(masked[0]) == 0 and s.last_clean is not None:
             rows[0] = s.last_clean  # the block's first position: from the clean row before it
             # (a prompt shorter than a block has no clean row yet, but gives position 0)
@@ -215,6 +218,10 @@ class Decoder:
                  stream: Optional[Callable[[int, List[int]], None]] = None) -> List[Generation]:
         """Token-id prompts -> one Generation each. stream(i, tokens) gets each decided block."""
         check_request(prompts, self.max_len, max_new_tokens)
+        with without_fp8(self.model):
+            return self._generate(prompts, max_new_tokens, policy, sampling, stream)
+
+    def _generate(self, prompts, max_new_tokens, policy, sampling, stream):
         self.max_new, self.policy, self.sampling = max_new_tokens, policy, sampling
         self.gen = torch.Generator().manual_seed(sampling.seed)
         self.model.eval()

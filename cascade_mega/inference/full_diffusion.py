@@ -33,6 +33,8 @@ from cascade_mega.inference.decode import (BlockStats, Generation, GenerationErr
                                             check_request, logits_of_rows)
 from cascade_mega.inference.policies import Policy
 from cascade_mega.inference.sampling import Sampling, sample
+from cascade_mega.model.gpt import without_fp8
+from cascade_mega.runtime.device import to_device
 
 CACHES = ("none", "prefix", "dual")
 
@@ -84,8 +86,10 @@ class FullDiffusionDecoder:
         step = CanvasStep(self.kv, lo, hi, total, fill)
         self.forwards += 1
         self.rows += (hi - lo) * canvas.shape[0]
-        return self.model(canvas[:, lo:hi], pos, step, output_processor=logits_of_rows,
-                          output_processor_context=torch.as_tensor(rows) - lo)
+        # the canvas lives on the host (the decisions are made there); its rows cross per forward
+        ids, pos, rows = to_device((canvas[:, lo:hi], pos, torch.as_tensor(rows) - lo))
+        return self.model(ids, pos, step, output_processor=logits_of_rows,
+                          output_processor_context=rows)
 
     def _block_logits(self, canvas, start, end, first: bool, stale_first):
         """Logits [b, end - start, V] predicting the block's positions."""
@@ -108,9 +112,10 @@ class FullDiffusionDecoder:
         check_request(prompts, self.max_len, max_new_tokens)
         self.model.eval()
         gen = torch.Generator().manual_seed(sampling.seed)
-        return [self._one(p, min(max_new_tokens, self.max_len - len(p)), policy, sampling, gen,
-                          (lambda toks, i=i: stream(i, toks)) if stream else None)
-                for i, p in enumerate(prompts)]
+        with without_fp8(self.model):
+            return [self._one(p, min(max_new_tokens, self.max_len - len(p)), policy, sampling,
+                              gen, (lambda toks, i=i: stream(i, toks)) if stream else None)
+                    for i, p in enumerate(prompts)]
 
     def _one(self, prompt, max_new, policy, sampling, gen, stream) -> Generation:
         mask_id, P = self.tok.mask_id, len(prompt)
@@ -133,7 +138,7 @@ class FullDiffusionDecoder:
                     g, cond = self.guidance, logits[:1]  # forbidden ids stay -inf
                     logits = torch.where(cond.isinf(), cond, (1 + g) * cond - g * logits[1:])
                 masked = (canvas[0, start:end] == mask_id).nonzero().squeeze(1)
-                tokens, confidence = sample(logits[0, masked], sampling, gen)
+                tokens, confidence = sample(logits[0, masked.to(logits.device)], sampling, gen)
                 chosen = policy.choose(confidence, steps, cap)
                 canvas[:, start + masked[chosen]] = tokens[chosen]
                 steps += 1

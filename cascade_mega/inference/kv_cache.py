@@ -23,13 +23,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cascade_mega.runtime.device import to_device
+
 IDLE, CLEAN, NOISY = 0, 1, 2
 
 
 class KVCache:
     def __init__(self, batch: int, max_len: int):
         self.max_len = max_len
-        self.lengths = torch.zeros(batch, dtype=torch.long)
+        self.lengths = torch.zeros(batch, dtype=torch.long)  # host: per-sequence bookkeeping
         self.k: dict = {}
         self.v: dict = {}
 
@@ -49,7 +51,7 @@ class DecodeStep:
     def __init__(self, cache: KVCache, kinds: torch.Tensor, blocks: torch.Tensor):
         self.cache, self.kinds, self.blocks = cache, kinds, blocks
         self.used = int(cache.lengths.max())
-        self.mask = self._mask()
+        self.mask = None  # on the device of the first layer's queries, made once per forward
         self.pending = {}
 
     def _mask(self) -> torch.Tensor:
@@ -72,8 +74,8 @@ class DecodeStep:
         keys = torch.cat([cache_k[:, :, :self.used], k], dim=2)
         values = torch.cat([cache_v[:, :, :self.used], v], dim=2)
         self.pending[layer] = (k, v)
-        if self.mask.device != q.device:  # once per step, not once per layer
-            self.mask = self.mask.to(q.device)
+        if self.mask is None:  # once per forward, not once per layer
+            self.mask = to_device(self._mask(), q.device)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, scale=scale,
                                               enable_gqa=k.shape[1] != q.shape[1])
 
@@ -86,7 +88,7 @@ class DecodeStep:
             for i in range(len(counts)):
                 if counts[i]:
                     start = int(self.cache.lengths[i])
-                    rows = clean[i].nonzero().squeeze(1)
+                    rows = clean[i].nonzero().squeeze(1).to(k.device)
                     cache_k[i, :, start:start + len(rows)] = k[i, :, rows]
                     cache_v[i, :, start:start + len(rows)] = v[i, :, rows]
         self.cache.lengths += counts

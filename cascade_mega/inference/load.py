@@ -46,7 +46,7 @@ def load_model(path: str, threads: int = 0):
     config, ckpt = locate(path)
     one = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.context=1",
            "parallel.virtual_pipeline=null", "parallel.sequence_parallel=false",
-           "model.recompute=none"]
+           "model.recompute=none", "train.fp8=null"]  # decoding runs without FP8
     cfg = load_config(config, one, world_size=1)
     if threads:
         torch.set_num_threads(threads)

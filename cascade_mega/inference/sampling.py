@@ -29,11 +29,14 @@ class Sampling:
 
 
 def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator):
-    """logits: [m, V] (forbidden ids already -inf). Returns (tokens [m], confidence [m])."""
+    """logits: [m, V] (forbidden ids already -inf), on any device. Returns (tokens [m],
+    confidence [m]) on the host, where the decoders keep their state. generator: a host
+    generator (the uniforms are drawn on the host and copied: the same samples on every
+    device)."""
     logits = logits.float()
     if s.greedy:
         confidence, tokens = logits.softmax(-1).max(-1)
-        return tokens, confidence
+        return tokens.cpu(), confidence.cpu()
     if s.temperature != 1:
         logits = logits / s.temperature
     if s.top_k:
@@ -50,6 +53,7 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator):
     # low-precision categorical sampling measurably lowers sample entropy); one random number
     # per row instead of one per token id
     cdf = probs.cumsum(-1, dtype=torch.float64)
-    u = torch.rand(len(probs), 1, dtype=torch.float64, generator=generator) * cdf[:, -1:]
+    u = torch.rand(len(probs), 1, dtype=torch.float64, generator=generator)  # host, on purpose
+    u = u.to(cdf.device) * cdf[:, -1:]
     tokens = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
-    return tokens, probs.gather(1, tokens[:, None]).squeeze(1)
+    return tokens.cpu(), probs.gather(1, tokens[:, None]).squeeze(1).cpu()

@@ -33,13 +33,17 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
 from cascade_mega.diffusion.masks import AttentionLayout, context_chunks
+from cascade_mega.runtime.device import current as current_device
 
 KERNELS = ("auto", "tiled", "flex", "dense")
 
 
-def resolve_kernel(kernel: str) -> str:
+def resolve_kernel(kernel: str, device: Optional[torch.device] = None) -> str:
+    """`auto`: FlexAttention on CUDA, the tiled kernel elsewhere (the device of the queries, or
+    the process's device)."""
     if kernel == "auto":
-        return "flex" if torch.cuda.is_available() else "tiled"
+        dev = device if device is not None else current_device()
+        return "flex" if dev.type == "cuda" else "tiled"
     return kernel
 
 
@@ -74,10 +78,12 @@ def attend(query, key, value, layout: AttentionLayout, kernel: str = "auto",
     gqa = key.shape[1] != query.shape[1]
     if layout.causal_stream:  # the auxiliary AR stream attends only to itself: its own call
         n = layout.total_len - layout.local_len
-        ar = AttentionLayout("causal", layout.seq_len, documents=layout.documents)
+        inner, ar = layout.cached("streams", lambda: (
+            layout.without_causal_stream,
+            AttentionLayout("causal", layout.seq_len, documents=layout.documents)))
         return torch.cat([
-            attend(query[:, :, :n], key[:, :, :n], value[:, :, :n], layout.without_causal_stream,
-                   kernel, scale, clean_kv),
+            attend(query[:, :, :n], key[:, :, :n], value[:, :, :n], inner, kernel, scale,
+                   clean_kv),
             attend(query[:, :, n:], key[:, :, n:], value[:, :, n:], ar, kernel, scale)], dim=2)
     if layout.documents is not None:
         return _attend_within_documents(query, key, value, layout, kernel, scale, gqa)
@@ -100,7 +106,7 @@ def attend(query, key, value, layout: AttentionLayout, kernel: str = "auto",
                                            value[:, :, i * L:(i + 1) * L], scale=scale,
                                            enable_gqa=gqa)
             for i in range(layout.views)], dim=2)
-    kernel = resolve_kernel(kernel)
+    kernel = resolve_kernel(kernel, query.device)
     if kernel == "tiled":
         from cascade_kernels import tiled
 
@@ -109,24 +115,24 @@ def attend(query, key, value, layout: AttentionLayout, kernel: str = "auto",
     if kernel == "flex":
         from cascade_kernels import flex
 
-        return flex.block_diffusion_attention(query, key, value, layout.seq_len,
-                                              layout.block_size, layout.views, scale=scale)
+        return flex.attention(query, key, value, layout, scale)
     mask = _cached_mask(layout, query.device)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale,
                                           enable_gqa=gqa)
 
 
 def _attend_within_documents(query, key, value, layout, kernel, scale, gqa):
-    """Packed documents (`data.document_mask`): the layout's mask AND same-document, per sequence.
-    FlexAttention takes it as a mask function (GPU); elsewhere SDPA under the dense mask."""
-    if layout.kind == "block_diffusion" and resolve_kernel(kernel) == "flex":
+    """Packed documents (`data.document_mask`): the layout's mask AND same-document, per sequence,
+    for every kind of layout (AR too). FlexAttention takes it as a mask function (GPU); elsewhere
+    SDPA under the dense mask. Either is built once per micro-batch (the layout object is the
+    same in every layer) and reused by the other layers."""
+    if resolve_kernel(kernel, query.device) == "flex":
         from cascade_kernels import flex
 
-        return flex.block_diffusion_attention(query, key, value, layout.seq_len,
-                                              layout.block_size, layout.views, scale=scale,
-                                              documents=layout.documents)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=layout.dense(query.device),
-                                          scale=scale, enable_gqa=gqa)
+        return flex.attention(query, key, value, layout, scale)
+    mask = layout.cached(("dense", query.device), lambda: layout.dense(query.device))
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale,
+                                          enable_gqa=gqa)
 
 
 class BlockDiffusionAttention(MegatronModule):

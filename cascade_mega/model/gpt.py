@@ -12,6 +12,7 @@ Design choices:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -32,7 +33,7 @@ from megatron.core.transformer.transformer_block import (
 from cascade_mega.config import CascadeConfig
 from cascade_mega.model.attention import BlockDiffusionAttention
 from cascade_mega.model.layers import RMSNorm, SeededTransformerLayer
-from cascade_mega.runtime import te_support
+from cascade_mega.runtime import device, te_support
 
 
 @dataclass
@@ -58,7 +59,7 @@ def ffn_size(cfg: CascadeConfig) -> int:
 
 def transformer_config(cfg: CascadeConfig, dtype: torch.dtype) -> TransformerConfig:
     m, p = cfg.model, cfg.parallel
-    on_gpu = torch.cuda.is_available()
+    on_gpu = device.on_gpu()
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -99,6 +100,13 @@ def transformer_config(cfg: CascadeConfig, dtype: torch.dtype) -> TransformerCon
         # in FP8; the block-diffusion core attention is plain torch and stays in BF16.
         fp8=cfg.train.fp8,
         fp8_recipe=cfg.train.fp8_recipe,
+        fp8_margin=cfg.train.fp8_margin,
+        fp8_amax_history_len=cfg.train.fp8_amax_history_len,
+        fp8_amax_compute_algo=cfg.train.fp8_amax_compute_algo,
+        first_last_layers_bf16=bool(cfg.train.fp8_bf16_first_layers or
+                                    cfg.train.fp8_bf16_last_layers),
+        num_layers_at_start_in_bf16=cfg.train.fp8_bf16_first_layers,
+        num_layers_at_end_in_bf16=cfg.train.fp8_bf16_last_layers,
     )
 
 
@@ -106,7 +114,7 @@ def layer_spec(cfg: CascadeConfig, vp_stage=None):
     """megatron-core's spec for this stage's layers, with the project's core attention, seeded
     layers and (local spec) sequence-parallel-aware norms."""
     backend = cfg.model.attention_backend
-    te = cfg.train.fp8 or backend == "te" or (backend == "auto" and te_support.available())
+    te = cfg.train.fp8 or backend == "te" or (backend == "auto" and te_support.use_for_auto())
     spec = copy.deepcopy(te_support.layer_spec() if te else
                          get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules.self_attention.submodules.core_attention = functools.partial(
@@ -130,12 +138,11 @@ class CascadeGPTModel(GPTModel):
         out = list(super()._preprocess(input_ids, position_ids, *args, **kwargs))
         if self.position_embedding_type == "rope" and position_ids is not None:
             # get_emb: the table before megatron's own context-parallel slicing (our position ids
-            # are already this rank's)
-            freqs = self.rotary_pos_emb.get_emb(int(position_ids.max()) + 1)  # [S, 1, 1, D]
-            if bool((position_ids == position_ids[:1]).all()):
-                out[1] = freqs[position_ids[0]]
-            else:  # per-sequence positions (batched decoding with different prompt lengths)
-                out[1] = freqs[position_ids.t()].squeeze(2)
+            # are already this rank's). The table covers the model's context, so its length is
+            # known on the host: reading max(position_ids) back would stall the device each step.
+            freqs = self.rotary_pos_emb.get_emb(self.max_sequence_length)  # [S, 1, 1, D]
+            # per sequence ([S, b, 1, D]): batched decoding has a position axis per sequence
+            out[1] = freqs[position_ids.t()].squeeze(2)
         return tuple(out)
 
 
@@ -249,6 +256,22 @@ def predict_and_score(*, hidden_states, output_layer, output_weight, context: Re
     return ce.t(), correct.t(), kl.t()
 
 
+@contextlib.contextmanager
+def without_fp8(model):
+    """Run the block inside without FP8: decoding forwards have row counts that Transformer
+    Engine's FP8 GEMMs refuse (multiples of 8 / 16), and need no FP8 speed. megatron decides at
+    each forward from the config, which every layer of the model shares."""
+    config = getattr(model, "config", None)
+    saved = getattr(config, "fp8", None)
+    if saved:
+        config.fp8 = None
+    try:
+        yield model
+    finally:
+        if saved:
+            config.fp8 = saved
+
+
 def build_model(cfg: CascadeConfig, vocab_size: int, forbidden_ids=(), *, pre_process=True,
                 post_process=True, dtype=torch.float32, vp_stage=None) -> CascadeGPTModel:
     """One model chunk for this rank. `forbidden_ids` (e.g. [MASK]) can never be predicted."""
@@ -273,9 +296,12 @@ def build_model(cfg: CascadeConfig, vocab_size: int, forbidden_ids=(), *, pre_pr
     if post_process:
         per_rank = padded // tp
         start = parallel_state.get_tensor_model_parallel_rank() * per_rank
-        vocab_ids = torch.arange(start, start + per_rank)
-        banned = (vocab_ids >= vocab_size) | torch.isin(vocab_ids, torch.tensor(list(forbidden_ids),
-                                                                                dtype=torch.long))
-        bias = torch.zeros(per_rank).masked_fill(banned, float("-inf"))
+        dev = device.current()
+        vocab_ids = torch.arange(start, start + per_rank, device=dev)
+        forbidden = torch.tensor(list(forbidden_ids), dtype=torch.long, device=dev)
+        banned = (vocab_ids >= vocab_size) | torch.isin(vocab_ids, forbidden)
+        bias = torch.zeros(per_rank, device=dev).masked_fill(banned, float("-inf"))
         model.output_layer.register_buffer("logit_bias", bias, persistent=False)
-    return model
+    # megatron places its layers on the current device unless `use_cpu_initialization` (the CPU
+    # case); anything built elsewhere (e.g. a norm of the local spec) follows here
+    return model.to(device.current())

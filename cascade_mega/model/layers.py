@@ -4,7 +4,8 @@
   building its weights, so initial weights do not depend on the pipeline layout (megatron draws
   them from one stream in build order, which differs per stage). With `use_cpu_initialization`
   megatron already makes them independent of the tensor-parallel size. `model.recompute=full`
-  keeps only each layer's input and recomputes the layer in backward.
+  keeps only each layer's input and recomputes the layer in backward (through Transformer
+  Engine's checkpoint under FP8, which replays the forward's FP8 scaling state).
 - `RMSNorm`: torch's RMSNorm that marks its weight for megatron's sequence-parallel gradient
   all-reduce (megatron's torch-norm wrapper refuses sequence parallel).
 """
@@ -17,6 +18,8 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 from torch.utils.checkpoint import checkpoint
+
+from cascade_mega.runtime import device
 
 
 def layer_seed(seed: int, layer_number: int) -> int:
@@ -34,14 +37,25 @@ class SeededTransformerLayer(TransformerLayer):
 
     def forward(self, *args, **kwargs):
         if self.recompute and torch.is_grad_enabled():
-            # keep only the layer's input; rerun the layer in backward. torch's non-reentrant
-            # checkpoint, since megatron's own saves its arguments as tensors and the attention
-            # layout is not one. Layers hold no dropout, so the recomputation is exact.
+            # keep only the layer's input; rerun the layer in backward. Layers hold no dropout,
+            # so the recomputation is exact.
+            if self.config.fp8:
+                # under FP8 the rerun must see the forward's scaling state: TE's checkpoint
+                # keeps it (torch's would recompute with advanced amax history)
+                from megatron.core import parallel_state
+                from megatron.core.extensions.transformer_engine import te_checkpoint
+                from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+                return te_checkpoint(super().forward, False, get_cuda_rng_tracker,
+                                     parallel_state.get_tensor_model_parallel_group(),
+                                     *args, use_reentrant=False, **kwargs)
+            # torch's non-reentrant checkpoint, since megatron's own saves its arguments as
+            # tensors and the attention layout is not one
             return checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
         return super().forward(*args, **kwargs)
 
 
 class RMSNorm(torch.nn.RMSNorm):
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
-        super().__init__(hidden_size, eps=eps)
+        super().__init__(hidden_size, eps=eps, device=device.current())
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)

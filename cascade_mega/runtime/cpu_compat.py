@@ -3,9 +3,10 @@
 megatron-core assumes CUDA in a handful of places: `torch.cuda.current_device()` as a device,
 literal `device="cuda"` tensors, CUDA streams/events/synchronize, and the CUDA RNG tracker.
 Rather than fork megatron code, every loaded `megatron.core` module gets a `torch` proxy whose
-`torch.cuda` answers with CPU equivalents and whose tensor factories map a CUDA device to the CPU.
+`torch.cuda` answers with CPU equivalents and whose tensor factories map a CUDA device to the process's device (the CPU here).
 Only megatron's view of torch changes; torch itself and the project's code are untouched, except
-two Tensor methods: `cuda()` becomes the identity (it could only raise on such a machine), and the
+two Tensor methods: `cuda()` moves to the process's device (`runtime/device.py`: the CPU, so the
+identity; the device tests' stand-in there), and the
 no-argument `type()` names CPU tensors as CUDA ones ('torch.cuda.FloatTensor'), which megatron's
 optimizer and grad clipping assert.
 
@@ -23,6 +24,8 @@ import sys
 import types
 
 import torch
+
+from cascade_mega.runtime import device as _device
 
 _APPLIED = False
 
@@ -59,15 +62,16 @@ _FACTORIES = frozenset(
 
 
 def _cpu_device(device):
-    """Map any CUDA device spelling (int, 'cuda', 'cuda:1', torch.device) to the CPU."""
+    """Map any CUDA device spelling (int, 'cuda', 'cuda:1', torch.device) to the process's device
+    (`runtime/device.py`: the CPU, or the stand-in device of the device tests)."""
     if device is None:
         return None
-    if isinstance(device, int):
-        return torch.device("cpu")
+    if isinstance(device, int) and not isinstance(device, bool):
+        return _device.current()
     if isinstance(device, str) and device.startswith("cuda"):
-        return torch.device("cpu")
+        return _device.current()
     if isinstance(device, torch.device) and device.type == "cuda":
-        return torch.device("cpu")
+        return _device.current()
     return device
 
 
@@ -115,7 +119,7 @@ def _make_cuda_shim() -> types.SimpleNamespace:
     for name in dir(real):
         if not name.startswith("__"):
             setattr(shim, name, getattr(real, name))
-    shim.current_device = lambda: torch.device("cpu")
+    shim.current_device = lambda: _device.current()
     shim.device_count = lambda: 0
     shim.set_device = lambda *a, **k: None
     shim.synchronize = lambda *a, **k: None
@@ -165,7 +169,7 @@ def _rng_state_setter(new_state, device=-1, graph_safe=False):
 
 
 def _tensor_to_cpu(self, device=None, non_blocking=False, **kwargs):
-    return self
+    return self.to(_device.current())
 
 
 _REAL_TYPE = torch.Tensor.type
@@ -174,8 +178,8 @@ _REAL_TYPE = torch.Tensor.type
 def _cuda_type_name(self, dtype=None, non_blocking=False, **kwargs):
     # megatron asserts `param.type() == 'torch.cuda.FloatTensor'` (optimizer, grad clipping).
     if dtype is None and not kwargs:
-        name = _REAL_TYPE(self)
-        return name.replace("torch.", "torch.cuda.", 1) if self.device.type == "cpu" else name
+        name = _REAL_TYPE(self)  # torch.FloatTensor (CPU), torch.meta.FloatTensor (stand-in)
+        return name if self.device.type == "cuda" else "torch.cuda." + name.rsplit(".", 1)[-1]
     return _REAL_TYPE(self, dtype, non_blocking, **kwargs)
 
 
@@ -183,8 +187,9 @@ def _accurate_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     """megatron's fallback l2 norm (no apex/TE) uses fp32 `torch.norm`, which on the CPU is off by
     ~1e-5 relative for large tensors, so the reported grad norm (and the clip factor) depended on
     how tensor parallelism splits the weights. Sum squares in float64 instead."""
-    total = torch.zeros((), dtype=torch.float64)
-    for t in tensor_lists[0]:
+    grads = tensor_lists[0]
+    total = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
+    for t in grads:
         total += t.detach().double().square().sum()
     return torch.sqrt(total).float().reshape(1), None
 

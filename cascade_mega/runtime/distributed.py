@@ -1,6 +1,6 @@
 """Process-group set-up from torchrun or Slurm environment variables (`env.py`), and seeding.
 
-gloo on CPU, NCCL on GPU.
+gloo on CPU, NCCL on GPU; the process's device (`device.py`) is decided here first.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cascade_mega.runtime import cpu_compat, cpu_memory
+from cascade_mega.runtime import cpu_compat, cpu_memory, device
 from cascade_mega.runtime.env import DistEnv, read_env  # noqa: F401  (re-exported)
 
 
@@ -29,19 +29,18 @@ def init(parallel, seed: int) -> DistEnv:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    env = read_env()
+    dev = device.select(env.local_rank)  # a GPU job's rank without a GPU stops here
     if cpu_compat.apply():
         cpu_memory.keep_freed_memory()
-    env = read_env()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "RANK" not in os.environ and env.world_size == 1:
             # a bare single process: no launcher owns a store, so take any free port (an
             # inherited MASTER_PORT may belong to a parent process's group)
             os.environ["MASTER_PORT"] = str(_free_port())
-        if torch.cuda.is_available():
-            torch.cuda.set_device(env.local_rank)
         dist.init_process_group(
-            backend="nccl" if torch.cuda.is_available() else "gloo",
+            backend="nccl" if dev.type == "cuda" else "gloo",
             rank=env.rank, world_size=env.world_size, timeout=timedelta(minutes=10))
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(

@@ -1,31 +1,62 @@
 """Transformer Engine is optional (extra `[gpu]`): detect it without breaking CPU machines.
 
 Importing TE without a GPU raises RuntimeError/OSError rather than ImportError, so the probe catches
-broadly. Everything that needs TE (the TE layer spec, FP8) asks here and fails with one message.
+broadly; but a TE that is installed and fails to import on a GPU host is a broken install, not an
+absent one, and its error is kept (`import_error`) and reported: by `require` when something needs
+TE (the TE layer spec, FP8), and as a warning when `model.attention_backend=auto` falls back to the
+local spec.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
+import sys
 
 
 @functools.lru_cache(maxsize=1)
-def available() -> bool:
+def _probe():
+    """(available, why not): why not is '' when TE is simply not installed or there is no GPU."""
     try:
         import torch
 
         if not torch.cuda.is_available():
-            return False
+            return False, ""
+        if importlib.util.find_spec("transformer_engine") is None:
+            return False, ""
         import transformer_engine.pytorch  # noqa: F401
-        return True
-    except Exception:  # TE raises RuntimeError/OSError on machines it cannot run on
-        return False
+        return True, ""
+    except Exception as err:  # TE raises RuntimeError/OSError on machines it cannot run on
+        return False, f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"
+
+
+def available() -> bool:
+    return _probe()[0]
+
+
+def import_error() -> str:
+    """The error of an installed Transformer Engine that does not import here ('' otherwise)."""
+    return _probe()[1]
 
 
 def require(feature: str) -> None:
     if not available():
+        why = import_error()
+        if why:
+            raise RuntimeError(f"{feature} needs Transformer Engine, which is installed but does "
+                               f"not import: {why}")
         raise RuntimeError(f"{feature} needs Transformer Engine on a CUDA GPU "
                            "(pip install 'cascade-mega[gpu]' on a GPU machine)")
+
+
+def use_for_auto() -> bool:
+    """`model.attention_backend=auto`: TE where it imports; a broken install is named once."""
+    if not available() and import_error() and not getattr(use_for_auto, "warned", False):
+        use_for_auto.warned = True
+        print(f"cascade: warning: Transformer Engine is installed but does not import "
+              f"({import_error()}); model.attention_backend=auto falls back to the local spec",
+              file=sys.stderr, flush=True)
+    return available()
 
 
 def layer_spec():

@@ -51,6 +51,8 @@ def _sbatch_lines(profile: ClusterProfile, res: Resources, extra: List[str]) -> 
 
 def _setup_lines(profile: ClusterProfile) -> str:
     lines = [f"module load {m}" for m in profile.modules]
+    if profile.gpus_per_node:  # a rank that sees no GPU stops instead of training on the CPU
+        lines.append("export CASCADE_EXPECT_GPU=1")
     lines += [f"export {k}={shlex.quote(str(v))}" for k, v in profile.env.items()]
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from functools import partial
@@ -28,7 +29,7 @@ from cascade_mega.config import CascadeConfig, to_yaml, validate
 from cascade_mega.data import loader
 from cascade_mega.diffusion import objective
 from cascade_mega.model.gpt import build_model, predict_and_score
-from cascade_mega.runtime import distributed
+from cascade_mega.runtime import device, distributed, machine
 from cascade_mega.train import checkpoint, distill
 from cascade_mega.train.optim import build_optimizer, wrap_ddp
 from cascade_mega.train.signals import StopSignals
@@ -42,7 +43,7 @@ def noise_generator(seed: int, *key) -> torch.Generator:
 
 def memory_gb() -> float:
     """Peak GPU memory allocated by torch, or on CPU the process's resident memory, in GiB."""
-    if torch.cuda.is_available():
+    if device.on_gpu():
         return torch.cuda.max_memory_allocated() / 2**30
     import psutil
 
@@ -51,7 +52,7 @@ def memory_gb() -> float:
 
 def run_dtype(cfg: CascadeConfig) -> torch.dtype:
     precision = cfg.train.precision
-    if precision == "bf16" or (precision == "auto" and torch.cuda.is_available()):
+    if precision == "bf16" or (precision == "auto" and device.on_gpu()):
         return torch.bfloat16
     return torch.float32
 
@@ -72,6 +73,7 @@ class Trainer:
         env = distributed.read_env()
         self.world_size = env.world_size
         validate(cfg, env.world_size)
+        machine.check(cfg)  # TE for FP8, DALI: probed here, where the job runs
         self.prefix = loader.resolve_path(cfg.data.path) if env.rank == 0 else None
         if env.world_size > 1:  # the builtin dataset is built once, by rank 0
             distributed.init(cfg.parallel, cfg.train.seed)
@@ -146,6 +148,10 @@ class Trainer:
 
     # ---------------------------------------------------------------- steps
     def _micro_batches(self, reader, step: int, split: str, t_range=None):
+        """This step's micro-batches on the device. The batch, the noise and the layout are made
+        on the host (pure functions of seed and step, whatever the device); each crosses once,
+        pinned and non-blocking, and the next one is prepared and on its way while the schedule
+        runs the current one."""
         # block-size schedule: training at the step's block size; validation (`step` is then the
         # batch) always at `diffusion.block_size`, the one the model decodes with (one curve)
         train = split == "train"
@@ -155,7 +161,8 @@ class Trainer:
         if cfg.diffusion.objective != "ar":  # one draw per global batch: layout-independent
             noise = objective.draw_noise(cfg, gbs, noise_generator(cfg.train.seed, split, step),
                                          t_range)
-        for m in range(self.num_micro):
+
+        def on_device(m):
             start = loader.micro_batch_start(step, m, self.dp_rank, cfg, self.dp_size)
             batch = reader.micro_batch(start, mbs)
             rows = start - step * gbs
@@ -165,7 +172,14 @@ class Trainer:
                                      context=self.context, eod_id=self.tokenizer.eod)
             if self.teacher is not None and train:
                 prep = distill.targets(prep, batch.tokens, cfg.distill.weight)
-            yield prep
+            return device.to_device(prep)
+
+        upcoming = on_device(0)
+        for m in range(self.num_micro):
+            current = upcoming
+            if m + 1 < self.num_micro:
+                upcoming = on_device(m + 1)
+            yield current
 
     def _forward_step(self, data_iterator, model):
         prep = next(data_iterator)
@@ -178,7 +192,7 @@ class Trainer:
     @staticmethod
     def _loss(prep, output):
         loss_sum, stats = objective.reduce(*output[:2], prep, *output[2:])
-        return loss_sum, torch.tensor(prep.num_tokens, dtype=torch.int), {"stats": stats}
+        return loss_sum, prep.count, {"stats": stats}
 
     def _run_schedule(self, make_iter, forward_only: bool, cfg):
         """make_iter() -> an iterator over this step's micro-batches; one per model chunk, since
@@ -195,7 +209,7 @@ class Trainer:
             micro_batch_size=cfg.train.micro_batch_size,
             forward_only=forward_only,
         )
-        stats = torch.zeros(objective.STATS, dtype=torch.float64)
+        stats = torch.zeros(objective.STATS, dtype=torch.float64, device=device.current())
         for out in outs:
             stats += out["stats"]
         # context-parallel ranks hold parts of the same sequences: their sums add up too
@@ -206,20 +220,23 @@ class Trainer:
         return stats
 
     def _metrics(self, stats, clipped: bool):
-        loss = float(stats[0] / stats[1])
+        """The metric sums read back once (one device-to-host copy), as named metrics."""
+        s = stats.cpu().tolist()
+        loss = s[0] / s[1] if s[1] else float("nan")  # nan on stages that hold no loss
         out = {"loss": loss}
         if not clipped:
             out["nelbo"] = loss
-            out["ppl_bound"] = float(torch.exp(torch.tensor(min(loss, 50.0))))
-        out["masked_acc" if self.cfg.diffusion.objective != "ar" else "acc"] = \
-            float(stats[2] / stats[3].clamp(min=1))
-        if stats[5] > 0:
-            out["ar_loss"] = float(stats[4] / stats[5])
-        if stats[7] > 0:
-            out["distill_kl"] = float(stats[6] / stats[7])
+            out["ppl_bound"] = math.exp(min(loss, 50.0))
+        out["masked_acc" if self.cfg.diffusion.objective != "ar" else "acc"] = s[2] / max(s[3], 1)
+        if s[5] > 0:
+            out["ar_loss"] = s[4] / s[5]
+        if s[7] > 0:
+            out["distill_kl"] = s[6] / s[7]
         return out
 
-    def train_step(self, step: int) -> dict:
+    def train_step(self, step: int, log: bool = True) -> dict:
+        """One optimizer step. log=False leaves the loss statistics on the device (no read-back:
+        the step's only host synchronisation is megatron's gradient-norm clipping)."""
         for c in self.chunks:
             c.train()
             c.zero_grad_buffer()
@@ -232,7 +249,7 @@ class Trainer:
         self.scheduler.step(increment=1)
         elapsed = time.perf_counter() - start
         d = self.cfg.diffusion
-        metrics = self._metrics(stats, clipped=(d.t_min, d.t_max) != (0.0, 1.0))
+        metrics = self._metrics(stats, clipped=(d.t_min, d.t_max) != (0.0, 1.0)) if log else {}
         if d.block_size_schedule:
             metrics["block_size"] = cfg.diffusion.block_size
         metrics.update({
@@ -252,7 +269,7 @@ class Trainer:
         """NELBO on a fixed validation set with fixed noise (t over the full range (0, 1])."""
         for c in self.chunks:
             c.eval()
-        stats = torch.zeros(objective.STATS, dtype=torch.float64)
+        stats = torch.zeros(objective.STATS, dtype=torch.float64, device=device.current())
         for i in range(self.cfg.train.eval_batches):
             stats += self._run_schedule(
                 lambda i=i: self._micro_batches(self.valid_data, i, "valid", t_range=(0.0, 1.0)),
@@ -285,9 +302,10 @@ class Trainer:
             if t.eval_batches and t.eval_interval and self.step == 0 < t.steps:
                 self._emit("on_eval_end", self.step, self.evaluate(self.step))
             while self.step < t.steps:
-                metrics = self.train_step(self.step)
+                log = (self.step + 1) % t.log_interval == 0 or self.step + 1 == t.steps
+                metrics = self.train_step(self.step, log)
                 self.step += 1
-                if self.step % t.log_interval == 0 or self.step == t.steps:
+                if log:
                     self._emit("on_step_end", self.step, metrics)
                 if t.eval_batches and t.eval_interval and (
                         self.step % t.eval_interval == 0 or self.step == t.steps):

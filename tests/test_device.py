@@ -1,0 +1,202 @@
+"""Every path keeps its tensors on the model's device: run on a stand-in device that is not the host.
+
+Under `standin_device.standin()` (see that module) a tensor created on the host by mistake raises
+as soon as it meets a device tensor, as it would on a GPU. Each case runs a real training step
+(forward, backward, optimizer) and an evaluation through the Trainer, or decodes with the real
+decoders, and must give the same numbers as the same run on the CPU (the stand-in computes on CPU
+data). On the code before the device work the first training step fails at its first forward
+(host position ids meeting the device's RoPE table).
+
+The host synchronisations of a training step are counted too (device-to-host reads and blocking
+host-to-device copies): between logging steps only megatron's gradient-norm read-back remains.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cascade_mega.config import load_config
+from standin_device import STANDIN, Dev, count_syncs, standin
+
+TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+        "data.seq_len=32", "diffusion.block_size=4", "train.steps=4",
+        "train.micro_batch_size=2", "train.global_batch_size=4", "optimizer.warmup_steps=1",
+        "tracking.enabled=false", "train.eval_batches=1", "train.eval_interval=0",
+        "model.attention_kernel=tiled", "train.resume=none", "checkpoint.interval=100"]
+
+OBJECTIVES = {
+    "block_diffusion": [],
+    "full_diffusion": ["diffusion.block_size=32"],
+    "ar": ["diffusion.objective=ar"],
+    "two_views": ["diffusion.views=2", "diffusion.complementary=true"],
+    "aux_ar_shifted": ["diffusion.ar_loss_weight=0.5", "diffusion.shifted_prediction=true"],
+    "documents": ["data.document_mask=true"],
+    "documents_ar": ["data.document_mask=true", "diffusion.objective=ar"],
+    "schedule": ["diffusion.block_size_schedule={0: 1, 1: 4}", "diffusion.shifted_prediction=true"],
+}
+
+
+def _cfg(tmp_path, name, extra):
+    return load_config(None, [f"run_dir={tmp_path / name}", *TINY, *extra])
+
+
+def _step_and_eval(cfg):
+    from cascade_mega.train.trainer import Trainer
+
+    trainer = Trainer(cfg, []).setup()
+    return trainer, [trainer.train_step(0), trainer.train_step(1)], trainer.evaluate(0)
+
+
+def _close(a: dict, b: dict):
+    keys = {k for k in a if k not in ("step_time", "tokens_per_s", "memory_gb")}
+    assert keys == set(b) - {"step_time", "tokens_per_s", "memory_gb"}
+    for k in keys:
+        assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_training_step_and_evaluation_on_the_device(megatron, tmp_path, name):
+    cfg = _cfg(tmp_path, name, OBJECTIVES[name])
+    _, host_steps, host_eval = _step_and_eval(cfg)
+    with standin():
+        trainer, steps, valid = _step_and_eval(cfg)
+        assert all(isinstance(p, Dev) for p in trainer.chunks[0].parameters())
+        assert isinstance(trainer.chunks[0].module.output_layer.logit_bias, Dev)
+    for a, b in zip(steps, host_steps):
+        _close(a, b)
+    _close(valid, host_eval)
+
+
+def test_distillation_step_on_the_device(megatron, tmp_path, monkeypatch):
+    from cascade_mega.train import checkpoint
+    from cascade_mega.train.trainer import Trainer
+
+    teacher = _cfg(tmp_path, "teacher", ["diffusion.objective=ar", "train.steps=2"])
+    Trainer(teacher, []).setup().fit()  # a real AR run, found and checked as usual
+    # torch's checkpoint reader treats the stand-in's `meta` device as "allocate later" and
+    # refuses it, so the teacher keeps its initial weights in both runs (the step is what is
+    # tested here; loading on a GPU is the ordinary CUDA path of torch's reader)
+    monkeypatch.setattr(checkpoint, "load", lambda *a, **k: (0, 0))
+    cfg = _cfg(tmp_path, "student", [f"distill.teacher={teacher.run_dir}",
+                                     "diffusion.shifted_prediction=true"])
+    _, host_steps, _ = _step_and_eval(cfg)
+    with standin():
+        trainer, steps, _ = _step_and_eval(cfg)
+        assert isinstance(next(trainer.teacher.parameters()), Dev)
+    assert "distill_kl" in steps[0]
+    _close(steps[0], host_steps[0])
+
+
+def test_host_synchronisations_of_a_training_step(megatron, tmp_path):
+    cfg = _cfg(tmp_path, "syncs", ["diffusion.ar_loss_weight=0.5"])
+    from cascade_mega.train.trainer import Trainer
+
+    with standin():
+        trainer = Trainer(cfg, []).setup()
+        trainer.train_step(0)  # first step: caches, optimizer state
+        with count_syncs() as quiet:
+            trainer.train_step(1, log=False)
+        with count_syncs() as logged:
+            trainer.train_step(2, log=True)
+    # megatron's gradient-norm clipping reads the norm back (the one unavoidable sync); the
+    # micro-batches cross with non-blocking copies, the metric sums stay on the device
+    assert quiet.reads == 1 and quiet.blocking_copies == 0, quiet
+    assert logged.reads == 2 and logged.blocking_copies == 0, logged  # + the metric sums, once
+
+
+def _decoder_model(cfg):
+    from cascade_mega.model.gpt import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg, 40, forbidden_ids=[39])
+    return model.eval()
+
+
+@pytest.mark.parametrize("name, extra", [
+    ("block", ["diffusion.shifted_prediction=true"]), ("ar", ["diffusion.objective=ar"]),
+    ("full", ["diffusion.block_size=32"])])
+def test_decoders_on_the_device(megatron, tmp_path, name, extra):
+    from cascade_mega.inference.decode import Decoder
+    from cascade_mega.inference.full_diffusion import FullDiffusionDecoder
+    from cascade_mega.inference.policies import Policy
+    from cascade_mega.inference.sampling import Sampling
+
+    cfg = _cfg(tmp_path, name, extra + ["model.init_std=0.3"])
+    tok = SimpleNamespace(mask_id=39, eod=38, decode=lambda ids: " ".join(map(str, ids)))
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    sampling = Sampling(greedy=False, top_p=0.9, seed=3)
+
+    def run(options):
+        model = _decoder_model(cfg)
+        if name == "full":
+            return [FullDiffusionDecoder(model, cfg, tok, **options).generate(
+                prompts, 12, Policy("threshold"), sampling)]
+        return [Decoder(model, cfg, tok).generate(prompts, 12, Policy("adaptive", steps=2),
+                                                  sampling)]
+
+    options = [{"cache": "dual", "guidance": 0.5}, {"cache": "prefix"}] if name == "full" \
+        else [{}]
+    for opt in options:
+        on_host = run(opt)
+        with standin():
+            on_device = run(opt)
+        assert [[g.tokens for g in r] for r in on_device] == \
+            [[g.tokens for g in r] for r in on_host]
+
+
+def test_the_standin_catches_a_host_tensor():
+    with standin() as dev:
+        assert dev == STANDIN
+        x = torch.ones(3, device=dev)
+        with pytest.raises(RuntimeError, match="host tensor"):
+            x + torch.ones(3)  # a factory without a device: the host
+        x + torch.ones(3).to(dev)  # moved: fine
+        x * 2.0 + torch.tensor(1.0)  # scalars are fine (CUDA takes them too)
+
+
+@pytest.mark.parametrize("V, chunks", [(1, None), (2, None), (1, (1, 2))])
+def test_tiled_kernel_on_the_device_backend(V, chunks):
+    """Off the CPU the tiled kernel runs its pieces through the memory-efficient attention ops
+    (CUDA; here their math, see `standin_device`): same outputs and gradients as the dense mask,
+    grouped-query heads, and a context-parallel rank's chunks against the gathered clean stream."""
+    from cascade_kernels import tiled
+    from cascade_mega.diffusion.masks import AttentionLayout
+
+    L, B, h, g, d = 32, 4, 4, 2, 8
+    layout = AttentionLayout("block_diffusion", L, B, V)
+    gen = torch.Generator().manual_seed(V)
+    q, k, v = (torch.randn(2, n, layout.total_len, d, dtype=torch.float64, generator=gen)
+               for n in (h, g, g))
+    full = layout.dense()
+    rows = torch.arange(layout.total_len)
+    if chunks:  # rank 1 of a context-parallel group of 2
+        split = layout.split_for_context(1, 2)
+        rows = split.rows()
+    rep = lambda x: x.repeat_interleave(h // g, 1)  # noqa: E731
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    s = (qr[:, :, rows] @ rep(kr).transpose(-1, -2)) / d ** 0.5
+    ref = torch.softmax(s.masked_fill(~full[rows], float("-inf")), -1) @ rep(vr)
+    grad = torch.randn(ref.shape, dtype=torch.float64, generator=gen)
+    ref_grads = torch.autograd.grad(ref, (qr, kr, vr), grad)
+    with standin() as dev:
+        qd, kd, vd = (x.to(dev).requires_grad_() for x in (q, k, v))
+        if chunks:
+            clean = slice(V * L, (V + 1) * L)
+            ck, cv = (x[:, :, clean].detach().clone().requires_grad_() for x in (kd, vd))
+            held = rows.to(dev)
+            out = tiled.block_diffusion_attention(
+                qd[:, :, held], kd[:, :, held], vd[:, :, held], L, B, V, chunks=split.chunks,
+                num_chunks=split.num_chunks, clean_kv=(ck, cv))
+        else:
+            out = tiled.block_diffusion_attention(qd, kd, vd, L, B, V)
+        assert isinstance(out, Dev)
+        out.backward(grad.to(dev))
+        got = [x.grad.cpu() for x in (qd, kd, vd)]
+        if chunks:  # the gathered stream's gradient goes back to its rows (the reduce-scatter)
+            got[1][:, :, clean] += ck.grad.cpu()
+            got[2][:, :, clean] += cv.grad.cpu()
+        out = out.cpu()
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for a, e in zip(got, ref_grads):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
