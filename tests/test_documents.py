@@ -99,7 +99,7 @@ def test_packed_nelbo_is_the_sum_over_documents(megatron, case):
                 assert not prep.weight[s, mine[crossing]].any()
                 assert not prep.scored[s, mine[crossing]].any()
                 mine = mine[~crossing]
-                ce, _ = model(prep.input_ids[s:s + 1, idx], prep.position_ids[s:s + 1, idx],
+                ce, _ = model(prep.input_ids[s:s + 1, idx], prep.position_ids[:, idx],
                               ExplicitMask(plain.dense()[idx][:, idx]),
                               output_processor=predict_and_score,
                               output_processor_context=ReadOut(local[rows[mine]],

@@ -1,4 +1,4 @@
-"""Peak memory of a piece of CPU work, measured by tracking every tensor storage torch allocates.
+"""Peak memory of a piece of work: on the CPU by tracking every tensor storage torch allocates.
 
 torch has no allocator statistics on the CPU, so a dispatch mode sees each op's outputs, counts a
 storage when it first appears and uncounts it when it is freed (a weakref finalizer). Tensors that
@@ -46,7 +46,17 @@ class PeakMemory(TorchDispatchMode):
 
 
 def peak_bytes(fn) -> int:
-    """Peak bytes allocated while running fn()."""
+    """Peak bytes allocated while running fn(): the CUDA allocator's own peak above what was
+    allocated before (on a GPU), or the storages a dispatch mode sees appear (on the CPU)."""
+    from cascade_mega.runtime import device
+
+    if device.on_gpu():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
     with PeakMemory() as mode:
         fn()
     return mode.peak

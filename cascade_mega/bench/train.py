@@ -16,6 +16,7 @@ import time
 from cascade_mega.bench import flops
 from cascade_mega.bench.memory import peak_bytes
 from cascade_mega.config import load_config
+from cascade_mega.runtime import device
 
 
 # the in-process side-by-side runs, and the baseline of --nproc-per-node, use one process
@@ -83,8 +84,10 @@ def run(args) -> dict:
         tr.train_step(0)
     for i in range(args.steps):
         for name, tr in trainers.items():
+            device.synchronize()
             start = time.perf_counter()
-            tr.train_step(i + 1)
+            tr.train_step(i + 1, log=False)
+            device.synchronize()
             times[name].append(time.perf_counter() - start)
     memory = {name: peak_bytes(lambda tr=tr: tr.train_step(args.steps + 1))
               for name, tr in trainers.items()}

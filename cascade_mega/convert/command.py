@@ -193,7 +193,9 @@ def mcore_to_hf(args) -> str:
 
     cfg, tokenizer, model = load_model(args.source)
     run_dir = os.path.dirname(locate(args.source)[0])
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    # the tensors are written from the host (the model was loaded on the process's device)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()
+             if not k.endswith("_extra_state")}
     rows = state["embedding.word_embeddings.weight"].shape[0]
     hf = _hf_config(cfg, run_dir, rows)
     tensors = list(hfmap.megatron_to_hf(state, hf))

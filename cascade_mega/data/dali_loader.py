@@ -122,15 +122,14 @@ def _iterations(state_dir, rank) -> int:
 def _pipeline(source, batch_size: int, checkpoint):
     from nvidia.dali import fn, pipeline_def, types
 
-    on_gpu = torch.cuda.is_available()
-
-    @pipeline_def(batch_size=batch_size, num_threads=1, prefetch_queue_depth=2,
-                  device_id=torch.cuda.current_device() if on_gpu else None,
+    # a host pipeline on every machine: the noise and layout are made on the host from the batch
+    # (`objective.prepare`), and the trainer copies the result to the device once, pinned and
+    # non-blocking, as for the default backend
+    @pipeline_def(batch_size=batch_size, num_threads=1, prefetch_queue_depth=2, device_id=None,
                   enable_checkpointing=True)
     def samples():
-        outs = fn.external_source(source=source, batch=False, num_outputs=3,
+        return fn.external_source(source=source, batch=False, num_outputs=3,
                                   dtype=[types.INT32, types.INT32, types.FLOAT])
-        return tuple(x.gpu() if on_gpu else x for x in outs)
 
     pipe = samples(checkpoint=checkpoint)
     pipe.build()

@@ -52,7 +52,7 @@ from cascade_mega.model.gpt import ReadOut
 @dataclass
 class Prepared:
     input_ids: torch.Tensor  # [b, S]
-    position_ids: torch.Tensor  # [b, S]
+    position_ids: torch.Tensor  # [1, S]: every sequence of a batch has the same layout
     layout: AttentionLayout
     readout: ReadOut
     weight: torch.Tensor  # [b, n] fp64 loss weight per read-out target (1/t on masked, else 0)
@@ -188,7 +188,7 @@ def _add_causal_stream(prep: Prepared, tokens, labels, ar_mask, weight: float) -
     rows = prep.readout.rows if prep.readout.rows is not None else torch.arange(start)
     return replace(
         prep, input_ids=torch.cat([prep.input_ids, tokens], 1),
-        position_ids=torch.cat([prep.position_ids, torch.arange(L).expand(b, L)], 1),
+        position_ids=torch.cat([prep.position_ids, torch.arange(L)[None]], 1),
         layout=replace(prep.layout, causal_stream=True),
         readout=ReadOut(torch.cat([rows, start + torch.arange(L)]),
                         torch.cat([prep.readout.labels, labels], 1)),
@@ -200,7 +200,7 @@ def _add_causal_stream(prep: Prepared, tokens, labels, ar_mask, weight: float) -
 def _prepare(tokens, labels, loss_mask, cfg, mask_id, noise, t_range) -> Prepared:
     d = cfg.diffusion
     b, L = tokens.shape
-    pos = torch.arange(L).expand(b, L)
+    pos = torch.arange(L)[None]  # shared by the batch: RoPE's table broadcasts over it
     if d.objective == "ar":
         w = loss_mask.to(torch.float64)
         return Prepared(tokens, pos, AttentionLayout("causal", L), ReadOut(None, labels), w,

@@ -141,7 +141,8 @@ class CascadeGPTModel(GPTModel):
             # are already this rank's). The table covers the model's context, so its length is
             # known on the host: reading max(position_ids) back would stall the device each step.
             freqs = self.rotary_pos_emb.get_emb(self.max_sequence_length)  # [S, 1, 1, D]
-            # per sequence ([S, b, 1, D]): batched decoding has a position axis per sequence
+            # position_ids [1, S] (training: shared by the batch) gives [S, 1, 1, D], broadcast
+            # over the batch; [b, S] (batched decoding, a position axis per sequence) [S, b, 1, D]
             out[1] = freqs[position_ids.t()].squeeze(2)
         return tuple(out)
 

@@ -73,6 +73,12 @@ def on_gpu() -> bool:
     return current().type == "cuda"
 
 
+def synchronize() -> None:
+    """Wait for the device's queued work (benchmarks' timers; a no-op on the CPU)."""
+    if on_gpu():
+        torch.cuda.synchronize()
+
+
 def to_device(x, device: Optional[torch.device] = None):
     """A host tensor (or a dataclass / tuple / list / dict of them) on the device: pinned and
     non-blocking on CUDA, so the copy runs while the previous micro-batch computes."""

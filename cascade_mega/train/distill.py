@@ -153,7 +153,7 @@ def forward(model, teacher, prep):
     rows = (prep.target_pos - 1).clamp(min=0)
     layout = AttentionLayout("causal", L, documents=prep.layout.documents)
     with torch.no_grad():
-        taught = teacher(tokens, torch.arange(L, device=tokens.device).expand(b, L), layout,
+        taught = teacher(tokens, torch.arange(L, device=tokens.device)[None], layout,
                          output_processor=logits_at_rows, output_processor_context=rows)
     if ps.is_pipeline_last_stage():
         return model(prep.input_ids, prep.position_ids, prep.layout,
