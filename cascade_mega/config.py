@@ -318,8 +318,6 @@ def validate(cfg: CascadeConfig, world_size: int = 1) -> None:
         need(m.attention_kernel in ("auto", "tiled"), f"'parallel.context' > 1 runs the tiled "
              f"attention kernel; 'model.attention_kernel' = {m.attention_kernel} has no "
              "context-parallel path")
-        need(not cfg.data.document_mask, "'data.document_mask' has no context-parallel path yet: "
-             "use 'parallel.context' = 1 with it")
     if p.sequence_parallel:
         streams = 1 if d.objective == "ar" else \
             d.views + (d.block_size < L) + (d.ar_loss_weight > 0)

@@ -19,6 +19,8 @@ V = 1, against 4L^2 for the dense mask and L^2/2 for AR causal attention. No (2L
 Context parallel: the rows held are some tiles of every stream (whole chunks), and piece (a) reads
 the prefix from the whole clean stream gathered across ranks; its gradient is returned for the
 gather's reduce-scatter. With V = 0 and B = 1 the same code is causal attention over one stream.
+Packed documents (`documents`): both pieces also keep each query inside its document (per-tile,
+per-sequence masks); a row whose document starts in its tile takes nothing from piece (a).
 """
 
 from __future__ import annotations
@@ -91,16 +93,39 @@ def tile_size(seq_len: int, block_size: int, target: int = 128) -> int:
     return best
 
 
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = may attend) as the additive bias the fused kernels take (0 or
+    -inf, query dtype); off the CPU its rows are 16-element aligned (a view into padded memory)."""
+    n, device = allowed.shape[-1], allowed.device
+    padded = n if device.type == "cpu" else -(-n // 16) * 16
+    bias = torch.zeros(*allowed.shape[:-1], padded, dtype=dtype, device=device)[..., :n]
+    return bias.masked_fill_(~allowed, float("-inf"))
+
+
 @functools.lru_cache(maxsize=64)
 def diagonal_bias(block_size: int, views: int, tile: int, device: torch.device,
                   dtype: torch.dtype) -> torch.Tensor:
-    """Piece (b)'s mask as the additive bias the fused kernel takes (0 or -inf, query dtype);
-    off the CPU its rows are 16-element aligned (a view into padded memory)."""
-    allowed = diagonal_mask(block_size, views, tile, device)
-    n = allowed.shape[1]
-    padded = n if device.type == "cpu" else -(-n // 16) * 16
-    bias = torch.zeros(allowed.shape[0], padded, dtype=dtype, device=device)[:, :n]
-    return bias.masked_fill_(~allowed, float("-inf"))
+    """Piece (b)'s mask as an additive bias, the same for every tile (no documents)."""
+    return _additive(diagonal_mask(block_size, views, tile, device), dtype)
+
+
+def tile_masks(B: int, V: int, T: int, g: int, documents, dtype, device):
+    """(piece (b)'s bias, piece (a)'s bias, rows of piece (a) with no key) of global tile g.
+
+    Without documents: the shared diagonal bias and no prefix mask. With documents ([b, L]
+    document ids of packed sequences) each piece is also restricted to the query's document,
+    per sequence ([b, 1, R, keys]); a row whose document starts inside the tile has no key in
+    the prefix (piece (a) then contributes nothing: the fused kernels return 0 and a finite
+    log-sum-exp for such a row, so it is set to -inf before the merge)."""
+    if documents is None:
+        return diagonal_bias(B, V, T, device, dtype), None, None
+    d = documents[:, g * T:(g + 1) * T].repeat(1, V + 1)  # [b, R] rows of piece (b), in order
+    diag = diagonal_mask(B, V, T, device) & (d[:, :, None] == d[:, None, :])
+    if not g:
+        return _additive(diag[:, None], dtype), None, None
+    prefix = d[:, :, None] == documents[:, None, :g * T]  # [b, R, gT]
+    return _additive(diag[:, None], dtype), _additive(prefix[:, None], dtype), \
+        ~prefix.any(-1)[:, None]
 
 
 @functools.lru_cache(maxsize=64)
@@ -135,13 +160,12 @@ class _TiledBlockAttention(torch.autograd.Function):
     from the clean rows of k/v (all tiles are local)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, clean_k, clean_v, B, V, T, tiles, scale):
+    def forward(ctx, q, k, v, clean_k, clean_v, B, V, T, tiles, scale, documents):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         Ll = len(tiles) * T
         clean = V * Ll
         pk, pv = (k[:, :, clean:], v[:, :, clean:]) if clean_k is None else \
             (clean_k.contiguous(), clean_v.contiguous())
-        mask = diagonal_bias(B, V, T, q.device, q.dtype)
         fwd, _ = tile_ops(q.device)
         extra = None
         out = torch.empty_like(q)
@@ -152,14 +176,20 @@ class _TiledBlockAttention(torch.autograd.Function):
             qi = torch.cat([q[:, :, r] for r in rows], dim=2)
             kb = torch.cat([k[:, :, r] for r in rows], dim=2)
             vb = torch.cat([v[:, :, r] for r in rows], dim=2)
+            mask, prefix, empty = tile_masks(B, V, T, g, documents, q.dtype, q.device)
             o, l, extra = fwd(qi, kb, vb, mask, scale)
             if g:
-                o_a, l_a, _ = fwd(qi, pk[:, :, :g * T], pv[:, :, :g * T], None, scale)
-                o, l = _merge(o_a, l_a.to(l.dtype), o, l)
+                o_a, l_a, _ = fwd(qi, pk[:, :, :g * T], pv[:, :, :g * T], prefix, scale)
+                l_a = l_a.to(l.dtype)
+                if empty is not None:
+                    l_a = l_a.masked_fill(empty, float("-inf"))
+                    o_a = o_a.masked_fill(empty[..., None], 0.0)
+                o, l = _merge(o_a, l_a, o, l)
             for i, r in enumerate(rows):
                 out[:, :, r] = o[:, :, i * T:(i + 1) * T]
                 lse[:, :, r] = l[:, :, i * T:(i + 1) * T]
         ctx.save_for_backward(q, k, v, pk, pv, out, lse)
+        ctx.documents = documents
         ctx.shape = (B, V, T, tiles, scale, clean_k is not None)
         ctx.extra = extra  # what the device's backward needs besides (e.g. CUDA's RNG state)
         return out
@@ -171,7 +201,6 @@ class _TiledBlockAttention(torch.autograd.Function):
         Ll = len(tiles) * T
         clean = V * Ll
         grad_out = grad_out.contiguous()
-        mask = diagonal_bias(B, V, T, q.device, q.dtype)
         _, bwd = tile_ops(q.device)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         # prefix gradients: into the gathered clean stream, or in place into dk/dv's clean rows
@@ -181,12 +210,13 @@ class _TiledBlockAttention(torch.autograd.Function):
             rows = _tile_rows(Ll, V, T, j)
             pick = lambda x: torch.cat([x[:, :, r] for r in rows], dim=2)  # noqa: E731
             qi, oi, gi, li = pick(q), pick(out), pick(grad_out), pick(lse)
+            mask, prefix, _ = tile_masks(B, V, T, g, ctx.documents, q.dtype, q.device)
             dqi, dkb, dvb = bwd(gi, qi, pick(k), pick(v), oi, li, mask, scale, ctx.extra)
             for i, r in enumerate(rows):
                 dk[:, :, r] += dkb[:, :, i * T:(i + 1) * T]
                 dv[:, :, r] += dvb[:, :, i * T:(i + 1) * T]
             if g:
-                dqa, dka, dva = bwd(gi, qi, pk[:, :, :g * T], pv[:, :, :g * T], oi, li, None,
+                dqa, dka, dva = bwd(gi, qi, pk[:, :, :g * T], pv[:, :, :g * T], oi, li, prefix,
                                     scale, ctx.extra)
                 dqi = dqi + dqa
                 dpk[:, :, :g * T] += dka
@@ -195,17 +225,20 @@ class _TiledBlockAttention(torch.autograd.Function):
                 dq[:, :, r] = dqi[:, :, i * T:(i + 1) * T]
         if not separate:
             dpk = dpv = None
-        return dq, dk, dv, dpk, dpv, None, None, None, None, None
+        return dq, dk, dv, dpk, dpv, None, None, None, None, None, None
 
 
 def block_diffusion_attention(q, k, v, seq_len: int, block_size: int, views: int = 1,
                               tile: int | None = None, scale: float | None = None, *,
-                              chunks: tuple = (0,), num_chunks: int = 1, clean_kv=None):
+                              chunks: tuple = (0,), num_chunks: int = 1, clean_kv=None,
+                              documents=None):
     """q: [b, h, (V+1)L, d]; k, v: [b, g, (V+1)L, d] (g divides h). Returns [b, h, (V+1)L, d].
 
     Context parallel: the rows are `chunks` (of `num_chunks`, each seq_len / num_chunks long) of
     every stream, and `clean_kv` = (k, v) of the whole clean stream [b, g, L, d]. views = 0 with
     block_size = 1 is causal attention over one stream (AR under context parallel).
+    documents: [b, seq_len] document ids of packed sequences (`data.document_mask`), on q's
+    device: every row attends only within its document.
     """
     C = seq_len // num_chunks
     T = tile or tile_size(C, block_size)
@@ -218,4 +251,4 @@ def block_diffusion_attention(q, k, v, seq_len: int, block_size: int, views: int
     tiles = tuple(c * per + t for c in chunks for t in range(per))
     clean_k, clean_v = clean_kv if clean_kv is not None else (None, None)
     return _TiledBlockAttention.apply(q, k, v, clean_k, clean_v, block_size, views, T, tiles,
-                                      scale)
+                                      scale, documents)

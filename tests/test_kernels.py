@@ -112,18 +112,22 @@ def test_training_path_allocates_nothing_of_size_2L_squared():
     assert mem.peak < mask_bytes, mem.peak  # everything together stays under one such mask
 
 
+@pytest.mark.parametrize("documents", [False, True])
 @pytest.mark.parametrize("kind,L,B,V,cp", [("block_diffusion", 32, 4, 1, 2),
                                            ("block_diffusion", 48, 4, 2, 2),
                                            ("block_diffusion", 64, 2, 1, 4),
                                            ("causal", 32, 1, 1, 2)])
-def test_context_parallel_chunks_give_the_whole_sequence_attention(kind, L, B, V, cp):
+def test_context_parallel_chunks_give_the_whole_sequence_attention(kind, L, B, V, cp, documents):
     """Each simulated context-parallel rank attends its zigzag chunks to the whole clean stream;
     together they give the dense output and, summing each rank's clean-stream gradient back
-    (what the gather's reduce-scatter does), the dense gradients."""
-    layout = AttentionLayout(kind, L, B, V)
+    (what the gather's reduce-scatter does), the dense gradients. With packed documents too
+    (boundaries inside tiles, so some rows have no key in the clean prefix)."""
+    docs = torch.tensor([[0] * 5 + [1] * 12 + [2] * (L - 17), [0] * 9 + [1] * (L - 9)]) \
+        if documents else None
+    layout = AttentionLayout(kind, L, B, V, documents=docs)
     n = layout.total_len
     q, k, v = inputs(n, 4, 2, seed=L + cp)
-    mask = dense_mask(layout.mask_fn(), n, n)
+    mask = layout.dense()
     ref = dense_reference(q, k, v, mask)
     grad_out = torch.randn_like(ref)
     grads = torch.autograd.grad(ref, (q, k, v), grad_out)
@@ -138,7 +142,8 @@ def test_context_parallel_chunks_give_the_whole_sequence_attention(kind, L, B, V
         clean_kv = [x[:, :, clean].detach().requires_grad_() for x in (k, v)]
         o = tiled.block_diffusion_attention(
             *local, L, 1 if kind == "causal" else B, 0 if kind == "causal" else V,
-            chunks=part.chunks, num_chunks=part.num_chunks, clean_kv=tuple(clean_kv))
+            chunks=part.chunks, num_chunks=part.num_chunks, clean_kv=tuple(clean_kv),
+            documents=docs)
         o.backward(grad_out[:, :, rows])
         out[:, :, rows] = o.detach()
         for g, x in zip(got, local):

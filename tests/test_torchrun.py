@@ -60,7 +60,6 @@ def test_data_parallel_matches_single_process(tmp_path):
     (3, ["parallel.tensor=3"], "model.num_attention_heads"),  # 4 heads on 3 ranks
     (2, ["parallel.context=2", "data.seq_len=72"], "data.seq_len"),  # 4 chunks of whole blocks
     (2, ["parallel.context=2", "diffusion.block_size=64"], "diffusion.block_size"),  # B = L
-    (2, ["parallel.context=2", "data.document_mask=true"], "data.document_mask"),
     (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "diffusion.objective=ar",
          "data.seq_len=63"], "parallel.sequence_parallel"),  # 63 rows on 2 ranks
 ])
@@ -129,11 +128,12 @@ def test_eight_processes_tp2_pp2_dp2_match_single_process(tmp_path, single):
 
 def test_context_parallel_matches_single_process(tmp_path, single):
     """CP = 2: each rank holds two zigzag chunks of [x_t ; x_0] and gathers the clean stream's
-    K/V. Also with shifted prediction and two complementary views (targets whose predicting row
-    sits on the other rank), and for the AR objective (causal attention over gathered K/V)."""
+    K/V. Also with shifted prediction, two complementary views (targets whose predicting row
+    sits on the other rank) and packed documents, and for the AR objective (causal attention
+    over gathered K/V)."""
     for name, extra in (("bd", []),
                         ("views", ["diffusion.shifted_prediction=true", "diffusion.views=2",
-                                   "diffusion.complementary=true"]),
+                                   "diffusion.complementary=true", "data.document_mask=true"]),
                         ("ar", ["diffusion.objective=ar"])):
         reference = _run(tmp_path, f"{name}_single", *LAYOUT_ARGS, *extra) if extra else single
         _assert_same(reference, _run(tmp_path, f"{name}_cp2", "--nproc-per-node", "2",

@@ -16,6 +16,7 @@ import torch
 from cascade_mega.bench.memory import peak_bytes
 from cascade_mega.diffusion import AttentionLayout
 from cascade_mega.model.attention import attend
+from cascade_mega.runtime import device
 
 
 def add_arguments(p):
@@ -29,9 +30,11 @@ def add_arguments(p):
 
 
 def _case(layout, kernel, b, h, d, passes=1):
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(0)  # host draws (the same inputs on every device)
     shape = (b, h, layout.total_len, d)
-    q, k, v = (torch.randn(shape, generator=gen).requires_grad_() for _ in range(3))
+    dev, dtype = device.current(), torch.bfloat16 if device.on_gpu() else torch.float32
+    q, k, v = (torch.randn(shape, generator=gen).to(dev, dtype).requires_grad_()
+               for _ in range(3))
 
     def run():
         for _ in range(passes):
@@ -54,8 +57,10 @@ def run(args) -> dict:
         fn()  # warm-up: caches, masks
     for _ in range(args.repeats):
         for name, fn in cases.items():
+            device.synchronize()
             start = time.perf_counter()
             fn()
+            device.synchronize()
             times[name].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
     mem = {k: peak_bytes(cases[k]) for k in ("ar", "tiled", "dense")}

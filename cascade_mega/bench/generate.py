@@ -72,11 +72,12 @@ def generative_nll(ar_decoder, prompt, tokens) -> float:
     """Summed negative log-likelihood of `tokens` after `prompt` under the AR model."""
     from cascade_mega.diffusion import objective
     from cascade_mega.model.gpt import predict_and_score
+    from cascade_mega.runtime.device import to_device
 
     seq = torch.tensor(prompt + tokens)
     ids, labels = seq[:-1][None], seq[1:][None]
-    prep = objective.prepare(ids, labels, torch.ones_like(ids), ar_decoder.cfg,
-                             ar_decoder.tok.mask_id, None, eod_id=ar_decoder.tok.eod)
+    prep = to_device(objective.prepare(ids, labels, torch.ones_like(ids), ar_decoder.cfg,
+                                       ar_decoder.tok.mask_id, None, eod_id=ar_decoder.tok.eod))
     ce, _ = ar_decoder.model(prep.input_ids, prep.position_ids, prep.layout,
                              output_processor=predict_and_score,
                              output_processor_context=prep.readout)

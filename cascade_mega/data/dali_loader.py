@@ -128,8 +128,8 @@ def _pipeline(source, batch_size: int, checkpoint):
     @pipeline_def(batch_size=batch_size, num_threads=1, prefetch_queue_depth=2, device_id=None,
                   enable_checkpointing=True)
     def samples():
-        return fn.external_source(source=source, batch=False, num_outputs=3,
-                                  dtype=[types.INT32, types.INT32, types.FLOAT])
+        return tuple(fn.external_source(source=source, batch=False, num_outputs=3,
+                                        dtype=[types.INT32, types.INT32, types.FLOAT]))
 
     pipe = samples(checkpoint=checkpoint)
     pipe.build()

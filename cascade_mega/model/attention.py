@@ -85,16 +85,18 @@ def attend(query, key, value, layout: AttentionLayout, kernel: str = "auto",
             attend(query[:, :, :n], key[:, :, :n], value[:, :, :n], inner, kernel, scale,
                    clean_kv),
             attend(query[:, :, n:], key[:, :, n:], value[:, :, n:], ar, kernel, scale)], dim=2)
-    if layout.documents is not None:
-        return _attend_within_documents(query, key, value, layout, kernel, scale, gqa)
-    if layout.split:
+    if layout.split:  # context parallel: the tiled kernel, documents included
         from cascade_kernels import tiled
 
         causal = layout.kind == "causal"
+        documents = None if layout.documents is None else layout.cached(
+            ("documents", query.device), lambda: layout.documents.to(query.device))
         return tiled.block_diffusion_attention(
             query, key, value, layout.seq_len, 1 if causal else layout.block_size,
             0 if causal else layout.views, scale=scale, chunks=layout.chunks,
-            num_chunks=layout.num_chunks, clean_kv=clean_kv)
+            num_chunks=layout.num_chunks, clean_kv=clean_kv, documents=documents)
+    if layout.documents is not None:
+        return _attend_within_documents(query, key, value, layout, kernel, scale, gqa)
     if layout.kind == "causal":
         return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
                                               enable_gqa=gqa)
