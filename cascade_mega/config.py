@@ -122,8 +122,8 @@ class TrainConfig:
     fp8_margin: int = 0  # scaling-factor margin (powers of 2)
     fp8_amax_history_len: int = 1024  # delayed scaling: amax history per tensor
     fp8_amax_compute_algo: str = "max"  # delayed scaling: max | most_recent of the history
-    # layers kept in BF16 at the start and the end of each pipeline stage (tensorwise only;
-    # megatron-core's first_last_layers_bf16)
+    # the first and the last layers of the model kept in BF16 (tensorwise only; megatron-core's
+    # first_last_layers_bf16; at most the layers of one pipeline stage)
     fp8_bf16_first_layers: int = 0
     fp8_bf16_last_layers: int = 0
     log_interval: int = 10

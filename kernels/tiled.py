@@ -72,6 +72,9 @@ def _efficient_fwd(q, k, v, bias, scale):
 def _efficient_bwd(grad, q, k, v, out, lse, bias, scale, extra):
     h, g, s = q.shape[1], k.shape[1], q.shape[2]
     lse = torch.nn.functional.pad(lse, (0, -s % 32)).contiguous()
+    # the kernel reads `out` with the row stride of the layout its forward returns ([b, s, h, d]
+    # in memory), whatever the tensor's own strides: give it that layout
+    out = out.transpose(1, 2).contiguous().transpose(1, 2)
     dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
         grad, q, _heads(k, h), _heads(v, h), _bias_for(q, k, bias), out, lse, *extra, 0.0,
         [True, True, True, False], False, scale=scale)

@@ -153,6 +153,7 @@ def _efficient_fwd(q, k, v, bias, compute_lse, dropout_p=0.0, is_causal=False, *
         s = s + bias.double()
     lse = torch.logsumexp(s, dim=-1)
     out = (torch.softmax(s, -1) @ v.double()).to(q.dtype)
+    out = out.transpose(1, 2).contiguous().transpose(1, 2)  # laid out [b, s, h, d], as CUDA's
     pad = -q.shape[2] % 32  # the CUDA kernel pads the log-sum-exp rows to a multiple of 32
     lse = F.pad(lse, (0, pad), value=float("inf"))  # float32, as CUDA's (float64 inputs: kept)
     lse = lse if q.dtype == torch.float64 else lse.float()
@@ -162,6 +163,10 @@ def _efficient_fwd(q, k, v, bias, compute_lse, dropout_p=0.0, is_causal=False, *
 
 def _efficient_bwd(grad, q, k, v, bias, out, lse, seed, offset, dropout_p, grad_input_mask,
                    is_causal=False, *, scale=None):
+    if not out.transpose(1, 2).is_contiguous():  # what the CUDA kernel assumes, unchecked
+        raise StandInDeviceError("the memory-efficient attention backward reads `out` as its "
+                                 "forward lays it out ([b, s, h, d] in memory); got strides "
+                                 f"{out.stride()}")
     scale = scale or 1 / math.sqrt(q.shape[-1])
     qd, kd, vd = (x.double() for x in (q, k, v))
     s = (qd @ kd.transpose(-1, -2)) * scale

@@ -75,8 +75,8 @@ def phase_a(dev, dry: bool) -> dict:
         ref = _dense(*ref_in, mask)
         ref_grads = torch.autograd.grad(ref, ref_in, grad, retain_graph=True)
         for dtype in (torch.float32, torch.bfloat16):
-            kernels = ["flex"] + ([] if docs else ["tiled"]) + \
-                (["tiled_cp"] if not docs and L % (4 * B) == 0 else [])
+            kernels = ["flex", "tiled"] + (["tiled_cp"] if L % (4 * B) == 0 else [])
+            docs_on = None if documents is None else documents.to(dev)
             for kernel in kernels:
                 backward = dev.type == "cuda" or kernel != "flex"  # flex: no CPU backward
                 x = [t.to(dev, dtype, copy=True).requires_grad_(backward) for t in base]
@@ -91,7 +91,7 @@ def phase_a(dev, dry: bool) -> dict:
                         out = tiled.block_diffusion_attention(
                             x[0][:, :, held], x[1][:, :, held], x[2][:, :, held], L, B, V,
                             chunks=split.chunks, num_chunks=split.num_chunks,
-                            clean_kv=(x[1][:, :, clean], x[2][:, :, clean]))
+                            clean_kv=(x[1][:, :, clean], x[2][:, :, clean]), documents=docs_on)
                         errs.append(_err(out, ref[:, :, held]))
                         g_rows = grad[:, :, held]
                         got = torch.autograd.grad(out, x, g_rows.to(dtype))
@@ -101,7 +101,7 @@ def phase_a(dev, dry: bool) -> dict:
                     row["out_err"], row["grad_err"] = max(errs), max(grad_errs)
                 else:
                     out = flex.attention(*x, layout) if kernel == "flex" else \
-                        tiled.block_diffusion_attention(*x, L, B, V)
+                        tiled.block_diffusion_attention(*x, L, B, V, documents=docs_on)
                     row["out_err"] = _err(out, ref)
                     if backward:
                         got = torch.autograd.grad(out, x, grad.to(dtype))

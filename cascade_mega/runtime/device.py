@@ -6,7 +6,8 @@ device on a GPU host, the CPU otherwise. Everything that creates a tensor the mo
 lands on the host by default on a GPU host. Host-side work (data reading, noise draws from seeded
 CPU generators, the layout bookkeeping of `objective.prepare`) stays on the host on purpose, since
 its results must not depend on the device, and crosses once per micro-batch through `to_device`:
-pinned memory and a non-blocking copy on CUDA, so the copy overlaps the step in flight.
+pinned memory and a non-blocking copy on CUDA, so the host never waits for it (the copy is queued
+on the compute stream, ahead of the kernels that read it).
 
 `use(device)` sets it explicitly: the device tests put a stand-in device here that is not the host,
 so any tensor created on the host by mistake meets a device tensor and fails

@@ -73,6 +73,7 @@ class Trainer:
         env = distributed.read_env()
         self.world_size = env.world_size
         validate(cfg, env.world_size)
+        device.select(env.local_rank)  # before anything (TE's import) can touch a GPU
         machine.check(cfg)  # TE for FP8, DALI: probed here, where the job runs
         self.prefix = loader.resolve_path(cfg.data.path) if env.rank == 0 else None
         if env.world_size > 1:  # the builtin dataset is built once, by rank 0
@@ -150,8 +151,8 @@ class Trainer:
     def _micro_batches(self, reader, step: int, split: str, t_range=None):
         """This step's micro-batches on the device. The batch, the noise and the layout are made
         on the host (pure functions of seed and step, whatever the device); each crosses once,
-        pinned and non-blocking, and the next one is prepared and on its way while the schedule
-        runs the current one."""
+        pinned and non-blocking (the host never waits for the copy), and the next one is
+        prepared and queued before the schedule runs the current one."""
         # block-size schedule: training at the step's block size; validation (`step` is then the
         # batch) always at `diffusion.block_size`, the one the model decodes with (one curve)
         train = split == "train"
