@@ -127,6 +127,7 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    args.command_parser = parser  # commands that check a cascade command line (chain stages)
     from cascade_mega.config import ConfigError
     from cascade_mega.data.indexed import DataError
 

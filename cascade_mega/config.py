@@ -410,5 +410,17 @@ def _validate_continued(cfg: CascadeConfig, need) -> None:
              "'parallel.virtual_pipeline'")
 
 
+def run_dtype(cfg: CascadeConfig):
+    """The torch dtype of `train.precision` on this process's device (auto: bf16 on a GPU)."""
+    import torch
+
+    from cascade_mega.runtime import device
+
+    precision = cfg.train.precision
+    if precision == "bf16" or (precision == "auto" and device.on_gpu()):
+        return torch.bfloat16
+    return torch.float32
+
+
 def to_yaml(cfg: CascadeConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

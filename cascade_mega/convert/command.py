@@ -189,7 +189,8 @@ def mcore_to_hf(args) -> str:
 
     from cascade_mega.data.tokenizer import MASK_TOKEN
 
-    from cascade_mega.inference.load import load_model, locate
+    from cascade_mega.inference.load import load_model
+    from cascade_mega.train.checkpoint import locate
 
     cfg, tokenizer, model = load_model(args.source)
     run_dir = os.path.dirname(locate(args.source)[0])
@@ -257,7 +258,7 @@ meaningful. Run it with `cascade generate`, after `cascade convert hf-to-mcore` 
 def mcore_to_mcore(args) -> str:
     """The distributed checkpoint loads at any layout; this checks the target layout against the
     model and writes a run directory whose config asks for it."""
-    from cascade_mega.inference.load import locate
+    from cascade_mega.train.checkpoint import locate
 
     config, ckpt = locate(args.source)
     out = os.path.abspath(args.out)

@@ -6,32 +6,9 @@ on load) gives the weights; the dataset's tokenizer gives the vocabulary.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from cascade_mega.train.checkpoint import CheckpointError
-
-
-def locate(path: str) -> tuple[str, str]:
-    """(config.yaml, checkpoint folder) for a run directory or one of its checkpoints."""
-    from cascade_mega.train import checkpoint
-
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such run directory or checkpoint")
-    if os.path.isdir(os.path.join(path, "checkpoints")) or \
-            os.path.isfile(os.path.join(path, "config.yaml")):
-        ckpt = checkpoint.latest(os.path.join(path, "checkpoints"))
-        if ckpt is None:
-            raise CheckpointError(f"{path}: the run has no complete checkpoint yet")
-        return os.path.join(path, "config.yaml"), ckpt
-    if os.path.isfile(os.path.join(path, "metadata.json")):
-        config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))),
-                              "config.yaml")
-        if not os.path.isfile(config):
-            raise CheckpointError(f"{path}: no config.yaml in its run directory ({config})")
-        return config, path
-    raise CheckpointError(f"{path} is neither a run directory nor a complete checkpoint")
+from cascade_mega.train.checkpoint import locate
 
 
 def load_model(path: str, threads: int = 0):
@@ -72,7 +49,7 @@ def load_decoder(path: str, threads: int = 0, precision: str = "", **full_diffus
 
     from cascade_mega.config import PRECISIONS
     from cascade_mega.inference.decode import Decoder, GenerationError
-    from cascade_mega.train.trainer import run_dtype
+    from cascade_mega.config import run_dtype
 
     if precision and precision not in PRECISIONS:
         raise GenerationError(f"precision must be one of {', '.join(PRECISIONS)}, got "

@@ -174,9 +174,9 @@ def submit_train(configs: List[str], overrides: List[str], profile, res, *, dry_
 
 
 def submit_chain(path: str, profile, args) -> List[dict]:
-    """Stages in order, each after the previous one succeeded. Every stage is checked first."""
-    from cascade_mega.cli import build_parser
-
+    """Stages in order, each after the previous one succeeded. Every stage is checked first
+    (a `run:` stage by the command line's own parser, which `cascade` hands its commands as
+    `args.command_parser`)."""
     if not os.path.isfile(path):
         raise ConfigError(f"chain file not found: {path}")
     stages = OmegaConf.to_container(OmegaConf.load(path)).get("stages") or []
@@ -197,7 +197,7 @@ def submit_chain(path: str, profile, args) -> List[dict]:
         else:
             cmd = shlex.split(st["run"])
             try:
-                build_parser().parse_args(cmd)
+                args.command_parser.parse_args(cmd)
             except SystemExit:
                 raise ConfigError(f"{path}: stage {name!r}: `cascade {st['run']}` is not a "
                                   "valid cascade command") from None

@@ -184,3 +184,22 @@ def load(path: str, chunks, optimizer, scheduler):
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     return int(state["step"]), int(state["consumed_samples"])
+
+
+def locate(path: str) -> tuple[str, str]:
+    """(config.yaml, checkpoint folder) for a run directory or one of its checkpoints."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such run directory or checkpoint")
+    if os.path.isdir(os.path.join(path, "checkpoints")) or \
+            os.path.isfile(os.path.join(path, "config.yaml")):
+        ckpt = latest(os.path.join(path, "checkpoints"))
+        if ckpt is None:
+            raise CheckpointError(f"{path}: the run has no complete checkpoint yet")
+        return os.path.join(path, "config.yaml"), ckpt
+    if os.path.isfile(os.path.join(path, "metadata.json")):
+        config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))),
+                              "config.yaml")
+        if not os.path.isfile(config):
+            raise CheckpointError(f"{path}: no config.yaml in its run directory ({config})")
+        return config, path
+    raise CheckpointError(f"{path} is neither a run directory nor a complete checkpoint")

@@ -44,8 +44,7 @@ def teacher_config(cfg, tokenizer):
     """The teacher's run config at the student's layout, checked against the student (its
     tokenizer, vocabulary, hidden size) before any model is built."""
     from cascade_mega.config import load_config
-    from cascade_mega.inference.load import locate
-    from cascade_mega.train.checkpoint import CheckpointError
+    from cascade_mega.train.checkpoint import CheckpointError, locate
 
     path = cfg.distill.teacher
     try:

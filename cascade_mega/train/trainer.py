@@ -25,7 +25,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from cascade_mega.bench import flops
-from cascade_mega.config import CascadeConfig, to_yaml, validate
+from cascade_mega.config import CascadeConfig, run_dtype, to_yaml, validate
 from cascade_mega.data import loader
 from cascade_mega.diffusion import objective
 from cascade_mega.model.gpt import build_model, predict_and_score
@@ -48,13 +48,6 @@ def memory_gb() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**30
-
-
-def run_dtype(cfg: CascadeConfig) -> torch.dtype:
-    precision = cfg.train.precision
-    if precision == "bf16" or (precision == "auto" and device.on_gpu()):
-        return torch.bfloat16
-    return torch.float32
 
 
 class Trainer:
@@ -141,9 +134,8 @@ class Trainer:
         if path:
             self.start_step, _ = checkpoint.load(path, self.chunks, self.optimizer, self.scheduler)
         elif self.cfg.train.init_from:  # weights only; megatron's bf16 optimizer keeps fp32
-            from cascade_mega.inference.load import locate  # copies: refresh them
-
-            checkpoint.load(locate(self.cfg.train.init_from)[1], self.chunks, None, None)
+            checkpoint.load(checkpoint.locate(self.cfg.train.init_from)[1], self.chunks, None,
+                            None)  # megatron's bf16 optimizer keeps fp32 copies: refresh them
             self.optimizer.reload_model_params()
         self.step = self.start_step
 
