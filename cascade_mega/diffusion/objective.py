@@ -149,7 +149,7 @@ def prepare(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
         if cfg.diffusion.objective != "ar" and cfg.diffusion.shifted_prediction:
             counted[:, 0] = False  # token 0 has no predecessor
         prep = _split_for_context(prep, counted, *context)
-    prep.count = torch.tensor(prep.num_tokens, dtype=torch.int)
+    prep.count = torch.tensor(prep.num_tokens, dtype=torch.int)  # host: moved with the batch
     return prep
 
 
@@ -256,6 +256,7 @@ def reduce(ce: torch.Tensor, correct: torch.Tensor, prep: Prepared, kl=None):
         loss_sum = loss_sum + (kl * kw).sum()
         kl_sum, kl_count = (kl.detach() * (kw > 0)).sum().double(), (kw > 0).sum().double()
     scored = prep.scored
+    # a Prepared made by hand (tests) may have no count: from the host, moved just below
     count = prep.count if prep.count is not None else torch.tensor(prep.num_tokens)
     stats = torch.stack([
         nelbo.detach().double(),
