@@ -89,12 +89,10 @@ def attend(query, key, value, layout: AttentionLayout, kernel: str = "auto",
         from cascade_kernels import tiled
 
         causal = layout.kind == "causal"
-        documents = None if layout.documents is None else layout.cached(
-            ("documents", query.device), lambda: layout.documents.to(query.device))
-        return tiled.block_diffusion_attention(
+        return tiled.block_diffusion_attention(  # documents: on the device with the batch
             query, key, value, layout.seq_len, 1 if causal else layout.block_size,
             0 if causal else layout.views, scale=scale, chunks=layout.chunks,
-            num_chunks=layout.num_chunks, clean_kv=clean_kv, documents=documents)
+            num_chunks=layout.num_chunks, clean_kv=clean_kv, documents=layout.documents)
     if layout.documents is not None:
         return _attend_within_documents(query, key, value, layout, kernel, scale, gqa)
     if layout.kind == "causal":
