@@ -172,6 +172,16 @@ class CascadeConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    @property
+    def attention_kind(self) -> str:
+        """The sequence layout the objective lays out, decided here once (the `AttentionLayout`
+        kinds): 'causal' (the AR objective), 'full' (B = L: masked diffusion over the whole
+        sequence, no clean stream) or 'block_diffusion' (B < L: noisy views and a clean stream)."""
+        d = self.diffusion
+        if d.objective == "ar":
+            return "causal"
+        return "full" if d.block_size >= self.data.seq_len else "block_diffusion"
+
 
 PRECISIONS = ("auto", "fp32", "bf16")
 _CHOICES = {
@@ -309,7 +319,7 @@ def validate(cfg: CascadeConfig, world_size: int = 1) -> None:
          "'parallel.sequence_parallel' needs 'parallel.tensor' > 1")
     if p.context > 1:
         B = 1 if d.objective == "ar" else d.block_size
-        need(d.objective == "ar" or B < L, "'parallel.context' > 1 needs 'diffusion.block_size' < "
+        need(cfg.attention_kind != "full", "'parallel.context' > 1 needs 'diffusion.block_size' < "
              "'data.seq_len' (full-sequence diffusion attends across the whole sequence)")
         need(L % (2 * p.context * B) == 0,
              f"'parallel.context' = {p.context} cuts 'data.seq_len' = {L} into 2 x {p.context} "
@@ -320,7 +330,7 @@ def validate(cfg: CascadeConfig, world_size: int = 1) -> None:
              "context-parallel path")
     if p.sequence_parallel:
         streams = 1 if d.objective == "ar" else \
-            d.views + (d.block_size < L) + (d.ar_loss_weight > 0)
+            d.views + (cfg.attention_kind == "block_diffusion") + (d.ar_loss_weight > 0)
         rows = streams * L // p.context
         need(rows % p.tensor == 0, f"'parallel.sequence_parallel' splits this rank's {rows} "
              f"sequence rows across 'parallel.tensor' = {p.tensor} ranks: they must divide evenly")

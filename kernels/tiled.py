@@ -133,15 +133,16 @@ def tile_masks(B: int, V: int, T: int, g: int, documents, dtype, device):
 
 @functools.lru_cache(maxsize=64)
 def diagonal_mask(block_size: int, views: int, tile: int, device: torch.device) -> torch.Tensor:
-    """[(V+1)T, (V+1)T] mask of piece (b); rows and columns ordered clean tile, then the views."""
+    """[(V+1)T, (V+1)T] mask of piece (b); rows and columns ordered clean tile, then the views.
+
+    The layout's own mask (`AttentionLayout.mask_fn`) over one tile of every stream: a tile
+    holds whole blocks, so the same mask holds at every tile position."""
+    from cascade_mega.diffusion.masks import AttentionLayout
+
     T, V = tile, views
-    blk = torch.arange(T, device=device) // block_size
-    same, before = blk[:, None] == blk[None, :], blk[None, :] < blk[:, None]
-    zeros = torch.zeros(T, T, dtype=torch.bool, device=device)
-    rows = [torch.cat([same | before] + [zeros] * V, dim=1)]
-    for v in range(V):
-        rows.append(torch.cat([before] + [same if s == v else zeros for s in range(V)], dim=1))
-    return torch.cat(rows, dim=0)
+    rows = torch.cat([torch.arange(V * T, (V + 1) * T), torch.arange(V * T)]).to(device)
+    return AttentionLayout("block_diffusion", T, block_size, V).mask_fn()(rows[:, None],
+                                                                          rows[None, :])
 
 
 def _tile_rows(L: int, V: int, T: int, i: int):

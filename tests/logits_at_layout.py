@@ -18,7 +18,6 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from cascade_mega.config import load_config
-from cascade_mega.diffusion import objective
 from cascade_mega.model.gpt import read_out_logits
 from cascade_mega.train.trainer import Trainer
 
@@ -47,16 +46,15 @@ def main(out_path, config, *overrides):
     for c in trainer.chunks:
         c.eval()
     cfg = trainer.cfg
-
-    def make():
-        return trainer._micro_batches(trainer.valid_data, 0, "valid", t_range=(0.0, 1.0))
+    batch = trainer.objective.batch(trainer.valid_data, 0, "valid")
+    make = batch.make
 
     with torch.no_grad():
         outs = get_forward_backward_func()(
             forward_step_func=_forward_step,
             data_iterator=make() if len(trainer.chunks) == 1 else [make() for _ in trainer.chunks],
             model=trainer.chunks if len(trainer.chunks) > 1 else trainer.chunks[0],
-            num_microbatches=trainer.num_micro, seq_length=objective.sequence_rows(cfg),
+            num_microbatches=trainer.num_micro, seq_length=batch.rows,
             micro_batch_size=cfg.train.micro_batch_size, forward_only=True)
     last = ps.is_pipeline_last_stage(ignore_virtual=True)
     if last and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:

@@ -16,7 +16,7 @@ from cascade_mega.config import ConfigError
 from cascade_mega.diffusion import objective
 from cascade_mega.diffusion.masks import AttentionLayout
 from cascade_mega.model.gpt import logits_at_rows, vocab_parallel_kl
-from cascade_mega.train import distill
+from cascade_mega.diffusion import distill
 from helpers import MASK_ID, random_tokens, score, tiny_cfg, tiny_model
 
 
@@ -55,10 +55,10 @@ def test_auxiliary_ar_loss_is_the_ar_loss_of_the_same_weights(megatron, extra):
     loss_p, stats_p = objective.reduce(*score(model, plain), plain)
     loss_a, stats_a = objective.reduce(*score(model, aux), aux)
     _, stats_r = objective.reduce(*score(model, ar), ar)
-    torch.testing.assert_close(stats_a[:4], stats_p[:4], rtol=1e-5, atol=1e-6)
-    assert stats_a[5] == mask.sum() and stats_r[1] == mask.sum()
-    torch.testing.assert_close(stats_a[4], stats_r[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(loss_a.double(), loss_p.double() + w * stats_r[0], rtol=1e-5,
+    torch.testing.assert_close(stats_a.pack()[:4], stats_p.pack()[:4], rtol=1e-5, atol=1e-6)
+    assert stats_a.ar_targets == mask.sum() and stats_r.tokens == mask.sum()
+    torch.testing.assert_close(stats_a.ar_loss, stats_r.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_a.double(), loss_p.double() + w * stats_r.loss, rtol=1e-5,
                                atol=1e-5)
 
 
@@ -125,8 +125,8 @@ def test_distillation_kl_against_float64_reference(megatron, shifted):
                                rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss.double(), (nelbo.double() + ref).detach(), rtol=1e-6,
                                atol=1e-5)  # fp32 sums of a few hundred
-    torch.testing.assert_close(stats[6], (ref_kl * masked).sum(), rtol=1e-5, atol=1e-6)
-    assert stats[7] == masked.sum()
+    torch.testing.assert_close(stats.distill_kl, (ref_kl * masked).sum(), rtol=1e-5, atol=1e-6)
+    assert stats.distill_targets == masked.sum()
     # the KL's gradient on the student's weights, through `predict_and_score` (where the
     # cross-entropy later overwrites the logits in place), against float64 autograd
     student.zero_grad()

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from cascade_mega.diffusion import objective
 from cascade_mega.diffusion.masks import AttentionLayout, document_ids
-from cascade_mega.model.gpt import ReadOut, predict_and_score
+from cascade_mega.diffusion.objective import ReadOut
+from cascade_mega.model.gpt import predict_and_score
 from helpers import MASK_ID, score, tiny_cfg, tiny_model
 
 EOD = MASK_ID - 1
@@ -141,7 +142,7 @@ def test_training_with_document_mask(megatron, tmp_path):
                              "optimizer.warmup_steps=1", "train.eval_interval=0",
                              "tracking.enabled=false", "data.document_mask=true"])
     trainer = Trainer(cfg, []).setup()
-    batches = list(trainer._micro_batches(trainer.train_data, 0, "train"))
+    batches = list(trainer.objective.batch(trainer.train_data, 0, "train").make())
     assert batches[0].layout.documents is not None
     trainer.fit()
     assert trainer.step == 3

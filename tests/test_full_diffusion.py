@@ -166,3 +166,27 @@ def test_cascade_generate_decodes_a_full_diffusion_run(tmp_path):
     one_error(cascade("generate", "--ckpt", str(runs["bd"]), "--prompt", "ROMEO:",
                       "--guidance", "1.0", "--cache", "prefix"),
               "--cache, --guidance applies to full-diffusion")
+
+
+def test_samples_logged_during_training_use_the_decoder_of_the_objective(megatron, tmp_path):
+    """The tracking callback's samples go through `cascade generate`'s decoder factory: a
+    full-diffusion run (B = L) logs samples too (the block decoder refuses it)."""
+    from cascade_mega.config import load_config
+    from cascade_mega.inference.full_diffusion import FullDiffusionDecoder
+    from cascade_mega.inference.load import decoder_for
+    from cascade_mega.train.callbacks.tracking import MlflowTracker
+    from cascade_mega.train.trainer import Trainer
+
+    cfg = load_config(None, [f"run_dir={tmp_path}", "model.num_layers=1", "model.hidden_size=64",
+                             "data.seq_len=32", "diffusion.block_size=32", "train.steps=1",
+                             "train.micro_batch_size=2", "train.global_batch_size=2",
+                             "optimizer.warmup_steps=0", "tracking.samples=2",
+                             "tracking.sample_tokens=8"], world_size=1)
+    trainer = Trainer(cfg, []).setup()
+    assert isinstance(decoder_for(trainer.chunks[0], cfg, trainer.tokenizer),
+                      FullDiffusionDecoder)
+    tracker = MlflowTracker(cfg, str(tmp_path))
+    tracker._log_samples(trainer, 7)
+    assert tracker.samples_ok
+    (name, text), = tracker.jobs
+    assert name == "samples/step_0000007.txt" and text.decode().count("### prompt:") == 2

@@ -1,9 +1,6 @@
-"""Attention kernels against dense float64 attention under the reference mask.
-
-`training_mask(L, B)` is the reference for the 2L layout; for V views the reference is the
-element-wise definition in `AttentionLayout.mask_fn` (itself checked against `training_mask`
-for V = 1 here).
-"""
+"""Attention kernels, and the core attention that megatron-core's layers call, against dense
+float64 attention under the reference mask (`mask_reference.py`, written from the definitions;
+`test_masks.py` checks every mask the project derives against it)."""
 
 import math
 
@@ -12,8 +9,8 @@ import torch
 
 from cascade_kernels import flex, tiled
 from cascade_mega.bench.memory import PeakMemory
-from cascade_mega.diffusion import AttentionLayout, training_mask
-from cascade_mega.diffusion.masks import dense_mask
+from cascade_mega.diffusion import AttentionLayout
+from mask_reference import reference
 
 
 def dense_reference(q, k, v, mask):
@@ -41,7 +38,7 @@ def test_tiled_matches_dense_outputs_and_gradients(L, B, heads, groups):
     q, k, v = inputs(2 * L, heads, groups, seed=L * 31 + B + groups)
     tile = tiled.tile_size(L, B, target=32)  # small tiles: many tiles even at small L
     out = tiled.block_diffusion_attention(q, k, v, L, B, tile=tile)
-    ref = dense_reference(q, k, v, training_mask(L, B))
+    ref = dense_reference(q, k, v, reference("block_diffusion", L, B))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     grad = torch.randn_like(out)
     for a, e in zip(torch.autograd.grad(out, (q, k, v), grad),
@@ -49,18 +46,11 @@ def test_tiled_matches_dense_outputs_and_gradients(L, B, heads, groups):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 
-def test_layout_mask_fn_agrees_with_training_mask():
-    for L, B in [(8, 2), (16, 4), (12, 3)]:
-        layout = AttentionLayout("block_diffusion", L, B, 1)
-        assert torch.equal(dense_mask(layout.mask_fn(), 2 * L, 2 * L), training_mask(L, B))
-
-
 @pytest.mark.parametrize("V", [2, 3])
 def test_tiled_views_match_dense(V):
     L, B = 32, 4
     q, k, v = inputs((V + 1) * L, 4, 2, seed=V)
-    mask = dense_mask(AttentionLayout("block_diffusion", L, B, V).mask_fn(), (V + 1) * L,
-                      (V + 1) * L)
+    mask = reference("block_diffusion", L, B, V)
     out = tiled.block_diffusion_attention(q, k, v, L, B, views=V, tile=8)
     ref = dense_reference(q, k, v, mask)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
@@ -76,7 +66,7 @@ def test_flex_mask_mod_forward_matches_dense(L, B, V):
     S = (V + 1) * L
     q, k, v = (x.detach().float() for x in inputs(S, 4, 4, seed=S))
     out = flex.attention(q, k, v, AttentionLayout("block_diffusion", L, B, V))
-    mask = dense_mask(AttentionLayout("block_diffusion", L, B, V).mask_fn(), S, S)
+    mask = reference("block_diffusion", L, B, V)
     torch.testing.assert_close(out, dense_reference(q.double(), k.double(), v.double(), mask)
                                .float(), rtol=1e-4, atol=1e-4)
 
@@ -127,8 +117,7 @@ def test_context_parallel_chunks_give_the_whole_sequence_attention(kind, L, B, V
     layout = AttentionLayout(kind, L, B, V, documents=docs)
     n = layout.total_len
     q, k, v = inputs(n, 4, 2, seed=L + cp)
-    mask = layout.dense()
-    ref = dense_reference(q, k, v, mask)
+    ref = dense_reference(q, k, v, reference(kind, L, B, V, documents=docs))
     grad_out = torch.randn_like(ref)
     grads = torch.autograd.grad(ref, (q, k, v), grad_out)
     out = torch.zeros_like(ref)
@@ -167,5 +156,48 @@ def test_flex_document_mask_forward_matches_dense(kind, B, V):
     q, k, v = (x.detach().float() for x in inputs(S, 4, 4, seed=11))
     out = flex.attention(q, k, v, layout)
     assert flex.block_mask(layout, q.device) is flex.block_mask(layout, q.device)  # built once
-    ref = dense_reference(q.double(), k.double(), v.double(), layout.dense()).float()
+    ref = dense_reference(q.double(), k.double(), v.double(),
+                          reference(kind, L, B, V, documents=layout.documents)).float()
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------ the core attention in the layers
+def make_attention(heads, groups):
+    from cascade_mega.config import load_config
+    from cascade_mega.model.attention import BlockDiffusionAttention
+    from cascade_mega.model.gpt import transformer_config
+
+    cfg = load_config(None, ["run_dir=/tmp/x", "model.hidden_size=64",
+                             f"model.num_attention_heads={heads}",
+                             f"model.num_query_groups={groups}"])
+    return BlockDiffusionAttention(transformer_config(cfg, torch.float64), 1, None, "self")
+
+
+@pytest.mark.parametrize("kind,L,B,V", [
+    ("block_diffusion", 8, 1, 1), ("block_diffusion", 16, 4, 1), ("block_diffusion", 32, 8, 2),
+    ("block_diffusion", 16, 16, 1), ("causal", 12, 1, 1), ("full", 12, 12, 2)])
+def test_core_attention_in_megatron_layout_matches_dense(megatron, kind, L, B, V):
+    """`BlockDiffusionAttention` (megatron-core's [s, b, h, d] tensors, grouped-query heads) on
+    every kind of layout: outputs and gradients."""
+    torch.manual_seed(L * 100 + B + V)
+    attn = make_attention(4, 2)
+    layout = AttentionLayout(kind, L, B, V)
+    S, b, d = layout.total_len, 2, 16
+    q = torch.randn(S, b, 4, d, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(S, b, 2, d, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    out = attn(q, k, v, layout)
+    as_heads = lambda x: x.permute(1, 2, 0, 3)  # noqa: E731  [s, b, h, d] -> [b, h, s, d]
+    ref = dense_reference(as_heads(q), as_heads(k), as_heads(v), reference(kind, L, B, V))
+    ref = ref.permute(2, 0, 1, 3).reshape(S, b, -1)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out)
+    for a, e in zip(torch.autograd.grad(out, (q, k, v), grad),
+                    torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+def test_core_attention_refuses_a_tensor_mask(megatron):
+    attn = make_attention(4, 4)
+    x = torch.randn(4, 1, 4, 16)
+    with pytest.raises(TypeError):
+        attn(x, x, x, torch.ones(4, 4, dtype=torch.bool))

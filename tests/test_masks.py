@@ -1,37 +1,131 @@
-"""training_mask against the definition in MISSION.md, element by element."""
+"""One mask source: every form the project derives from `AttentionLayout` (its dense mask, the
+context-parallel rows, FlexAttention's `mask_mod`, the tiled kernel's pieces, the KV cache's
+decoding mask, `training_mask`) against `mask_reference.py`, which is written from the mission's
+definitions with explicit loops (and BD3-LM's published formula) and shares no code with it."""
 
 import pytest
 import torch
 
-from cascade_mega.diffusion import training_mask
+from cascade_kernels import flex, tiled
+from cascade_mega.diffusion import AttentionLayout, training_mask
+from cascade_mega.inference.kv_cache import CLEAN, IDLE, NOISY, DecodeStep, KVCache
+from mask_reference import bd3lm_block_diff_mask, reference, zigzag_rows
+
+# (kind, L, B, V, causal_stream): every layout the project trains with
+LAYOUTS = [("causal", 16, 1, 1, False), ("full", 16, 16, 1, False), ("full", 12, 12, 3, False),
+           ("block_diffusion", 16, 1, 1, False), ("block_diffusion", 16, 4, 1, False),
+           ("block_diffusion", 12, 3, 1, False), ("block_diffusion", 16, 16, 1, False),
+           ("block_diffusion", 16, 4, 2, False), ("block_diffusion", 16, 8, 3, False),
+           ("block_diffusion", 16, 4, 1, True), ("block_diffusion", 16, 2, 2, True)]
 
 
-def definition(L, B, q, k):
-    """True = may attend. Written from the prose definition, index by index."""
-    q_noisy, k_noisy = q < L, k < L
-    qb, kb = (q % L) // B, (k % L) // B
-    if q_noisy and k_noisy:
-        return qb == kb  # M_BD: same block of x_t
-    if q_noisy and not k_noisy:
-        return kb < qb  # M_OBC: clean blocks strictly before
-    if not q_noisy and not k_noisy:
-        return kb <= qb  # M_BC: block-causal on x_0
-    return False  # the clean stream never sees x_t
+def documents(L, seed, b=2):
+    """[b, L] document ids of packed sequences: a few random document boundaries per row."""
+    g = torch.Generator().manual_seed(seed)
+    starts = (torch.rand(b, L, generator=g) < 0.2).long()
+    starts[:, 0] = 0
+    return starts.cumsum(1)
 
 
-@pytest.mark.parametrize("L,B", [(8, 1), (8, 2), (8, 4), (8, 8), (12, 3), (16, 16), (6, 1)])
-def test_training_mask_matches_definition(L, B):
-    mask = training_mask(L, B)
-    assert mask.shape == (2 * L, 2 * L) and mask.dtype == torch.bool
-    for q in range(2 * L):
-        for k in range(2 * L):
-            assert bool(mask[q, k]) == definition(L, B, q, k), (L, B, q, k)
+def layout_of(kind, L, B, V, causal_stream, docs=None):
+    return AttentionLayout(kind, L, B, V, documents=docs, causal_stream=causal_stream)
 
 
-def test_block_size_one_clean_half_is_causal_and_full_block_is_bidirectional():
-    L = 8
-    assert torch.equal(training_mask(L, 1)[L:, L:], torch.ones(L, L, dtype=torch.bool).tril())
-    assert training_mask(L, L)[:L, :L].all() and not training_mask(L, L)[:L, L:].any()
+def test_bd3lm_block_diff_mask_equals_training_mask():
+    pairs = [(L, B) for L in range(1, 51) for B in range(1, L + 1) if L % B == 0]
+    assert len(pairs) == 207
+    for L, B in pairs:
+        idx = torch.arange(2 * L)
+        expected = bd3lm_block_diff_mask(idx[:, None], idx[None, :], B, L)
+        assert torch.equal(training_mask(L, B), expected), (L, B)
+
+
+@pytest.mark.parametrize("spec", LAYOUTS, ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("with_documents", [False, True])
+def test_layout_dense_mask_and_flex_mask_mod_match_the_reference(spec, with_documents):
+    kind, L, B, V, aux = spec
+    docs = documents(L, seed=L * 7 + B + V) if with_documents else None
+    ref = reference(kind, L, B, V, aux, docs)
+    layout = layout_of(kind, L, B, V, aux, docs)
+    assert torch.equal(layout.dense(), ref)
+    S = layout.total_len
+    q, k = torch.arange(S)[None, :, None], torch.arange(S)[None, None, :]
+    if docs is None:
+        assert torch.equal(flex.mask_mod(layout)(0, 0, q[0], k[0]), ref)
+    else:
+        b = torch.arange(docs.shape[0])[:, None, None]
+        assert torch.equal(flex.mask_mod(layout, docs)(b, 0, q, k), ref[:, 0])
+
+
+@pytest.mark.parametrize("spec,size", [(("causal", 16, 1, 1, False), 2),
+                                       (("block_diffusion", 16, 2, 1, False), 2),
+                                       (("block_diffusion", 24, 2, 2, False), 3),
+                                       (("block_diffusion", 16, 4, 1, False), 2)])
+def test_context_parallel_rows_hold_the_reference_rows(spec, size):
+    kind, L, B, V, aux = spec
+    docs = documents(L, seed=size)
+    ref = reference(kind, L, B, V, aux, docs)
+    whole = layout_of(kind, L, B, V, aux, docs)
+    for rank in range(size):
+        rows = zigzag_rows(kind, L, V, aux, rank, size)
+        split = whole.split_for_context(rank, size)
+        assert split.rows().tolist() == rows
+        assert torch.equal(split.dense(), ref[..., rows, :][..., rows])
+
+
+@pytest.mark.parametrize("L,B,V,T", [(16, 4, 1, 8), (16, 2, 2, 4), (12, 3, 3, 6), (16, 1, 0, 4)])
+@pytest.mark.parametrize("with_documents", [False, True])
+def test_tiled_kernel_pieces_cover_exactly_the_reference(L, B, V, T, with_documents):
+    """The tiled kernel attends, per tile g, piece (b) (its diagonal mask over the tile of every
+    stream) and piece (a) (the clean prefix); assembled, they are the reference mask. V = 0 with
+    B = 1 is its causal (AR) form."""
+    kind, n = ("causal", 1) if V == 0 else ("block_diffusion", V)
+    docs = documents(L, seed=L + V) if with_documents else None
+    ref = reference(kind, L, B, n, False, docs)
+    ref = ref if docs is not None else ref[None, None]
+    got = torch.zeros_like(ref)
+    clean = V * L
+    for g in range(L // T):
+        rows = torch.cat([torch.arange(L)[r] if r.start < L else torch.arange(V * L + L)[r]
+                          for r in tiled._tile_rows(L, V, T, g)])
+        diag, prefix, _ = tiled.tile_masks(B, V, T, g, docs, torch.float64, torch.device("cpu"))
+        got[..., rows[:, None], rows[None, :]] = (diag == 0).expand(*got.shape[:2], -1, -1)
+        if g:
+            keys = torch.arange(clean, clean + g * T)
+            seen = torch.ones(1, 1, len(rows), g * T, dtype=torch.bool) if prefix is None \
+                else prefix == 0
+            got[..., rows[:, None], keys[None, :]] = seen.expand(*got.shape[:2], -1, -1)
+    assert torch.equal(got, ref)
+
+
+def test_decoding_mask_is_the_training_mask_of_its_rows():
+    """A decoding forward's rows (clean: committed blocks; noisy: the block being denoised;
+    idle: padding) attend as the same rows of the training layout do; the cache is all visible to
+    active rows, up to each sequence's length."""
+    g = torch.Generator().manual_seed(3)
+    b, n, blocks_max = 3, 10, 4
+    kinds = torch.randint(0, 3, (b, n), generator=g)
+    blocks = torch.randint(0, blocks_max, (b, n), generator=g)
+    cache = KVCache(b, 32)
+    cache.lengths = torch.tensor([0, 5, 2])
+    step = DecodeStep(cache, kinds, blocks)
+    mask = step._mask()[:, 0]
+    used = int(cache.lengths.max())
+    ref = reference("block_diffusion", blocks_max, 1, 1)  # one position per block
+    for i in range(b):
+        for q in range(n):
+            active = kinds[i, q] != IDLE
+            for c in range(used):
+                assert bool(mask[i, q, c]) == (bool(active) and c < int(cache.lengths[i]))
+            for k in range(n):
+                if not active or kinds[i, k] == IDLE:
+                    expected = q == k and not active
+                else:
+                    row = lambda j: int(blocks[i, j]) + (blocks_max if kinds[i, j] == CLEAN  # noqa
+                                                         else 0)
+                    expected = bool(ref[row(q), row(k)])
+                assert bool(mask[i, q, used + k]) == expected, (i, q, k)
+    assert (kinds == NOISY).any() and (kinds == CLEAN).any()
 
 
 @pytest.mark.parametrize("L,B", [(8, 3), (0, 1), (8, 0)])

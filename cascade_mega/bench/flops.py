@@ -30,7 +30,7 @@ def attention_pairs(cfg) -> int:
     if d.objective == "ar":
         return causal
     aux = causal if d.ar_loss_weight > 0 else 0
-    if d.block_size == L:
+    if cfg.attention_kind == "full":
         return d.views * L * L + aux
     return (d.views + 1) * L * (L + d.block_size) // 2 + aux
 
@@ -49,7 +49,7 @@ def forward_flops(cfg, vocab: int) -> tuple[float, float]:
 
 def step_flops(cfg, vocab: int, teacher=None) -> float:
     """Model FLOPs of one training step (forward and backward, the whole global batch); teacher:
-    a distillation teacher's config (`train/distill.py: teacher_config`), one forward of it."""
+    a distillation teacher's config (`diffusion/distill.py: teacher_config`), one forward of it."""
     flops = 3.0 * sum(forward_flops(cfg, vocab))
     if teacher is not None:
         flops += sum(forward_flops(teacher, vocab))

@@ -241,7 +241,7 @@ def mcore_to_hf(args) -> str:
 
 def _diffusion_note(cfg, mask_id: int, mask_token: str) -> str:
     d = cfg.diffusion
-    block = d.block_size if d.block_size < cfg.data.seq_len else "L (full sequence)"
+    block = "L (full sequence)" if cfg.attention_kind == "full" else d.block_size
     return f"""# A block-diffusion model in Hugging Face's format
 
 These weights are a standard {'Qwen2' if cfg.model.qkv_bias else 'Llama'} network, so

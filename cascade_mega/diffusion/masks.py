@@ -9,8 +9,12 @@ The block-diffusion training layout is one sequence `[x_t ; x_0]` of length 2L, 
          [  0   , M_BC  ]]   M_OBC: x_t query, x_0 key, key's block strictly before the query's
                              M_BC : x_0 query, x_0 key, key's block same or earlier (block-causal)
 
-`training_mask(L, B)` materialises it densely; it is the reference every attention path is tested
-against. The training path itself only uses `AttentionLayout` (what kind of sequence it is).
+`AttentionLayout` is the one source of who may attend to whom, for every layout (AR, full
+diffusion, the 2L layout and its V views, the auxiliary causal stream, packed documents,
+context-parallel chunks): FlexAttention's `mask_mod`, the tiled kernel's diagonal piece, the KV
+cache's decoding mask and `training_mask(L, B)` (the dense 2L mask) are all derived from
+`AttentionLayout.mask_fn`. `tests/test_masks.py` checks each derived form against references
+written from the definitions, not from this module.
 """
 
 from __future__ import annotations
@@ -37,20 +41,6 @@ def strictly_block_causal(block_size):
     return lambda q, k: k // block_size < q // block_size
 
 
-def training_mask_fn(seq_len: int, block_size: int):
-    """The 2L mask as a function of (q, k) index tensors."""
-    L, bd, obc, bc = seq_len, same_block(block_size), strictly_block_causal(block_size), \
-        block_causal(block_size)
-
-    def fn(q, k):
-        q_noisy, k_noisy = q < L, k < L
-        qi, ki = q % L, k % L
-        return (q_noisy & k_noisy & bd(qi, ki)) | (q_noisy & ~k_noisy & obc(qi, ki)) | \
-            (~q_noisy & ~k_noisy & bc(qi, ki))
-
-    return fn
-
-
 def dense_mask(fn, q_len: int, k_len: int, device=None) -> torch.Tensor:
     q = torch.arange(q_len, device=device)[:, None]
     k = torch.arange(k_len, device=device)[None, :]
@@ -61,7 +51,7 @@ def training_mask(seq_len: int, block_size: int) -> torch.Tensor:
     """The dense 2L x 2L boolean block-diffusion training mask (True = may attend)."""
     if seq_len <= 0 or block_size <= 0 or seq_len % block_size:
         raise ValueError(f"block_size {block_size} must divide seq_len {seq_len}")
-    return dense_mask(training_mask_fn(seq_len, block_size), 2 * seq_len, 2 * seq_len)
+    return AttentionLayout("block_diffusion", seq_len, block_size).dense()
 
 
 def document_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
@@ -130,10 +120,9 @@ class AttentionLayout:
             return causal
         if self.kind == "full":
             return lambda q, k: q // L == k // L
-        if V == 1:
-            return training_mask_fn(L, B)
 
         def fn(q, k):  # view v rows see their own view's block and the shared clean stream
+            # (V = 0: the clean stream alone, block-causal; with B = 1 that is causal)
             q_stream, k_stream = q // L, k // L
             qi, ki = q % L, k % L
             q_clean, k_clean = q_stream == V, k_stream == V

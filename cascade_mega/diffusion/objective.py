@@ -24,29 +24,41 @@ block_size_schedule: `at_step(cfg, step)` is the config with the block size in f
   A phase at B = 1 trains the AR objective: with shifted prediction every B = 1 target is read
   from the clean stream's row before it, exactly AR's prediction, and the AR loss is the exact
   expectation of that NELBO over the noise (every token a target, weight 1), on L rows, not 2L.
-distillation (`train/distill.py`): `Prepared.target_pos` says which position each NELBO target is,
-  so the teacher's next-token logits can be lined up with it.
+distillation (`diffusion/distill.py`): `Prepared.target_pos` says which position each NELBO
+  target is, so the teacher's next-token logits can be lined up with it.
 
 context parallel: `prepare(..., context=(rank, size))` keeps this rank's zigzag chunks of every
   stream (`AttentionLayout.split_for_context`) and the targets whose predicting row is here; the
   per-rank losses, token counts and gradients sum to those of the whole sequence.
 
 `prepare()` turns a batch of clean tokens into model inputs plus per-token loss weights, on the
-host (the trainer moves the result to the device in one copy: `runtime/device.py`);
-`reduce()` turns the model's per-token cross-entropy into the summed loss and metrics, on the
-device of the cross-entropy.
+host (the objective's batch moves the result to the device in one copy: `runtime/device.py`);
+`reduce()` turns the model's per-token cross-entropy into the summed loss and the named
+`LossSums`, on the device of the cross-entropy. The trainer reaches both through the
+`BlockDiffusion` objective (`block.py`), the seam of `base.py`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
 
 from cascade_mega.diffusion.masks import AttentionLayout, document_ids
 from cascade_mega.diffusion.noise import Noise, complement, corrupt, draw
-from cascade_mega.model.gpt import ReadOut
+
+
+@dataclass
+class ReadOut:
+    """Which sequence rows predict which targets (what the model's output processor reads,
+    `model/gpt.py: predict_and_score`). rows: [n] row index (None: every row); labels: [b, n].
+
+    teacher: [m, b, v/tp] a frozen teacher's logits for the first m targets (distillation)."""
+
+    rows: Optional[torch.Tensor]
+    labels: torch.Tensor
+    teacher: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -60,17 +72,35 @@ class Prepared:
     num_tokens: int  # denominator of the per-token NELBO
     aux_cols: int = 0  # trailing read-out columns of the auxiliary AR stream
     target_pos: Optional[torch.Tensor] = None  # [n - aux_cols] sequence position of each target
-    distill_weight: Optional[torch.Tensor] = None  # [b, n - aux_cols] KL weight (train/distill.py)
+    distill_weight: Optional[torch.Tensor] = None  # [b, n - aux_cols] KL weight (distill.py)
     clean_tokens: Optional[torch.Tensor] = None  # [b, L] what a distillation teacher reads
     # num_tokens as a 0-dim int32 tensor (megatron's schedule sums it on the device): made on the
     # host by `prepare` and moved with the batch, so no step copies a Python number to the device
     count: Optional[torch.Tensor] = None
 
 
-# sums the loss reduction returns per micro-batch (summed over micro-batches and ranks):
-# NELBO sum, tokens, correct masked predictions, masked predictions, auxiliary AR CE sum and its
-# targets, distillation KL sum and its targets
-STATS = 8
+@dataclass
+class LossSums:
+    """What one micro-batch adds to a step's metrics, by name: sums over its targets, added over
+    micro-batches and ranks (`pack` lays them out as one float64 tensor for the all-reduce) and
+    turned into per-token metrics once per logged step (`BlockDiffusion.metrics`)."""
+
+    loss: torch.Tensor  # the NELBO (AR: the cross-entropy) summed over the targets
+    tokens: torch.Tensor  # the per-token denominator (`Prepared.num_tokens`)
+    correct: torch.Tensor  # correct arg-max predictions among the scored targets
+    scored: torch.Tensor  # targets that count for accuracy (masked; every target for AR)
+    ar_loss: torch.Tensor  # the auxiliary AR stream's cross-entropy sum (`ar_loss_weight`)
+    ar_targets: torch.Tensor
+    distill_kl: torch.Tensor  # the distillation KL sum (`distill.teacher`)
+    distill_targets: torch.Tensor
+
+    def pack(self) -> torch.Tensor:
+        return torch.stack([getattr(self, f.name).double() for f in fields(self)])
+
+    @classmethod
+    def unpack(cls, values) -> "LossSums":
+        """From a packed tensor (or its values read back to the host)."""
+        return cls(*values)
 
 
 def at_step(cfg, step: int):
@@ -103,7 +133,7 @@ def sequence_rows(cfg) -> int:
     d, L = cfg.diffusion, cfg.data.seq_len
     if d.objective == "ar":
         return L
-    streams = d.views + int(d.block_size < L) + int(d.ar_loss_weight > 0)
+    streams = d.views + int(cfg.attention_kind == "block_diffusion") + int(d.ar_loss_weight > 0)
     return streams * L
 
 
@@ -211,7 +241,7 @@ def _prepare(tokens, labels, loss_mask, cfg, mask_id, noise, t_range) -> Prepare
     x_t, masked = corrupt(tokens, noise, mask_id)  # [b, V, L]
     # 1/t on masked tokens, averaged over the views (each view is an unbiased NELBO estimate)
     weight = torch.where(masked, 1.0 / noise.t, 0.0) / V
-    clean_stream = B < L
+    clean_stream = cfg.attention_kind == "block_diffusion"
     streams = [x_t[:, v] for v in range(V)]
     if clean_stream:
         input_ids = torch.cat(streams + [tokens], dim=1)
@@ -239,7 +269,7 @@ def _prepare(tokens, labels, loss_mask, cfg, mask_id, noise, t_range) -> Prepare
 
 
 def reduce(ce: torch.Tensor, correct: torch.Tensor, prep: Prepared, kl=None):
-    """Summed weighted loss (for backward) and the `STATS` metric sums. ce, correct: [b, n];
+    """Summed weighted loss (for backward) and the micro-batch's `LossSums`. ce, correct: [b, n];
     kl: [b, n - aux_cols] per-target distillation KL, or None."""
     w = prep.weight.to(ce.dtype)
     n = ce.shape[1] - prep.aux_cols
@@ -258,10 +288,6 @@ def reduce(ce: torch.Tensor, correct: torch.Tensor, prep: Prepared, kl=None):
     scored = prep.scored
     # a Prepared made by hand (tests) may have no count: from the host, moved just below
     count = prep.count if prep.count is not None else torch.tensor(prep.num_tokens)
-    stats = torch.stack([
-        nelbo.detach().double(),
-        count.to(ce.device, torch.float64),
-        (correct & scored).sum().double(),
-        scored.sum().double(), ar_sum, ar_count, kl_sum, kl_count,
-    ])
-    return loss_sum, stats
+    return loss_sum, LossSums(nelbo.detach().double(), count.to(ce.device, torch.float64),
+                              (correct & scored).sum().double(), scored.sum().double(),
+                              ar_sum, ar_count, kl_sum, kl_count)

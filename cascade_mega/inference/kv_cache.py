@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cascade_mega.diffusion.masks import AttentionLayout
 from cascade_mega.runtime.device import to_device
 
 IDLE, CLEAN, NOISY = 0, 1, 2
@@ -55,15 +56,20 @@ class DecodeStep:
         self.pending = {}
 
     def _mask(self) -> torch.Tensor:
-        """[b, 1, n, used + n] bool, True = may attend."""
-        kinds, blocks, lengths = self.kinds, self.blocks, self.cache.lengths
+        """[b, 1, n, used + n] bool, True = may attend.
+
+        Among this forward's rows, the training mask itself (`AttentionLayout.mask_fn` of the 2L
+        layout with one position per block): a clean row is row `block` of the clean stream, a
+        noisy row row `block` of the noisy stream."""
+        kinds, blocks, lengths = self.kinds, self.blocks.clamp(min=0), self.cache.lengths
         b, n = kinds.shape
-        q_kind, k_kind = kinds[:, :, None], kinds[:, None, :]
-        q_blk, k_blk = blocks[:, :, None], blocks[:, None, :]
-        rows = (q_kind == CLEAN) & (k_kind == CLEAN) & (k_blk <= q_blk)
-        rows |= (q_kind == NOISY) & (((k_kind == CLEAN) & (k_blk < q_blk)) |
-                                     ((k_kind == NOISY) & (k_blk == q_blk)))
-        rows |= (q_kind == IDLE) & torch.eye(n, dtype=torch.bool)[None]
+        per_block = int(blocks.max()) + 1 if blocks.numel() else 1
+        index = torch.where(kinds == CLEAN, per_block + blocks, blocks)
+        active = kinds != IDLE
+        rows = AttentionLayout("block_diffusion", per_block, 1).mask_fn()(
+            index[:, :, None], index[:, None, :])
+        rows &= active[:, :, None] & active[:, None, :]
+        rows |= ~active[:, :, None] & torch.eye(n, dtype=torch.bool)[None]
         cached = torch.arange(self.used)[None, None, :] < lengths[:, None, None]
         cached = cached & (kinds != IDLE)[:, :, None]
         return torch.cat([cached, rows], dim=2)[:, None]

@@ -47,9 +47,8 @@ def load_decoder(path: str, threads: int = 0, precision: str = "", **full_diffus
     bf16 on GPU, fp32 on CPU); empty: the run's own setting."""
     from dataclasses import replace
 
-    from cascade_mega.config import PRECISIONS
-    from cascade_mega.inference.decode import Decoder, GenerationError
-    from cascade_mega.config import run_dtype
+    from cascade_mega.config import PRECISIONS, run_dtype
+    from cascade_mega.inference.decode import GenerationError
 
     if precision and precision not in PRECISIONS:
         raise GenerationError(f"precision must be one of {', '.join(PRECISIONS)}, got "
@@ -57,14 +56,22 @@ def load_decoder(path: str, threads: int = 0, precision: str = "", **full_diffus
     cfg, tokenizer, model = load_model(path, threads)
     cfg = replace(cfg, train=replace(cfg.train, precision=precision or cfg.train.precision))
     model.to(run_dtype(cfg))  # the checkpoint's fp32 weights, rounded once
+    return decoder_for(model, cfg, tokenizer, source=path, **full_diffusion)
+
+
+def decoder_for(model, cfg, tokenizer, source: str = "the model", **full_diffusion):
+    """The one decoder factory (`cascade generate`, the samples logged during training): block /
+    AR decoding, or for full diffusion (B = L) `FullDiffusionDecoder` with its options."""
+    from cascade_mega.inference.decode import Decoder, GenerationError
+
     d = cfg.diffusion
-    if d.objective != "ar" and d.block_size == cfg.data.seq_len:
+    if cfg.attention_kind == "full":
         from cascade_mega.inference.full_diffusion import FullDiffusionDecoder
 
         return FullDiffusionDecoder(model, cfg, tokenizer, **full_diffusion)
     if full_diffusion:
         options = ", ".join(f"--{'decode-block' if k == 'block' else k}" for k in full_diffusion)
         raise GenerationError(f"{options} applies to full-diffusion checkpoints (block_size = "
-                              f"seq_len); {path} is a {d.objective} checkpoint with block size "
+                              f"seq_len); {source} is a {d.objective} checkpoint with block size "
                               f"{1 if d.objective == 'ar' else d.block_size}")
     return Decoder(model, cfg, tokenizer)

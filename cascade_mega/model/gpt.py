@@ -16,8 +16,6 @@ import contextlib
 import copy
 import functools
 import math
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,17 +32,6 @@ from cascade_mega.config import CascadeConfig
 from cascade_mega.model.attention import BlockDiffusionAttention
 from cascade_mega.model.layers import RMSNorm, SeededTransformerLayer
 from cascade_mega.runtime import device, te_support
-
-
-@dataclass
-class ReadOut:
-    """Which sequence rows predict which targets. rows: [n] row index; labels: [b, n].
-
-    teacher: [m, b, v/tp] a frozen teacher's logits for the first m targets (distillation)."""
-
-    rows: Optional[torch.Tensor]
-    labels: torch.Tensor
-    teacher: Optional[torch.Tensor] = None
 
 
 def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
@@ -237,8 +224,7 @@ def logits_at_rows(*, hidden_states, output_layer, output_weight, context, **_un
     return allowed_logits(hidden_states, output_layer, output_weight, context, False)
 
 
-def predict_and_score(*, hidden_states, output_layer, output_weight, context: ReadOut,
-                      **_unused):
+def predict_and_score(*, hidden_states, output_layer, output_weight, context, **_unused):
     """megatron `output_processor`: logits on the read-out rows only, per-token CE and hits.
 
     Returns (ce [b, n] fp32, correct [b, n] bool), and kl [b, m] when the context carries a

@@ -4,20 +4,19 @@ Order matters for failing early: config (already validated) -> data (files, toke
 -> process groups -> model -> optimizer -> resume. Everything that can be wrong with the user's
 input is found before the model is built.
 
-A step is megatron-core's forward-backward schedule over the micro-batches (gradient accumulation,
-pipeline schedules), then the optimizer step (clipping inside) and the LR schedule. The loss is a
+A step is data -> the objective's micro-batches (`diffusion/base.py`: schedule, noise, batch
+preparation, the forward step and the named metrics are the objective's) -> megatron-core's
+forward-backward schedule over them (gradient accumulation, pipeline schedules) -> the optimizer
+step (clipping inside) and the LR schedule -> the objective's metrics. The loss is a
 sum over tokens; megatron divides the gradients by the global token count
 (`calculate_per_token_loss`), so the update does not depend on how the batch is split.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import time
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -27,18 +26,13 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from cascade_mega.bench import flops
 from cascade_mega.config import CascadeConfig, run_dtype, to_yaml, validate
 from cascade_mega.data import loader
-from cascade_mega.diffusion import objective
-from cascade_mega.model.gpt import build_model, predict_and_score
+from cascade_mega.diffusion import distill, objectives
+from cascade_mega.diffusion.base import Shard
+from cascade_mega.model.gpt import build_model
 from cascade_mega.runtime import device, distributed, machine
-from cascade_mega.train import checkpoint, distill
+from cascade_mega.train import checkpoint
 from cascade_mega.train.optim import build_optimizer, wrap_ddp
 from cascade_mega.train.signals import StopSignals
-
-
-def noise_generator(seed: int, *key) -> torch.Generator:
-    """A generator that is a pure function of (seed, key): resumable without saved RNG state."""
-    digest = hashlib.sha256(repr((seed,) + key).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 def memory_gb() -> float:
@@ -91,6 +85,9 @@ class Trainer:
         self.chunks = wrap_ddp(self._build_chunks(), cfg)
         self.teacher = distill.build_teacher(*teacher, self.tokenizer, self.dtype) \
             if teacher else None
+        self.objective = objectives.build(
+            cfg, self.tokenizer, Shard(self.dp_rank, self.dp_size, self.num_micro, self.context),
+            self.teacher)
         self.optimizer, self.scheduler = build_optimizer(self.chunks, cfg, self.dtype)
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         checkpoint.start_writer()  # before any scheduler signal can arrive
@@ -140,92 +137,34 @@ class Trainer:
         self.step = self.start_step
 
     # ---------------------------------------------------------------- steps
-    def _micro_batches(self, reader, step: int, split: str, t_range=None):
-        """This step's micro-batches on the device. The batch, the noise and the layout are made
-        on the host (pure functions of seed and step, whatever the device); each crosses once,
-        pinned and non-blocking (the host never waits for the copy), and the next one is
-        prepared and queued before the schedule runs the current one."""
-        # block-size schedule: training at the step's block size; validation (`step` is then the
-        # batch) always at `diffusion.block_size`, the one the model decodes with (one curve)
-        train = split == "train"
-        cfg = objective.at_step(self.cfg, step) if train else self.cfg
-        mbs, gbs = cfg.train.micro_batch_size, cfg.train.global_batch_size
-        noise = None
-        if cfg.diffusion.objective != "ar":  # one draw per global batch: layout-independent
-            noise = objective.draw_noise(cfg, gbs, noise_generator(cfg.train.seed, split, step),
-                                         t_range)
-
-        def on_device(m):
-            start = loader.micro_batch_start(step, m, self.dp_rank, cfg, self.dp_size)
-            batch = reader.micro_batch(start, mbs)
-            rows = start - step * gbs
-            prep = objective.prepare(batch.tokens, batch.labels, batch.loss_mask, cfg,
-                                     self.tokenizer.mask_id,
-                                     noise.rows(rows, rows + mbs) if noise else None,
-                                     context=self.context, eod_id=self.tokenizer.eod)
-            if self.teacher is not None and train:
-                prep = distill.targets(prep, batch.tokens, cfg.distill.weight)
-            return device.to_device(prep)
-
-        upcoming = on_device(0)
-        for m in range(self.num_micro):
-            current = upcoming
-            if m + 1 < self.num_micro:
-                upcoming = on_device(m + 1)
-            yield current
-
-    def _forward_step(self, data_iterator, model):
-        prep = next(data_iterator)
-        if prep.distill_weight is not None:
-            return distill.forward(model, self.teacher, prep), partial(Trainer._loss, prep)
-        out = model(prep.input_ids, prep.position_ids, prep.layout,
-                    output_processor=predict_and_score, output_processor_context=prep.readout)
-        return out, partial(Trainer._loss, prep)
-
-    @staticmethod
-    def _loss(prep, output):
-        loss_sum, stats = objective.reduce(*output[:2], prep, *output[2:])
-        return loss_sum, prep.count, {"stats": stats}
-
-    def _run_schedule(self, make_iter, forward_only: bool, cfg):
-        """make_iter() -> an iterator over this step's micro-batches; one per model chunk, since
-        the interleaved schedule draws every micro-batch once per virtual stage. cfg: the config
-        in force (its rows per sample are what the pipeline sends between stages)."""
-        iters = make_iter() if len(self.chunks) == 1 else [make_iter() for _ in self.chunks]
+    def _run_schedule(self, batch, forward_only: bool):
+        """One step's micro-batches (`StepBatch`) through megatron-core's schedule; returns the
+        objective's packed sums, added over micro-batches and ranks (on the device)."""
+        chunks = len(self.chunks)
         outs = get_forward_backward_func()(
-            forward_step_func=self._forward_step,
-            data_iterator=iters,
-            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            forward_step_func=self.objective.forward_step,
+            # one iterator per model chunk: the interleaved schedule draws each micro-batch once
+            # per virtual stage
+            data_iterator=batch.make() if chunks == 1 else [batch.make() for _ in self.chunks],
+            model=self.chunks if chunks > 1 else self.chunks[0],
             num_microbatches=self.num_micro,
-            seq_length=objective.sequence_rows(cfg) + (0 if forward_only else
-                                                        distill.extra_rows(cfg)),
-            micro_batch_size=cfg.train.micro_batch_size,
+            seq_length=batch.rows,
+            micro_batch_size=self.cfg.train.micro_batch_size,
             forward_only=forward_only,
         )
-        stats = torch.zeros(objective.STATS, dtype=torch.float64, device=device.current())
+        sums = self.objective.zero_sums(device.current())
         for out in outs:
-            stats += out["stats"]
+            sums += out["sums"]
         # context-parallel ranks hold parts of the same sequences: their sums add up too
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
                 self.dp_size * self.context[1] > 1:
-            dist.all_reduce(stats, group=parallel_state.get_data_parallel_group(
+            dist.all_reduce(sums, group=parallel_state.get_data_parallel_group(
                 with_context_parallel=True))
-        return stats
+        return sums
 
-    def _metrics(self, stats, clipped: bool):
-        """The metric sums read back once (one device-to-host copy), as named metrics."""
-        s = stats.cpu().tolist()
-        loss = s[0] / s[1] if s[1] else float("nan")  # nan on stages that hold no loss
-        out = {"loss": loss}
-        if not clipped:
-            out["nelbo"] = loss
-            out["ppl_bound"] = math.exp(min(loss, 50.0))
-        out["masked_acc" if self.cfg.diffusion.objective != "ar" else "acc"] = s[2] / max(s[3], 1)
-        if s[5] > 0:
-            out["ar_loss"] = s[4] / s[5]
-        if s[7] > 0:
-            out["distill_kl"] = s[6] / s[7]
-        return out
+    def _metrics(self, sums, train: bool) -> dict:
+        """The sums read back once (one device-to-host copy), as the objective's named metrics."""
+        return self.objective.metrics(self.objective.Sums.unpack(sums.cpu().tolist()), train)
 
     def train_step(self, step: int, log: bool = True) -> dict:
         """One optimizer step. log=False leaves the loss statistics on the device (no read-back:
@@ -235,16 +174,14 @@ class Trainer:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         start = time.perf_counter()
-        cfg = objective.at_step(self.cfg, step)
-        stats = self._run_schedule(lambda: self._micro_batches(self.train_data, step, "train"),
-                                   False, cfg)
+        batch = self.objective.batch(self.train_data, step, "train")
+        sums = self._run_schedule(batch, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         elapsed = time.perf_counter() - start
-        d = self.cfg.diffusion
-        metrics = self._metrics(stats, clipped=(d.t_min, d.t_max) != (0.0, 1.0)) if log else {}
-        if d.block_size_schedule:
-            metrics["block_size"] = cfg.diffusion.block_size
+        metrics = self._metrics(sums, train=True) if log else {}
+        if batch.block_size is not None:
+            metrics["block_size"] = batch.block_size
         metrics.update({
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -253,7 +190,8 @@ class Trainer:
             "memory_gb": memory_gb(),
         })
         if self.peak_flops:  # GPU: model FLOPs utilisation per GPU (bench/flops.py counting)
-            step_flops = flops.step_flops(cfg, self.tokenizer.vocab_size, self.teacher_cfg)
+            step_flops = flops.step_flops(self.objective.config_at(step),
+                                          self.tokenizer.vocab_size, self.teacher_cfg)
             metrics["mfu"] = step_flops / elapsed / self.world_size / self.peak_flops
         return metrics
 
@@ -262,12 +200,11 @@ class Trainer:
         """NELBO on a fixed validation set with fixed noise (t over the full range (0, 1])."""
         for c in self.chunks:
             c.eval()
-        stats = torch.zeros(objective.STATS, dtype=torch.float64, device=device.current())
+        sums = self.objective.zero_sums(device.current())
         for i in range(self.cfg.train.eval_batches):
-            stats += self._run_schedule(
-                lambda i=i: self._micro_batches(self.valid_data, i, "valid", t_range=(0.0, 1.0)),
-                True, self.cfg)
-        return self._metrics(stats, clipped=False)
+            sums += self._run_schedule(self.objective.batch(self.valid_data, i, "valid"),
+                                       forward_only=True)
+        return self._metrics(sums, train=False)
 
     def _emit(self, hook: str, *args):
         if self.is_logger:

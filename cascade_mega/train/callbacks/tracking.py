@@ -120,11 +120,12 @@ class MlflowTracker:
         p = self.cfg.parallel
         if not n or not self.samples_ok or p.tensor * p.pipeline * p.context > 1:
             return
-        from cascade_mega.inference.decode import Decoder, GenerationError
+        from cascade_mega.inference.decode import GenerationError
+        from cascade_mega.inference.load import decoder_for
 
         try:
             model = getattr(trainer.chunks[0], "module", trainer.chunks[0])
-            decoder = Decoder(model, self.cfg, trainer.tokenizer)
+            decoder = decoder_for(model, self.cfg, trainer.tokenizer)
             batch = trainer.valid_data.micro_batch(0, n)
             prompts = [row[:8].tolist() for row in batch.tokens]
             outs = decoder.generate(prompts, self.cfg.tracking.sample_tokens)

@@ -1,0 +1,142 @@
+"""The seam between the trainer and a training objective (what OLMo-core calls a TrainModule).
+
+The trainer owns the loop: data -> `objective.batch(...)` -> megatron-core's forward-backward
+schedule -> optimizer -> `objective.metrics(...)`. The objective owns everything that differs
+from one objective to the next: the block-size schedule, the noise, how a batch of clean tokens
+becomes model inputs and loss weights (`prepare`), the forward step (a teacher's forward rides in
+it), the loss reduction and what its sums are called.
+
+An objective is built once per run, from the config, the tokenizer and the optional teacher, by
+the name in `diffusion.objective` (`register` here, `objectives.build`). Adding one touches this
+package and the config only: a subclass that implements `prepare_micro_batch` (and, when its sums differ,
+`Sums`, `loss_sums` and `metrics`), registered under a name the config accepts.
+
+Each micro-batch is made on the host (a pure function of seed, split and step: resumable
+without saved RNG state, the same on every device) and crosses once, pinned and non-blocking;
+the next one is prepared and queued before the schedule runs the current one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from cascade_mega.runtime.device import to_device
+
+REGISTRY: dict = {}  # name -> Objective subclass
+
+
+def register(*names: str):
+    """Class decorator: the objective that `diffusion.objective = NAME` builds."""
+    def add(cls):
+        for name in names:
+            REGISTRY[name] = cls
+        return cls
+    return add
+
+
+def noise_generator(seed: int, *key) -> torch.Generator:
+    """A generator that is a pure function of (seed, key): resumable without saved RNG state."""
+    digest = hashlib.sha256(repr((seed,) + key).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which part of a global batch this rank prepares."""
+
+    dp_rank: int = 0
+    dp_size: int = 1
+    num_micro: int = 1  # micro-batches per step on this rank (gradient accumulation)
+    context: tuple = (0, 1)  # (rank, size) in the context-parallel group
+
+
+@dataclass
+class StepBatch:
+    """One step's micro-batches, as megatron-core's schedule takes them."""
+
+    make: Callable[[], Iterator]  # a fresh iterator (one per model chunk under interleaving)
+    rows: int  # rows of one sample that travel between pipeline stages
+    block_size: int | None = None  # the block size in force (reported under a schedule)
+
+
+class Objective:
+    """Base class. `Sums` is a dataclass of named tensors with `pack()` / `unpack(values)`."""
+
+    Sums = None
+
+    def __init__(self, cfg, tokenizer, shard: Shard, teacher=None):
+        self.cfg, self.tokenizer, self.shard, self.teacher = cfg, tokenizer, shard, teacher
+
+    # ------------------------------------------------------------ what subclasses define
+    def config_at(self, step: int):
+        """The config in force at a training step (a schedule changes it); default: fixed."""
+        return self.cfg
+
+    def rows(self, cfg, train: bool) -> int:
+        """Rows one sample occupies in the model (what the pipeline sends between stages)."""
+        raise NotImplementedError
+
+    def prepare_micro_batch(self, batch, rows: slice, cfg, split: str, step: int, noise):
+        """One micro-batch (`batch`: megatron's tokens/labels/loss_mask, rows `rows` of the global
+        batch) as a host-side `Prepared`."""
+        raise NotImplementedError
+
+    def draw(self, cfg, split: str, step: int):
+        """Per-step randomness shared by the micro-batches (e.g. the noise of the global
+        batch), or None."""
+        return None
+
+    def forward_step(self, data_iterator, model):
+        """megatron-core's forward step: (the model's output, the loss function)."""
+        raise NotImplementedError
+
+    def loss_sums(self, prep, output):
+        """(loss sum for backward, this micro-batch's `Sums`)."""
+        raise NotImplementedError
+
+    def metrics(self, sums, train: bool) -> dict:
+        """Named metrics from a step's summed `Sums` (host floats)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ what the trainer calls
+    def batch(self, reader, step: int, split: str) -> StepBatch:
+        """The micro-batches of one step (train) or one validation batch (`step` = its index)."""
+        from cascade_mega.data import loader
+
+        cfg = self.config_at(step) if split == "train" else self.cfg
+        draw = self.draw(cfg, split, step)
+        mbs, gbs, s = cfg.train.micro_batch_size, cfg.train.global_batch_size, self.shard
+
+        def prepared(m):
+            start = loader.micro_batch_start(step, m, s.dp_rank, cfg, s.dp_size)
+            first = start - step * gbs
+            host = self.prepare_micro_batch(reader.micro_batch(start, mbs),
+                                            slice(first, first + mbs), cfg, split, step, draw)
+            return to_device(host)
+
+        def make():
+            upcoming = prepared(0)
+            for m in range(s.num_micro):
+                current = upcoming
+                if m + 1 < s.num_micro:
+                    upcoming = prepared(m + 1)
+                yield current
+
+        scheduled = split == "train" and self.cfg.diffusion.block_size_schedule
+        block = cfg.diffusion.block_size if scheduled else None
+        return StepBatch(make, self.rows(cfg, split == "train"), block)
+
+    def loss(self, prep, output):
+        """The loss function megatron-core's schedule calls: (loss sum, token count, logged)."""
+        loss_sum, sums = self.loss_sums(prep, output)
+        return loss_sum, prep.count, {"sums": sums.pack()}
+
+    def zero_sums(self, device) -> torch.Tensor:
+        import dataclasses
+
+        return torch.zeros(len(dataclasses.fields(self.Sums)), dtype=torch.float64,
+                           device=device)

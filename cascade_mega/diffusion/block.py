@@ -1,0 +1,68 @@
+"""Block diffusion (B = 1 .. L, V views, the auxiliary AR stream, distillation) and the AR
+baseline, as the trainer's `Objective` (`base.py`). The math lives in `objective.py` as plain
+functions (`prepare`, `reduce`), testable without a trainer; this class strings them together
+for a step: the block size in force (`at_step`), one noise draw per global batch, the
+distillation targets and the teacher's forward, and the metrics by name.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+from cascade_mega.diffusion import distill, objective
+from cascade_mega.diffusion.base import Objective, noise_generator, register
+from cascade_mega.model.gpt import predict_and_score
+
+
+@register("block_diffusion", "ar")
+class BlockDiffusion(Objective):
+    Sums = objective.LossSums
+
+    def config_at(self, step: int):
+        return objective.at_step(self.cfg, step)
+
+    def rows(self, cfg, train: bool) -> int:
+        return objective.sequence_rows(cfg) + (distill.extra_rows(cfg) if train else 0)
+
+    def draw(self, cfg, split: str, step: int):
+        if cfg.diffusion.objective == "ar":
+            return None
+        # one draw per global batch, whatever the layout; validation over the full range (0, 1]
+        t_range = None if split == "train" else (0.0, 1.0)
+        return objective.draw_noise(cfg, cfg.train.global_batch_size,
+                                    noise_generator(cfg.train.seed, split, step), t_range)
+
+    def prepare_micro_batch(self, batch, rows: slice, cfg, split: str, step: int, noise):
+        prep = objective.prepare(batch.tokens, batch.labels, batch.loss_mask, cfg,
+                                 self.tokenizer.mask_id,
+                                 noise.rows(rows.start, rows.stop) if noise else None,
+                                 context=self.shard.context, eod_id=self.tokenizer.eod)
+        if self.teacher is not None and split == "train":
+            prep = distill.targets(prep, batch.tokens, cfg.distill.weight)
+        return prep
+
+    def forward_step(self, data_iterator, model):
+        prep = next(data_iterator)
+        if prep.distill_weight is not None:
+            return distill.forward(model, self.teacher, prep), partial(self.loss, prep)
+        out = model(prep.input_ids, prep.position_ids, prep.layout,
+                    output_processor=predict_and_score, output_processor_context=prep.readout)
+        return out, partial(self.loss, prep)
+
+    def loss_sums(self, prep, output):
+        return objective.reduce(*output[:2], prep, *output[2:])
+
+    def metrics(self, s: objective.LossSums, train: bool) -> dict:
+        d = self.cfg.diffusion
+        loss = s.loss / s.tokens if s.tokens else float("nan")  # nan on stages without the loss
+        out = {"loss": loss}
+        if not train or (d.t_min, d.t_max) == (0.0, 1.0):  # a clipped range bounds nothing
+            out["nelbo"] = loss
+            out["ppl_bound"] = math.exp(min(loss, 50.0))
+        out["masked_acc" if d.objective != "ar" else "acc"] = s.correct / max(s.scored, 1)
+        if s.ar_targets > 0:
+            out["ar_loss"] = s.ar_loss / s.ar_targets
+        if s.distill_targets > 0:
+            out["distill_kl"] = s.distill_kl / s.distill_targets
+        return out
