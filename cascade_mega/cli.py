@@ -24,39 +24,10 @@ def _quiet():
 
 
 def _train(args) -> int:
-    from cascade_mega.config import load_config
-    from cascade_mega.runtime.env import read_env
+    from cascade_mega.train.run import command
 
-    spawn = args.nproc_per_node and "RANK" not in os.environ
-    world = args.nproc_per_node * args.nnodes if spawn else None
-    cfg = load_config(args.config, args.overrides, world_size=world)  # fails before any spawn
-    if read_env().rank == 0 and not os.environ.get("CASCADE_CHILD"):
-        from cascade_mega.tracking.store import preflight
-
-        preflight(cfg)  # a malformed tracking URI or a refused experiment stops here
-        print(f"run_dir: {os.path.abspath(cfg.run_dir)}", flush=True)
-    if spawn:
-        return _spawn_torchrun(args)
-    from cascade_mega.train.run import train
-
-    train(cfg)
-    return 0
-
-
-def _spawn_torchrun(args) -> int:
-    """Start the ranks of this node with torchrun: users never write the torchrun line."""
-    import subprocess
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}",
-           f"--nnodes={args.nnodes}"]
-    if args.nnodes == 1:
-        cmd.append("--standalone")
-    else:
-        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}"]
-    cmd += ["-m", "cascade_mega", "train", args.config, *args.overrides]
-    env = {**os.environ, "CASCADE_CHILD": "1"}
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc_per_node)))
-    return subprocess.call(cmd, env=env)
+    return command(args.config, args.overrides, args.nproc_per_node, args.nnodes,
+                   args.rdzv_endpoint)
 
 
 def _bench(args) -> int:

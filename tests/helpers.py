@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import sys
 from contextlib import redirect_stderr, redirect_stdout
 
 import torch
@@ -49,11 +50,24 @@ def random_tokens(b, L, generator=None):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def cascade(*args, env=None) -> subprocess.CompletedProcess:
-    """`cascade ARGS` run in this process from the repository root (the command line's own
-    `main`, no interpreter start per call): its exit code and what it printed, as a finished
-    subprocess gives them. Commands that launch processes (torchrun, Slurm) still do."""
+def cascade(*args, env=None, process=False, background=False, timeout=600):
+    """The one way the tests run the command line: `cascade ARGS` from the repository root.
+
+    By default in this process (the command line's own `main`, no interpreter start per call):
+    its exit code and what it printed, as a finished subprocess gives them. process=True: in its
+    own interpreter (`python -m cascade_mega`), for what needs one (signals, a server that must
+    see the process end, the start-up itself); background=True: that process left running (a
+    `Popen` with its output piped)."""
     from cascade_mega.cli import main
+
+    if process or background:
+        cmd = [sys.executable, "-m", "cascade_mega", *map(str, args)]
+        full_env = {**os.environ, **(env or {})}
+        if background:
+            return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+        return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True,
+                              timeout=timeout)
 
     out, err = io.StringIO(), io.StringIO()
     saved, cwd = dict(os.environ), os.getcwd()
@@ -70,3 +84,33 @@ def cascade(*args, env=None) -> subprocess.CompletedProcess:
         os.environ.clear()
         os.environ.update(saved)
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def source_checkout(dest) -> str:
+    """A copy of the repository's sources at `dest` (a source checkout, nothing installed from
+    it): the library, kernels/, launchers/, tools/ and the links that name them."""
+    import shutil
+
+    for name in ("cascade_mega", "kernels", "launchers", "tools", "configs"):
+        shutil.copytree(os.path.join(ROOT, name), os.path.join(dest, name),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    for link in ("cascade_kernels", "cascade_launchers"):
+        os.symlink(os.readlink(os.path.join(ROOT, link)), os.path.join(dest, link))
+    return str(dest)
+
+
+def run_python(*args, cwd) -> subprocess.CompletedProcess:
+    """`python ARGS` in a fresh interpreter (what a user types), from `cwd`."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def torchrun(nproc: int, script: str, *args, timeout=600) -> subprocess.CompletedProcess:
+    """The one way the tests start several ranks of a script of their own (`cascade train
+    --nproc-per-node` starts the training ranks): torchrun on this machine, gloo, one thread per
+    rank (the suite's machine has 2 cores)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc-per-node={nproc}", script, *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})

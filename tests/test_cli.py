@@ -1,12 +1,10 @@
 """`cascade train` end to end on a tiny model, and the benchmarks' `--json` reports."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from helpers import ROOT, cascade
+from helpers import cascade
 TINY = ["model.num_layers=2", "model.hidden_size=64", "data.seq_len=64", "diffusion.block_size=8",
         "train.micro_batch_size=4", "train.global_batch_size=4", "optimizer.warmup_steps=2"]
 
@@ -19,11 +17,9 @@ def run(*args):
 
 def test_train_writes_run_directory_and_its_mlflow_store_opens_in_the_ui(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "cascade_mega", "train", "configs/base.yaml", *TINY,
-         "train.steps=20", "train.log_interval=5", "train.eval_interval=10",
-         "train.eval_batches=2", "checkpoint.interval=10", f"run_dir={run_dir}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = cascade("train", "configs/base.yaml", *TINY, "train.steps=20",
+                    "train.log_interval=5", "train.eval_interval=10", "train.eval_batches=2",
+                    "checkpoint.interval=10", f"run_dir={run_dir}", process=True)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == f"run_dir: {run_dir}"

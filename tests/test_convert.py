@@ -4,12 +4,8 @@ QKV biases, tied embeddings) models, converted to megatron checkpoints, give the
 logits; megatron -> Hugging Face -> megatron is bit-exact; the exported model's greedy tokens in
 `transformers` are `cascade generate`'s; bad input leaves nothing behind."""
 
-import contextlib
-import io
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -75,19 +71,11 @@ def tensor_size(kind):
     return 3 if kind == "smollm2" else 2
 
 
-def cascade(*args):
-    return subprocess.run([sys.executable, "-m", "cascade_mega", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-
-
 def convert(*args):
     """`cascade convert ...` in this process (no interpreter start-up per call)."""
-    from cascade_mega.cli import main
+    from helpers import cascade
 
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(["convert", *map(str, args)])
-    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
+    return cascade("convert", *args)
 
 
 def megatron_logits(run, ids):
@@ -148,15 +136,14 @@ def test_logits_equal_at_tensor_and_pipeline_parallel(converted, split, tmp_path
         assert main(["preprocess", str(corpus), "--output-prefix", str(plays), "--tokenizer",
                      str(root / "mc" / "tokenizer.json"), "--lines"]) == 0
     out = tmp_path / "logits.pt"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone",
-         f"--nproc-per-node={tensor * pipeline}",
-         "tests/logits_at_layout.py", str(out), str(root / "mc" / "config.yaml"),
-         f"data.path={plays}", f"train.init_from={root}/mc", "train.resume=none",
-         f"run_dir={tmp_path}/run", f"parallel.tensor={tensor}", f"parallel.pipeline={pipeline}",
-         "train.micro_batch_size=2", "train.global_batch_size=2", "tracking.enabled=false",
-         "data.split=80,20,0"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    from helpers import torchrun
+
+    proc = torchrun(tensor * pipeline, "tests/logits_at_layout.py", out,
+                    root / "mc" / "config.yaml", f"data.path={plays}",
+                    f"train.init_from={root}/mc", "train.resume=none", f"run_dir={tmp_path}/run",
+                    f"parallel.tensor={tensor}", f"parallel.pipeline={pipeline}",
+                    "train.micro_batch_size=2", "train.global_batch_size=2",
+                    "tracking.enabled=false", "data.split=80,20,0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     got, ids = torch.load(out)[0], torch.load(str(out) + ".ids")[0]
     with torch.no_grad():
@@ -203,6 +190,8 @@ def test_exported_model_generates_the_same_greedy_tokens_in_transformers(convert
     kind, root, _ = converted
     back = exported[0]
     prompt = "ROMEO: But soft"
+    from helpers import cascade
+
     ours = cascade("generate", "--ckpt", str(root / "mc"), "--prompt", prompt,
                    "--max-new-tokens", "20", "--precision", "fp32", "--json")
     assert ours.returncode == 0, ours.stderr
@@ -259,3 +248,29 @@ def test_mcore_to_mcore_writes_the_run_at_a_layout_that_divides_it(tmp_path):
         "'model.num_layers' = 4" in bad.stderr
     assert not (tmp_path / "pp3").exists() and not (tmp_path / "pp3.partial").exists()
 
+
+
+def test_megatron_style_convert_tool_runs_from_a_source_checkout(tmp_path):
+    """`tools/checkpoint/convert.py` with Megatron's flags (--loader / --saver / --load-dir /
+    --save-dir / --target-*-parallel-size), from a copy of the sources."""
+    from helpers import run_python, source_checkout
+
+    src = source_checkout(tmp_path / "src")
+    hf_model("llama", tmp_path / "hf")
+    proc = run_python("tools/checkpoint/convert.py", "--model-type", "GPT", "--loader",
+                      "llama_mistral", "--saver", "mcore", "--load-dir", tmp_path / "hf",
+                      "--save-dir", tmp_path / "mc", "--target-tensor-parallel-size", "2",
+                      "--seq-len", "64", cwd=src)
+    assert proc.returncode == 0, proc.stderr
+    cfg = (tmp_path / "mc" / "config.yaml").read_text()
+    assert "tensor: 2" in cfg and "seq_len: 64" in cfg
+    back = run_python("tools/checkpoint/convert.py", "--loader", "mcore", "--saver", "hf",
+                      "--load-dir", tmp_path / "mc", "--save-dir", tmp_path / "back", cwd=src)
+    assert back.returncode == 0, back.stderr
+    a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").state_dict()
+    assert all(torch.equal(a[k], b[k][:a[k].shape[0]]) for k in a)
+    bad = run_python("tools/checkpoint/convert.py", "--loader", "gguf", "--saver", "mcore",
+                     "--load-dir", "x", "--save-dir", tmp_path / "no", cwd=src)
+    assert bad.returncode == 2 and "no conversion from --loader gguf to --saver mcore" in \
+        bad.stderr

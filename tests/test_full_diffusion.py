@@ -171,10 +171,12 @@ def test_cascade_generate_decodes_a_full_diffusion_run(tmp_path):
 def test_samples_logged_during_training_use_the_decoder_of_the_objective(megatron, tmp_path):
     """The tracking callback's samples go through `cascade generate`'s decoder factory: a
     full-diffusion run (B = L) logs samples too (the block decoder refuses it)."""
+    from types import SimpleNamespace
+
     from cascade_mega.config import load_config
     from cascade_mega.inference.full_diffusion import FullDiffusionDecoder
     from cascade_mega.inference.load import decoder_for
-    from cascade_mega.train.callbacks.tracking import MlflowTracker
+    from cascade_mega.train.callbacks import SampleGenerations
     from cascade_mega.train.trainer import Trainer
 
     cfg = load_config(None, [f"run_dir={tmp_path}", "model.num_layers=1", "model.hidden_size=64",
@@ -185,8 +187,9 @@ def test_samples_logged_during_training_use_the_decoder_of_the_objective(megatro
     trainer = Trainer(cfg, []).setup()
     assert isinstance(decoder_for(trainer.chunks[0], cfg, trainer.tokenizer),
                       FullDiffusionDecoder)
-    tracker = MlflowTracker(cfg, str(tmp_path))
-    tracker._log_samples(trainer, 7)
-    assert tracker.samples_ok
-    (name, text), = tracker.jobs
+    sent = []
+    samples = SampleGenerations(cfg, SimpleNamespace(artifact=lambda *a: sent.append(a)))
+    samples.on_eval_end(trainer, 7, {})
+    assert samples.ok
+    (name, text), = sent
     assert name == "samples/step_0000007.txt" and text.decode().count("### prompt:") == 2

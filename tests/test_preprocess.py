@@ -166,3 +166,34 @@ def test_mediawiki_dump_gives_one_document_per_article(corpus, tmp_path):
                      workers=2, quiet=True)
     _round_trip(out["prefixes"][0], [f"Hamlet\n\n{docs[0]}",
                                      f"Macbeth & <co>\n\n{pages[3][3]}"])
+
+
+def test_megatron_style_tool_runs_from_a_source_checkout(corpus, tmp_path):
+    """`tools/preprocess_data.py` with Megatron's flags, from a copy of the sources: one dataset
+    per JSON key, named PREFIX_KEY_document like Megatron's; the kernels and launchers resolve
+    under the names the library imports them by."""
+    from helpers import run_python, source_checkout
+
+    root, docs, _ = corpus
+    src = source_checkout(tmp_path / "src")
+    names = run_python("-c", "import cascade_mega, cascade_kernels.tiled, "
+                       "cascade_launchers.torchrun as t; print(cascade_mega.__file__); "
+                       "print(t.__file__)", cwd=src)
+    assert names.returncode == 0, names.stderr
+    assert all(line.startswith(src) for line in names.stdout.split())
+    tok = preprocess([str(root / "part.jsonl")], str(tmp_path / "bpe" / "ds"),
+                     train_bpe_size=400, quiet=True)
+    tokenizer = str(tmp_path / "bpe" / "ds.tokenizer.json")
+    lines = [json.dumps({"text": d, "title": f"title {i}"}) for i, d in enumerate(docs[20:30])]
+    (tmp_path / "x.jsonl").write_text("\n".join(lines) + "\n")
+    proc = run_python("tools/preprocess_data.py", "--input", tmp_path / "x.jsonl",
+                      "--json-keys", "text", "title", "--output-prefix", tmp_path / "out",
+                      "--tokenizer-model", tokenizer, "--workers", "1", cwd=src)
+    assert proc.returncode == 0, proc.stderr
+    _round_trip(str(tmp_path / "out_text_document"), docs[20:30])
+    _round_trip(str(tmp_path / "out_title_document"), [f"title {i}" for i in range(10)])
+    assert tok["documents"] == 40
+    bad = run_python("tools/preprocess_data.py", "--input", tmp_path / "x.jsonl", "--json-keys",
+                     "body", "--output-prefix", tmp_path / "bad", "--tokenizer-model",
+                     tokenizer, cwd=src)
+    assert bad.returncode == 2 and "no field 'body'" in bad.stderr

@@ -9,10 +9,11 @@ time-limit warning or preempted, checkpoints, requeues and resumes.
 import json
 import os
 import subprocess
-import sys
 import time
 
 import pytest
+
+import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["configs/base.yaml", "model.num_layers=2", "model.hidden_size=64",
@@ -42,8 +43,8 @@ def cluster(tmp_path_factory):
 
 
 def cascade(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "cascade_mega", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    """In its own process: Slurm's commands see the environment a user's shell gives them."""
+    return helpers.cascade(*args, process=True, timeout=timeout)
 
 
 def submit(*args) -> str:

@@ -3,11 +3,11 @@ single-process losses and gradient norms."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from helpers import cascade, torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["train", "configs/base.yaml", "model.num_layers=2", "model.hidden_size=64",
@@ -22,9 +22,7 @@ def _records(run_dir):
 
 
 def _run(tmp_path, name, *extra):
-    proc = subprocess.run([sys.executable, "-m", "cascade_mega", *ARGS, *extra,
-                           f"run_dir={tmp_path}/{name}"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    proc = cascade(*ARGS, *extra, f"run_dir={tmp_path}/{name}", process=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == f"run_dir: {tmp_path}/{name}"
     return _records(tmp_path / name)
@@ -66,10 +64,11 @@ def test_data_parallel_matches_single_process(tmp_path):
 def test_impossible_layout_fails_before_any_process_starts(tmp_path, capsys, monkeypatch, nproc,
                                                            overrides, needle):
     """The command line refuses the layout itself (in this process: no torchrun is started)."""
+    from cascade_launchers import torchrun
     from cascade_mega import cli
 
     monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(cli, "_spawn_torchrun", lambda args: pytest.fail("torchrun started"))
+    monkeypatch.setattr(torchrun, "launch", lambda *a: pytest.fail("torchrun started"))
     code = cli.main([*ARGS, "--nproc-per-node", str(nproc), *overrides, f"run_dir={tmp_path}/bad"])
     err = capsys.readouterr().err
     assert code == 2, err
@@ -108,24 +107,6 @@ def test_interleaved_pipeline_matches_single_process(tmp_path, single):
     assert (tmp_path / "vpp" / "checkpoints" / "latest").read_text().strip() == "iter_0000003"
 
 
-def test_tp2_pp2_matches_and_its_checkpoint_resumes_on_one_process(tmp_path):
-    """Four ranks (TP=2 x PP=2) stop at step 3; one process resumes from that checkpoint:
-    model and optimizer state are resharded, and every step equals an uninterrupted run."""
-    args = [*LAYOUT_ARGS, "train.steps=6"]
-    single = _run(tmp_path, "single", *args)
-    first = _run(tmp_path, "resharded", "--nproc-per-node", "4", *args, "parallel.tensor=2",
-                 "parallel.pipeline=2", "train.exit_interval=3")
-    assert [r["step"] for r in first] == [1, 2, 3]
-    _assert_same(single[:3], first)
-    resumed = _run(tmp_path, "resharded", *args)  # TP = PP = 1, resume=auto
-    _assert_same(single, resumed)
-
-
-def test_eight_processes_tp2_pp2_dp2_match_single_process(tmp_path, single):
-    _assert_same(single, _run(tmp_path, "tp2pp2dp2", "--nproc-per-node", "8", *LAYOUT_ARGS,
-                              "parallel.tensor=2", "parallel.pipeline=2"))
-
-
 def test_context_parallel_matches_single_process(tmp_path, single):
     """CP = 2: each rank holds two zigzag chunks of [x_t ; x_0] and gathers the clean stream's
     K/V. Also with shifted prediction, two complementary views (targets whose predicting row
@@ -142,22 +123,27 @@ def test_context_parallel_matches_single_process(tmp_path, single):
 
 def _logits(tmp_path, name, checkpoint, nproc, *layout):
     out = tmp_path / f"{name}.pt"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc-per-node={nproc}", "tests/logits_at_layout.py", str(out),
-                           *ARGS[1:], *LAYOUT_ARGS, *layout, f"train.resume={checkpoint}",
-                           f"run_dir={tmp_path}/{name}"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    proc = torchrun(nproc, "tests/logits_at_layout.py", out, *ARGS[1:], *LAYOUT_ARGS, *layout,
+                    f"train.resume={checkpoint}", f"run_dir={tmp_path}/{name}", timeout=300)
     assert proc.returncode == 0, proc.stderr
     return torch.load(out)
 
 
-def test_checkpoint_saved_at_tp2_pp2_gives_the_same_logits_at_tp1_and_at_pp2_cp2(tmp_path):
-    _run(tmp_path, "tp2pp2", "--nproc-per-node", "4", *LAYOUT_ARGS, "parallel.tensor=2",
-         "parallel.pipeline=2")
-    ckpt = tmp_path / "tp2pp2" / "checkpoints" / "iter_0000003"
+def test_tp2_pp2_matches_and_its_checkpoint_gives_the_same_logits_and_resumes_anywhere(
+        tmp_path, single):
+    """Four ranks (TP=2 x PP=2) match the single process and stop at step 2. Their checkpoint
+    gives the same logits at TP = PP = 1 and at PP = 2 x CP = 2, and one process resumes from it
+    (model and optimizer state resharded): every step equals the uninterrupted run."""
+    first = _run(tmp_path, "tp2pp2", "--nproc-per-node", "4", *LAYOUT_ARGS, "parallel.tensor=2",
+                 "parallel.pipeline=2", "train.exit_interval=2")
+    assert [r["step"] for r in first] == [1, 2]
+    _assert_same(single[:2], first)
+    ckpt = tmp_path / "tp2pp2" / "checkpoints" / "iter_0000002"
     saved = _logits(tmp_path, "at_tp2pp2", ckpt, 4, "parallel.tensor=2", "parallel.pipeline=2")
     assert saved.shape == (4, 2, 64, 8192) and saved.std() > 0.05  # every read-out row, every id
     for name, nproc, layout in (("at_single", 1, []),
                                 ("at_pp2cp2", 4, ["parallel.pipeline=2", "parallel.context=2"])):
         logits = _logits(tmp_path, name, ckpt, nproc, *layout)
         torch.testing.assert_close(logits, saved, atol=1e-6, rtol=0)
+    resumed = _run(tmp_path, "tp2pp2", *LAYOUT_ARGS)  # TP = PP = 1, resume=auto
+    _assert_same(single, resumed)

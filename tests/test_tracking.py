@@ -4,13 +4,12 @@ tracking settings fail before training. (The default sqlite store in `mlflow ui`
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+import helpers
 from mlflow_server import MlflowServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,11 +20,9 @@ TINY = ["model.num_layers=2", "model.hidden_size=64", "data.seq_len=64", "diffus
 
 
 def cascade(*args, background=False):
-    cmd = [sys.executable, "-m", "cascade_mega", *args]
-    if background:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    """Training runs in their own process here: the store must see a run end as a process
+    ends (status, the final flush)."""
+    return helpers.cascade(*args, process=True, background=background)
 
 
 @pytest.fixture(scope="module")

@@ -75,7 +75,7 @@ def _loader_tokens_per_s(trainer, reader, batches: int) -> float:
     """Micro-batches per second through `reader`, read in training order and prepared."""
     start, consumed, step = time.perf_counter(), 0, 0
     while consumed < batches:
-        for _ in trainer._micro_batches(reader, step, "train"):
+        for _ in trainer.objective.batch(reader, step, "train").make():
             consumed += 1
         step += 1
     return consumed / (time.perf_counter() - start)

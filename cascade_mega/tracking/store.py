@@ -72,7 +72,9 @@ def unreachable(err: BaseException) -> bool:
     text = str(err)
     return isinstance(err, (ConnectionError, TimeoutError)) or any(
         s in text for s in ("Max retries exceeded", "Connection refused", "timed out",
-                            "ConnectionError", "Failed to establish", "Read timed out"))
+                            "ConnectionError", "Failed to establish", "Read timed out",
+                            # the server died while answering this request
+                            "Connection aborted", "RemoteDisconnected", "Connection reset"))
 
 
 def experiment_id(client, name: str) -> str:

@@ -10,8 +10,8 @@ second) and uploads artifacts, so the step never waits on the tracking store.
   `cascade.restarts` tag and logs the `restarts` metric at the step it resumed from.
 - Parameters: the resolved config, the code (git commit, dirty flag) and versions; tags: the
   parallel layout, host and Slurm job, the sweep group, the parent run.
-- Artifacts: config.yaml, the checkpoint manifest after each checkpoint, sample generations at
-  each evaluation, loss and perplexity-bound curves (PNG) at each evaluation and at the end.
+- Artifacts: config.yaml, the checkpoint manifest after each checkpoint, and what other
+  callbacks hand to `artifact()`: sample generations (`samples.py`) and loss curves (`plots.py`).
 - A store that does not answer: one warning, metrics stay buffered (at most
   `tracking.max_buffer`, then the newest are dropped with a second warning) and go out when it
   answers again. At the end the run waits `tracking.flush_timeout` seconds for it, then writes what
@@ -27,14 +27,15 @@ import tempfile
 import threading
 import time
 
-from cascade_mega.tracking import params, plots, store
+from cascade_mega.tracking import params, store
+from cascade_mega.train.callbacks.base import Callback
 
 RUN_ID_FILE = "mlflow_run_id"
 UNSENT_FILE = "mlflow_unsent.jsonl"
 STATUS = {"finished": "FINISHED", "failed": "FAILED", "stopped": "KILLED"}
 
 
-class MlflowTracker:
+class MlflowTracker(Callback):
     def __init__(self, cfg, run_dir: str):
         self.cfg, self.run_dir = cfg, run_dir
         self.uri = store.resolve_uri(cfg)
@@ -48,7 +49,6 @@ class MlflowTracker:
         self.failing = False  # the store stopped answering (warned once)
         self.dropped = 0
         self.final_status = "FINISHED"
-        self.samples_ok = True
         self.step_times: list = []
         self.gave_up = False  # the store refused the run itself: keep metrics locally only
 
@@ -86,8 +86,10 @@ class MlflowTracker:
 
     def on_eval_end(self, trainer, step, metrics):
         self._add(step, metrics, "valid/")
-        self._log_samples(trainer, step)
-        self._log_plots()
+
+    def artifact(self, name: str, body: bytes) -> None:
+        """Upload `body` as artifact `name` (a path in the run), from the tracking thread."""
+        self.jobs.append((name, body))
 
     def on_checkpoint_end(self, trainer, step, path):
         from cascade_mega.train import checkpoint
@@ -107,43 +109,11 @@ class MlflowTracker:
                                                    self.cfg.data.seq_len /
                                                    summary["summary/step_time_median"])
             self._add(trainer.step, summary)
-        self._log_plots()
         self.stop.set()
         self.wake.set()
         if self.thread is not None:
             self.thread.join(self.cfg.tracking.flush_timeout + 15)
         self._write_unsent()
-
-    def _log_samples(self, trainer, step):
-        """A few generations of the current model, from the starts of validation sequences."""
-        n = self.cfg.tracking.samples
-        p = self.cfg.parallel
-        if not n or not self.samples_ok or p.tensor * p.pipeline * p.context > 1:
-            return
-        from cascade_mega.inference.decode import GenerationError
-        from cascade_mega.inference.load import decoder_for
-
-        try:
-            model = getattr(trainer.chunks[0], "module", trainer.chunks[0])
-            decoder = decoder_for(model, self.cfg, trainer.tokenizer)
-            batch = trainer.valid_data.micro_batch(0, n)
-            prompts = [row[:8].tolist() for row in batch.tokens]
-            outs = decoder.generate(prompts, self.cfg.tracking.sample_tokens)
-        except GenerationError as err:
-            self.samples_ok = False
-            store.warn(f"no sample generations in the tracking run: {err}")
-            return
-        finally:
-            trainer.chunks[0].train()
-        text = "\n\n".join(f"### prompt: {trainer.tokenizer.decode(p)!r}\n{o.text}"
-                           for p, o in zip(prompts, outs))
-        self.jobs.append((f"samples/step_{step:07d}.txt", text.encode()))
-
-    def _log_plots(self):
-        out = os.path.join(self.run_dir, "plots")
-        for path in plots.curves(os.path.join(self.run_dir, "metrics.jsonl"), out):
-            with open(path, "rb") as f:
-                self.jobs.append((f"plots/{os.path.basename(path)}", f.read()))
 
     def _replay_unsent(self):
         path = os.path.join(self.run_dir, UNSENT_FILE)

@@ -1,0 +1,1 @@
+"""Launchers: how the ranks of a run are started (importable as `cascade_launchers`)."""
