@@ -73,13 +73,12 @@ class Plan:
 def model_dims(cfg: CascadeConfig, vocab: int) -> dict:
     """h, a (heads), g (query groups), d (head dim), f (FFN), V (padded vocabulary, per the
     tensor-parallel size)."""
-    from cascade_mega.model.gpt import ffn_size, padded_vocab_size
+    from cascade_mega.model.gpt import ffn_size, vocab_rows
 
-    m, p = cfg.model, cfg.parallel
+    m = cfg.model
     return dict(h=m.hidden_size, a=m.num_attention_heads, g=m.num_query_groups or
                 m.num_attention_heads, d=m.hidden_size // m.num_attention_heads, f=ffn_size(cfg),
-                V=m.vocab_size or padded_vocab_size(vocab, m.make_vocab_size_divisible_by,
-                                                    p.tensor))
+                V=vocab_rows(cfg, vocab))
 
 
 def layer_parameters(cfg: CascadeConfig, vocab: int) -> int:

@@ -1,11 +1,15 @@
-"""Each behaviour the CPU-compatibility layer patches into megatron-core, checked directly."""
+"""Each behaviour the CPU-compatibility layer patches into megatron-core, checked directly.
+The layer applies only where CUDA is absent: on a GPU host these tests skip."""
 
-import contextlib
 import sys
 
+import pytest
 import torch
 
 from cascade_mega.runtime import cpu_compat
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
+                                reason="the CPU-compatibility layer applies only without CUDA")
 
 
 def _megatron_torch():

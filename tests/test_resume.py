@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from cascade_mega.config import load_config
 from cascade_mega.train.callbacks import MetricsFile
 from cascade_mega.train.trainer import Trainer
@@ -54,17 +56,62 @@ def test_run_directory_layout(megatron, tmp_path):
         <= set(train[0])
 
 
-def test_crash_during_save_keeps_last_checkpoint(megatron, tmp_path):
+# a training job killed (SIGKILL to its whole process group, as a node failure or a cancel does:
+# nothing runs after it) inside its step-6 save, either while megatron's writer is writing the
+# shards or after they are written, before the commit
+KILLED_SAVE = """
+import glob, os, signal, sys, threading
+from cascade_mega.train import checkpoint
+from cascade_mega.train.callbacks import MetricsFile
+from cascade_mega.train.trainer import Trainer
+sys.path.insert(0, "tests")
+from test_resume import _cfg
+
+mode, run_dir = sys.argv[1:3]
+real = checkpoint.dist_checkpointing.save
+
+def save(state, folder):
+    if not folder.endswith("iter_0000006.partial"):
+        return real(state, folder)
+    if mode == "before_commit":
+        real(state, folder)
+    else:
+        writer = threading.Thread(target=real, args=(state, folder), daemon=True)
+        writer.start()
+        while writer.is_alive() and not glob.glob(os.path.join(folder, "*")):
+            pass
+    os.killpg(0, signal.SIGKILL)  # this job's own session (the test starts it in one)
+
+checkpoint.dist_checkpointing.save = save
+cfg = _cfg(run_dir, "checkpoint.interval=3")
+Trainer(cfg, [MetricsFile(cfg.run_dir)]).setup().fit()
+"""
+
+
+@pytest.mark.parametrize("mode", ["mid_write", "before_commit"])
+def test_a_process_killed_during_a_save_keeps_the_last_checkpoint(megatron, tmp_path, mode):
+    """A real save killed part-way leaves `latest` on the previous checkpoint, which loads; the
+    next start resumes from it, clears the leftover and gives the uninterrupted losses."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
     from cascade_mega.train import checkpoint
 
-    cfg = _cfg(tmp_path / "run", "checkpoint.interval=3", "train.steps=3")
-    trainer = Trainer(cfg).setup().fit()
-    root = tmp_path / "run" / "checkpoints"
-    (root / "iter_0000006.partial").mkdir()  # what a crash mid-save leaves behind
+    run = tmp_path / "run"
+    with open(tmp_path / "log", "w+") as log:
+        job = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, mode, str(run)], cwd=ROOT,
+                               stdout=log, stderr=log, start_new_session=True)
+        assert job.wait(timeout=300) == -9, open(tmp_path / "log").read()[-2000:]
+    root = run / "checkpoints"
+    assert (root / "iter_0000006.partial").is_dir() and not (root / "iter_0000006").exists()
     assert checkpoint.latest(str(root)).endswith("iter_0000003")
-    step, _ = checkpoint.load(checkpoint.latest(str(root)), trainer.chunks, trainer.optimizer,
-                              trainer.scheduler)
-    assert step == 3
+    resumed = _run(_cfg(run, "checkpoint.interval=3"))  # resume=auto, from step 3
+    assert sorted(os.listdir(root)) == ["iter_0000003", "iter_0000006", "latest"]
+    straight = _run(_cfg(tmp_path / "straight", "checkpoint.interval=3"))
+    assert [(r["step"], r["loss"]) for r in resumed] == \
+        [(r["step"], r["loss"]) for r in straight]
 
 
 def test_a_scheduler_signal_stops_at_a_step_with_a_checkpoint(megatron, tmp_path):

@@ -15,13 +15,8 @@ import time
 
 from cascade_mega.bench import flops
 from cascade_mega.bench.memory import peak_bytes
-from cascade_mega.config import load_config
+from cascade_mega.config import ONE_PROCESS, load_config
 from cascade_mega.runtime import device
-
-
-# the in-process side-by-side runs, and the baseline of --nproc-per-node, use one process
-ONE_PROCESS = [f"parallel.{k}=1" for k in ("tensor", "pipeline", "context")] + \
-    ["parallel.sequence_parallel=false", "parallel.virtual_pipeline=null"]
 
 
 def add_arguments(p):

@@ -89,11 +89,12 @@ def _target(overrides, tensor: int, pipeline: int):
 
 
 def _build(cfg, tokenizer, dtype):
-    from cascade_mega.model.gpt import build_model
+    from cascade_mega.model.gpt import build_chunks
     from cascade_mega.runtime import distributed
 
     distributed.init(cfg.parallel, cfg.train.seed)
-    return build_model(cfg, tokenizer.vocab_size, forbidden_ids=[tokenizer.mask_id], dtype=dtype)
+    model, = build_chunks(cfg, tokenizer, dtype)
+    return model
 
 
 def hf_to_mcore(args) -> str:

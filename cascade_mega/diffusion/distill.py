@@ -32,12 +32,7 @@ import torch
 from cascade_mega.config import ConfigError
 from cascade_mega.data.tokenizer import same_tokenizer
 from cascade_mega.diffusion.masks import AttentionLayout
-from cascade_mega.model.gpt import build_model, logits_at_rows, padded_vocab_size
-
-
-def _vocab_rows(cfg, vocab_size: int) -> int:
-    return cfg.model.vocab_size or padded_vocab_size(
-        vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor)
+from cascade_mega.model.gpt import build_chunks, logits_at_rows, vocab_rows
 
 
 def teacher_config(cfg, tokenizer):
@@ -65,10 +60,10 @@ def teacher_config(cfg, tokenizer):
                           "the teacher must be an AR model (diffusion.objective = ar)")
     _same_tokenizer(teacher, tokenizer, path)
     vocab_size = tokenizer.vocab_size
-    if _vocab_rows(teacher, vocab_size) != _vocab_rows(cfg, vocab_size):
+    if vocab_rows(teacher, vocab_size) != vocab_rows(cfg, vocab_size):
         raise ConfigError(f"'distill.teacher' = {path} has a vocabulary of "
-                          f"{_vocab_rows(teacher, vocab_size)} rows, the student "
-                          f"{_vocab_rows(cfg, vocab_size)}: they must share one tokenizer")
+                          f"{vocab_rows(teacher, vocab_size)} rows, the student "
+                          f"{vocab_rows(cfg, vocab_size)}: they must share one tokenizer")
     if p.pipeline > 1 and teacher.model.hidden_size != cfg.model.hidden_size:
         raise ConfigError(f"'distill.teacher' = {path} has hidden size "
                           f"{teacher.model.hidden_size}, the student {cfg.model.hidden_size}: "
@@ -98,13 +93,9 @@ def _same_tokenizer(teacher, tokenizer, path: str) -> None:
 def build_teacher(tcfg, ckpt: str, tokenizer, dtype):
     """The frozen teacher (config and checkpoint from `teacher_config`): this rank's tensor-parallel
     share of this pipeline stage's layers."""
-    from megatron.core import parallel_state as ps
-
     from cascade_mega.train import checkpoint
 
-    teacher = build_model(tcfg, tokenizer.vocab_size, forbidden_ids=[tokenizer.mask_id],
-                          pre_process=ps.is_pipeline_first_stage(),
-                          post_process=ps.is_pipeline_last_stage(), dtype=dtype)
+    teacher, = build_chunks(tcfg, tokenizer, dtype)  # the teacher has no virtual stages
     try:
         checkpoint.load(ckpt, [teacher], None, None)
     except Exception as err:

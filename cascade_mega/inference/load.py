@@ -14,17 +14,15 @@ from cascade_mega.train.checkpoint import locate
 def load_model(path: str, threads: int = 0):
     """(config at one process, tokenizer, model with the checkpoint's weights) of a run or
     checkpoint."""
-    from cascade_mega.config import load_config
+    from cascade_mega.config import ONE_PROCESS, load_config
     from cascade_mega.data import loader
-    from cascade_mega.model.gpt import build_model
+    from cascade_mega.model.gpt import build_chunks
     from cascade_mega.runtime import distributed
     from cascade_mega.train import checkpoint
 
     config, ckpt = locate(path)
-    one = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.context=1",
-           "parallel.virtual_pipeline=null", "parallel.sequence_parallel=false",
-           "model.recompute=none", "train.fp8=null"]  # decoding runs without FP8
-    cfg = load_config(config, one, world_size=1)
+    cfg = load_config(config, ONE_PROCESS + ["model.recompute=none", "train.fp8=null"],
+                      world_size=1)  # decoding runs without FP8
     if threads:
         torch.set_num_threads(threads)
     if cfg.data.tokenizer:  # the run names its tokenizer (a converted model has no dataset)
@@ -34,8 +32,7 @@ def load_model(path: str, threads: int = 0):
     else:
         tokenizer = loader.load_tokenizer(cfg.data, loader.resolve_path(cfg.data.path))
     distributed.init(cfg.parallel, cfg.train.seed)
-    model = build_model(cfg, tokenizer.vocab_size, forbidden_ids=[tokenizer.mask_id],
-                        dtype=torch.float32)
+    model, = build_chunks(cfg, tokenizer)
     checkpoint.load(ckpt, [model], None, None)
     return cfg, tokenizer, model
 

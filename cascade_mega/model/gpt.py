@@ -39,6 +39,15 @@ def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
     return int(math.ceil(vocab / multiple) * multiple)
 
 
+def vocab_rows(cfg, vocab_size: int, tp: int | None = None) -> int:
+    """The one padded-vocabulary rule: the embedding's rows for a tokenizer of `vocab_size`
+    ids, `model.vocab_size` when set, else padded to a multiple of
+    `model.make_vocab_size_divisible_by` x the tensor-parallel size (default: the config's)."""
+    m = cfg.model
+    return m.vocab_size or padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by,
+                                             tp or cfg.parallel.tensor)
+
+
 def ffn_size(cfg: CascadeConfig) -> int:
     m = cfg.model
     return m.ffn_hidden_size or int(math.ceil(8 * m.hidden_size / 3 / 64) * 64)
@@ -263,8 +272,7 @@ def build_model(cfg: CascadeConfig, vocab_size: int, forbidden_ids=(), *, pre_pr
                 post_process=True, dtype=torch.float32, vp_stage=None) -> CascadeGPTModel:
     """One model chunk for this rank. `forbidden_ids` (e.g. [MASK]) can never be predicted."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    padded = cfg.model.vocab_size or padded_vocab_size(
-        vocab_size, cfg.model.make_vocab_size_divisible_by, tp)
+    padded = vocab_rows(cfg, vocab_size, tp)
     model = CascadeGPTModel(
         config=transformer_config(cfg, dtype),
         transformer_layer_spec=layer_spec(cfg, vp_stage),
@@ -292,3 +300,21 @@ def build_model(cfg: CascadeConfig, vocab_size: int, forbidden_ids=(), *, pre_pr
     # megatron places its layers on the current device unless `use_cpu_initialization` (the CPU
     # case); anything built elsewhere (e.g. a norm of the local spec) follows here
     return model.to(device.current())
+
+
+def build_chunks(cfg: CascadeConfig, tokenizer, dtype=torch.float32) -> list:
+    """The one model builder (trainer, distillation teacher, decoding, conversion): this rank's
+    model chunks, one per virtual pipeline stage (one without), for `tokenizer` (its vocabulary
+    padded by `vocab_rows`, its [MASK] never predicted)."""
+    vp = cfg.parallel.virtual_pipeline
+    chunks = []
+    for stage in range(vp or 1):
+        vp_stage = stage if vp else None
+        chunks.append(build_model(
+            cfg, tokenizer.vocab_size, forbidden_ids=[tokenizer.mask_id],
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
+                                                               vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
+                                                               vp_stage=vp_stage),
+            dtype=dtype, vp_stage=vp_stage))
+    return chunks

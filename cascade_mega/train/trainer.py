@@ -28,7 +28,7 @@ from cascade_mega.config import CascadeConfig, run_dtype, to_yaml, validate
 from cascade_mega.data import loader
 from cascade_mega.diffusion import distill, objectives
 from cascade_mega.diffusion.base import Shard
-from cascade_mega.model.gpt import build_model
+from cascade_mega.model.gpt import build_chunks
 from cascade_mega.runtime import device, distributed, machine
 from cascade_mega.train import checkpoint
 from cascade_mega.train.optim import build_optimizer, wrap_ddp
@@ -59,18 +59,18 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         env = distributed.read_env()
         self.world_size = env.world_size
-        validate(cfg, env.world_size)
+        validate(cfg, env.world_size)  # a no-op for a config `load_config` checked already
         device.select(env.local_rank)  # before anything (TE's import) can touch a GPU
         machine.check(cfg)  # TE for FP8, DALI: probed here, where the job runs
+        # the builtin dataset is built once, by rank 0, while the others wait in the rendezvous
         self.prefix = loader.resolve_path(cfg.data.path) if env.rank == 0 else None
-        if env.world_size > 1:  # the builtin dataset is built once, by rank 0
-            distributed.init(cfg.parallel, cfg.train.seed)
+        distributed.init(cfg.parallel, cfg.train.seed)
+        if env.world_size > 1:
             box = [self.prefix]
             dist.broadcast_object_list(box, src=0)
             self.prefix = box[0]
         self.tokenizer = loader.load_tokenizer(cfg.data, self.prefix)
         teacher = distill.teacher_config(cfg, self.tokenizer) if cfg.distill.teacher else None
-        distributed.init(cfg.parallel, cfg.train.seed)
         ps = parallel_state
         self.dp_size = ps.get_data_parallel_world_size()
         self.dp_rank = ps.get_data_parallel_rank()
@@ -82,7 +82,7 @@ class Trainer:
             cfg, self.tokenizer, self.prefix, self.dp_size)
         self.num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp_size)
         self.dtype = run_dtype(cfg)
-        self.chunks = wrap_ddp(self._build_chunks(), cfg)
+        self.chunks = wrap_ddp(build_chunks(cfg, self.tokenizer, self.dtype), cfg)
         self.teacher = distill.build_teacher(*teacher, self.tokenizer, self.dtype) \
             if teacher else None
         self.objective = objectives.build(
@@ -106,19 +106,6 @@ class Trainer:
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
         return self
-
-    def _build_chunks(self):
-        ps = parallel_state
-        vp = self.cfg.parallel.virtual_pipeline
-        chunks = []
-        for stage in range(vp or 1):
-            vp_stage = stage if vp else None
-            chunks.append(build_model(
-                self.cfg, self.tokenizer.vocab_size, forbidden_ids=[self.tokenizer.mask_id],
-                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-                dtype=self.dtype, vp_stage=vp_stage))
-        return chunks
 
     def _resume(self):
         mode = self.cfg.train.resume

@@ -1,0 +1,103 @@
+"""Loading a run configuration: YAML files that build on a base, dotted overrides, checked once.
+
+A config file may name a `base:` file (relative to itself); the chain is merged base-first, then the
+command-line overrides (`model.num_layers=4`). Unknown keys, wrong types and impossible combinations
+raise `ConfigError` with one message naming the key, before anything expensive is built.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from typing import List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from cascade_mega.config.rules import validate
+from cascade_mega.config.sections import CascadeConfig, ConfigError
+
+
+def _yaml_chain(path: str) -> List[dict]:
+    """The YAML file and its `base:` ancestors, base first."""
+    chain, seen = [], set()
+    while path:
+        path = os.path.abspath(path)
+        if path in seen:
+            raise ConfigError(f"config {path}: `base:` chain loops back to itself")
+        seen.add(path)
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        node = OmegaConf.load(path)
+        base = node.pop("base", None)
+        chain.append(node)
+        path = os.path.join(os.path.dirname(path), base) if base else None
+    return chain[::-1]
+
+
+def _suggest(key: str) -> str:
+    *parents, leaf = key.split(".")
+    node = OmegaConf.structured(CascadeConfig)
+    for p in parents:
+        node = node.get(p) if p in node else None
+        if node is None:
+            return ""
+    close = difflib.get_close_matches(leaf, list(node.keys()), n=1)
+    return f" (did you mean '{'.'.join(parents + close)}'?)" if close else ""
+
+
+def _explain(err: OmegaConfBaseException, origin: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError):
+        return ConfigError(f"{origin}: unknown config key '{key}'{_suggest(key)}")
+    if isinstance(err, ValidationError):
+        msg = str(err).splitlines()[0]
+        return ConfigError(f"{origin}: wrong type for '{key}': {msg}")
+    return ConfigError(f"{origin}: {str(err).splitlines()[0]}")
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
+                world_size: Optional[int] = None) -> CascadeConfig:
+    """Merge defaults <- YAML chain <- overrides, validate, and return a typed config object.
+
+    world_size: the number of processes the run will have (default: the launcher's environment;
+    0: not known here, the layout is checked against no world size).
+    """
+    cfg = OmegaConf.structured(CascadeConfig)
+    for node in _yaml_chain(path) if path else []:
+        try:
+            cfg = OmegaConf.merge(cfg, node)
+        except OmegaConfBaseException as err:
+            raise _explain(err, path) from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise _explain(err, f"override '{item}'") from None
+    if OmegaConf.is_missing(cfg, "run_dir"):
+        raise ConfigError("'run_dir' is not set (set it in the YAML file or as run_dir=PATH)")
+    obj: CascadeConfig = OmegaConf.to_object(cfg)
+    if world_size is None:
+        from cascade_mega.runtime.env import read_env
+
+        world_size = read_env().world_size
+    validate(obj, world_size)
+    return obj
+
+
+def run_dtype(cfg: CascadeConfig):
+    """The torch dtype of `train.precision` on this process's device (auto: bf16 on a GPU)."""
+    import torch
+
+    from cascade_mega.runtime import device
+
+    precision = cfg.train.precision
+    if precision == "bf16" or (precision == "auto" and device.on_gpu()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def to_yaml(cfg: CascadeConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

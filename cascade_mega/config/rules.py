@@ -1,0 +1,123 @@
+"""The rules between config sections (layout arithmetic, continued pretraining), after each
+section has checked itself. One message naming the keys involved, before anything is built."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from cascade_mega.config.sections import CascadeConfig, Section, need
+
+
+def validate(cfg: CascadeConfig, world_size: int = 1) -> None:
+    """Reject impossible combinations with one message naming the keys involved: each section
+    checks itself, then the rules between sections. Once per config object and world size
+    (`load_config` checks; the trainer's call is then a no-op)."""
+    if getattr(cfg, "_checked_for", None) == world_size:
+        return
+    for f in fields(cfg):
+        section = getattr(cfg, f.name)
+        if isinstance(section, Section):
+            section.check()
+    _check_model_layout(cfg)
+    _check_parallel_layout(cfg, world_size)
+    _check_continued(cfg)
+    cfg._checked_for = world_size  # not a field: a copy (`replace`) is checked again
+
+
+def _check_model_layout(cfg: CascadeConfig) -> None:
+    """The model and its sequence against the parallel layout."""
+    m, d, p, t = cfg.model, cfg.diffusion, cfg.parallel, cfg.train
+    L = cfg.data.seq_len
+    if d.objective == "block_diffusion":
+        need(L % d.block_size == 0, f"'diffusion.block_size' = {d.block_size} does not divide "
+             f"'data.seq_len' = {L}")
+    need(d.ar_loss_weight == 0 or p.context == 1,
+         "'diffusion.ar_loss_weight' has no context-parallel path: use 'parallel.context' = 1")
+    need(m.num_attention_heads % p.tensor == 0,
+         f"'parallel.tensor' = {p.tensor} does not divide 'model.num_attention_heads' = "
+         f"{m.num_attention_heads}")
+    need(m.groups % p.tensor == 0,
+         f"'parallel.tensor' = {p.tensor} does not divide 'model.num_query_groups' = {m.groups}")
+    need(m.vocab_size is None or m.vocab_size % p.tensor == 0,
+         f"'parallel.tensor' = {p.tensor} does not divide 'model.vocab_size' = {m.vocab_size}")
+    need(m.num_layers % p.pipeline == 0,
+         f"'parallel.pipeline' = {p.pipeline} does not divide 'model.num_layers' = {m.num_layers}")
+    bf16_layers = t.fp8_bf16_first_layers, t.fp8_bf16_last_layers
+    need(min(bf16_layers) >= 0 and max(bf16_layers) <= m.num_layers // p.pipeline,
+         f"'train.fp8_bf16_first_layers' / 'train.fp8_bf16_last_layers' = {bf16_layers} must be "
+         f"between 0 and the layers of a pipeline stage ({m.num_layers // p.pipeline})")
+    need(0 <= cfg.optimizer.warmup_steps < t.steps, f"'optimizer.warmup_steps' = "
+         f"{cfg.optimizer.warmup_steps} must be smaller than 'train.steps' = {t.steps}")
+    if p.context > 1:
+        B = 1 if d.objective == "ar" else d.block_size
+        need(cfg.attention_kind != "full", "'parallel.context' > 1 needs 'diffusion.block_size' "
+             "< 'data.seq_len' (full-sequence diffusion attends across the whole sequence)")
+        need(L % (2 * p.context * B) == 0,
+             f"'parallel.context' = {p.context} cuts 'data.seq_len' = {L} into 2 x {p.context} "
+             f"chunks of whole blocks: seq_len must be a multiple of 2 x context x block size = "
+             f"{2 * p.context * B}")
+        need(m.attention_kernel in ("auto", "tiled"), f"'parallel.context' > 1 runs the tiled "
+             f"attention kernel; 'model.attention_kernel' = {m.attention_kernel} has no "
+             "context-parallel path")
+    if p.sequence_parallel:
+        streams = 1 if d.objective == "ar" else \
+            d.views + (cfg.attention_kind == "block_diffusion") + (d.ar_loss_weight > 0)
+        rows = streams * L // p.context
+        need(rows % p.tensor == 0, f"'parallel.sequence_parallel' splits this rank's {rows} "
+             f"sequence rows across 'parallel.tensor' = {p.tensor} ranks: they must divide evenly")
+
+
+def _check_parallel_layout(cfg: CascadeConfig, world_size: int) -> None:
+    """The layout against the number of processes and the batch."""
+    p, t = cfg.parallel, cfg.train
+    model_parallel = p.tensor * p.pipeline * p.context
+    if world_size == 0:  # e.g. reading a finished sweep back: whatever world it ran at
+        world_size = model_parallel * t.global_batch_size // t.micro_batch_size
+    need(world_size % model_parallel == 0,
+         f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline x "
+         f"parallel.context = {model_parallel}")
+    dp = world_size // model_parallel
+    need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+         f"'train.global_batch_size' = {t.global_batch_size} is not a multiple of "
+         f"'train.micro_batch_size' x data-parallel size = {t.micro_batch_size} x {dp}")
+
+
+def _check_continued(cfg: CascadeConfig) -> None:
+    """The block-size schedule and distillation against the rest of the run."""
+    d, p, L = cfg.diffusion, cfg.parallel, cfg.data.seq_len
+    schedule = d.block_size_schedule
+    if schedule:
+        steps = sorted(schedule)
+        need(steps[0] == 0, f"'diffusion.block_size_schedule' must start at step 0, got "
+             f"{steps[0]}")
+        need(steps[-1] < cfg.train.steps, f"'diffusion.block_size_schedule' starts block size "
+             f"{schedule[steps[-1]]} at step {steps[-1]}, not before 'train.steps' = "
+             f"{cfg.train.steps}")
+        need(schedule[steps[-1]] == d.block_size, f"'diffusion.block_size_schedule' ends at "
+             f"block size {schedule[steps[-1]]}; it must end at 'diffusion.block_size' = "
+             f"{d.block_size} (the block size the model is decoded with)")
+        need(1 not in schedule.values() or d.shifted_prediction,
+             "'diffusion.block_size_schedule' block size 1 is an AR phase: it needs "
+             "'diffusion.shifted_prediction' = true (row i-1 predicts token i, as in AR)")
+        need(1 not in schedule.values() or not cfg.distill.teacher,
+             "'diffusion.block_size_schedule' block size 1 (an AR phase) cannot be distilled "
+             "from 'distill.teacher' (the teacher is that AR model's kind already)")
+        for step, B in schedule.items():
+            need(B > 0 and L % B == 0, f"'diffusion.block_size_schedule' block size {B} (from "
+                 f"step {step}) does not divide 'data.seq_len' = {L}")
+            need((B < L) == (cfg.attention_kind == "block_diffusion"),
+                 "'diffusion.block_size_schedule' mixes B = L with B < L (they lay out a "
+                 "different number of rows)")
+            need(p.context == 1 or L % (2 * p.context * B) == 0,
+                 f"'diffusion.block_size_schedule' block size {B} does not fit the "
+                 f"context-parallel chunks (seq_len a multiple of 2 x context x B)")
+    if cfg.distill.teacher:
+        need(d.objective == "block_diffusion", "'distill.teacher' distils an AR teacher into a "
+             "block-diffusion model: 'diffusion.objective' must be block_diffusion")
+        need(not (p.sequence_parallel and p.pipeline > 1) or L % p.tensor == 0,
+             f"'distill.teacher' under pipeline and sequence parallel splits the teacher's {L} "
+             f"rows across 'parallel.tensor' = {p.tensor} ranks: they must divide evenly")
+        need(p.context == 1, "'distill.teacher' has no context-parallel path (a target's teacher "
+             "row can sit on another rank): use 'parallel.context' = 1")
+        need(not p.virtual_pipeline, "'distill.teacher' has no interleaved-pipeline path: unset "
+             "'parallel.virtual_pipeline'")

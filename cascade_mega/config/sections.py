@@ -1,0 +1,301 @@
+"""The run configuration's sections: typed dataclasses, each checking its own fields
+(`Section.check`); the rules between sections are in `rules.py`, loading in `load.py`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A configuration the run cannot use; the message names the offending key."""
+
+
+def need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+class Section:
+    """A config section that checks its own fields (`check`): its choices (`_CHOICES`), then the
+    rules of `_check`. Rules between sections live in `validate`."""
+
+    NAME = ""
+    POSITIVE: tuple = ()  # fields that must be > 0
+
+    def check(self) -> None:
+        for key, choices in _CHOICES.items():
+            section, leaf = key.split(".")
+            if section == self.NAME:
+                value = getattr(self, leaf)
+                need(value in choices, f"'{key}' = {value!r}; expected one of "
+                     f"{', '.join(choices)}")
+        for leaf in self.POSITIVE:
+            value = getattr(self, leaf)
+            need(value > 0, f"'{self.NAME}.{leaf}' must be positive, got {value}")
+        self._check()
+
+    def _check(self) -> None:
+        pass
+
+
+@dataclass
+class ModelConfig(Section):
+    NAME, POSITIVE = "model", ("num_layers", "hidden_size", "num_attention_heads")
+
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # None: multi-head attention; fewer: grouped-query
+    ffn_hidden_size: Optional[int] = None  # None: SwiGLU default 8/3 * hidden, rounded up to 64
+    vocab_size: Optional[int] = None  # None: taken from the tokenizer (plus padding)
+    make_vocab_size_divisible_by: int = 128
+    tie_embeddings: bool = False
+    rotary_base: float = 10000.0
+    rope_scaling: Optional[str] = None  # None | llama3 (Llama 3.1's long-context frequencies)
+    rope_scaling_factor: float = 8.0
+    norm_epsilon: float = 1e-5
+    qkv_bias: bool = False  # Qwen2 has QKV biases; Llama has none
+    init_std: float = 0.02
+    attention_backend: str = "auto"  # auto | local | te  (te needs Transformer Engine and a GPU)
+    attention_kernel: str = "auto"  # auto (flex on GPU, tiled on CPU) | tiled | flex | dense
+    recompute: str = "none"  # none | full (keep each layer's input, recompute it in backward)
+
+    def _check(self):
+        need(self.rope_scaling in (None, "llama3"),
+             f"'model.rope_scaling' = {self.rope_scaling!r}; expected null or llama3")
+        need(self.hidden_size % self.num_attention_heads == 0,
+             f"'model.num_attention_heads' = {self.num_attention_heads} does not divide "
+             f"'model.hidden_size' = {self.hidden_size}")
+        need(self.num_attention_heads % self.groups == 0,
+             f"'model.num_query_groups' = {self.groups} does not divide "
+             f"'model.num_attention_heads' = {self.num_attention_heads}")
+
+    @property
+    def groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+
+@dataclass
+class DiffusionConfig(Section):
+    NAME, POSITIVE = "diffusion", ("block_size",)
+
+    objective: str = "block_diffusion"  # block_diffusion | ar
+    block_size: int = 16
+    shifted_prediction: bool = False
+    noise_sampling: str = "stratified"  # stratified (antithetic across the batch) | uniform
+    t_min: float = 0.0  # clipped noise range [t_min, t_max] (BD3-LM's [beta, omega]) for training
+    t_max: float = 1.0
+    views: int = 1  # noisy views of each sequence sharing one clean stream: [x_t^1..x_t^V ; x_0]
+    complementary: bool = False  # views = 2, the second masks exactly what the first keeps
+    # continued pretraining from an AR model (SDAR / Fast-dLLM v2 style):
+    # an auxiliary next-token loss on one more stream, the clean sequence under a causal mask,
+    # added to the NELBO with this weight (0: off; one extra L-row stream per sequence)
+    ar_loss_weight: float = 0.0
+    # start step -> block size, e.g. {0: 4, 2000: 8}: small blocks first, then grow; the last
+    # entry must equal `block_size` (the block size the model is decoded with). Empty: fixed B.
+    # Block size 1 (with shifted prediction) is AR: {0: 1, 250: 16} starts the run as an AR model
+    # and converts it to block diffusion in the same run (objective.at_step).
+    block_size_schedule: Dict[int, int] = field(default_factory=dict)
+
+    def _check(self):
+        need(0.0 <= self.t_min < self.t_max <= 1.0,
+             f"'diffusion.t_min'/'diffusion.t_max' must satisfy 0 <= t_min < t_max <= 1, "
+             f"got [{self.t_min}, {self.t_max}]")
+        need(self.views >= 1, f"'diffusion.views' must be >= 1, got {self.views}")
+        need(not self.complementary or self.views == 2,
+             f"'diffusion.complementary' needs 'diffusion.views' = 2, got {self.views}")
+        need(self.views == 1 or self.objective == "block_diffusion",
+             "'diffusion.views' > 1 needs 'diffusion.objective' = block_diffusion")
+        need(self.ar_loss_weight >= 0,
+             f"'diffusion.ar_loss_weight' must be >= 0, got {self.ar_loss_weight}")
+        need(self.ar_loss_weight == 0 or self.objective == "block_diffusion",
+             "'diffusion.ar_loss_weight' is an auxiliary loss of block diffusion; the ar "
+             "objective has the next-token loss already")
+        need(not self.block_size_schedule or self.objective == "block_diffusion",
+             "'diffusion.block_size_schedule' needs 'diffusion.objective' = block_diffusion")
+
+
+@dataclass
+class DistillConfig(Section):
+    NAME = "distill"
+
+    # a frozen AR teacher (run directory or checkpoint, diffusion.objective = ar, same vocabulary):
+    # for each masked position, KL(teacher's next-token distribution || the denoiser's prediction)
+    # is added to the loss with `weight` per masked token; one extra no-gradient L-row forward
+    teacher: Optional[str] = None
+    weight: float = 1.0
+
+    def _check(self):
+        need(not self.teacher or self.weight > 0,
+             f"'distill.weight' must be positive, got {self.weight}")
+
+
+@dataclass
+class ParallelConfig(Section):
+    NAME, POSITIVE = "parallel", ("tensor", "pipeline", "context")
+
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: Optional[int] = None
+    context: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+
+    def _check(self):
+        need(not self.sequence_parallel or self.tensor > 1,
+             "'parallel.sequence_parallel' needs 'parallel.tensor' > 1")
+
+
+@dataclass
+class DataConfig(Section):
+    NAME, POSITIVE = "data", ("seq_len",)
+
+    # indexed-dataset prefix, builtin:shakespeare, or a blend "W1 PREFIX1 W2 PREFIX2 ..."
+    path: str = "builtin:shakespeare"
+    tokenizer: Optional[str] = None  # tokenizer.json; None: the one recorded beside the dataset
+    seq_len: int = 256
+    split: str = "95,5,0"
+    cache_dir: Optional[str] = None  # megatron sample-index cache; None: beside the dataset
+    # attention and the loss stay inside each document of a packed sequence (megatron packs
+    # documents end to end; otherwise a block is denoised from an unrelated document's prefix)
+    document_mask: bool = False
+    backend: str = "megatron"  # megatron (memory-mapped reads in the step) | dali (extra [dali])
+
+
+@dataclass
+class OptimizerConfig(Section):
+    NAME = "optimizer"
+
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 50
+    decay_style: str = "cosine"  # cosine | linear | constant
+
+    def _check(self):
+        need(self.min_lr <= self.lr,
+             f"'optimizer.min_lr' = {self.min_lr} exceeds 'optimizer.lr' = {self.lr}")
+
+
+@dataclass
+class TrainConfig(Section):
+    NAME = "train"
+    POSITIVE = ("steps", "micro_batch_size", "global_batch_size", "log_interval")
+
+    steps: int = 600
+    micro_batch_size: int = 8
+    global_batch_size: int = 16
+    seed: int = 1234
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    # FP8 GEMMs through Transformer Engine on a GPU (checked where the job runs, not where it is
+    # submitted); decoding and the samples logged during training run without FP8
+    fp8: Optional[str] = None  # None | e4m3 | hybrid
+    fp8_recipe: str = "delayed"  # delayed (amax history) | tensorwise (current scaling)
+    fp8_margin: int = 0  # scaling-factor margin (powers of 2)
+    fp8_amax_history_len: int = 1024  # delayed scaling: amax history per tensor
+    fp8_amax_compute_algo: str = "max"  # delayed scaling: max | most_recent of the history
+    # the first and the last layers of the model kept in BF16 (tensorwise only; megatron-core's
+    # first_last_layers_bf16; at most the layers of one pipeline stage)
+    fp8_bf16_first_layers: int = 0
+    fp8_bf16_last_layers: int = 0
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_batches: int = 8
+    resume: str = "auto"  # auto (latest complete checkpoint in run_dir) | none | a checkpoint path
+    # a run directory or checkpoint whose model weights start this run at step 0 with a fresh
+    # optimizer (e.g. a converted AR model, `cascade convert`); unused once the run has its own
+    init_from: Optional[str] = None
+    threads: Optional[int] = None  # torch intra-op threads on CPU; None: torch's default
+    exit_interval: Optional[int] = None  # checkpoint and stop after this many steps of this job
+
+    def _check(self):
+        need(self.fp8 in (None, "e4m3", "hybrid"),
+             f"'train.fp8' = {self.fp8!r}; expected e4m3 or hybrid")
+        bf16_layers = self.fp8_bf16_first_layers, self.fp8_bf16_last_layers
+        need(not any(bf16_layers) or self.fp8_recipe != "delayed",
+             "'train.fp8_bf16_first_layers' / 'train.fp8_bf16_last_layers' need "
+             "'train.fp8_recipe' = tensorwise (delayed scaling keeps every layer in FP8)")
+        need(self.fp8_margin >= 0 and self.fp8_amax_history_len >= 1,
+             "'train.fp8_margin' must be >= 0 and 'train.fp8_amax_history_len' >= 1")
+        need(self.eval_interval >= 0 and self.eval_batches >= 0,
+             "'train.eval_interval' and 'train.eval_batches' must be >= 0")
+
+
+@dataclass
+class CheckpointConfig(Section):
+    NAME, POSITIVE = "checkpoint", ("interval",)
+
+    interval: int = 200
+    keep_last: Optional[int] = None  # None keeps every checkpoint
+
+
+@dataclass
+class TrackingConfig(Section):
+    NAME = "tracking"
+
+    enabled: bool = True
+    uri: Optional[str] = None  # None: sqlite store in the run directory; or http(s)://HOST:PORT
+    experiment: str = "cascade"
+    run_name: Optional[str] = None  # None: the config's `name`
+    tags: Dict[str, str] = field(default_factory=dict)
+    group: Optional[str] = None  # runs of one sweep share it (tag cascade.group)
+    parent_run_id: Optional[str] = None  # nest under a parent run (the MLflow UI groups them)
+    samples: int = 2  # generations logged at each evaluation (one-stage layouts); 0: none
+    sample_tokens: int = 32
+    max_buffer: int = 100_000  # metrics held while the store does not answer
+    flush_timeout: float = 30.0  # seconds the end of a run waits for the store to take the rest
+
+    def _check(self):
+        need(self.max_buffer > 0, "'tracking.max_buffer' must be positive")
+        need(self.samples >= 0 and self.sample_tokens > 0,
+             "'tracking.samples' must be >= 0 and 'tracking.sample_tokens' > 0")
+
+
+@dataclass
+class CascadeConfig:
+    name: str = "run"
+    run_dir: str = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def attention_kind(self) -> str:
+        """The sequence layout the objective lays out, decided here once (the `AttentionLayout`
+        kinds): 'causal' (the AR objective), 'full' (B = L: masked diffusion over the whole
+        sequence, no clean stream) or 'block_diffusion' (B < L: noisy views and a clean stream)."""
+        d = self.diffusion
+        if d.objective == "ar":
+            return "causal"
+        return "full" if d.block_size >= self.data.seq_len else "block_diffusion"
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+# the overrides that put a run's config on one process (decoding, benchmarks side by side)
+ONE_PROCESS = [f"parallel.{k}=1" for k in ("tensor", "pipeline", "context")] + \
+    ["parallel.sequence_parallel=false", "parallel.virtual_pipeline=null"]
+_CHOICES = {
+    "diffusion.objective": ("block_diffusion", "ar"),
+    "diffusion.noise_sampling": ("stratified", "uniform"),
+    "optimizer.decay_style": ("cosine", "linear", "constant"),
+    "train.precision": PRECISIONS,
+    "model.attention_backend": ("auto", "local", "te"),
+    "model.attention_kernel": ("auto", "tiled", "flex", "dense"),
+    "model.recompute": ("none", "full"),
+    "data.backend": ("megatron", "dali"),
+    "train.fp8_recipe": ("delayed", "tensorwise"),
+    "train.fp8_amax_compute_algo": ("max", "most_recent"),
+}
