@@ -129,12 +129,12 @@ def test_logits_equal_at_tensor_and_pipeline_parallel(converted, split, tmp_path
     tensor, pipeline = (tensor_size(kind), 1) if split == "tensor" else (1, 2)
     plays = root / "plays"
     if not os.path.exists(f"{plays}.idx"):  # Shakespeare in this model's tokenizer, once
-        from cascade_mega.cli import main
+        from helpers import cascade
 
         corpus = root / "plays.txt"
         corpus.write_text(list(documents())[4][:30000])
-        assert main(["preprocess", str(corpus), "--output-prefix", str(plays), "--tokenizer",
-                     str(root / "mc" / "tokenizer.json"), "--lines"]) == 0
+        assert cascade("preprocess", corpus, "--output-prefix", plays, "--tokenizer",
+                       root / "mc" / "tokenizer.json", "--lines").returncode == 0
     out = tmp_path / "logits.pt"
     from helpers import torchrun
 

@@ -240,26 +240,23 @@ def test_chain_runs_in_order(cluster, tmp_path):
     (["--cluster", "local", "--time", "00:01:30"], "time limit 00:01:30"),
     (["--cluster", "local", "--nodes", "3"], "--nodes 3"),
 ])
-def test_bad_submissions_fail_before_anything_is_submitted(cluster, tmp_path, capsys, args,
-                                                           needle):
-    from cascade_mega.cli import main
-
+def test_bad_submissions_fail_before_anything_is_submitted(cluster, tmp_path, args, needle):
     before = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout
-    assert main(["submit", *TRAIN, f"run_dir={tmp_path}/run", *args]) == 2
-    err = capsys.readouterr().err
+    proc = helpers.cascade("submit", *TRAIN, f"run_dir={tmp_path}/run", *args)  # in process
+    err = proc.stderr
+    assert proc.returncode == 2, err
     assert needle in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
     assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
 
 
-def test_partition_missing_on_the_cluster(cluster, tmp_path, capsys):
-    from cascade_mega.cli import main
-
+def test_partition_missing_on_the_cluster(cluster, tmp_path):
     profile = tmp_path / "site.yaml"
     profile.write_text("name: site\npartition: gpu\nnodes: 1\ncpus_per_node: 2\n"
                        "device_tflops: 0.05\nassumed_mfu: 1.0\nstartup_s: 30\n")
-    assert main(["submit", *TRAIN, f"run_dir={tmp_path}/run", "--cluster", str(profile)]) == 2
-    err = capsys.readouterr().err
+    proc = helpers.cascade("submit", *TRAIN, f"run_dir={tmp_path}/run", "--cluster", profile)
+    err = proc.stderr
+    assert proc.returncode == 2, err
     assert "partition 'gpu' does not exist on this cluster (sinfo: debug, urgent)" in err
 
 

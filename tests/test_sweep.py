@@ -163,31 +163,30 @@ def test_local_sweep_stops_resumes_skips_and_names_its_failed_run(tmp_path):
     ("  - size: [[1, 32]]\n    tokens: [384]\n    block_size: [5]\n", "",
      "run bd5_n1x32_d384: "),  # the run's own config error, named with the run
 ])
-def test_bad_sweep_files_fail_before_anything_runs(tmp_path, capsys, grids, extra, needle):
-    from cascade_mega.cli import main
-
-    path = sweep_file(tmp_path, grids, extra)
-    assert main(["sweep", path]) == 2
-    err = capsys.readouterr().err
+def test_bad_sweep_files_fail_before_anything_runs(tmp_path, grids, extra, needle):
+    proc = cascade("sweep", sweep_file(tmp_path, grids, extra))
+    err = proc.stderr
+    assert proc.returncode == 2, err
     assert needle in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "tiny").exists()
 
 
-def test_runs_that_do_not_fit_the_cluster_profile_are_refused_before_submission(tmp_path, capsys):
-    from cascade_mega.cli import main
-
+def test_runs_that_do_not_fit_the_cluster_profile_are_refused_before_submission(tmp_path):
     big = sweep_file(tmp_path, "  - size: [[2, 256], [48, 8192]]\n    tokens: [1.0e9]\n",
                      name="big")
-    assert main(["sweep", big, "data.seq_len=4096", "train.micro_batch_size=4",
-                 "checkpoint.interval=5", "train.global_batch_size=256", "--executor", "slurm", "--cluster", "h100"]) == 2
-    err = capsys.readouterr().err
+    proc = cascade("sweep", big, "data.seq_len=4096", "train.micro_batch_size=4",
+                   "checkpoint.interval=5", "train.global_batch_size=256", "--executor", "slurm",
+                   "--cluster", "h100")
+    err = proc.stderr
+    assert proc.returncode == 2, err
     assert "run bd16_n48x8192_d1B does not fit cluster profile 'h100': needs " in err, err
     assert "GiB per GPU (cascade plan), more than the profile's 80 GiB" in err
     slow = sweep_file(tmp_path, "  - size: [[2, 64]]\n    tokens: [1.0e8]\n", "nodes: 1\n",
                       name="slow")
-    assert main(["sweep", slow, "checkpoint.interval=1000000", "--executor", "slurm",
-                 "--cluster", "local"]) == 2
-    assert "does not fit cluster profile 'local': time limit 00:30:00" in capsys.readouterr().err
+    proc = cascade("sweep", slow, "checkpoint.interval=1000000", "--executor", "slurm",
+                   "--cluster", "local")
+    assert proc.returncode == 2
+    assert "does not fit cluster profile 'local': time limit 00:30:00" in proc.stderr
     assert not (tmp_path / "big").exists() and not (tmp_path / "slow").exists()
 
 

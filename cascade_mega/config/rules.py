@@ -19,8 +19,8 @@ def validate(cfg: CascadeConfig, world_size: int = 1) -> None:
         if isinstance(section, Section):
             section.check()
     _check_model_layout(cfg)
+    _check_continued(cfg)  # what a feature needs comes before the world-size arithmetic
     _check_parallel_layout(cfg, world_size)
-    _check_continued(cfg)
     cfg._checked_for = world_size  # not a field: a copy (`replace`) is checked again
 
 

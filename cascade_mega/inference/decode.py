@@ -98,7 +98,7 @@ class Decoder:
         self.B = 1 if self.ar else d.block_size
         self.shifted = self.ar or d.shifted_prediction
         self.max_len = cfg.data.seq_len
-        if not self.ar and self.B == self.max_len:
+        if cfg.attention_kind == "full":
             raise GenerationError("full-diffusion checkpoints (block_size = seq_len) decode with "
                                   "FullDiffusionDecoder (inference/full_diffusion.py)")
         self.forwards = 0
