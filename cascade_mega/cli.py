@@ -105,6 +105,7 @@ def main(argv=None) -> int:
     from cascade_mega.inference.decode import GenerationError
 
     from cascade_mega.runtime.device import DeviceError
+    from cascade_mega.train.errors import NonFiniteError
 
     user_errors = (ConfigError, DataError, FileNotFoundError, GenerationError, DeviceError)
     try:
@@ -115,6 +116,9 @@ def main(argv=None) -> int:
     except user_errors as err:
         print(f"cascade: error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:  # a run that stopped itself, with its reason
+        print(f"cascade: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -133,3 +133,59 @@ def test_a_scheduler_signal_stops_at_a_step_with_a_checkpoint(megatron, tmp_path
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored
     resumed = _run(_cfg(tmp_path / "signalled"))
     assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in straight]
+
+
+def test_resume_says_where_from_and_names_changed_settings(megatron, tmp_path):
+    """The operator's view: a resumed run names its checkpoint and each setting changed since
+    (here the step budget and the evaluation interval); step lines carry tokens, ETA and the time."""
+    import io
+    import re
+
+    from cascade_mega.train.callbacks import ConsoleProgress
+
+    _run(_cfg(tmp_path / "run", "train.exit_interval=3"))
+    cfg = _cfg(tmp_path / "run", "train.steps=8", "train.eval_interval=4")
+    out = io.StringIO()
+    Trainer(cfg, [ConsoleProgress(cfg.train.steps, out)]).setup().fit()
+    lines = out.getvalue().splitlines()
+    assert lines[0] == f"resumed from {tmp_path}/run/checkpoints/iter_0000003 at step 3"
+    assert lines[1] == "changed since that checkpoint: train.steps 6 -> 8; " \
+        "train.eval_interval 3 -> 4; train.exit_interval 3 -> None"
+    step = [line for line in lines if line.startswith("step ")]
+    assert len(step) == 5 and re.search(r"\| tokens 2\.05k \| eta 0:00:0\d \| \d\d:\d\d:\d\d$",
+                                        step[-1]), step[-1]
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_a_nan_loss_stops_the_run_naming_the_step_or_is_skipped(megatron, tmp_path, mode):
+    """A NaN in the loss of step 4: its update is never applied. `stop`: one message naming the
+    step and the last good checkpoint; `skip`: a warning, the run goes on with finite weights."""
+    import torch
+
+    from cascade_mega.train.errors import NonFiniteError
+
+    cfg = _cfg(tmp_path / "run", "checkpoint.interval=2", "train.eval_interval=0",
+               f"train.nonfinite={mode}")
+    trainer = Trainer(cfg, [MetricsFile(cfg.run_dir)]).setup()
+    real, calls = trainer.objective.loss_sums, []
+
+    def poisoned(prep, output):
+        loss, sums = real(prep, output)
+        calls.append(1)
+        if len(calls) == 3 * trainer.num_micro + 1:  # the first micro-batch of step 4
+            loss = loss * float("nan")
+        return loss, sums
+
+    trainer.objective.loss_sums = poisoned
+    if mode == "stop":
+        with pytest.raises(NonFiniteError) as err:
+            trainer.fit()
+        assert str(err.value).startswith("step 4: the loss or the gradients are not finite")
+        assert f"last good checkpoint is {tmp_path}/run/checkpoints/iter_0000002" in str(err.value)
+        assert trainer.outcome == "failed"
+        return
+    trainer.fit()
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in records if r.get("skipped")] == [4]
+    assert all(torch.isfinite(p).all() for p in trainer.chunks[0].parameters())
+    assert trainer.step == 6 and records[-1]["loss"] == records[-1]["loss"]  # finite again

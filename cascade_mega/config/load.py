@@ -101,3 +101,20 @@ def run_dtype(cfg: CascadeConfig):
 
 def to_yaml(cfg: CascadeConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_changes(old_yaml: str, cfg: CascadeConfig) -> list:
+    """[(key, old value, new value)] for every setting of `cfg` that differs from the config in
+    `old_yaml` (e.g. the one a checkpoint was saved under), dotted keys in config order."""
+    def flat(node, prefix=""):
+        out = {}
+        for key, value in node.items():
+            if isinstance(value, dict) and value and not str(next(iter(value))).isdigit():
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    old = flat(OmegaConf.to_container(OmegaConf.create(old_yaml)))
+    new = flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    return [(k, old.get(k), v) for k, v in new.items() if old.get(k) != v]

@@ -214,6 +214,9 @@ class TrainConfig(Section):
     init_from: Optional[str] = None
     threads: Optional[int] = None  # torch intra-op threads on CPU; None: torch's default
     exit_interval: Optional[int] = None  # checkpoint and stop after this many steps of this job
+    # a step whose gradients are NaN / Inf (a non-finite loss) is never applied; then: stop (one
+    # message naming the step and the last good checkpoint) or skip (warn, go on with the next)
+    nonfinite: str = "stop"
 
     def _check(self):
         need(self.fp8 in (None, "e4m3", "hybrid"),
@@ -298,4 +301,5 @@ _CHOICES = {
     "data.backend": ("megatron", "dali"),
     "train.fp8_recipe": ("delayed", "tensorwise"),
     "train.fp8_amax_compute_algo": ("max", "most_recent"),
+    "train.nonfinite": ("stop", "skip"),
 }

@@ -108,10 +108,12 @@ def start_writer() -> None:
 
 
 def save(ckpt_root: str, chunks, optimizer, scheduler, step: int, consumed: int,
-         keep_last: Optional[int] = None, write_extra=None, layout: Optional[dict] = None) -> str:
+         keep_last: Optional[int] = None, write_extra=None, layout: Optional[dict] = None,
+         config_yaml: Optional[str] = None) -> str:
     """write_extra(folder): every rank's own files (e.g. the DALI pipeline state), written into
     the checkpoint before it is declared complete. layout: the parallel layout it was saved at,
-    recorded in `cascade.json` with the step (what `manifest` lists)."""
+    recorded in `cascade.json` with the step (what `manifest` lists). config_yaml: the run's
+    config, kept as `config.yaml` (a resume names what changed since)."""
     final = os.path.join(ckpt_root, iter_name(step))
     partial = final + ".partial"
     if _rank0():
@@ -127,6 +129,9 @@ def save(ckpt_root: str, chunks, optimizer, scheduler, step: int, consumed: int,
         write_extra(partial)
     _barrier()
     if _rank0():
+        if config_yaml is not None:
+            with open(os.path.join(partial, "config.yaml"), "w") as f:
+                f.write(config_yaml)
         with open(os.path.join(partial, INFO), "w") as f:
             json.dump({"step": step, "consumed_samples": consumed, "layout": layout or {},
                        "saved_at": time.time()}, f)

@@ -45,7 +45,7 @@ def build_optimizer(chunks, cfg, dtype):
         params_dtype=dtype,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(opt_cfg, chunks)
+    optimizer = refuse_nonfinite_updates(get_megatron_optimizer(opt_cfg, chunks))
     steps = cfg.train.steps
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -61,3 +61,23 @@ def build_optimizer(chunks, cfg, dtype):
         wd_incr_style="constant",
     )
     return optimizer, scheduler
+
+
+def refuse_nonfinite_updates(optimizer):
+    """An update whose gradient norm is NaN or Inf (a non-finite loss, an overflow) is not
+    applied: megatron-core's `step()` then returns (False, norm, ...), and the trainer stops or
+    skips the step (`train.nonfinite`). The norm is the one megatron computes for clipping, so
+    the check costs nothing (it is on the host already)."""
+    import math
+
+    norm, apply = optimizer.get_grad_norm, optimizer.step_with_ready_grads
+
+    def get_grad_norm():
+        optimizer.last_grad_norm = norm()
+        return optimizer.last_grad_norm
+
+    def step_with_ready_grads():
+        return math.isfinite(getattr(optimizer, "last_grad_norm", 0.0)) and apply()
+
+    optimizer.get_grad_norm, optimizer.step_with_ready_grads = get_grad_norm, step_with_ready_grads
+    return optimizer

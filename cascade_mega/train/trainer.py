@@ -24,13 +24,14 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from cascade_mega.bench import flops
-from cascade_mega.config import CascadeConfig, run_dtype, to_yaml, validate
+from cascade_mega.config import CascadeConfig, config_changes, run_dtype, to_yaml, validate
 from cascade_mega.data import loader
 from cascade_mega.diffusion import distill, objectives
 from cascade_mega.diffusion.base import Shard
 from cascade_mega.model.gpt import build_chunks
 from cascade_mega.runtime import device, distributed, machine
 from cascade_mega.train import checkpoint
+from cascade_mega.train.errors import NonFiniteError
 from cascade_mega.train.optim import build_optimizer, wrap_ddp
 from cascade_mega.train.signals import StopSignals
 
@@ -114,9 +115,12 @@ class Trainer:
             path = checkpoint.latest(self.ckpt_root)
         elif mode != "none":
             path = mode
-        self.resumed_from = path
+        self.resumed_from, self.resume_changes = path, []
         if path:
             self.start_step, _ = checkpoint.load(path, self.chunks, self.optimizer, self.scheduler)
+            saved = os.path.join(path, "config.yaml")
+            if os.path.isfile(saved):  # the config it was saved under
+                self.resume_changes = config_changes(open(saved).read(), self.cfg)
         elif self.cfg.train.init_from:  # weights only; megatron's bf16 optimizer keeps fp32
             checkpoint.load(checkpoint.locate(self.cfg.train.init_from)[1], self.chunks, None,
                             None)  # megatron's bf16 optimizer keeps fp32 copies: refresh them
@@ -164,11 +168,14 @@ class Trainer:
         batch = self.objective.batch(self.train_data, step, "train")
         sums = self._run_schedule(batch, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
+        if ok:  # a refused update (non-finite gradients) leaves the LR schedule where it was
+            self.scheduler.step(increment=1)
         elapsed = time.perf_counter() - start
         metrics = self._metrics(sums, train=True) if log else {}
         if batch.block_size is not None:
             metrics["block_size"] = batch.block_size
+        if not ok:
+            metrics["skipped"] = 1.0
         metrics.update({
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -222,6 +229,7 @@ class Trainer:
                 log = (self.step + 1) % t.log_interval == 0 or self.step + 1 == t.steps
                 metrics = self.train_step(self.step, log)
                 self.step += 1
+                self._check_finite(metrics)
                 if log:
                     self._emit("on_step_end", self.step, metrics)
                 if t.eval_batches and t.eval_interval and (
@@ -235,7 +243,7 @@ class Trainer:
                                            self.scheduler, self.step,
                                            self.step * t.global_batch_size,
                                            cfg.checkpoint.keep_last, self._save_loader_state,
-                                           self.layout())
+                                           self.layout(), to_yaml(cfg))
                     self._emit("on_checkpoint_end", self.step, path)
                 if leaving:
                     break
@@ -245,6 +253,24 @@ class Trainer:
             self._emit("on_train_end")  # a late signal (e.g. during the tracking flush) is ignored
             signals.restore()
         return self
+
+    def _check_finite(self, metrics: dict) -> None:
+        """A step whose update was refused (NaN / Inf gradients, `optim.py`; every rank sees the
+        same all-reduced norm, so all decide alike): stop with one message, or skip it
+        (`train.nonfinite`)."""
+        if "skipped" not in metrics:
+            return
+        what = f"step {self.step}: the loss or the gradients are not finite (grad_norm " \
+            f"{metrics['grad_norm']})"
+        if self.cfg.train.nonfinite == "skip":
+            if dist.get_rank() == 0:
+                print(f"cascade: warning: {what}; the update was not applied, training goes on "
+                      "(train.nonfinite = skip)", flush=True)
+            return
+        last = checkpoint.latest(self.ckpt_root)
+        raise NonFiniteError(f"{what}; the update was not applied and the run stops. The last "
+                             f"good checkpoint is {last or 'none (no checkpoint yet)'}; "
+                             "train.nonfinite=skip steps over such steps")
 
     def _record_exit(self, outcome: str) -> None:
         """`<run_dir>/exit.json`: how this job's training ended (read by the Slurm job script's

@@ -1,8 +1,20 @@
-"""One progress line per logging interval and per evaluation."""
+"""One progress line per logging interval and per evaluation, and the operator's lines at start.
+
+A step line ends with the tokens seen so far, the time left at this job's pace and a timestamp:
+
+    step   100/500 | loss 5.2510 | ... | step_time 0.511s | tokens 410k | eta 0:03:24 | 13:30:05
+
+A resumed run first says where it resumed from and names each setting that differs from the
+config its checkpoint was saved under (a changed `train.steps` or schedule shows here).
+"""
 
 from __future__ import annotations
 
 import sys
+import time
+from datetime import datetime, timedelta
+
+from cascade_mega.train.callbacks.base import Callback
 
 
 def _fmt(metrics: dict) -> str:
@@ -16,17 +28,42 @@ def _fmt(metrics: dict) -> str:
     return " | ".join(parts)
 
 
-class ConsoleProgress:
+def _count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+class ConsoleProgress(Callback):
     def __init__(self, total_steps: int, stream=None):
         self.total, self.stream = total_steps, stream or sys.stdout
+        self.started, self.first_step, self.tokens_per_step = time.monotonic(), 0, 0
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
+
+    def on_train_start(self, trainer):
+        self.started, self.first_step = time.monotonic(), trainer.start_step
+        self.tokens_per_step = trainer.cfg.train.global_batch_size * trainer.cfg.data.seq_len
+        if getattr(trainer, "resumed_from", None):
+            self._print(f"resumed from {trainer.resumed_from} at step {trainer.start_step}")
+            changes = getattr(trainer, "resume_changes", [])
+            if changes:
+                self._print("changed since that checkpoint: " + "; ".join(
+                    f"{key} {old!r} -> {new!r}" for key, old, new in changes))
 
     def on_step_end(self, trainer, step, metrics):
-        print(f"step {step:>6}/{self.total} | {_fmt(metrics)}", file=self.stream, flush=True)
+        done = step - self.first_step
+        left = (time.monotonic() - self.started) / max(done, 1) * (self.total - step)
+        self._print(f"step {step:>6}/{self.total} | {_fmt(metrics)} | tokens "
+                    f"{_count(step * self.tokens_per_step)} | eta "
+                    f"{timedelta(seconds=round(left))} | {datetime.now():%H:%M:%S}")
 
     def on_eval_end(self, trainer, step, metrics):
-        print(f"eval {step:>6}/{self.total} | {_fmt(metrics)}", file=self.stream, flush=True)
+        self._print(f"eval {step:>6}/{self.total} | {_fmt(metrics)}")
 
     def on_train_end(self, trainer):
         if getattr(trainer, "stop_signal", None):
-            print(f"stopped after step {trainer.step} on {trainer.stop_signal}: checkpoint "
-                  "written, resume continues from it", file=self.stream, flush=True)
+            self._print(f"stopped after step {trainer.step} on {trainer.stop_signal}: "
+                        "checkpoint written, resume continues from it")

@@ -1,0 +1,6 @@
+"""Why a training run stops with one message (the command line prints it and exits 1; the run
+directory's `exit.json` says 'failed'), as opposed to the user errors found before it starts."""
+
+
+class NonFiniteError(RuntimeError):
+    """A step's loss or gradients were NaN / Inf under `train.nonfinite = stop`."""
