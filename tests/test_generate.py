@@ -3,6 +3,7 @@
 Random weights make the greedy choices arbitrary but deterministic, which is what equality needs.
 """
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -144,3 +145,38 @@ def test_steps_per_block_follow_the_policy_schedule(name, counts):
     confident = torch.cat([torch.full((10,), 0.95), torch.rand(6, generator=gen) * 0.8])
     expected = 10 if name == "adaptive" else 6
     assert len(policy.choose(confident, 0)) == expected
+
+
+def test_a_run_directory_stands_alone(megatron, tmp_path, monkeypatch):
+    """Generation and export read the run's own tokenizer copy: from another directory, with the
+    built-in corpus's cache deleted, nothing is rebuilt anywhere."""
+    import json
+    import shutil
+
+    from cascade_mega.config import load_config
+    from cascade_mega.train.trainer import Trainer
+    from helpers import run_python
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CASCADE_DATA_HOME", str(cache))
+    run = tmp_path / "run"
+    cfg = load_config(None, [f"run_dir={run}", "model.num_layers=1", "model.hidden_size=64",
+                             "data.seq_len=32", "diffusion.block_size=8", "train.steps=1",
+                             "train.micro_batch_size=2", "train.global_batch_size=2",
+                             "train.eval_batches=0", "optimizer.warmup_steps=0",
+                             "tracking.enabled=false"], world_size=1)
+    Trainer(cfg, []).setup().fit()
+    assert (run / "tokenizer.json").is_file()
+    assert (run / "data" / "shakespeare_text_document.meta.json").is_file()
+    shutil.rmtree(cache)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    gen = run_python("-m", "cascade_mega", "generate", "--ckpt", run, "--prompt", "ROMEO:",
+                     "--max-new-tokens", "8", "--json", cwd=elsewhere)
+    assert gen.returncode == 0, gen.stderr
+    assert json.loads(gen.stdout.splitlines()[-1])["tokens"]
+    out = run_python("-m", "cascade_mega", "convert", "mcore-to-hf", run, tmp_path / "hf",
+                     cwd=elsewhere)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    assert not cache.exists() and os.listdir(elsewhere) == []

@@ -160,3 +160,21 @@ def micro_batch_start(step: int, micro: int, dp_rank: int, cfg, dp_size: int) ->
     t = cfg.train
     return step * t.global_batch_size + micro * t.micro_batch_size * dp_size + \
         dp_rank * t.micro_batch_size
+
+
+def keep_with_run(tokenizer, path: str, run_dir: str) -> None:
+    """The run directory stands alone: its tokenizer (`tokenizer.json`, what decoding, export and
+    evaluation read) and each dataset's `.meta.json` (under `data/`) are copied into it, so they
+    never need the dataset, or a rebuilt built-in corpus, again."""
+    import shutil
+
+    own = os.path.join(run_dir, "tokenizer.json")
+    if os.path.abspath(tokenizer.path) != os.path.abspath(own):
+        shutil.copyfile(tokenizer.path, own + ".tmp")
+        os.replace(own + ".tmp", own)
+    prefixes, _ = blend(path)
+    os.makedirs(os.path.join(run_dir, "data"), exist_ok=True)
+    for prefix in prefixes:
+        if os.path.isfile(prefix + ".meta.json"):
+            shutil.copyfile(prefix + ".meta.json",
+                            os.path.join(run_dir, "data", os.path.basename(prefix) + ".meta.json"))

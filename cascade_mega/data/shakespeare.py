@@ -2,7 +2,9 @@
 
 The modern-spelling texts (`*_gut.txt`) are cut into documents at act boundaries (about 200
 documents), a BPE of 8,192 tokens is trained on them, and the corpus is written once as a
-megatron-core indexed dataset under `DATA_HOME` (default `.cache/data` in the working directory).
+megatron-core indexed dataset under `data_home()`: `CASCADE_DATA_HOME`, else `data/` of the
+project's cache (`CASCADE_CACHE`, default `$XDG_CACHE_HOME/cascade` or `~/.cache/cascade`), the
+same whatever directory a command starts in.
 """
 
 from __future__ import annotations
@@ -18,8 +20,13 @@ from cascade_mega.data.tokenizer import train_bpe
 VOCAB_SIZE = 8192
 
 
+def cache_home() -> str:
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("CASCADE_CACHE") or os.path.join(xdg, "cascade")
+
+
 def data_home() -> str:
-    return os.environ.get("CASCADE_DATA_HOME", os.path.join(os.getcwd(), ".cache", "data"))
+    return os.environ.get("CASCADE_DATA_HOME") or os.path.join(cache_home(), "data")
 
 
 def documents():

@@ -6,6 +6,8 @@ on load) gives the weights; the dataset's tokenizer gives the vocabulary.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from cascade_mega.train.checkpoint import locate
@@ -25,10 +27,11 @@ def load_model(path: str, threads: int = 0):
                       world_size=1)  # decoding runs without FP8
     if threads:
         torch.set_num_threads(threads)
-    if cfg.data.tokenizer:  # the run names its tokenizer (a converted model has no dataset)
+    own = os.path.join(os.path.dirname(config), "tokenizer.json")  # the run's own copy
+    if cfg.data.tokenizer or os.path.isfile(own):  # (a converted model has no dataset)
         from cascade_mega.data.tokenizer import open_tokenizer
 
-        tokenizer = open_tokenizer(cfg.data.tokenizer)
+        tokenizer = open_tokenizer(cfg.data.tokenizer or own)
     else:
         tokenizer = loader.load_tokenizer(cfg.data, loader.resolve_path(cfg.data.path))
     distributed.init(cfg.parallel, cfg.train.seed)

@@ -106,6 +106,7 @@ class Trainer:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
+            loader.keep_with_run(self.tokenizer, self.prefix, self.run_dir)
         return self
 
     def _resume(self):
