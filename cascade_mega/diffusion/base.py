@@ -8,8 +8,9 @@ it), the loss reduction and what its sums are called.
 
 An objective is built once per run, from the config, the tokenizer and the optional teacher, by
 the name in `diffusion.objective` (`register` here, `objectives.build`). Adding one touches this
-package and the config only: a subclass that implements `prepare_micro_batch` (and, when its sums differ,
-`Sums`, `loss_sums` and `metrics`), registered under a name the config accepts.
+package and the config only: a subclass that implements `rows`, `prepare_micro_batch`,
+`forward_step`, `loss_sums` and `metrics` (with its own `Sums` dataclass), registered under a
+name the config accepts (`tests/test_objective.py` adds a toy masked LM that way).
 
 Each micro-batch is made on the host (a pure function of seed, split and step: resumable
 without saved RNG state, the same on every device) and crosses once, pinned and non-blocking;
