@@ -50,29 +50,29 @@ def random_tokens(b, L, generator=None):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def cascade(*args, env=None, process=False, background=False, timeout=600):
+def cascade(*args, env=None, process=False, background=False, timeout=600, cwd=ROOT):
     """The one way the tests run the command line: `cascade ARGS` from the repository root.
 
     By default in this process (the command line's own `main`, no interpreter start per call):
     its exit code and what it printed, as a finished subprocess gives them. process=True: in its
     own interpreter (`python -m cascade_mega`), for what needs one (signals, a server that must
     see the process end, the start-up itself); background=True: that process left running (a
-    `Popen` with its output piped)."""
+    `Popen` with its output piped). cwd: the directory it runs in (default the repository)."""
     from cascade_mega.cli import main
 
     if process or background:
         cmd = [sys.executable, "-m", "cascade_mega", *map(str, args)]
         full_env = {**os.environ, **(env or {})}
         if background:
-            return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+            return subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
-        return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True,
+        return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True,
                               timeout=timeout)
 
     out, err = io.StringIO(), io.StringIO()
     saved, cwd = dict(os.environ), os.getcwd()
     os.environ.update(env or {})
-    os.chdir(ROOT)
+    os.chdir(cwd)
     try:
         with redirect_stdout(out), redirect_stderr(err):
             try:

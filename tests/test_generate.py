@@ -155,7 +155,7 @@ def test_a_run_directory_stands_alone(megatron, tmp_path, monkeypatch):
 
     from cascade_mega.config import load_config
     from cascade_mega.train.trainer import Trainer
-    from helpers import run_python
+    from helpers import cascade
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("CASCADE_DATA_HOME", str(cache))
@@ -171,12 +171,11 @@ def test_a_run_directory_stands_alone(megatron, tmp_path, monkeypatch):
     shutil.rmtree(cache)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    gen = run_python("-m", "cascade_mega", "generate", "--ckpt", run, "--prompt", "ROMEO:",
-                     "--max-new-tokens", "8", "--json", cwd=elsewhere)
+    gen = cascade("generate", "--ckpt", run, "--prompt", "ROMEO:", "--max-new-tokens", "8",
+                  "--json", cwd=elsewhere)
     assert gen.returncode == 0, gen.stderr
     assert json.loads(gen.stdout.splitlines()[-1])["tokens"]
-    out = run_python("-m", "cascade_mega", "convert", "mcore-to-hf", run, tmp_path / "hf",
-                     cwd=elsewhere)
+    out = cascade("convert", "mcore-to-hf", run, tmp_path / "hf", cwd=elsewhere)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
     assert not cache.exists() and os.listdir(elsewhere) == []
