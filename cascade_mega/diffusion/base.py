@@ -20,6 +20,7 @@ the next one is prepared and queued before the schedule runs the current one.
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -61,10 +62,11 @@ class StepBatch:
 
     make: Callable[[], Iterator]  # a fresh iterator (one per model chunk under interleaving)
     rows: int  # rows of one sample that travel between pipeline stages
+    cfg: object = None  # the config in force for this step (the schedule's, once per step)
     block_size: int | None = None  # the block size in force (reported under a schedule)
 
 
-class Objective:
+class Objective(ABC):
     """Base class. `Sums` is a dataclass of named tensors with `pack()` / `unpack(values)`."""
 
     Sums = None
@@ -77,31 +79,31 @@ class Objective:
         """The config in force at a training step (a schedule changes it); default: fixed."""
         return self.cfg
 
+    @abstractmethod
     def rows(self, cfg, train: bool) -> int:
         """Rows one sample occupies in the model (what the pipeline sends between stages)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def prepare_micro_batch(self, batch, rows: slice, cfg, split: str, step: int, noise):
         """One micro-batch (`batch`: megatron's tokens/labels/loss_mask, rows `rows` of the global
         batch) as a host-side `Prepared`."""
-        raise NotImplementedError
 
     def draw(self, cfg, split: str, step: int):
         """Per-step randomness shared by the micro-batches (e.g. the noise of the global
         batch), or None."""
         return None
 
+    @abstractmethod
     def forward_step(self, data_iterator, model):
         """megatron-core's forward step: (the model's output, the loss function)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def loss_sums(self, prep, output):
         """(loss sum for backward, this micro-batch's `Sums`)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def metrics(self, sums, train: bool) -> dict:
         """Named metrics from a step's summed `Sums` (host floats)."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------ what the trainer calls
     def batch(self, reader, step: int, split: str) -> StepBatch:
@@ -129,7 +131,7 @@ class Objective:
 
         scheduled = split == "train" and self.cfg.diffusion.block_size_schedule
         block = cfg.diffusion.block_size if scheduled else None
-        return StepBatch(make, self.rows(cfg, split == "train"), block)
+        return StepBatch(make, self.rows(cfg, split == "train"), cfg, block)
 
     def loss(self, prep, output):
         """The loss function megatron-core's schedule calls: (loss sum, token count, logged)."""

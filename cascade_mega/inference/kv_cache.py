@@ -60,7 +60,8 @@ class DecodeStep:
 
         Among this forward's rows, the training mask itself (`AttentionLayout.mask_fn` of the 2L
         layout with one position per block): a clean row is row `block` of the clean stream, a
-        noisy row row `block` of the noisy stream."""
+        noisy row row `block` of the noisy stream. Built on the host from the host-side row
+        kinds, then copied once per forward (`attend`)."""
         kinds, blocks, lengths = self.kinds, self.blocks.clamp(min=0), self.cache.lengths
         b, n = kinds.shape
         per_block = int(blocks.max()) + 1 if blocks.numel() else 1

@@ -185,7 +185,7 @@ class Trainer:
             "memory_gb": memory_gb(),
         })
         if self.peak_flops:  # GPU: model FLOPs utilisation per GPU (bench/flops.py counting)
-            step_flops = flops.step_flops(self.objective.config_at(step),
+            step_flops = flops.step_flops(batch.cfg,
                                           self.tokenizer.vocab_size, self.teacher_cfg)
             metrics["mfu"] = step_flops / elapsed / self.world_size / self.peak_flops
         return metrics
