@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-done
 TEST_STAMP := $(VENV)/.test-setup-done
 
-.PHONY: setup test-setup slurm-deps quickstart test clean
+.PHONY: setup test-setup slurm-deps quickstart test clean gpu-setup image enroot
 
 # Debian's Slurm and munge, for the tests' development cluster (slurm/devcluster.sh)
 SLURM_PKGS := slurmctld slurmd slurm-client munge
@@ -48,6 +48,29 @@ slurm-deps:
 
 test: test-setup slurm-deps
 	$(BIN)/python -m pytest -q tests
+
+# A GPU cluster without containers: a venv on a node with an NVIDIA driver (README, "Install on a
+# GPU cluster"). torch's default Linux wheel brings its own CUDA runtime (nvidia-* wheels); the
+# driver must be new enough for it. GPU_PYTHON: Python >= 3.12 (megatron-core 0.19.2).
+GPU_PYTHON ?= python3.12
+GPU_VENV   ?= .venv-gpu
+gpu-setup:
+	$(GPU_PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/pip install -q --upgrade pip
+	$(GPU_VENV)/bin/pip install -q torch==2.13.0
+	$(GPU_VENV)/bin/pip install -q megatron-core==0.19.2
+	$(GPU_VENV)/bin/pip install -q -r requirements.txt
+	$(GPU_VENV)/bin/pip install -q --no-build-isolation -e ".[gpu]"
+	$(GPU_VENV)/bin/python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"
+
+# The container image (Dockerfile: an NGC PyTorch base, its GPU stack kept) and its enroot import
+# for pyxis (`container_image:` of a cluster profile).
+IMAGE ?= cascade-mega:0.1.0
+SQSH  ?= cascade-mega-0.1.0.sqsh
+image:
+	docker build -t $(IMAGE) .
+enroot: image
+	enroot import -o $(SQSH) dockerd://$(IMAGE)
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -24,20 +24,28 @@ micro-batches in flight) and of the last stage (which holds the logits):
   Full recompute (`model.recompute=full`) keeps each layer's input (S b h e, / t under sequence
   parallel) and one layer's activations while it is recomputed.
 
+Headroom on top, per GPU: the CUDA context with cuBLAS / cuDNN workspaces and the allocator's
+reserve (1 GiB), and NCCL's buffers, 0.25 GiB for each process group of more than one rank
+(tensor, pipeline, context, data parallel). A refused layout is answered with the single changes
+that would make it fit, in the order that costs least: the distributed optimizer, sequence
+parallelism, full recompute, half the micro-batch, twice the pipeline or tensor ranks.
+
 The estimate is checked against memory measured on CPU for small models (tests/test_plan.py) and
-against the published figures above. It counts what the model holds, not allocator fragmentation
-or communication buffers; the TE spec on GPU fuses some of these tensors.
+against the published figures above. It counts what the model holds, not allocator fragmentation;
+the TE spec on GPU fuses some of these tensors.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from cascade_mega.config import CascadeConfig, ConfigError, validate
 
 GiB = 1024 ** 3
+CONTEXT_BYTES = GiB  # CUDA context, cuBLAS / cuDNN workspaces, the allocator's reserve
+NCCL_BYTES_PER_GROUP = GiB // 4  # NCCL's buffers for each group of more than one rank
 
 
 @dataclass
@@ -65,9 +73,10 @@ class Plan:
     precision: str
     recompute: bool
     stages: list
+    headroom_bytes: int = 0  # CUDA context and communication buffers, per GPU
 
     def peak(self) -> int:
-        return max(s.total(self.recompute) for s in self.stages)
+        return max(s.total(self.recompute) for s in self.stages) + self.headroom_bytes
 
 
 def model_dims(cfg: CascadeConfig, vocab: int) -> dict:
@@ -163,9 +172,42 @@ def plan(cfg: CascadeConfig, gpus: int, vocab: int) -> Plan:
             optimizer_bytes=n * (8 + (4 if bf16 else 0)) // shard,
             activation_bytes=flight * per_layer + extra,
             activation_bytes_recompute=flight * kept + per_layer + extra))
+    groups = sum(size > 1 for size in (p.tensor, p.pipeline, p.context, dp))
     return Plan(gpus=gpus, tensor=p.tensor, pipeline=p.pipeline, context=p.context, data=dp,
                 precision="bf16" if bf16 else "fp32", recompute=cfg.model.recompute == "full",
-                stages=stages)
+                stages=stages, headroom_bytes=CONTEXT_BYTES + groups * NCCL_BYTES_PER_GROUP)
+
+
+def _changes(cfg: CascadeConfig):
+    """(override, config) of each single change that lowers memory, cheapest first."""
+    p, t, m = cfg.parallel, cfg.train, cfg.model
+    if not p.distributed_optimizer:
+        yield "parallel.distributed_optimizer=true", replace(
+            cfg, parallel=replace(p, distributed_optimizer=True))
+    if p.tensor > 1 and not p.sequence_parallel:
+        yield "parallel.sequence_parallel=true", replace(
+            cfg, parallel=replace(p, sequence_parallel=True))
+    if m.recompute != "full":
+        yield "model.recompute=full", replace(cfg, model=replace(m, recompute="full"))
+    if t.micro_batch_size > 1:
+        yield f"train.micro_batch_size={t.micro_batch_size // 2}", replace(
+            cfg, train=replace(t, micro_batch_size=t.micro_batch_size // 2))
+    yield f"parallel.pipeline={2 * p.pipeline}", replace(
+        cfg, parallel=replace(p, pipeline=2 * p.pipeline, virtual_pipeline=None))
+    yield f"parallel.tensor={2 * p.tensor}", replace(cfg, parallel=replace(p, tensor=2 * p.tensor))
+
+
+def what_fits(cfg: CascadeConfig, gpus: int, vocab: int, limit: int) -> list:
+    """'override (X GiB)' of each single change after which the layout fits in `limit` bytes."""
+    out = []
+    for override, changed in _changes(cfg):
+        try:
+            need = plan(changed, gpus, vocab).peak()
+        except ConfigError:  # the change makes an impossible layout (heads, layers, batch)
+            continue
+        if need <= limit:
+            out.append(f"{override} ({need / GiB:.1f} GiB)")
+    return out
 
 
 def _gib(n: int) -> str:
@@ -183,8 +225,9 @@ def render(pl: Plan) -> str:
                   f"  activations                 {_gib(s.activation_bytes)}  (no recompute)",
                   f"                              {_gib(s.activation_bytes_recompute)}  "
                   "(model.recompute=full)",
-                  f"  total                       {_gib(s.total(pl.recompute))}  "
-                  f"(recompute {'full' if pl.recompute else 'none'})"]
+                  f"  CUDA context, NCCL          {_gib(pl.headroom_bytes)}",
+                  f"  total                       {_gib(s.total(pl.recompute) + pl.headroom_bytes)}"
+                  f"  (recompute {'full' if pl.recompute else 'none'})"]
     return "\n".join(lines)
 
 
@@ -205,9 +248,13 @@ def run(args) -> int:
     if args.json:
         print(json.dumps({**asdict(pl), "peak_bytes": peak}))
     if peak > args.gpu_memory * GiB:
+        fits = what_fits(cfg, args.gpus, vocab, int(args.gpu_memory * GiB))
         raise ConfigError(f"the layout needs {peak / GiB:.1f} GiB on its fullest GPU, more than "
-                          f"--gpu-memory {args.gpu_memory:g} GiB: add tensor, pipeline or context "
-                          "parallel ranks, the distributed optimizer, or model.recompute=full")
+                          f"--gpu-memory {args.gpu_memory:g} GiB: " +
+                          (f"it fits with {' or '.join(fits)}" if fits else
+                           "no single change fits it (distributed optimizer, sequence parallel, "
+                           "recompute, micro-batch, pipeline or tensor ranks): combine them or "
+                           "add GPUs"))
     return 0
 
 

@@ -57,15 +57,16 @@ def cascade(*args, env=None, process=False, background=False, timeout=600, cwd=R
     its exit code and what it printed, as a finished subprocess gives them. process=True: in its
     own interpreter (`python -m cascade_mega`), for what needs one (signals, a server that must
     see the process end, the start-up itself); background=True: that process left running (a
-    `Popen` with its output piped). cwd: the directory it runs in (default the repository)."""
+    `Popen` with its output piped, in a session of its own). cwd: the directory it runs in (default the repository)."""
     from cascade_mega.cli import main
 
     if process or background:
         cmd = [sys.executable, "-m", "cascade_mega", *map(str, args)]
         full_env = {**os.environ, **(env or {})}
         if background:
+            # its own session: `os.killpg(proc.pid, ...)` ends it with every process it started
             return subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
+                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
         return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True,
                               timeout=timeout)
 
@@ -88,15 +89,29 @@ def cascade(*args, env=None, process=False, background=False, timeout=600, cwd=R
 
 def source_checkout(dest) -> str:
     """A copy of the repository's sources at `dest` (a source checkout, nothing installed from
-    it): the library, kernels/, launchers/, tools/ and the links that name them."""
+    it): the library, kernels/, launchers/, tools/, configs/, the job templates and the links
+    that name them."""
     import shutil
 
-    for name in ("cascade_mega", "kernels", "launchers", "tools", "configs"):
+    for name in ("cascade_mega", "kernels", "launchers", "tools", "configs", "slurm"):
         shutil.copytree(os.path.join(ROOT, name), os.path.join(dest, name),
                         ignore=shutil.ignore_patterns("__pycache__"))
     for link in ("cascade_kernels", "cascade_launchers"):
         os.symlink(os.readlink(os.path.join(ROOT, link)), os.path.join(dest, link))
     return str(dest)
+
+
+def h100_profile(tmp_path) -> str:
+    """The h100 cluster profile, its container mounts extended by this machine's paths (the
+    repository, `tmp_path`), which the site's mounts do not hold: the job's paths must be inside."""
+    from omegaconf import OmegaConf
+
+    profile = OmegaConf.load(os.path.join(ROOT, "configs", "clusters", "h100.yaml"))
+    profile.container_mounts = [*profile.container_mounts, f"{tmp_path}:{tmp_path}",
+                                f"{ROOT}:{ROOT}"]
+    path = os.path.join(tmp_path, "h100.yaml")
+    OmegaConf.save(profile, path)
+    return path
 
 
 def run_python(*args, cwd) -> subprocess.CompletedProcess:

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from helpers import ROOT, cascade
+from helpers import ROOT, cascade, h100_profile
 
 
 def one_error(proc, *needles):
@@ -129,8 +129,8 @@ def test_gpu_only_checks_run_where_the_job_runs(tmp_path):
     """The FP8 recipe is submitted, planned and swept from a host without a GPU or Transformer
     Engine: those are checked on the nodes (`runtime/machine.py`), which must have a GPU."""
     fp8 = "configs/recipes/qwen2.5_7b_h100_fp8.yaml"
-    proc = cascade("submit", fp8, "--cluster", "h100", "--nodes", "8", "--dry-run",
-                   f"run_dir={tmp_path}/fp8")
+    proc = cascade("submit", fp8, "--cluster", h100_profile(tmp_path), "--nodes", "8",
+                   "--dry-run", f"run_dir={tmp_path}/fp8")
     assert proc.returncode == 0, proc.stderr
     assert "export CASCADE_EXPECT_GPU=1" in proc.stdout and "--gpus-per-node=8" in proc.stdout
     plan = cascade("plan", fp8, "--gpus", "64")

@@ -207,11 +207,15 @@ SMOLLM2_135M = {"architectures": ["LlamaForCausalLM"], "hidden_size": 576,
                 "tie_word_embeddings": True, "vocab_size": 49152, "hidden_act": "silu"}
 
 
-@pytest.mark.parametrize("recipe, hf, gpus", [
-    ("qwen2.5_7b_h100.yaml", QWEN25_7B, 64), ("smollm2_135m_cpu.yaml", SMOLLM2_135M, 1)])
-def test_recipes_describe_the_converted_models(recipe, hf, gpus):
+@pytest.mark.parametrize("recipe, hf, gpus, tokens", [
+    ("qwen2.5_7b_h100.yaml", QWEN25_7B, 64, 151665),
+    ("smollm2_135m_cpu.yaml", SMOLLM2_135M, 1, 49152)])
+def test_recipes_describe_the_converted_models(recipe, hf, gpus, tokens):
     """Each recipe's model section is what `cascade convert hf-to-mcore` makes of the model's
-    Hugging Face config, and the recipe is a valid run at its layout."""
+    Hugging Face config (and its tokenizer's `tokens` + [MASK], in the converter's rows), and
+    the recipe is a valid run at its layout."""
+    from cascade_mega.convert.command import padded_rows
+
     from dataclasses import asdict
 
     from cascade_mega.config import load_config
@@ -227,7 +231,7 @@ def test_recipes_describe_the_converted_models(recipe, hf, gpus):
     assert got == want
     d = cfg.diffusion
     assert d.shifted_prediction and cfg.train.init_from and d.objective == "block_diffusion"
-    assert cfg.model.vocab_size >= hf["vocab_size"] + 1  # room for [MASK]
+    assert cfg.model.vocab_size == padded_rows(max(tokens + 1, hf["vocab_size"]), hf, 1)
 
 
 def test_distillation_aux_loss_and_schedule_at_tp2_and_pp2_match_single_process(tmp_path):

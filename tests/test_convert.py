@@ -61,7 +61,7 @@ def converted(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     model = hf_model(request.param, root / "hf")
     proc = convert("hf-to-mcore", str(root / "hf"), str(root / "mc"), "--seq-len",
-                   "64", "--tensor", str(tensor_size(request.param)), "--pipeline", "2")
+                   "64", "--tensor", str(converted_tensor(request.param)), "--pipeline", "2")
     assert proc.returncode == 0, proc.stderr
     return request.param, root, model
 
@@ -69,6 +69,12 @@ def converted(request, tmp_path_factory):
 def tensor_size(kind):
     """SmolLM2-135M's 9 heads in 3 query groups split over 3 tensor-parallel ranks, not 2."""
     return 3 if kind == "smollm2" else 2
+
+
+def converted_tensor(kind):
+    """SmolLM2 is converted at TP 1 and resharded to TP 3 by mcore-to-mcore; the others are
+    converted for TP 2 directly."""
+    return 1 if kind == "smollm2" else 2
 
 
 def convert(*args):
@@ -97,7 +103,9 @@ def megatron_logits(run, ids):
 
 
 def padded(V, kind):
-    multiple = 3072 if kind == "smollm2" else 1024  # whole at TP 1 to 8 and at the target TP
+    # 128 rows per rank at every tensor size the query groups allow (SmolLM2: 3 groups, 1 or 3;
+    # the small models: 2 groups, 1 or 2)
+    multiple = 128 * (3 if kind == "smollm2" else 2)
     return (V + 1 + multiple - 1) // multiple * multiple  # + [MASK]
 
 
@@ -113,20 +121,27 @@ def test_megatron_logits_equal_the_hugging_face_logits(converted):
     assert (got[..., :V] - ref).abs().max() < 1e-4
     assert (got[..., V + 1:] == 0).all()  # padding rows are zero (never predicted, like [MASK])
     cfg = (root / "mc" / "config.yaml").read_text()
-    assert f"tensor: {tensor_size(kind)}" in cfg and "pipeline: 2" in cfg and \
+    assert f"tensor: {converted_tensor(kind)}" in cfg and "pipeline: 2" in cfg and \
         f"tie_embeddings: {'false' if kind == 'llama' else 'true'}" in cfg
     assert f"qkv_bias: {'true' if kind == 'qwen2' else 'false'}" in cfg
 
 
 @pytest.mark.parametrize("split", ["tensor", "pipeline"])
 def test_logits_equal_at_tensor_and_pipeline_parallel(converted, split, tmp_path):
-    """The converted checkpoint loaded at TP = 2 (3 for SmolLM2) or PP = 2, one process per
-    rank, through the trainer's own set-up (`train.init_from`), gives the Hugging Face logits of
-    a validation batch."""
+    """The converted checkpoint loaded at TP = 2 or PP = 2, one process per rank, through the
+    trainer's own set-up (`train.init_from`), gives the Hugging Face logits of a validation
+    batch. SmolLM2 (converted at TP 1, 49,536 embedding rows) is first resharded to TP 3 by
+    `mcore-to-mcore`, and its logits are also those of the TP 1 checkpoint in one process."""
     from cascade_mega.data.shakespeare import documents
 
     kind, root, model = converted
     tensor, pipeline = (tensor_size(kind), 1) if split == "tensor" else (1, 2)
+    source = root / "mc"
+    if tensor == 3:
+        source = tmp_path / "tp3"
+        proc = convert("mcore-to-mcore", str(root / "mc"), str(source), "--tensor", "3")
+        assert proc.returncode == 0, proc.stderr
+        assert "tensor: 3" in (source / "config.yaml").read_text()
     plays = root / "plays"
     if not os.path.exists(f"{plays}.idx"):  # Shakespeare in this model's tokenizer, once
         from helpers import cascade
@@ -139,8 +154,8 @@ def test_logits_equal_at_tensor_and_pipeline_parallel(converted, split, tmp_path
     from helpers import torchrun
 
     proc = torchrun(tensor * pipeline, "tests/logits_at_layout.py", out,
-                    root / "mc" / "config.yaml", f"data.path={plays}",
-                    f"train.init_from={root}/mc", "train.resume=none", f"run_dir={tmp_path}/run",
+                    source / "config.yaml", f"data.path={plays}",
+                    f"train.init_from={source}", "train.resume=none", f"run_dir={tmp_path}/run",
                     f"parallel.tensor={tensor}", f"parallel.pipeline={pipeline}",
                     "train.micro_batch_size=2", "train.global_batch_size=2",
                     "tracking.enabled=false", "data.split=80,20,0")
@@ -155,6 +170,10 @@ def test_logits_equal_at_tensor_and_pipeline_parallel(converted, split, tmp_path
         # 1e-4 of each position's logit scale there (one process is bit-exact, see above)
         err = err / ref.abs().amax(-1, keepdim=True).clamp(min=1.0)
     assert err.max() < 1e-4
+    if tensor == 3:  # against the checkpoint it was resharded from, at TP 1
+        one = megatron_logits(root / "mc", ids)
+        rel = (got - one).abs() / one.abs().amax(-1, keepdim=True).clamp(min=1.0)
+        assert got.shape == one.shape and rel.max() < 1e-4
 
 
 @pytest.fixture(scope="module")

@@ -122,3 +122,20 @@ def test_cascade_plan_prints_the_layout_and_refuses_what_cannot_work():
     big = _cascade_plan("--gpus", "8", *LLAMA2_70B[1:], "parallel.pipeline=1",
                         "train.global_batch_size=8")
     assert big.returncode == 2 and "more than --gpu-memory 80 GiB" in big.stderr
+    assert "no single change fits it" in big.stderr
+    assert report["headroom_bytes"] == 2**30 + 3 * 2**28  # context + NCCL for TP, PP and DP
+
+
+def test_a_refused_layout_names_the_knobs_that_make_it_fit():
+    """An activation-bound 7B layout (TP 4, distributed optimizer already on) is answered with
+    recompute or a smaller micro-batch, each with its figure; not with the distributed optimizer."""
+    qwen7b = ["run_dir=unused", "model.num_layers=28", "model.hidden_size=3584",
+              "model.num_attention_heads=28", "model.num_query_groups=4",
+              "model.ffn_hidden_size=18944", "model.vocab_size=152064", "data.seq_len=4096",
+              "train.micro_batch_size=4", "train.global_batch_size=32", "parallel.tensor=4",
+              "parallel.distributed_optimizer=true"]
+    proc = _cascade_plan("--gpus", "8", *qwen7b)
+    assert proc.returncode == 2, proc.stdout
+    err = proc.stderr.strip()
+    assert "it fits with model.recompute=full (" in err and "train.micro_batch_size=2 (" in err
+    assert "distributed_optimizer" not in err and len(err.splitlines()) == 1

@@ -9,6 +9,8 @@ from cascade_mega.config import load_config
 from cascade_mega.train.callbacks import MetricsFile
 from cascade_mega.train.trainer import Trainer
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def _cfg(run_dir, *extra):
     return load_config(None, [
@@ -146,8 +148,14 @@ def test_resume_says_where_from_and_names_changed_settings(megatron, tmp_path):
     out = io.StringIO()
     Trainer(cfg, [ConsoleProgress(cfg.train.steps, out)]).setup().fit()
     lines = out.getvalue().splitlines()
-    assert lines[0] == f"resumed from {tmp_path}/run/checkpoints/iter_0000003 at step 3"
-    assert lines[1] == "changed since that checkpoint: train.steps 6 -> 8; " \
+    # first the model, the layout, the data (with the epochs the budget implies) and the code
+    assert re.fullmatch(r"model [\d,]+ parameters \([\d,]+ without embeddings\) \| layout TP 1 "
+                        r"x PP 1 x CP 1 x DP 1", lines[0]), lines[0]
+    assert re.fullmatch(r"data builtin:shakespeare: train split 1\.\d+M tokens in \d+ documents "
+                        r"\| budget 2\.05k tokens = 0\.00\d+ epochs", lines[1]), lines[1]
+    assert lines[2].startswith("code ") and lines[2].endswith(f" from {ROOT}")
+    assert lines[3] == f"resumed from {tmp_path}/run/checkpoints/iter_0000003 at step 3"
+    assert lines[4] == "changed since that checkpoint: train.steps 6 -> 8; " \
         "train.eval_interval 3 -> 4; train.exit_interval 3 -> None"
     step = [line for line in lines if line.startswith("step ")]
     assert len(step) == 5 and re.search(r"\| tokens 2\.05k \| eta 0:00:0\d \| \d\d:\d\d:\d\d$",

@@ -42,13 +42,13 @@ def cluster(tmp_path_factory):
             os.environ["SLURM_CONF"] = old
 
 
-def cascade(*args, timeout=600):
+def cascade(*args, timeout=600, cwd=ROOT):
     """In its own process: Slurm's commands see the environment a user's shell gives them."""
-    return helpers.cascade(*args, process=True, timeout=timeout)
+    return helpers.cascade(*args, process=True, timeout=timeout, cwd=cwd)
 
 
-def submit(*args) -> str:
-    proc = cascade("submit", *args, "--cluster", "local")
+def submit(*args, cwd=ROOT) -> str:
+    proc = cascade("submit", *args, "--cluster", "local", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip().splitlines()[-1]
     return line.split("submitted job ")[1].split()[0]
@@ -110,15 +110,38 @@ def finished(job_id, run_dir):
         os.path.join(run_dir, "slurm", "history.jsonl"))
 
 
+MARKER = 'import sys; print("code marker: {}", file=sys.stderr)\n'
+
+
+def changed_checkout(path) -> str:
+    """A git checkout of the sources whose `cascade_mega/__init__.py` prints a marker, changed
+    after its commit (an uncommitted change travels with the job too)."""
+    src = helpers.source_checkout(path)
+    git = ["git", "-C", src, "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "sources"], check=True)
+    with open(os.path.join(src, "cascade_mega", "__init__.py"), "a") as f:
+        f.write(MARKER.format("submitted"))
+    return src
+
+
 def test_two_node_job_survives_warning_and_preemption_with_the_local_losses(cluster, local_run,
                                                                            tmp_path):
     """A 2-node job (data parallel across the nodes, fed by the DALI backend), interrupted twice:
     first by the time-limit warning (USR1 to the batch shell, as `--signal=B:USR1@T` sends it),
     then preempted by a job in the higher-priority partition. Each time the ranks checkpoint at
     the same step and the job requeues; the finished run has the per-step losses of an
-    uninterrupted local one-process run."""
+    uninterrupted local one-process run. It is submitted from a checkout that changes right
+    after: the job and both requeued restarts run the code as it was submitted (its marker)."""
     run_dir = tmp_path / "interrupted"
-    job = submit(*TRAIN, f"run_dir={run_dir}", "data.backend=dali", "--nodes", "2")
+    src = changed_checkout(tmp_path / "src")
+    job = submit(*TRAIN, f"run_dir={run_dir}", "data.backend=dali", "--nodes", "2", cwd=src)
+    init = os.path.join(src, "cascade_mega", "__init__.py")
+    with open(init) as f:
+        changed = f.read().replace(MARKER.format("submitted"), MARKER.format("changed"))
+    with open(init, "w") as f:
+        f.write(changed)
     wait_until(lambda: train_steps(run_dir) >= 3, what="training")
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     wait_until(lambda: any(e.startswith("exit 0 signal USR1: requeue: time-limit warning")
@@ -146,6 +169,15 @@ def test_two_node_job_survives_warning_and_preemption_with_the_local_losses(clus
     stops = [line.split(" on ")[1].split(":")[0] for line in log.splitlines()
              if line.startswith("stopped after step")]
     assert stops == ["SIGUSR1", "SIGTERM"] and "step     80/80" in log
+    code = run_dir / "slurm" / "code"
+    # every process of the three starts imported the submitted code, none the changed checkout
+    assert "code marker: submitted" in log and "code marker: changed" not in log
+    assert log.count(f"+ uncommitted changes from {code}") == 3  # each start names its code
+    record = json.loads((code / "code.json").read_text())
+    assert record["dirty"] and len(record["commit"]) == 40
+    assert "code marker: submitted" in (code / "code.diff").read_text()
+    decisions = (run_dir / "slurm" / f"cascade-base-{job}.out").read_text()  # in the batch shell
+    assert decisions.count("code marker: submitted") == 3 and "changed" not in decisions
     assert (run_dir / "checkpoints" / "iter_0000080" / "dali" / "rank1.cpt").exists()
     assert (tmp_path / "urgent.out").exists()
 
@@ -260,23 +292,56 @@ def test_partition_missing_on_the_cluster(cluster, tmp_path):
     assert "partition 'gpu' does not exist on this cluster (sinfo: debug, urgent)" in err
 
 
-def test_dry_run_for_sixteen_h100_nodes():
+def test_dry_run_for_sixteen_h100_nodes(tmp_path):
+    """The h100 profile's script: pyxis flags, the packaged code first on the path, the requeue
+    decision in the batch shell (no second container start inside the warning window)."""
+    run = tmp_path / "dry"
+    profile = helpers.h100_profile(tmp_path)
     proc = cascade("submit", "configs/base.yaml", "train.global_batch_size=1024",
-                   "run_dir=/tmp/cascade-dry-run", "--cluster", "h100", "--nodes", "16",
-                   "--dry-run")
+                   f"run_dir={run}", "--cluster", profile, "--nodes", "16", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     script = proc.stdout
     for line in ["#SBATCH --nodes=16", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --cpus-per-task=14", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300",
                  "#SBATCH --open-mode=append", "#SBATCH --exclusive", "#SBATCH --account=my-project",
-                 "#SBATCH --output=/tmp/cascade-dry-run/slurm/%x-%j.out",
+                 f"#SBATCH --output={run}/slurm/%x-%j.out",
+                 f"export CASCADE_CODE={run}/slurm/code  # cascade submit --code package "
+                 "(snapshot.py)", f"export PYTHONPATH={run}/slurm/code${{PYTHONPATH:+:$PYTHONPATH}}",
+                 "export PYTHONSAFEPATH=1",
                  'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
                  "export CUDA_DEVICE_MAX_CONNECTIONS=1", "trap 'forward USR1' USR1"]:
         assert line in script.splitlines(), line
     assert 'requeue*) scontrol requeue "$SLURM_JOB_ID" ;;' in script
-    assert "--container-image='nvcr.io#nvidia/pytorch:25.01-py3'" in script
-    assert "/tmp/cascade-dry-run/slurm/$SLURM_JOB_ID/$SLURMD_NODENAME.$SLURM_PROCID.out" in script
-    assert not os.path.exists("/tmp/cascade-dry-run")  # nothing written, nothing submitted
+    step = next(line for line in script.splitlines() if line.startswith("srun "))
+    assert f"--container-image=/lustre/containers/cascade-mega-0.1.0.sqsh --container-mounts=" \
+        f"/lustre:/lustre,/home:/home,{tmp_path}:{tmp_path},{ROOT}:{ROOT} " \
+        f"--container-workdir={ROOT}" in step
+    decision = next(line for line in script.splitlines() if line.startswith("decision="))
+    assert decision.startswith(f"decision=$(cd {run}/slurm/code && python3 -m "
+                               "cascade_mega.slurm.requeue") and "srun" not in decision
+    assert f"{run}/slurm/$SLURM_JOB_ID/$SLURMD_NODENAME.$SLURM_PROCID.out" in script
+    assert not run.exists()  # nothing written, nothing submitted
+
+
+def test_paths_outside_the_mounts_and_a_short_warning_lead_are_refused(cluster, tmp_path):
+    """Before sbatch, one message: a run directory the container cannot see; a warning lead
+    shorter than the step in flight plus a checkpoint save."""
+    before = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout
+    local = open(os.path.join(ROOT, "configs", "clusters", "local.yaml")).read()
+    unmounted = tmp_path / "pyxis.yaml"
+    unmounted.write_text(local + f"container_image: /lustre/img.sqsh\n"
+                         f"container_mounts: ['/lustre:/lustre', '{ROOT}:{ROOT}']\n")
+    slow = tmp_path / "slow.yaml"
+    slow.write_text(local + "checkpoint_write_gbps: 0.00001\n")
+    for profile, needle in (
+            (unmounted, f"the run directory {tmp_path}/run is not inside the container mounts of "
+                        f"profile 'local' (/lustre:/lustre, {ROOT}:{ROOT})"),
+            (slow, "signal_lead_s 60 s of profile 'local' is shorter than one step")):
+        proc = helpers.cascade("submit", *TRAIN, f"run_dir={tmp_path}/run", "--cluster", profile)
+        assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "run").exists()
+    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
 
 
 def test_requeue_decisions(tmp_path):

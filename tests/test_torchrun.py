@@ -21,11 +21,18 @@ def _records(run_dir):
     return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
 
-def _run(tmp_path, name, *extra):
+def _run(tmp_path, name, *extra, printed=None):
+    """The run's metrics records; `printed` (a list) receives what it printed."""
     proc = cascade(*ARGS, *extra, f"run_dir={tmp_path}/{name}", process=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == f"run_dir: {tmp_path}/{name}"
+    if printed is not None:
+        printed.append(proc.stdout)
     return _records(tmp_path / name)
+
+
+def _line(printed: str, start: str) -> str:
+    return next(line for line in printed.splitlines() if line.startswith(start))
 
 
 def _assert_same(a, b):
@@ -38,12 +45,18 @@ def _assert_same(a, b):
 
 def test_data_parallel_matches_single_process(tmp_path):
     single = _run(tmp_path, "single")
-    # the distributed optimizer shards Adam state across the two ranks, and checkpoints it
+    # the distributed optimizer shards Adam state across the two ranks, and checkpoints it; the
+    # gradient reduce (in buckets of 20k elements: several per backward) and the parameter
+    # all-gather overlap with compute, as on a GPU
     _assert_same(single, _run(tmp_path, "dp2_distopt", "--nproc-per-node", "2",
-                              "parallel.distributed_optimizer=true"))
+                              "parallel.distributed_optimizer=true",
+                              "parallel.overlap_grad_reduce=true",
+                              "parallel.overlap_param_gather=true", "parallel.bucket_size=20000"))
     assert (tmp_path / "dp2_distopt" / "checkpoints" / "latest").exists()
-    # plain DDP at DP = 2 stops after step 2 and resumes on one process: the same losses
-    first = _run(tmp_path, "dp_change", "--nproc-per-node", "2", "train.exit_interval=2")
+    # plain DDP at DP = 2 without overlap stops after step 2 and resumes on one process: the
+    # same losses
+    first = _run(tmp_path, "dp_change", "--nproc-per-node", "2", "train.exit_interval=2",
+                 "parallel.overlap_grad_reduce=false")
     assert [r["step"] for r in first if r["split"] == "train"] == [1, 2]
     _assert_same([r for r in single if r["step"] <= 2], first)
     resumed = _run(tmp_path, "dp_change")
@@ -93,11 +106,11 @@ def test_pipeline_parallel_matches_single_process(tmp_path, single):
                               "parallel.pipeline=2"))
 
 
-def test_tensor_and_sequence_parallel_match_single_process(tmp_path, single):
-    for name, extra in (("tp2", ["parallel.tensor=2"]),
-                        ("tp2sp", ["parallel.tensor=2", "parallel.sequence_parallel=true"])):
-        records = _run(tmp_path, name, "--nproc-per-node", "2", *LAYOUT_ARGS, *extra)
-        _assert_same(single, records)
+def test_tensor_parallel_matches_single_process(tmp_path, single):
+    """TP = 2 without sequence parallelism (with it: the distillation test in
+    test_continued.py, and TP 2 x PP 2 below)."""
+    _assert_same(single, _run(tmp_path, "tp2", "--nproc-per-node", "2", *LAYOUT_ARGS,
+                              "parallel.tensor=2"))
 
 
 def test_interleaved_pipeline_matches_single_process(tmp_path, single):
@@ -109,14 +122,13 @@ def test_interleaved_pipeline_matches_single_process(tmp_path, single):
 
 def test_context_parallel_matches_single_process(tmp_path, single):
     """CP = 2: each rank holds two zigzag chunks of [x_t ; x_0] and gathers the clean stream's
-    K/V. Also with shifted prediction, two complementary views (targets whose predicting row
-    sits on the other rank) and packed documents, and for the AR objective (causal attention
-    over gathered K/V)."""
-    for name, extra in (("bd", []),
-                        ("views", ["diffusion.shifted_prediction=true", "diffusion.views=2",
+    K/V: with shifted prediction, two complementary views (targets whose predicting row sits on
+    the other rank) and packed documents; and for the AR objective (causal attention over
+    gathered K/V)."""
+    for name, extra in (("views", ["diffusion.shifted_prediction=true", "diffusion.views=2",
                                    "diffusion.complementary=true", "data.document_mask=true"]),
                         ("ar", ["diffusion.objective=ar"])):
-        reference = _run(tmp_path, f"{name}_single", *LAYOUT_ARGS, *extra) if extra else single
+        reference = _run(tmp_path, f"{name}_single", *LAYOUT_ARGS, *extra)
         _assert_same(reference, _run(tmp_path, f"{name}_cp2", "--nproc-per-node", "2",
                                      *LAYOUT_ARGS, *extra, "parallel.context=2"))
 
@@ -131,19 +143,72 @@ def _logits(tmp_path, name, checkpoint, nproc, *layout):
 
 def test_tp2_pp2_matches_and_its_checkpoint_gives_the_same_logits_and_resumes_anywhere(
         tmp_path, single):
-    """Four ranks (TP=2 x PP=2) match the single process and stop at step 2. Their checkpoint
-    gives the same logits at TP = PP = 1 and at PP = 2 x CP = 2, and one process resumes from it
+    """Four ranks (TP=2 x PP=2, sequence parallel) match the single process and stop at step 2.
+    Their checkpoint gives the same logits at TP = PP = 1, and one process resumes from it
     (model and optimizer state resharded): every step equals the uninterrupted run."""
+    printed = []
     first = _run(tmp_path, "tp2pp2", "--nproc-per-node", "4", *LAYOUT_ARGS, "parallel.tensor=2",
-                 "parallel.pipeline=2", "train.exit_interval=2")
+                 "parallel.pipeline=2", "parallel.sequence_parallel=true",
+                 "train.exit_interval=2", printed=printed)
     assert [r["step"] for r in first] == [1, 2]
     _assert_same(single[:2], first)
     ckpt = tmp_path / "tp2pp2" / "checkpoints" / "iter_0000002"
     saved = _logits(tmp_path, "at_tp2pp2", ckpt, 4, "parallel.tensor=2", "parallel.pipeline=2")
     assert saved.shape == (4, 2, 64, 8192) and saved.std() > 0.05  # every read-out row, every id
-    for name, nproc, layout in (("at_single", 1, []),
-                                ("at_pp2cp2", 4, ["parallel.pipeline=2", "parallel.context=2"])):
-        logits = _logits(tmp_path, name, ckpt, nproc, *layout)
-        torch.testing.assert_close(logits, saved, atol=1e-6, rtol=0)
-    resumed = _run(tmp_path, "tp2pp2", *LAYOUT_ARGS)  # TP = PP = 1, resume=auto
+    torch.testing.assert_close(_logits(tmp_path, "at_single", ckpt, 1), saved, atol=1e-6,
+                               rtol=0)
+    resumed = _run(tmp_path, "tp2pp2", *LAYOUT_ARGS, printed=printed)  # TP = PP = 1, resume=auto
     _assert_same(single, resumed)
+    # the start line counts the whole model over the four shards: what one process holds
+    counts = [_line(out, "model ").split(" | ")[0] for out in printed]
+    assert counts[0] == counts[1] and " parameters (" in counts[0]
+    assert "layout TP 2 x PP 2 x CP 1 x DP 1" in _line(printed[0], "model ")
+
+
+def test_profile_memory_and_a_heartbeat_that_names_a_stopped_rank(tmp_path):
+    """Two ranks: `train.profile` writes one Chrome trace per rank holding the profiled steps and
+    names the top kernels; every rank's peak memory is reported once; rank 1 stopped with SIGSTOP
+    is named by the heartbeat (through `cascade jobs`), while rank 0, blocked in a collective
+    waiting for it, is alive."""
+    import signal
+    import time
+
+    from cascade_mega.runtime import heartbeat
+
+    run_dir = tmp_path / "beat"
+    proc = cascade(*ARGS, "--nproc-per-node", "2", "train.steps=10000", "train.eval_interval=0",
+                   "checkpoint.interval=10000", "train.profile=[1,3]", "train.heartbeat_s=0.2",
+                   f"run_dir={run_dir}", background=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (
+                len(beats := heartbeat.read(run_dir)) == 2 and
+                min(b["step"] or 0 for b in beats) >= 4):
+            time.sleep(0.2)
+        assert len(beats) == 2, "the ranks never beat"
+        stopped = next(b for b in beats if b["rank"] == 1)
+        os.kill(stopped["pid"], signal.SIGSTOP)
+        try:
+            time.sleep(2.0)  # ten of its intervals
+            report = cascade("jobs", str(run_dir), "--json")
+            assert report.returncode == 0, report.stderr
+            stalled = json.loads(report.stdout)["stalled"]
+            assert len(stalled) == 2 and stalled[0].startswith(
+                f"rank 1 ({stopped['host']}, pid {stopped['pid']}) stopped: no heartbeat for ")
+            assert stalled[1].startswith("the other 1 ranks are alive at step ")
+        finally:
+            os.kill(stopped["pid"], signal.SIGCONT)
+    finally:  # the run ends here: the launcher's session and the ranks (torchrun starts each
+        # in a session of its own; their checkpoint writers die with them) are killed
+        os.killpg(proc.pid, signal.SIGKILL)
+        for b in heartbeat.read(run_dir):
+            os.kill(b["pid"], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=60)
+    for rank in (0, 1):
+        trace = json.load(open(run_dir / "profile" / f"rank{rank}.pt.trace.json"))
+        names = {e.get("name", "") for e in trace["traceEvents"]}
+        assert {"ProfilerStep#0", "ProfilerStep#1"} <= names and "aten::mm" in names
+    assert _line(out, "profile of steps 2-3: ").count("%") == 5
+    memory = _line(out, "peak resident memory after step 3: max ")
+    assert memory.endswith(f"over 2 ranks; per rank in {run_dir}/memory.json")
+    assert len(json.load(open(run_dir / "memory.json"))["peak_gb"]) == 2

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -62,6 +62,9 @@ class ModelConfig(Section):
     attention_backend: str = "auto"  # auto | local | te  (te needs Transformer Engine and a GPU)
     attention_kernel: str = "auto"  # auto (flex on GPU, tiled on CPU) | tiled | flex | dense
     recompute: str = "none"  # none | full (keep each layer's input, recompute it in backward)
+    # megatron-core's fused kernels where they exist: bias-SwiGLU (TorchScript), RoPE and
+    # gradient-accumulation fusion (Transformer Engine or apex); None: on a GPU
+    fusions: Optional[bool] = None
 
     def _check(self):
         need(self.rope_scaling in (None, "llama3"),
@@ -143,10 +146,33 @@ class ParallelConfig(Section):
     context: int = 1
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
+    # process-group timeouts: megatron-core's groups (every training collective), and the world
+    # group, which also waits while rank 0 builds the dataset and its sample index at start-up
+    timeout_minutes: int = 10
+    startup_timeout_minutes: int = 60
+    # megatron-core DDP: the gradient reduce overlapped with the backward, the distributed
+    # optimizer's parameter all-gather with the next forward; None: on a GPU (the latter with
+    # the distributed optimizer)
+    overlap_grad_reduce: Optional[bool] = None
+    overlap_param_gather: Optional[bool] = None
+    bucket_size: Optional[int] = None  # gradient bucket, elements; None: max(40M, 1M x DP)
+    # tensor-parallel all-gather / reduce-scatter overlapped with the GEMMs (Transformer Engine's
+    # userbuffers; needs sequence_parallel and the te attention backend on a GPU)
+    tp_comm_overlap: bool = False
 
     def _check(self):
         need(not self.sequence_parallel or self.tensor > 1,
              "'parallel.sequence_parallel' needs 'parallel.tensor' > 1")
+        need(self.timeout_minutes > 0 and self.startup_timeout_minutes >= self.timeout_minutes,
+             "'parallel.timeout_minutes' must be positive and at most "
+             "'parallel.startup_timeout_minutes'")
+        need(not self.overlap_param_gather or self.distributed_optimizer,
+             "'parallel.overlap_param_gather' needs 'parallel.distributed_optimizer'")
+        need(self.bucket_size is None or self.bucket_size > 0,
+             "'parallel.bucket_size' must be positive")
+        need(not self.tp_comm_overlap or self.sequence_parallel,
+             "'parallel.tp_comm_overlap' needs 'parallel.sequence_parallel' (and a GPU with "
+             "Transformer Engine)")
 
 
 @dataclass
@@ -217,8 +243,16 @@ class TrainConfig(Section):
     # a step whose gradients are NaN / Inf (a non-finite loss) is never applied; then: stop (one
     # message naming the step and the last good checkpoint) or skip (warn, go on with the next)
     nonfinite: str = "stop"
+    # the torch profiler over steps START+1 .. STOP: one trace per rank in <run_dir>/profile/
+    profile: Optional[List[int]] = None
+    heartbeat_s: float = 10.0  # how often each rank rewrites <run_dir>/heartbeat/rank<R>.json
 
     def _check(self):
+        need(self.profile is None or (len(self.profile) == 2 and
+                                      0 <= self.profile[0] < self.profile[1] <= self.steps),
+             f"'train.profile' = {self.profile}: expected [START, STOP] with 0 <= START < STOP "
+             f"<= 'train.steps' = {self.steps}")
+        need(self.heartbeat_s > 0, "'train.heartbeat_s' must be positive")
         need(self.fp8 in (None, "e4m3", "hybrid"),
              f"'train.fp8' = {self.fp8!r}; expected e4m3 or hybrid")
         bf16_layers = self.fp8_bf16_first_layers, self.fp8_bf16_last_layers

@@ -97,6 +97,17 @@ def _build(cfg, tokenizer, dtype):
     return model
 
 
+def padded_rows(vocab: int, hf: dict, tensor: int) -> int:
+    """Embedding rows that every tensor-parallel size the model's heads allow (the divisors of
+    its query-group count) splits evenly, 128 rows per rank at least, so that the checkpoint
+    reshards to any of them (`mcore-to-mcore --tensor T`): SmolLM2-135M's 3 groups give
+    multiples of 384, a model with 8 groups multiples of 1024."""
+    groups = hf.get("num_key_value_heads") or hf["num_attention_heads"]
+    sizes = [t for t in range(1, groups + 1) if groups % t == 0]
+    multiple = 128 * math.lcm(*sizes, tensor)
+    return math.ceil(vocab / multiple) * multiple
+
+
 def hf_to_mcore(args) -> str:
     from cascade_mega.data.tokenizer import open_tokenizer
     from cascade_mega.train import checkpoint
@@ -108,8 +119,7 @@ def hf_to_mcore(args) -> str:
     reader = hfmap.HFReader(args.source)
     tokenizer = open_tokenizer(tok_path)
     known = bool(hf.get("cascade"))  # exported by mcore-to-hf: every row is the model's own
-    multiple = 128 * math.lcm(8, args.tensor)  # whole at TP 1 to 8 and at the target
-    padded = math.ceil(max(tokenizer.vocab_size, hf["vocab_size"]) / multiple) * multiple
+    padded = padded_rows(max(tokenizer.vocab_size, hf["vocab_size"]), hf, args.tensor)
     objective = hf["cascade"]["objective"] if known else args.objective
     out = os.path.abspath(args.out)
     overrides = [*hfmap.model_overrides(hf), f"model.vocab_size={padded}", f"run_dir={out}",
@@ -263,9 +273,17 @@ def mcore_to_mcore(args) -> str:
 
     config, ckpt = locate(args.source)
     out = os.path.abspath(args.out)
+    rows = _embedding_rows(config)
+    # the rows stay what the checkpoint holds, whatever the padding rule gives at the new size
     cfg = load_config(config, [f"parallel.tensor={args.tensor}",
-                               f"parallel.pipeline={args.pipeline}", f"run_dir={out}"],
+                               f"parallel.pipeline={args.pipeline}", f"run_dir={out}",
+                               f"model.vocab_size={rows}"],
                       world_size=args.tensor * args.pipeline)
+    if rows % args.tensor:
+        raise ConfigError(f"{args.source}: the embedding has {rows} rows, which --tensor "
+                          f"{args.tensor} does not split evenly: reshard to a size that divides "
+                          "it, or convert again from Hugging Face (hf-to-mcore pads for every "
+                          "size the heads allow)")
     with staged(out) as partial:
         shutil.copytree(ckpt, os.path.join(partial, "checkpoints", os.path.basename(ckpt)))
         with open(os.path.join(partial, "checkpoints", "latest"), "w") as f:
@@ -280,6 +298,21 @@ def mcore_to_mcore(args) -> str:
         with open(os.path.join(partial, "config.yaml"), "w") as f:
             f.write(to_yaml(cfg))
     return out
+
+
+def _embedding_rows(config: str) -> int:
+    """The embedding rows of the run whose config is `config`, at the layout it was saved at."""
+    from cascade_mega.data.tokenizer import open_tokenizer
+    from cascade_mega.model.gpt import vocab_rows
+
+    cfg = load_config(config, [], world_size=0)  # its own layout, checked against no world size
+    if cfg.model.vocab_size:
+        return cfg.model.vocab_size
+    own = os.path.join(os.path.dirname(config), "tokenizer.json")
+    if not os.path.isfile(own) and not cfg.data.tokenizer:
+        raise ConfigError(f"{os.path.dirname(config)}: no tokenizer.json beside the config")
+    tok = open_tokenizer(own if os.path.isfile(own) else cfg.data.tokenizer)
+    return vocab_rows(cfg, tok.vocab_size)
 
 
 def smollm2_gguf() -> str:

@@ -78,8 +78,12 @@ class Batch:
 
 
 class SplitReader:
-    def __init__(self, dataset: GPTDataset, vocab_size: int, name: str):
+    """One split's samples; `documents` / `tokens`: what the split holds (for the start line)."""
+
+    def __init__(self, dataset: GPTDataset, vocab_size: int, name: str, documents: int = 0,
+                 tokens: int = 0):
         self.dataset, self.vocab_size, self.name = dataset, vocab_size, name
+        self.documents, self.tokens = documents, tokens
 
     def micro_batch(self, start: int, size: int) -> Batch:
         n = len(self.dataset)
@@ -116,8 +120,10 @@ def build_splits(cfg, tokenizer: CascadeTokenizer, path: str, dp_size: int):
         mmap_bin_files=True,
     )
 
+    train_docs = train_tokens = 0
     for prefix in prefixes:
-        _check_split_sizes(prefix, ds_cfg.split_matrix, cfg.data)
+        docs, tokens = _split_sizes(prefix, ds_cfg.split_matrix, cfg.data)
+        train_docs, train_tokens = train_docs + docs, train_tokens + tokens
 
     def build():
         return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, ds_cfg).build()
@@ -132,28 +138,33 @@ def build_splits(cfg, tokenizer: CascadeTokenizer, path: str, dp_size: int):
     train, valid, _ = splits
     if train is None or valid is None:
         raise DataError(f"{path}: split '{cfg.data.split}' leaves no train or validation data")
-    return SplitReader(train, tokenizer.vocab_size, "train"), \
+    return SplitReader(train, tokenizer.vocab_size, "train", train_docs, train_tokens), \
         SplitReader(valid, tokenizer.vocab_size, "valid")
 
 
-def _check_split_sizes(prefix: str, split_matrix, data_cfg) -> None:
-    """Each split training reads (train, validation) must hold at least one sample: megatron cuts
-    the split by documents and would loop forever looking for tokens in an empty one."""
+def _split_sizes(prefix: str, split_matrix, data_cfg) -> tuple:
+    """(documents, tokens) of the train split. Each split training reads (train, validation)
+    must hold at least one sample: megatron cuts the split by documents and would loop forever
+    looking for tokens in an empty one."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     ds = IndexedDataset(prefix, mmap=True)
     lengths = numpy.array(ds.sequence_lengths, dtype=numpy.int64)  # a copy: the map closes with ds
     need = data_cfg.seq_len + 1
+    sizes = []
     for name, bounds in zip(("train", "validation"), split_matrix[:2]):
         if bounds is None:
+            sizes.append((0, 0))
             continue
         beg, end = (int(round(b * float(len(lengths)))) for b in bounds)
         tokens = int(lengths[beg:end].sum())
+        sizes.append((end - beg, tokens))
         if tokens < need:
             raise DataError(f"{prefix}: data.split '{data_cfg.split}' leaves the {name} split "
                             f"{end - beg} of {len(lengths)} documents ({tokens} tokens), fewer than "
                             f"one sample of data.seq_len + 1 = {need} tokens: give it more "
                             "documents or change data.split")
+    return sizes[0]
 
 
 def micro_batch_start(step: int, micro: int, dp_rank: int, cfg, dp_size: int) -> int:

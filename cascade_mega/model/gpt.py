@@ -53,6 +53,19 @@ def ffn_size(cfg: CascadeConfig) -> int:
     return m.ffn_hidden_size or int(math.ceil(8 * m.hidden_size / 3 / 64) * 64)
 
 
+def fusions(cfg: CascadeConfig) -> dict:
+    """megatron-core's fused kernels that `model.fusions` (None: on a GPU) turns on where they
+    exist: bias-SwiGLU (TorchScript, anywhere), RoPE and gradient accumulation into the fp32
+    main gradients (Transformer Engine's layers, or apex's CUDA extension)."""
+    import importlib.util
+
+    on = device.on_gpu() if cfg.model.fusions is None else cfg.model.fusions
+    te = te_support.layers_used(cfg) and device.on_gpu()
+    apex = device.on_gpu() and bool(importlib.util.find_spec("fused_weight_gradient_mlp_cuda"))
+    return {"bias_activation_fusion": on, "apply_rope_fusion": on and te,
+            "gradient_accumulation_fusion": on and (te or apex)}
+
+
 def transformer_config(cfg: CascadeConfig, dtype: torch.dtype) -> TransformerConfig:
     m, p = cfg.model, cfg.parallel
     on_gpu = device.on_gpu()
@@ -81,13 +94,12 @@ def transformer_config(cfg: CascadeConfig, dtype: torch.dtype) -> TransformerCon
         context_parallel_size=p.context,
         sequence_parallel=p.sequence_parallel,
         calculate_per_token_loss=True,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
+        **fusions(cfg),
+        bias_dropout_fusion=False,  # no dropout; the attention and the loss are the project's own
         masked_softmax_fusion=False,
-        apply_rope_fusion=False,
         persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
+        tp_comm_overlap=p.tp_comm_overlap,
         # gloo matches a batch's sends and receives by peer and tag only: with interleaved stages
         # a rank exchanges activations and gradients of the same shape with one peer, and batched
         # ops can pair the wrong ones. Ordered single ops on CPU; batched (NCCL) on GPU.
@@ -109,8 +121,7 @@ def transformer_config(cfg: CascadeConfig, dtype: torch.dtype) -> TransformerCon
 def layer_spec(cfg: CascadeConfig, vp_stage=None):
     """megatron-core's spec for this stage's layers, with the project's core attention, seeded
     layers and (local spec) sequence-parallel-aware norms."""
-    backend = cfg.model.attention_backend
-    te = cfg.train.fp8 or backend == "te" or (backend == "auto" and te_support.use_for_auto())
+    te = te_support.layers_used(cfg)
     spec = copy.deepcopy(te_support.layer_spec() if te else
                          get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules.self_attention.submodules.core_attention = functools.partial(
@@ -318,3 +329,23 @@ def build_chunks(cfg: CascadeConfig, tokenizer, dtype=torch.float32) -> list:
                                                                vp_stage=vp_stage),
             dtype=dtype, vp_stage=vp_stage))
     return chunks
+
+
+def parameter_counts(chunks) -> tuple[int, int]:
+    """(total, without embeddings) of the whole model, not this rank's shard: each tensor-parallel
+    shard counts once, a replicated tensor (a norm) on tensor rank 0 only, the output layer's copy
+    of a tied embedding not at all; summed over the model-parallel group (a collective)."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    counts = torch.zeros(2, dtype=torch.float64, device=device.current())
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            if getattr(p, "shared_embedding", False) and "output_layer" in name:
+                continue
+            if not getattr(p, "tensor_model_parallel", False) and tp_rank:
+                continue
+            counts[0] += p.numel()
+            if "word_embeddings" not in name and "output_layer" not in name:
+                counts[1] += p.numel()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts, group=parallel_state.get_model_parallel_group())
+    return int(counts[0]), int(counts[1])

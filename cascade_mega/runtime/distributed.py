@@ -25,7 +25,10 @@ def _free_port() -> int:
 
 
 def init(parallel, seed: int) -> DistEnv:
-    """Initialise torch.distributed and megatron-core's parallel state; seed every generator."""
+    """Initialise torch.distributed and megatron-core's parallel state; seed every generator.
+    The world group waits `parallel.startup_timeout_minutes` (rank 0 builds the dataset and its
+    sample index while the others wait in it); megatron-core's groups, which carry every
+    training collective, `parallel.timeout_minutes`."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -41,13 +44,15 @@ def init(parallel, seed: int) -> DistEnv:
             os.environ["MASTER_PORT"] = str(_free_port())
         dist.init_process_group(
             backend="nccl" if dev.type == "cuda" else "gloo",
-            rank=env.rank, world_size=env.world_size, timeout=timedelta(minutes=10))
+            rank=env.rank, world_size=env.world_size,
+            timeout=timedelta(minutes=parallel.startup_timeout_minutes))
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor,
             pipeline_model_parallel_size=parallel.pipeline,
             virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
             context_parallel_size=parallel.context,
+            distributed_timeout_minutes=parallel.timeout_minutes,
         )
     seed_everything(seed)
     model_parallel_cuda_manual_seed(seed)

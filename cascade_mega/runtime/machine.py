@@ -16,13 +16,18 @@ from cascade_mega.runtime import te_support
 
 def check(cfg: CascadeConfig) -> None:
     needs_te = [("train.fp8", cfg.train.fp8),
-                ("model.attention_backend", "te" if cfg.model.attention_backend == "te" else None)]
+                ("model.attention_backend", "te" if cfg.model.attention_backend == "te" else None),
+                ("parallel.tp_comm_overlap", cfg.parallel.tp_comm_overlap or None)]
     for key, value in needs_te:
         if value and not te_support.available():
             why = te_support.import_error()
             raise ConfigError(f"'{key}' = {value} needs Transformer Engine on a CUDA GPU; " + (
                 f"it is installed but does not import here ({why})" if why else
                 "this machine has none (install the [gpu] extra on the GPU nodes)"))
+    if cfg.parallel.tp_comm_overlap and not te_support.layers_used(cfg):
+        raise ConfigError("'parallel.tp_comm_overlap' needs the Transformer Engine layers "
+                          "('model.attention_backend' = te or auto): the overlap lives in TE's "
+                          "linear layers")
     if cfg.data.backend == "dali" and (importlib.util.find_spec("nvidia") is None or
                                        importlib.util.find_spec("nvidia.dali") is None):
         raise ConfigError("'data.backend' = dali needs NVIDIA DALI: install the [dali] extra "

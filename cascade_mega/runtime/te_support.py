@@ -64,3 +64,22 @@ def layer_spec():
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
     return get_gpt_layer_with_transformer_engine_spec()
+
+
+def layers_used(cfg) -> bool:
+    """Whether the model is built from Transformer Engine's layers (FP8, te, or auto where TE
+    imports)."""
+    backend = cfg.model.attention_backend
+    return bool(cfg.train.fp8) or backend == "te" or (backend == "auto" and use_for_auto())
+
+
+def init_userbuffers(cfg, rows: int) -> None:
+    """`parallel.tp_comm_overlap`: Transformer Engine's userbuffers for the tensor-parallel
+    all-gather / reduce-scatter overlapped with the GEMMs, sized as Megatron-LM sizes them (the
+    sequence rows of a micro-batch per context rank, by the hidden size). Before the model.
+    GPU-only and not measured on this project's machines (no TE here)."""
+    require("parallel.tp_comm_overlap")
+    from transformer_engine.pytorch.module import base
+
+    shape = [rows * cfg.train.micro_batch_size // cfg.parallel.context, cfg.model.hidden_size]
+    base.initialize_ub(shape=shape, tp_size=cfg.parallel.tensor, use_fp8=bool(cfg.train.fp8))

@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cascade_mega.config import ConfigError
+from cascade_mega.runtime.provenance import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROFILES = os.path.join(ROOT, "configs", "clusters")
 
 
@@ -42,10 +42,16 @@ class ClusterProfile:
     modules: List[str] = field(default_factory=list)  # `module load` before the job step
     env: Dict[str, str] = field(default_factory=dict)  # exported in the job (NCCL, CUDA, ...)
     sbatch_extra: List[str] = field(default_factory=list)  # more #SBATCH lines, verbatim
-    python: Optional[str] = None  # interpreter on the nodes; None: the submitting one
+    python: Optional[str] = None  # on the nodes (in the image, if any); None: the submitting one
+    # the batch shell's interpreter, outside any container: runs the requeue decision (stdlib
+    # only), so a requeue never waits for the image to be imported again; None: `python` without
+    # a container, else python3
+    host_python: Optional[str] = None
     device_tflops: float = 989.0  # dense bf16 peak per device, for the time-limit check
     assumed_mfu: float = 0.4  # expected fraction of it
     startup_s: int = 120  # job start to first step (imports, data, model, resume)
+    checkpoint_write_gbps: float = 2.0  # what the job's ranks write together to the run dir
+    kill_wait_s: int = 30  # Slurm's KillWait: SIGTERM to SIGKILL (0: not checked)
 
 
 def profile_path(name: str) -> str:

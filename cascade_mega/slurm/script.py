@@ -49,8 +49,13 @@ def _sbatch_lines(profile: ClusterProfile, res: Resources, extra: List[str]) -> 
     return "\n".join(f"#SBATCH {line}" for line in lines)
 
 
-def _setup_lines(profile: ClusterProfile) -> str:
+def _setup_lines(profile: ClusterProfile, code: str, packaged: bool) -> str:
     lines = [f"module load {m}" for m in profile.modules]
+    if packaged:  # the code frozen at submission comes first; the working directory not at all
+        q = shlex.quote(code)
+        lines += [f"export CASCADE_CODE={q}  # cascade submit --code package (snapshot.py)",
+                  f"export PYTHONPATH={q}${{PYTHONPATH:+:$PYTHONPATH}}",
+                  "export PYTHONSAFEPATH=1"]
     if profile.gpus_per_node:  # a rank that sees no GPU stops instead of training on the CPU
         lines.append("export CASCADE_EXPECT_GPU=1")
     lines += [f"export {k}={shlex.quote(str(v))}" for k, v in profile.env.items()]
@@ -71,10 +76,20 @@ def python_of(profile: ClusterProfile) -> str:
     return profile.python or sys.executable
 
 
+def host_python(profile: ClusterProfile) -> str:
+    """The batch shell's interpreter (outside the container): the requeue decision needs only
+    the standard library, and must not re-import the image inside the warning window."""
+    if profile.host_python:
+        return profile.host_python
+    return "python3" if profile.container_image else python_of(profile)
+
+
 def train_script(profile: ClusterProfile, res: Resources, configs: List[str],
                  run_dirs: List[str], log_dir: str, job_name: str, max_restarts: int,
-                 array_parallel: Optional[int] = None) -> str:
-    """One training run, or a job array over `configs` (task i: configs[i], run_dirs[i])."""
+                 array_parallel: Optional[int] = None, code: str = ROOT,
+                 packaged: bool = False) -> str:
+    """One training run, or a job array over `configs` (task i: configs[i], run_dirs[i]), running
+    the code in `code` (a copy frozen at submission when `packaged`)."""
     extra = []
     if len(configs) > 1:
         extra.append(f"--array=0-{len(configs) - 1}" +
@@ -94,23 +109,26 @@ def train_script(profile: ClusterProfile, res: Resources, configs: List[str],
         "time": res.time, "log_dir": log_dir,
         "log_name": "%x-%A_%a" if len(configs) > 1 else "%x-%j",
         "signal_lead": profile.signal_lead_s, "workdir": os.getcwd(),
-        "sbatch_lines": _sbatch_lines(profile, res, extra), "setup_lines": _setup_lines(profile),
+        "sbatch_lines": _sbatch_lines(profile, res, extra),
+        "setup_lines": _setup_lines(profile, code, packaged),
         "task_select": select, "srun_options": _srun_options(profile),
         "launch": f'{python} -m cascade_mega train "$CONFIG"',
-        # the requeue helper runs where the project is installed: in the container, if any
-        "helper": f"srun --nodes=1 --ntasks=1 {_srun_options(profile)} {python}"
-        if profile.container_image else python,
+        "requeue": f"cd {shlex.quote(code)} && {host_python(profile)} -m "
+                   "cascade_mega.slurm.requeue",
+        "heartbeat": f"cd {shlex.quote(code)} && {host_python(profile)} -m "
+                     "cascade_mega.runtime.heartbeat",
         "max_restarts": max_restarts,
     })
 
 
 def stage_script(profile: ClusterProfile, res: Resources, args: List[str], log_dir: str,
-                 job_name: str) -> str:
+                 job_name: str, code: str = ROOT, packaged: bool = False) -> str:
     """A one-task job running `cascade ARGS` (the non-training stages of a chain)."""
     return fill("stage.sbatch", {
         "profile": profile.name, "job_name": job_name, "partition": res.partition,
         "cpus_per_task": profile.cpus_per_node, "time": res.time, "log_dir": log_dir,
         "workdir": os.getcwd(), "sbatch_lines": _sbatch_lines(profile, res, []),
-        "setup_lines": _setup_lines(profile), "srun_options": _srun_options(profile),
+        "setup_lines": _setup_lines(profile, code, packaged),
+        "srun_options": _srun_options(profile),
         "command": f"{python_of(profile)} -m cascade_mega {shlex.join(args)}",
     })

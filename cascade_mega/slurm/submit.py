@@ -6,9 +6,11 @@
 
 Everything is checked before anything is submitted: the profile, the partition (against the
 profile and, when Slurm answers, `sinfo`), GPUs and nodes against the profile, the run config at
-the job's world size (nodes x tasks per node), and that the time limit leaves room for at least one
-checkpoint interval. The config is frozen at submission (`<run_dir>/slurm/config.yaml`): a requeued
-job runs what was submitted, whatever happened to the YAML since.
+the job's world size (nodes x tasks per node), the time limit and the warning lead, and in a
+container the mounts (`preflight.py`). The config and the code are frozen at submission
+(`<run_dir>/slurm/config.yaml`, `<log dir>/code/`, `snapshot.py`): a requeued job runs what was
+submitted, whatever happened to the YAML or the checkout since (`--code live`: the checkout's code
+as it is when the job starts).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 import time
 from dataclasses import replace
 from typing import List, Optional
@@ -24,6 +27,8 @@ from typing import List, Optional
 from omegaconf import OmegaConf
 
 from cascade_mega.config import ConfigError, load_config, to_yaml
+from cascade_mega.runtime.provenance import ROOT
+from cascade_mega.slurm import preflight, snapshot
 from cascade_mega.slurm.profile import ClusterProfile, load_profile, seconds
 from cascade_mega.slurm.script import Resources, stage_script, train_script
 
@@ -41,6 +46,9 @@ def add_arguments(p) -> None:
     p.add_argument("--array-parallel", type=int, help="array tasks running at once")
     p.add_argument("--after", help="start after this job id succeeded (afterok)")
     p.add_argument("--chain", help="a YAML file of stages to run one after the other")
+    p.add_argument("--code", choices=("package", "live"), default="package",
+                   help="package (default): the job runs a copy of the code made now; live: "
+                   "the checkout's code as it is when the job (or a requeue) starts")
     p.add_argument("--dry-run", action="store_true", help="print the script(s); submit nothing")
 
 
@@ -77,52 +85,29 @@ def cluster_partitions() -> Optional[set]:
     return set(out.stdout.split()) if out.returncode == 0 else None
 
 
-def check_time_limit(cfg, profile: ClusterProfile, res: Resources) -> None:
-    """The time limit must fit start-up plus one checkpoint interval before the warning signal."""
-    from cascade_mega.bench.flops import step_flops
-
-    vocab = cfg.model.vocab_size or dataset_vocab(cfg)
-    devices = res.nodes * res.tasks_per_node
-    rate = devices * profile.device_tflops * 1e12 * profile.assumed_mfu
-    step_s = step_flops(cfg, vocab) / rate
-    steps = min(cfg.checkpoint.interval, cfg.train.steps)
-    need = profile.startup_s + steps * step_s
-    have = seconds(res.time) - profile.signal_lead_s
-    if have < need:
-        raise ConfigError(
-            f"time limit {res.time} leaves {have} s before the warning signal, but start-up "
-            f"({profile.startup_s} s) and one checkpoint interval ({steps} steps x ~{step_s:.2f} s "
-            f"at {profile.device_tflops:g} TFLOP/s x MFU {profile.assumed_mfu:g} on {devices} "
-            f"devices) need ~{need:.0f} s: raise --time or lower checkpoint.interval")
-
-
-def dataset_vocab(cfg) -> int:
-    from cascade_mega.data import loader
-    from cascade_mega.data.indexed import DataError
-
-    try:
-        return loader.load_tokenizer(cfg.data, loader.resolve_path(cfg.data.path)).vocab_size
-    except (DataError, OSError):
-        return 32_000  # the dataset is not readable from here: a typical vocabulary
-
-
 def _split(items: List[str]):
     configs = [a for a in items if "=" not in a]
     return configs, [a for a in items if "=" in a]
 
 
-def prepare_run(config: str, overrides: List[str], profile, res, dry_run: bool) -> tuple:
-    """(frozen config path, run dir) of one training run, checked at the job's world size."""
+def prepare_run(config: str, overrides: List[str], profile, res) -> tuple:
+    """(frozen config path, run dir, config) of one training run, checked at the job's world
+    size against the time limit and the warning lead (warnings go to stderr); writes nothing."""
     cfg = load_config(config, overrides, world_size=res.nodes * res.tasks_per_node)
-    check_time_limit(cfg, profile, res)
+    for line in preflight.check_times(cfg, profile, res, res.time):
+        print(f"cascade: {line}", file=sys.stderr, flush=True)
     run_dir = os.path.abspath(cfg.run_dir)
-    frozen = os.path.join(run_dir, "slurm", "config.yaml")
-    cfg = replace(cfg, run_dir=run_dir)
-    if not dry_run:
-        os.makedirs(os.path.dirname(frozen), exist_ok=True)
-        with open(frozen, "w") as f:
-            f.write(to_yaml(cfg))
-    return frozen, run_dir, cfg
+    return os.path.join(run_dir, "slurm", "config.yaml"), run_dir, replace(cfg, run_dir=run_dir)
+
+
+def code_dir(mode: str, log_dir: str) -> str:
+    return os.path.join(log_dir, "code") if mode == "package" else ROOT
+
+
+def write_frozen(frozen: str, cfg) -> None:
+    os.makedirs(os.path.dirname(frozen), exist_ok=True)
+    with open(frozen, "w") as f:
+        f.write(to_yaml(cfg))
 
 
 def sbatch(script: str, path: str, after: Optional[str] = None) -> str:
@@ -149,9 +134,10 @@ def _record(run_dir: str, job_id: str, profile: str, res: Resources) -> None:
 
 def submit_train(configs: List[str], overrides: List[str], profile, res, *, dry_run=False,
                  after=None, max_restarts=None, array_parallel=None, job_name=None,
-                 array_dir=None) -> dict:
-    """One run (one config) or an array (several): returns {job_id, run_dirs, script}."""
-    runs = [prepare_run(c, overrides, profile, res, dry_run) for c in configs]
+                 array_dir=None, code: str = "package") -> dict:
+    """One run (one config) or an array (several): returns {job_id, run_dirs, script}. Every
+    check passes before anything is written; then the configs and the code are frozen."""
+    runs = [prepare_run(c, overrides, profile, res) for c in configs]
     frozen, run_dirs = [r[0] for r in runs], [r[1] for r in runs]
     if len(set(run_dirs)) < len(run_dirs):
         raise ConfigError("array tasks share a run directory: give each config its own run_dir")
@@ -160,13 +146,20 @@ def submit_train(configs: List[str], overrides: List[str], profile, res, *, dry_
     else:
         log_dir = array_dir or os.path.join(os.path.dirname(run_dirs[0]),
                                             f"_array-{time.strftime('%Y%m%d-%H%M%S')}")
+    code_at = code_dir(code, log_dir)
+    for _, run_dir, cfg in runs:
+        preflight.check_mounts(profile, preflight.job_paths(cfg, run_dir, code_at))
     name = job_name or f"cascade-{runs[0][2].name}"
     script = train_script(profile, res, frozen, run_dirs, log_dir, name,
                           max_restarts if max_restarts is not None else profile.max_restarts,
-                          array_parallel)
+                          array_parallel, code_at, code == "package")
     if dry_run:
         return {"job_id": None, "run_dirs": run_dirs, "script": script}
+    for path, _, cfg in runs:
+        write_frozen(path, cfg)
     os.makedirs(log_dir, exist_ok=True)
+    if code == "package":
+        snapshot.freeze(code_at)
     job_id = sbatch(script, os.path.join(log_dir, "job.sbatch"), after)
     for d in run_dirs:
         _record(d, job_id, profile.name, res)
@@ -192,7 +185,9 @@ def submit_chain(path: str, profile, args) -> List[dict]:
         stage_args = argparse_copy(args, nodes=st.get("nodes"), time=st.get("time"))
         res = resources(profile, stage_args)
         if "train" in st:
-            runs = prepare_run(st["train"], list(st.get("overrides") or []), profile, res, True)
+            runs = prepare_run(st["train"], list(st.get("overrides") or []), profile, res)
+            preflight.check_mounts(profile, preflight.job_paths(
+                runs[2], runs[1], code_dir(args.code, os.path.join(runs[1], "slurm"))))
             plans.append(("train", name, st, res, runs[1]))
         else:
             cmd = shlex.split(st["run"])
@@ -203,13 +198,21 @@ def submit_chain(path: str, profile, args) -> List[dict]:
                                   "valid cascade command") from None
             plans.append(("run", name, cmd, res, None))
     log_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "slurm-chain")
+    stages_code = code_dir(args.code, log_dir)
+    preflight.check_mounts(profile, [("the chain's log directory", log_dir),
+                                     ("the working directory", os.getcwd())])
+    if args.code == "package" and not args.dry_run and any(p[0] == "run" for p in plans):
+        os.makedirs(log_dir, exist_ok=True)
+        snapshot.freeze(stages_code)
     out, after = [], args.after
     for kind, name, spec, res, run_dir in plans:
         if kind == "train":
             r = submit_train([spec["train"]], list(spec.get("overrides") or []), profile, res,
-                             dry_run=args.dry_run, after=after, job_name=f"cascade-{name}")
+                             dry_run=args.dry_run, after=after, job_name=f"cascade-{name}",
+                             code=args.code)
         else:
-            script = stage_script(profile, res, spec, log_dir, f"cascade-{name}")
+            script = stage_script(profile, res, spec, log_dir, f"cascade-{name}", stages_code,
+                                  args.code == "package")
             r = {"job_id": None, "script": script, "run_dirs": []}
             if not args.dry_run:
                 os.makedirs(log_dir, exist_ok=True)
@@ -241,7 +244,7 @@ def run(args) -> int:
         res = resources(profile, args)
         results = [submit_train(configs, overrides, profile, res, dry_run=args.dry_run,
                                 after=args.after, max_restarts=args.max_restarts,
-                                array_parallel=args.array_parallel)]
+                                array_parallel=args.array_parallel, code=args.code)]
     for r in results:
         if args.dry_run:
             print(r["script"])

@@ -131,11 +131,11 @@ def run_local(sweep: Sweep, runs: List[Run], states: dict, paths: List[str]) -> 
 def check_slurm(sweep: Sweep, runs: List[Run], profile, res, dry_run: bool) -> None:
     """Every run must fit the profile before anything is submitted."""
     from cascade_mega.plan import plan
-    from cascade_mega.slurm.submit import check_time_limit, dataset_vocab
+    from cascade_mega.slurm.preflight import check_times, dataset_vocab
 
     for run in runs:
         try:
-            check_time_limit(run.cfg, profile, res)
+            check_times(run.cfg, profile, res, res.time)
             if profile.gpu_memory_gb and res.gpus_per_node:
                 vocab = run.cfg.model.vocab_size or dataset_vocab(run.cfg)
                 need = plan(run.cfg, res.nodes * res.tasks_per_node, vocab).peak() / 1024 ** 3

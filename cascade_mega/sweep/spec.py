@@ -171,7 +171,7 @@ def expand(sweep: Sweep, overrides: Optional[List[str]] = None,
     """Every run of the sweep, configs loaded and checked (at `world_size`), with N, D and C."""
     from cascade_mega.bench.flops import step_flops
     from cascade_mega.plan import layer_parameters
-    from cascade_mega.slurm.submit import dataset_vocab
+    from cascade_mega.slurm.preflight import dataset_vocab
 
     common = list(sweep.overrides) + list(overrides or [])
     # the base only lends defaults; its own steps must not veto a warmup meant for longer runs

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 from importlib import metadata
 
 from omegaconf import OmegaConf
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cascade_mega.runtime import provenance
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -30,18 +29,12 @@ def config_params(cfg) -> dict:
     return flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))
 
 
-def code_version(root: str = ROOT) -> dict:
-    """The git commit of the code that runs, and whether the tree had uncommitted changes."""
-    def git(*args):
-        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"code.git_commit": commit, "code.git_dirty": dirty} if commit else {}
+def code_version() -> dict:
+    """The git commit of the code that runs (a job's frozen copy records its own), and whether
+    it differs from that commit (`runtime/provenance.py`)."""
+    rec = provenance.record()
+    return {"code.git_commit": rec["commit"], "code.git_dirty": rec["dirty"]} \
+        if rec.get("commit") else {}
 
 
 def versions() -> dict:

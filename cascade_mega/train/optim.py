@@ -9,10 +9,26 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 
+def overlap(cfg) -> tuple[bool, bool]:
+    """(gradient reduce, parameter gather) overlapped with compute: the config's, or on a GPU
+    (the gather needs the distributed optimizer)."""
+    from cascade_mega.runtime import device
+
+    p = cfg.parallel
+    grads = device.on_gpu() if p.overlap_grad_reduce is None else p.overlap_grad_reduce
+    params = (p.distributed_optimizer and device.on_gpu()) if p.overlap_param_gather is None \
+        else p.overlap_param_gather
+    return grads or params, params  # megatron overlaps the gather only with the reduce
+
+
 def wrap_ddp(chunks, cfg):
+    grads, params = overlap(cfg)
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=grads,
+        overlap_param_gather=params,
+        align_param_gather=params and len(chunks) > 1,
+        bucket_size=cfg.parallel.bucket_size,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
     )
     wrapped = [
@@ -22,12 +38,38 @@ def wrap_ddp(chunks, cfg):
     ]
     # The schedules read these from the first chunk's config: with virtual pipeline stages they
     # must cover every chunk (one function per chunk).
-    no_sync = [w.no_sync for w in wrapped]
+    def one_or_list(fns):
+        return fns if len(wrapped) > 1 else fns[0]
+
     for w in wrapped:
         w.config.finalize_model_grads_func = finalize_model_grads
-        w.config.no_sync_func = no_sync if len(wrapped) > 1 else no_sync[0]
-        w.config.grad_sync_func = None
+        w.config.no_sync_func = one_or_list([c.no_sync for c in wrapped])
+        # with overlap, the pipeline schedules start each chunk's reduce (and the next forward's
+        # parameter gather) themselves, as Megatron-LM's training loop sets them
+        w.config.grad_sync_func = one_or_list([c.start_grad_sync for c in wrapped]) \
+            if grads else None
+        w.config.param_sync_func = one_or_list([c.start_param_sync for c in wrapped]) \
+            if params and len(wrapped) > 1 else None
     return wrapped
+
+
+def param_gather_paused(chunks):
+    """A context for reading the whole weights (a checkpoint save): with the parameter gather
+    overlapped, the weights are all-gathered first and the forward pre-hooks come back after."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def paused():
+        hooked = [c for c in chunks if getattr(c, "use_forward_hook", False)]
+        for c in hooked:
+            c.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            for c in hooked:
+                c.enable_forward_pre_hook()
+
+    return paused()
 
 
 def build_optimizer(chunks, cfg, dtype):

@@ -28,12 +28,17 @@ from cascade_mega.config import CascadeConfig, config_changes, run_dtype, to_yam
 from cascade_mega.data import loader
 from cascade_mega.diffusion import distill, objectives
 from cascade_mega.diffusion.base import Shard
-from cascade_mega.model.gpt import build_chunks
-from cascade_mega.runtime import device, distributed, machine
+from cascade_mega.model.gpt import build_chunks, parameter_counts
+from cascade_mega.runtime import (device, distributed, heartbeat, machine, provenance,
+                                  te_support)
 from cascade_mega.train import checkpoint
 from cascade_mega.train.errors import NonFiniteError
-from cascade_mega.train.optim import build_optimizer, wrap_ddp
+from cascade_mega.train.optim import build_optimizer, param_gather_paused, wrap_ddp
+from cascade_mega.train.profiler import StepProfiler
 from cascade_mega.train.signals import StopSignals
+
+
+MEMORY_AFTER = 3  # steps of this job after which every rank's peak memory is reported
 
 
 def memory_gb() -> float:
@@ -61,6 +66,7 @@ class Trainer:
         env = distributed.read_env()
         self.world_size = env.world_size
         validate(cfg, env.world_size)  # a no-op for a config `load_config` checked already
+        self.code_dir = provenance.check_running()  # a job's frozen code, not the checkout's
         device.select(env.local_rank)  # before anything (TE's import) can touch a GPU
         machine.check(cfg)  # TE for FP8, DALI: probed here, where the job runs
         # the builtin dataset is built once, by rank 0, while the others wait in the rendezvous
@@ -81,14 +87,18 @@ class Trainer:
                           and self.context[0] == 0)
         self.train_data, self.valid_data = loader.build_splits(
             cfg, self.tokenizer, self.prefix, self.dp_size)
+        self.train_split = (self.train_data.documents, self.train_data.tokens)
         self.num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp_size)
         self.dtype = run_dtype(cfg)
         self.chunks = wrap_ddp(build_chunks(cfg, self.tokenizer, self.dtype), cfg)
+        self.parameters = parameter_counts(self.chunks)  # (total, without embeddings)
         self.teacher = distill.build_teacher(*teacher, self.tokenizer, self.dtype) \
             if teacher else None
         self.objective = objectives.build(
             cfg, self.tokenizer, Shard(self.dp_rank, self.dp_size, self.num_micro, self.context),
             self.teacher)
+        if cfg.parallel.tp_comm_overlap:  # TE's userbuffers, before the first forward uses them
+            te_support.init_userbuffers(cfg, self.objective.rows(cfg, True))
         self.optimizer, self.scheduler = build_optimizer(self.chunks, cfg, self.dtype)
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         checkpoint.start_writer()  # before any scheduler signal can arrive
@@ -214,22 +224,33 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def fit(self):
-        """Train to `train.steps` (or `train.exit_interval` steps of this job, or until the scheduler
-        signals: `signals.py`). `self.outcome` is 'finished', 'stopped' (left early, to be resumed;
-        `self.stop_signal` names the signal) or 'failed' when the callbacks see the end."""
+        """Train to `train.steps` (or `train.exit_interval` steps of this job, or until the
+        scheduler signals: `signals.py`). `self.outcome` is 'finished', 'stopped' (left early,
+        to be resumed; `self.stop_signal` names the signal) or 'failed' when the callbacks see
+        the end. Every rank keeps its heartbeat file; `train.profile` profiles a window."""
         cfg = self.cfg
         t = cfg.train
         self.outcome, self.stop_signal = "failed", None
         signals = StopSignals().install()
         self._record_exit("running")
+        beat = heartbeat.Heartbeat(self.run_dir, dist.get_rank(), t.heartbeat_s)
+        prof = StepProfiler(t.profile, self.run_dir, dist.get_rank(), device.on_gpu()) \
+            if t.profile else None
         self._emit("on_train_start")
         try:
             if t.eval_batches and t.eval_interval and self.step == 0 < t.steps:
                 self._emit("on_eval_end", self.step, self.evaluate(self.step))
             while self.step < t.steps:
                 log = (self.step + 1) % t.log_interval == 0 or self.step + 1 == t.steps
+                if prof:
+                    prof.before_step(self.step)
                 metrics = self.train_step(self.step, log)
                 self.step += 1
+                beat.step(self.step, metrics["memory_gb"])
+                if prof and (line := prof.after_step(self.step)) and self.is_logger:
+                    print(line, flush=True)
+                if self.step == self.start_step + MEMORY_AFTER or self.step == t.steps:
+                    self._report_memory(metrics["memory_gb"])
                 self._check_finite(metrics)
                 if log:
                     self._emit("on_step_end", self.step, metrics)
@@ -240,16 +261,20 @@ class Trainer:
                 leaving = bool(self.stop_signal) or bool(t.exit_interval) and \
                     (self.step - self.start_step) % t.exit_interval == 0
                 if self.step % cfg.checkpoint.interval == 0 or self.step == t.steps or leaving:
-                    path = checkpoint.save(self.ckpt_root, self.chunks, self.optimizer,
-                                           self.scheduler, self.step,
-                                           self.step * t.global_batch_size,
-                                           cfg.checkpoint.keep_last, self._save_loader_state,
-                                           self.layout(), to_yaml(cfg))
+                    with param_gather_paused(self.chunks):
+                        path = checkpoint.save(self.ckpt_root, self.chunks, self.optimizer,
+                                               self.scheduler, self.step,
+                                               self.step * t.global_batch_size,
+                                               cfg.checkpoint.keep_last, self._save_loader_state,
+                                               self.layout(), to_yaml(cfg))
                     self._emit("on_checkpoint_end", self.step, path)
                 if leaving:
                     break
             self.outcome = "finished" if self.step >= t.steps else "stopped"
         finally:
+            if prof:
+                prof.close()
+            beat.close()
             self._record_exit(self.outcome)
             self._emit("on_train_end")  # a late signal (e.g. during the tracking flush) is ignored
             signals.restore()
@@ -272,6 +297,26 @@ class Trainer:
         raise NonFiniteError(f"{what}; the update was not applied and the run stops. The last "
                              f"good checkpoint is {last or 'none (no checkpoint yet)'}; "
                              "train.nonfinite=skip steps over such steps")
+
+    def _report_memory(self, mine: float) -> None:
+        """Once, early (and at the end of a short run): every rank's peak memory, gathered, in
+        one line on the logging rank and in `<run_dir>/memory.json`."""
+        if getattr(self, "_memory_reported", False):
+            return
+        self._memory_reported = True
+        peaks = [torch.zeros(1, dtype=torch.float64, device=device.current())
+                 for _ in range(self.world_size)]
+        dist.all_gather(peaks, torch.tensor([mine], dtype=torch.float64, device=device.current()))
+        peaks = [float(p) for p in peaks]
+        top = max(range(len(peaks)), key=peaks.__getitem__)
+        if dist.get_rank() == 0:
+            with open(os.path.join(self.run_dir, "memory.json"), "w") as f:
+                json.dump({"step": self.step, "peak_gb": peaks}, f)
+        if self.is_logger:
+            kind = "GPU memory" if device.on_gpu() else "resident memory"
+            print(f"peak {kind} after step {self.step}: max {peaks[top]:.2f} GiB (rank {top}), "
+                  f"min {min(peaks):.2f} GiB over {len(peaks)} ranks; per rank in "
+                  f"{self.run_dir}/memory.json", flush=True)
 
     def _record_exit(self, outcome: str) -> None:
         """`<run_dir>/exit.json`: how this job's training ended (read by the Slurm job script's

@@ -4,7 +4,14 @@ A step line ends with the tokens seen so far, the time left at this job's pace a
 
     step   100/500 | loss 5.2510 | ... | step_time 0.511s | tokens 410k | eta 0:03:24 | 13:30:05
 
-A resumed run first says where it resumed from and names each setting that differs from the
+At start: the model's size, the layout, the data (tokens and documents of the train split, and
+the epochs the run's token budget implies) and the code (commit, uncommitted changes, where from):
+
+    model 1,234,560 parameters (983,040 without embeddings) | layout TP 1 x PP 1 x CP 1 x DP 2
+    data /data/web: train split 9.87B tokens in 4.1M documents | budget 20.1B tokens = 2.04 epochs
+    code 4ec1e48a9f3c + uncommitted changes from /lustre/me/runs/r1/slurm/code
+
+A resumed run then says where it resumed from and names each setting that differs from the
 config its checkpoint was saved under (a changed `train.steps` or schedule shows here).
 """
 
@@ -14,6 +21,7 @@ import sys
 import time
 from datetime import datetime, timedelta
 
+from cascade_mega.runtime import provenance
 from cascade_mega.train.callbacks.base import Callback
 
 
@@ -35,6 +43,18 @@ def _count(n: float) -> str:
     return f"{n:.0f}"
 
 
+def start_lines(trainer, budget: int) -> list:
+    total, body = trainer.parameters
+    lay = trainer.layout()
+    documents, tokens = trainer.train_split
+    epochs = f" = {budget / tokens:.3g} epochs" if tokens else ""
+    return [f"model {total:,} parameters ({body:,} without embeddings) | layout TP "
+            f"{lay['tensor']} x PP {lay['pipeline']} x CP {lay['context']} x DP {lay['data']}",
+            f"data {trainer.cfg.data.path}: train split {_count(tokens)} tokens in "
+            f"{_count(documents)} documents | budget {_count(budget)} tokens{epochs}",
+            provenance.summary(trainer.code_dir)]
+
+
 class ConsoleProgress(Callback):
     def __init__(self, total_steps: int, stream=None):
         self.total, self.stream = total_steps, stream or sys.stdout
@@ -45,7 +65,10 @@ class ConsoleProgress(Callback):
 
     def on_train_start(self, trainer):
         self.started, self.first_step = time.monotonic(), trainer.start_step
-        self.tokens_per_step = trainer.cfg.train.global_batch_size * trainer.cfg.data.seq_len
+        cfg = trainer.cfg
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+        for line in start_lines(trainer, self.tokens_per_step * self.total):
+            self._print(line)
         if getattr(trainer, "resumed_from", None):
             self._print(f"resumed from {trainer.resumed_from} at step {trainer.start_step}")
             changes = getattr(trainer, "resume_changes", [])
