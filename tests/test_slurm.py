@@ -344,6 +344,15 @@ def test_paths_outside_the_mounts_and_a_short_warning_lead_are_refused(cluster, 
     assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
 
 
+def test_batch_shell_helpers_are_python_3_6_syntax():
+    """The requeue decision and the heartbeat report run with the host's python3, outside the
+    container: an older cluster's system Python (3.6) must parse them."""
+    import ast
+
+    for path in ("cascade_mega/slurm/requeue.py", "cascade_mega/runtime/heartbeat.py"):
+        ast.parse(open(os.path.join(ROOT, path)).read(), feature_version=(3, 6))
+
+
 def test_requeue_decisions(tmp_path):
     """The job script's decision after its training step: requeue on the time-limit warning, on
     preemption and on a first failure; stop on the same failure twice or past the restart cap."""

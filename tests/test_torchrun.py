@@ -5,9 +5,8 @@ import json
 import os
 
 import pytest
-import torch
 
-from helpers import cascade, torchrun
+from helpers import cascade
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["train", "configs/base.yaml", "model.num_layers=2", "model.hidden_size=64",
@@ -133,30 +132,20 @@ def test_context_parallel_matches_single_process(tmp_path, single):
                                      *LAYOUT_ARGS, *extra, "parallel.context=2"))
 
 
-def _logits(tmp_path, name, checkpoint, nproc, *layout):
-    out = tmp_path / f"{name}.pt"
-    proc = torchrun(nproc, "tests/logits_at_layout.py", out, *ARGS[1:], *LAYOUT_ARGS, *layout,
-                    f"train.resume={checkpoint}", f"run_dir={tmp_path}/{name}", timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return torch.load(out)
-
-
-def test_tp2_pp2_matches_and_its_checkpoint_gives_the_same_logits_and_resumes_anywhere(
+def test_tp2_pp2_matches_and_its_checkpoint_resumes_on_one_process(
         tmp_path, single):
-    """Four ranks (TP=2 x PP=2, sequence parallel) match the single process and stop at step 2.
-    Their checkpoint gives the same logits at TP = PP = 1, and one process resumes from it
-    (model and optimizer state resharded): every step equals the uninterrupted run."""
+    """Four ranks (TP=2 x PP=2, sequence parallel) match the single process and stop at step 2;
+    one process resumes from their checkpoint (model and optimizer state resharded): every step,
+    loss and gradient norm, equals the uninterrupted run. (The converted models' logits at other
+    layouts: test_convert.py.)"""
     printed = []
     first = _run(tmp_path, "tp2pp2", "--nproc-per-node", "4", *LAYOUT_ARGS, "parallel.tensor=2",
                  "parallel.pipeline=2", "parallel.sequence_parallel=true",
                  "train.exit_interval=2", printed=printed)
     assert [r["step"] for r in first] == [1, 2]
     _assert_same(single[:2], first)
-    ckpt = tmp_path / "tp2pp2" / "checkpoints" / "iter_0000002"
-    saved = _logits(tmp_path, "at_tp2pp2", ckpt, 4, "parallel.tensor=2", "parallel.pipeline=2")
-    assert saved.shape == (4, 2, 64, 8192) and saved.std() > 0.05  # every read-out row, every id
-    torch.testing.assert_close(_logits(tmp_path, "at_single", ckpt, 1), saved, atol=1e-6,
-                               rtol=0)
+    assert (tmp_path / "tp2pp2" / "checkpoints" / "latest").read_text().strip() == \
+        "iter_0000002"
     resumed = _run(tmp_path, "tp2pp2", *LAYOUT_ARGS, printed=printed)  # TP = PP = 1, resume=auto
     _assert_same(single, resumed)
     # the start line counts the whole model over the four shards: what one process holds

@@ -31,6 +31,9 @@ def _check_model_layout(cfg: CascadeConfig) -> None:
     if d.objective == "block_diffusion":
         need(L % d.block_size == 0, f"'diffusion.block_size' = {d.block_size} does not divide "
              f"'data.seq_len' = {L}")
+    need(not (p.tp_comm_overlap and cfg.distill.teacher),
+         "'parallel.tp_comm_overlap' sizes Transformer Engine's userbuffers for one row count; "
+         "'distill.teacher' adds rows in training that evaluation does not have")
     need(d.ar_loss_weight == 0 or p.context == 1,
          "'diffusion.ar_loss_weight' has no context-parallel path: use 'parallel.context' = 1")
     need(m.num_attention_heads % p.tensor == 0,

@@ -62,8 +62,8 @@ class ModelConfig(Section):
     attention_backend: str = "auto"  # auto | local | te  (te needs Transformer Engine and a GPU)
     attention_kernel: str = "auto"  # auto (flex on GPU, tiled on CPU) | tiled | flex | dense
     recompute: str = "none"  # none | full (keep each layer's input, recompute it in backward)
-    # megatron-core's fused kernels where they exist: bias-SwiGLU (TorchScript), RoPE and
-    # gradient-accumulation fusion (Transformer Engine or apex); None: on a GPU
+    # megatron-core's fused kernels where they exist: bias-SwiGLU (torch.compile) and
+    # gradient-accumulation fusion (apex's CUDA extension); None: on a GPU
     fusions: Optional[bool] = None
 
     def _check(self):
@@ -168,6 +168,9 @@ class ParallelConfig(Section):
              "'parallel.startup_timeout_minutes'")
         need(not self.overlap_param_gather or self.distributed_optimizer,
              "'parallel.overlap_param_gather' needs 'parallel.distributed_optimizer'")
+        need(not self.overlap_param_gather or self.overlap_grad_reduce is not False,
+             "'parallel.overlap_param_gather' needs 'parallel.overlap_grad_reduce' (megatron-core "
+             "overlaps the gather only together with the reduce)")
         need(self.bucket_size is None or self.bucket_size > 0,
              "'parallel.bucket_size' must be positive")
         need(not self.tp_comm_overlap or self.sequence_parallel,

@@ -274,16 +274,16 @@ def mcore_to_mcore(args) -> str:
     config, ckpt = locate(args.source)
     out = os.path.abspath(args.out)
     rows = _embedding_rows(config)
-    # the rows stay what the checkpoint holds, whatever the padding rule gives at the new size
-    cfg = load_config(config, [f"parallel.tensor={args.tensor}",
-                               f"parallel.pipeline={args.pipeline}", f"run_dir={out}",
-                               f"model.vocab_size={rows}"],
-                      world_size=args.tensor * args.pipeline)
     if rows % args.tensor:
         raise ConfigError(f"{args.source}: the embedding has {rows} rows, which --tensor "
                           f"{args.tensor} does not split evenly: reshard to a size that divides "
                           "it, or convert again from Hugging Face (hf-to-mcore pads for every "
                           "size the heads allow)")
+    # the rows stay what the checkpoint holds, whatever the padding rule gives at the new size
+    cfg = load_config(config, [f"parallel.tensor={args.tensor}",
+                               f"parallel.pipeline={args.pipeline}", f"run_dir={out}",
+                               f"model.vocab_size={rows}"],
+                      world_size=args.tensor * args.pipeline)
     with staged(out) as partial:
         shutil.copytree(ckpt, os.path.join(partial, "checkpoints", os.path.basename(ckpt)))
         with open(os.path.join(partial, "checkpoints", "latest"), "w") as f:

@@ -55,15 +55,17 @@ def ffn_size(cfg: CascadeConfig) -> int:
 
 def fusions(cfg: CascadeConfig) -> dict:
     """megatron-core's fused kernels that `model.fusions` (None: on a GPU) turns on where they
-    exist: bias-SwiGLU (TorchScript, anywhere), RoPE and gradient accumulation into the fp32
-    main gradients (Transformer Engine's layers, or apex's CUDA extension)."""
+    exist: bias-SwiGLU (megatron-core's `jit_fuser`, torch.compile) and the weight-gradient
+    accumulation into the fp32 main gradients, which needs apex's CUDA extension: the output
+    layer is megatron-core's own linear layer even under the TE spec, and refuses the flag
+    without it. RoPE fusion stays off: TE's fused RoPE takes one position row for the batch,
+    and batched decoding gives each sequence its own."""
     import importlib.util
 
     on = device.on_gpu() if cfg.model.fusions is None else cfg.model.fusions
-    te = te_support.layers_used(cfg) and device.on_gpu()
     apex = device.on_gpu() and bool(importlib.util.find_spec("fused_weight_gradient_mlp_cuda"))
-    return {"bias_activation_fusion": on, "apply_rope_fusion": on and te,
-            "gradient_accumulation_fusion": on and (te or apex)}
+    return {"bias_activation_fusion": on, "apply_rope_fusion": False,
+            "gradient_accumulation_fusion": on and apex}
 
 
 def transformer_config(cfg: CascadeConfig, dtype: torch.dtype) -> TransformerConfig:

@@ -10,10 +10,10 @@ thread. The two clocks tell the cases apart:
     python -m cascade_mega.runtime.heartbeat RUN_DIR [--stale-after S]
 
 prints one line per rank that stopped (what the Slurm job script runs when a step fails, in the
-batch shell: standard library only); `cascade jobs` shows the same.
+batch shell: standard library only, Python 3.6 syntax); `cascade jobs` shows the same. A rank
+that ended (finished, stopped, crashed through Python) marks its file closed and is never
+named; at start rank 0 removes the files of ranks the new world does not have.
 """
-
-from __future__ import annotations
 
 import argparse
 import glob
@@ -22,6 +22,7 @@ import os
 import socket
 import threading
 import time
+from typing import Optional
 
 
 def folder(run_dir: str) -> str:
@@ -31,12 +32,18 @@ def folder(run_dir: str) -> str:
 class Heartbeat:
     """This rank's file; `step(n, memory_gb)` after each step; `close()` stops the thread."""
 
-    def __init__(self, run_dir: str, rank: int, interval: float = 10.0):
+    def __init__(self, run_dir: str, rank: int, interval: float = 10.0, world_size: int = 1):
         os.makedirs(folder(run_dir), exist_ok=True)
+        if rank == 0:  # a smaller world than the last job's: its extra ranks are gone
+            for path in glob.glob(os.path.join(folder(run_dir), "rank*.json")):
+                name = os.path.basename(path)[4:-5]
+                if name.isdigit() and int(name) >= world_size:
+                    os.remove(path)
         self.path = os.path.join(folder(run_dir), f"rank{rank}.json")
         self.state = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
-                      "interval": interval, "step": None, "step_time": time.time(),
-                      "memory_gb": None}
+                      "job": os.environ.get("SLURM_JOB_ID"), "interval": interval,
+                      "step": None, "step_time": time.time(), "memory_gb": None,
+                      "closed": False}
         self.interval, self._stop = interval, threading.Event()
         self._write()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
@@ -56,14 +63,20 @@ class Heartbeat:
             except OSError:  # a full or vanished file system must not stop the training
                 pass
 
-    def step(self, step: int, memory_gb: float | None = None) -> None:
+    def step(self, step: int, memory_gb: Optional[float] = None) -> None:
         self.state.update(step=step, step_time=time.time())
         if memory_gb is not None:
             self.state["memory_gb"] = memory_gb
 
     def close(self) -> None:
+        """The rank ended: its file says so (and is never named as stopped)."""
         self._stop.set()
         self._thread.join(timeout=5)
+        self.state["closed"] = True
+        try:
+            self._write()
+        except OSError:
+            pass
 
 
 def read(run_dir: str) -> list:
@@ -77,13 +90,15 @@ def read(run_dir: str) -> list:
     return sorted(out, key=lambda r: r["rank"])
 
 
-def stalled(run_dir: str, stale_after: float | None = None, now: float | None = None) -> list:
+def stalled(run_dir: str, stale_after: Optional[float] = None, now: Optional[float] = None) -> list:
     """One line per rank whose process stopped beating (longer than `stale_after`, default three
     of its intervals), then, when any did, how far the others got."""
     now = time.time() if now is None else now
     ranks = read(run_dir)
     lines, alive = [], []
     for r in ranks:
+        if r.get("closed"):
+            continue
         limit = stale_after if stale_after is not None else 3 * r.get("interval", 10.0)
         silent = now - r["beat"]
         if silent > limit:

@@ -76,8 +76,10 @@ def layers_used(cfg) -> bool:
 def init_userbuffers(cfg, rows: int) -> None:
     """`parallel.tp_comm_overlap`: Transformer Engine's userbuffers for the tensor-parallel
     all-gather / reduce-scatter overlapped with the GEMMs, sized as Megatron-LM sizes them (the
-    sequence rows of a micro-batch per context rank, by the hidden size). Before the model.
-    GPU-only and not measured on this project's machines (no TE here)."""
+    sequence rows of a micro-batch per context rank, by the hidden size), after the model is
+    built and before its first forward (TE's layers look the buffers up when they run). Their
+    shape is fixed: evaluation must use the same rows (no distillation rows). GPU-only and not
+    measured on this project's machines (no TE here)."""
     require("parallel.tp_comm_overlap")
     from transformer_engine.pytorch.module import base
 

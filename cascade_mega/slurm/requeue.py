@@ -3,7 +3,9 @@
     python -m cascade_mega.slurm.requeue RUN_DIR --rc RC --signal USR1|TERM|'' --max-restarts N
 
 prints one line starting with `requeue`, `done` or `stop` (the job script requeues on the first)
-and appends the ending to `<run_dir>/slurm/history.jsonl` (what `cascade jobs` shows):
+and appends the ending to `<run_dir>/slurm/history.jsonl` (what `cascade jobs` shows). It runs in
+the batch shell with the host's `python3`, outside any container: standard library only, and
+Python 3.6 syntax (an older cluster's system Python; `tests/test_slurm.py` checks the syntax).
 - exit 0 without a signal: the run is done (or stopped at `train.exit_interval`): done.
 - USR1, the time-limit warning: the ranks checkpointed; requeue, unless the restarts are spent.
 - TERM: preemption or a cancel. Preempted (Slurm's PreemptTime falls in this run): requeue, since
@@ -12,8 +14,6 @@ and appends the ending to `<run_dir>/slurm/history.jsonl` (what `cascade jobs` s
   was the same failure at the same checkpoint: a job that fails the same way twice stops
   instead of looping; nor past --max-restarts.
 """
-
-from __future__ import annotations
 
 import argparse
 import json
@@ -42,7 +42,7 @@ def stop_signal(run_dir: str, trapped: str) -> str:
             recorded = json.load(f).get("signal") or ""
     except (OSError, ValueError):
         return ""
-    return recorded.removeprefix("SIG")
+    return recorded[3:] if recorded.startswith("SIG") else recorded
 
 
 def read_jsonl(path: str) -> list:

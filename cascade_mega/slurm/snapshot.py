@@ -32,6 +32,8 @@ def _files(root: str) -> list:
             path = os.path.join(root, top)
             if os.path.isfile(path) or os.path.islink(path):
                 names.append(top)
+            if os.path.islink(path):  # a link (cascade_kernels -> kernels) is copied as one
+                continue
             for folder, dirs, files in os.walk(path):
                 dirs[:] = [d for d in dirs if d != "__pycache__"]
                 names += [os.path.relpath(os.path.join(folder, f), root) for f in files]
@@ -44,6 +46,7 @@ def freeze(dest: str, root: str = ROOT) -> dict:
     record = describe(root)
     tmp = dest + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     files = _files(root)
     for name in files:
         src, dst = os.path.join(root, name), os.path.join(tmp, name)

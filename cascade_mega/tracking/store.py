@@ -64,11 +64,13 @@ def configure_http() -> None:
 
 
 def unreachable(err: BaseException) -> bool:
-    """True when the store did not answer (as opposed to answering with a refusal)."""
-    from mlflow.exceptions import RestException
+    """True when the store did not answer, or failed on its side (an HTTP 5xx: a server killed
+    or restarting while it answered): worth retrying. False for a refusal (a 4xx), which a retry
+    would only repeat."""
+    from mlflow.exceptions import MlflowException
 
-    if isinstance(err, RestException):
-        return False
+    if isinstance(err, MlflowException):
+        return err.get_http_status_code() >= 500
     text = str(err)
     return isinstance(err, (ConnectionError, TimeoutError)) or any(
         s in text for s in ("Max retries exceeded", "Connection refused", "timed out",

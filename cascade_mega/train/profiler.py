@@ -2,9 +2,9 @@
 
 Every rank records its own trace, `<run_dir>/profile/rank<R>.pt.trace.json` (Chrome trace format:
 chrome://tracing, Perfetto, TensorBoard's profiler plugin, Holistic Trace Analysis), with CPU
-and, on a GPU, CUDA activity, shapes and memory. Rank 0 prints one line of the top kernels by
-self time (device time on a GPU, host time on the CPU). Outside the window the profiler does not
-exist, so it costs nothing.
+and, on a GPU, CUDA activity, shapes and memory. The logging rank prints one line of the top
+kernels by self time (device time on a GPU, host time on the CPU). Outside the window the
+profiler does not exist, so it costs nothing.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from torch.profiler import ProfilerActivity, profile, schedule
 
 
 class StepProfiler:
-    def __init__(self, window, run_dir: str, rank: int, on_gpu: bool):
+    def __init__(self, window, run_dir: str, rank: int, on_gpu: bool, reports: bool):
+        """`reports`: this rank returns the summary line (the logging rank)."""
         self.start, self.stop = window
         self.path = os.path.join(run_dir, "profile", f"rank{rank}.pt.trace.json")
-        self.rank, self.on_gpu, self.prof = rank, on_gpu, None
+        self.reports, self.on_gpu, self.prof = reports, on_gpu, None
 
     def before_step(self, step: int) -> None:
         """`step` is the number of steps done; profiling covers steps start+1 .. stop."""
@@ -58,7 +59,7 @@ class StepProfiler:
             return None
         prof, self.prof = self.prof, None
         prof.__exit__(None, None, None)  # inside the window (a stop signal): traced here
-        if self.rank != 0:
+        if not self.reports:
             return None
         key = "self_device_time_total" if self.on_gpu else "self_cpu_time_total"
         events = [e for e in prof.key_averages() if getattr(e, key) > 0

@@ -233,9 +233,9 @@ class Trainer:
         self.outcome, self.stop_signal = "failed", None
         signals = StopSignals().install()
         self._record_exit("running")
-        beat = heartbeat.Heartbeat(self.run_dir, dist.get_rank(), t.heartbeat_s)
-        prof = StepProfiler(t.profile, self.run_dir, dist.get_rank(), device.on_gpu()) \
-            if t.profile else None
+        beat = heartbeat.Heartbeat(self.run_dir, dist.get_rank(), t.heartbeat_s, self.world_size)
+        prof = StepProfiler(t.profile, self.run_dir, dist.get_rank(), device.on_gpu(),
+                            self.is_logger) if t.profile else None
         self._emit("on_train_start")
         try:
             if t.eval_batches and t.eval_interval and self.step == 0 < t.steps:
@@ -247,7 +247,7 @@ class Trainer:
                 metrics = self.train_step(self.step, log)
                 self.step += 1
                 beat.step(self.step, metrics["memory_gb"])
-                if prof and (line := prof.after_step(self.step)) and self.is_logger:
+                if prof and (line := prof.after_step(self.step)):
                     print(line, flush=True)
                 if self.step == self.start_step + MEMORY_AFTER or self.step == t.steps:
                     self._report_memory(metrics["memory_gb"])
@@ -272,12 +272,14 @@ class Trainer:
                     break
             self.outcome = "finished" if self.step >= t.steps else "stopped"
         finally:
-            if prof:
-                prof.close()
-            beat.close()
-            self._record_exit(self.outcome)
-            self._emit("on_train_end")  # a late signal (e.g. during the tracking flush) is ignored
-            signals.restore()
+            try:
+                if prof:
+                    prof.close()
+            finally:  # a failed trace export never leaves the run looking alive
+                beat.close()
+                self._record_exit(self.outcome)
+                self._emit("on_train_end")  # a late signal (the tracking flush) is ignored
+                signals.restore()
         return self
 
     def _check_finite(self, metrics: dict) -> None:
