@@ -302,17 +302,13 @@ def mcore_to_mcore(args) -> str:
 
 def _embedding_rows(config: str) -> int:
     """The embedding rows of the run whose config is `config`, at the layout it was saved at."""
-    from cascade_mega.data.tokenizer import open_tokenizer
+    from cascade_mega.data.loader import run_tokenizer
     from cascade_mega.model.gpt import vocab_rows
 
     cfg = load_config(config, [], world_size=0)  # its own layout, checked against no world size
     if cfg.model.vocab_size:
         return cfg.model.vocab_size
-    own = os.path.join(os.path.dirname(config), "tokenizer.json")
-    if not os.path.isfile(own) and not cfg.data.tokenizer:
-        raise ConfigError(f"{os.path.dirname(config)}: no tokenizer.json beside the config")
-    tok = open_tokenizer(own if os.path.isfile(own) else cfg.data.tokenizer)
-    return vocab_rows(cfg, tok.vocab_size)
+    return vocab_rows(cfg, run_tokenizer(cfg, os.path.dirname(config)).vocab_size)
 
 
 def smollm2_gguf() -> str:

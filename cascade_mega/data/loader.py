@@ -173,6 +173,15 @@ def micro_batch_start(step: int, micro: int, dp_rank: int, cfg, dp_size: int) ->
         dp_rank * t.micro_batch_size
 
 
+def run_tokenizer(cfg, run_dir: str) -> CascadeTokenizer:
+    """The tokenizer a run was made with: the one its config names (a converted model has no
+    dataset), else the run directory's own copy (`keep_with_run`), else its dataset's."""
+    own = os.path.join(run_dir, "tokenizer.json")
+    if cfg.data.tokenizer or os.path.isfile(own):
+        return open_tokenizer(cfg.data.tokenizer or own)
+    return load_tokenizer(cfg.data, resolve_path(cfg.data.path))
+
+
 def keep_with_run(tokenizer, path: str, run_dir: str) -> None:
     """The run directory stands alone: its tokenizer (`tokenizer.json`, what decoding, export and
     evaluation read) and each dataset's `.meta.json` (under `data/`) are copied into it, so they

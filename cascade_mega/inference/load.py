@@ -27,13 +27,7 @@ def load_model(path: str, threads: int = 0):
                       world_size=1)  # decoding runs without FP8
     if threads:
         torch.set_num_threads(threads)
-    own = os.path.join(os.path.dirname(config), "tokenizer.json")  # the run's own copy
-    if cfg.data.tokenizer or os.path.isfile(own):  # (a converted model has no dataset)
-        from cascade_mega.data.tokenizer import open_tokenizer
-
-        tokenizer = open_tokenizer(cfg.data.tokenizer or own)
-    else:
-        tokenizer = loader.load_tokenizer(cfg.data, loader.resolve_path(cfg.data.path))
+    tokenizer = loader.run_tokenizer(cfg, os.path.dirname(config))
     distributed.init(cfg.parallel, cfg.train.seed)
     model, = build_chunks(cfg, tokenizer)
     checkpoint.load(ckpt, [model], None, None)

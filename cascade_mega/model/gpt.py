@@ -338,16 +338,17 @@ def parameter_counts(chunks) -> tuple[int, int]:
     shard counts once, a replicated tensor (a norm) on tensor rank 0 only, the output layer's copy
     of a tied embedding not at all; summed over the model-parallel group (a collective)."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    counts = torch.zeros(2, dtype=torch.float64, device=device.current())
+    total = body = 0
     for chunk in chunks:
         for name, p in chunk.named_parameters():
             if getattr(p, "shared_embedding", False) and "output_layer" in name:
                 continue
             if not getattr(p, "tensor_model_parallel", False) and tp_rank:
                 continue
-            counts[0] += p.numel()
+            total += p.numel()
             if "word_embeddings" not in name and "output_layer" not in name:
-                counts[1] += p.numel()
+                body += p.numel()
+    counts = torch.tensor([total, body], dtype=torch.float64, device=device.current())
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(counts, group=parallel_state.get_model_parallel_group())
     return int(counts[0]), int(counts[1])

@@ -4,6 +4,7 @@ frozen at submission (`slurm/snapshot.py`) imports that copy and nothing else.""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -34,6 +35,7 @@ def describe(root: str = ROOT) -> dict:
             "dirty": bool(status and status.strip()), "source": root}
 
 
+@functools.lru_cache(maxsize=None)  # the start line and the tracked params ask alike
 def record(code_dir: str = ROOT) -> dict:
     """What `code_dir` holds: the record frozen with a job's copy, else the checkout's state."""
     path = os.path.join(code_dir, "code.json")
@@ -51,15 +53,12 @@ def summary(code_dir: str) -> str:
 
 
 def check_running() -> str:
-    """In a rank: the directory the project was imported from. Where the job froze its code
-    (CASCADE_CODE), it must be that copy."""
-    import cascade_mega
-
-    here = os.path.dirname(os.path.dirname(os.path.abspath(cascade_mega.__file__)))
+    """In a rank: the directory the project was imported from (`ROOT`, this module's own). Where
+    the job froze its code (CASCADE_CODE), it must be that copy."""
     want = os.environ.get(ENV)
-    if want and os.path.realpath(here) != os.path.realpath(want):
+    if want and os.path.realpath(ROOT) != os.path.realpath(want):
         raise ConfigError(
-            f"this job froze its code in {want} but imported cascade_mega from {here}: the "
+            f"this job froze its code in {want} but imported cascade_mega from {ROOT}: the "
             "interpreter put the working directory first (PYTHONSAFEPATH needs Python >= 3.11); "
             "use a newer Python in the profile or submit with --code live")
-    return here
+    return ROOT

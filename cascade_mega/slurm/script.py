@@ -49,9 +49,9 @@ def _sbatch_lines(profile: ClusterProfile, res: Resources, extra: List[str]) -> 
     return "\n".join(f"#SBATCH {line}" for line in lines)
 
 
-def _setup_lines(profile: ClusterProfile, code: str, packaged: bool) -> str:
+def _setup_lines(profile: ClusterProfile, code: str) -> str:
     lines = [f"module load {m}" for m in profile.modules]
-    if packaged:  # the code frozen at submission comes first; the working directory not at all
+    if code != ROOT:  # code frozen at submission comes first; the working directory not at all
         q = shlex.quote(code)
         lines += [f"export CASCADE_CODE={q}  # cascade submit --code package (snapshot.py)",
                   f"export PYTHONPATH={q}${{PYTHONPATH:+:$PYTHONPATH}}",
@@ -84,12 +84,16 @@ def host_python(profile: ClusterProfile) -> str:
     return "python3" if profile.container_image else python_of(profile)
 
 
+def _in_batch_shell(profile: ClusterProfile, code: str, module: str) -> str:
+    """`python -m MODULE` of `code`'s copy, run by the batch shell's interpreter."""
+    return f"cd {shlex.quote(code)} && {host_python(profile)} -m {module}"
+
+
 def train_script(profile: ClusterProfile, res: Resources, configs: List[str],
                  run_dirs: List[str], log_dir: str, job_name: str, max_restarts: int,
-                 array_parallel: Optional[int] = None, code: str = ROOT,
-                 packaged: bool = False) -> str:
+                 array_parallel: Optional[int] = None, code: str = ROOT) -> str:
     """One training run, or a job array over `configs` (task i: configs[i], run_dirs[i]), running
-    the code in `code` (a copy frozen at submission when `packaged`)."""
+    the code in `code` (the checkout, or a copy frozen at submission)."""
     extra = []
     if len(configs) > 1:
         extra.append(f"--array=0-{len(configs) - 1}" +
@@ -110,25 +114,23 @@ def train_script(profile: ClusterProfile, res: Resources, configs: List[str],
         "log_name": "%x-%A_%a" if len(configs) > 1 else "%x-%j",
         "signal_lead": profile.signal_lead_s, "workdir": os.getcwd(),
         "sbatch_lines": _sbatch_lines(profile, res, extra),
-        "setup_lines": _setup_lines(profile, code, packaged),
+        "setup_lines": _setup_lines(profile, code),
         "task_select": select, "srun_options": _srun_options(profile),
         "launch": f'{python} -m cascade_mega train "$CONFIG"',
-        "requeue": f"cd {shlex.quote(code)} && {host_python(profile)} -m "
-                   "cascade_mega.slurm.requeue",
-        "heartbeat": f"cd {shlex.quote(code)} && {host_python(profile)} -m "
-                     "cascade_mega.runtime.heartbeat",
+        "requeue": _in_batch_shell(profile, code, "cascade_mega.slurm.requeue"),
+        "heartbeat": _in_batch_shell(profile, code, "cascade_mega.runtime.heartbeat"),
         "max_restarts": max_restarts,
     })
 
 
 def stage_script(profile: ClusterProfile, res: Resources, args: List[str], log_dir: str,
-                 job_name: str, code: str = ROOT, packaged: bool = False) -> str:
+                 job_name: str, code: str = ROOT) -> str:
     """A one-task job running `cascade ARGS` (the non-training stages of a chain)."""
     return fill("stage.sbatch", {
         "profile": profile.name, "job_name": job_name, "partition": res.partition,
         "cpus_per_task": profile.cpus_per_node, "time": res.time, "log_dir": log_dir,
         "workdir": os.getcwd(), "sbatch_lines": _sbatch_lines(profile, res, []),
-        "setup_lines": _setup_lines(profile, code, packaged),
+        "setup_lines": _setup_lines(profile, code),
         "srun_options": _srun_options(profile),
         "command": f"{python_of(profile)} -m cascade_mega {shlex.join(args)}",
     })

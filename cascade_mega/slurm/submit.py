@@ -94,7 +94,7 @@ def prepare_run(config: str, overrides: List[str], profile, res) -> tuple:
     """(frozen config path, run dir, config) of one training run, checked at the job's world
     size against the time limit and the warning lead (warnings go to stderr); writes nothing."""
     cfg = load_config(config, overrides, world_size=res.nodes * res.tasks_per_node)
-    for line in preflight.check_times(cfg, profile, res, res.time):
+    for line in preflight.check_times(cfg, profile, res):
         print(f"cascade: {line}", file=sys.stderr, flush=True)
     run_dir = os.path.abspath(cfg.run_dir)
     return os.path.join(run_dir, "slurm", "config.yaml"), run_dir, replace(cfg, run_dir=run_dir)
@@ -134,10 +134,11 @@ def _record(run_dir: str, job_id: str, profile: str, res: Resources) -> None:
 
 def submit_train(configs: List[str], overrides: List[str], profile, res, *, dry_run=False,
                  after=None, max_restarts=None, array_parallel=None, job_name=None,
-                 array_dir=None, code: str = "package") -> dict:
+                 array_dir=None, code: str = "package", prepared=None) -> dict:
     """One run (one config) or an array (several): returns {job_id, run_dirs, script}. Every
-    check passes before anything is written; then the configs and the code are frozen."""
-    runs = [prepare_run(c, overrides, profile, res) for c in configs]
+    check passes before anything is written; then the configs and the code are frozen.
+    `prepared`: the runs' `prepare_run` results, when the caller checked them already."""
+    runs = prepared or [prepare_run(c, overrides, profile, res) for c in configs]
     frozen, run_dirs = [r[0] for r in runs], [r[1] for r in runs]
     if len(set(run_dirs)) < len(run_dirs):
         raise ConfigError("array tasks share a run directory: give each config its own run_dir")
@@ -152,7 +153,7 @@ def submit_train(configs: List[str], overrides: List[str], profile, res, *, dry_
     name = job_name or f"cascade-{runs[0][2].name}"
     script = train_script(profile, res, frozen, run_dirs, log_dir, name,
                           max_restarts if max_restarts is not None else profile.max_restarts,
-                          array_parallel, code_at, code == "package")
+                          array_parallel, code_at)
     if dry_run:
         return {"job_id": None, "run_dirs": run_dirs, "script": script}
     for path, _, cfg in runs:
@@ -188,7 +189,7 @@ def submit_chain(path: str, profile, args) -> List[dict]:
             runs = prepare_run(st["train"], list(st.get("overrides") or []), profile, res)
             preflight.check_mounts(profile, preflight.job_paths(
                 runs[2], runs[1], code_dir(args.code, os.path.join(runs[1], "slurm"))))
-            plans.append(("train", name, st, res, runs[1]))
+            plans.append(("train", name, st, res, runs))
         else:
             cmd = shlex.split(st["run"])
             try:
@@ -205,14 +206,12 @@ def submit_chain(path: str, profile, args) -> List[dict]:
         os.makedirs(log_dir, exist_ok=True)
         snapshot.freeze(stages_code)
     out, after = [], args.after
-    for kind, name, spec, res, run_dir in plans:
+    for kind, name, spec, res, prepared in plans:
         if kind == "train":
-            r = submit_train([spec["train"]], list(spec.get("overrides") or []), profile, res,
-                             dry_run=args.dry_run, after=after, job_name=f"cascade-{name}",
-                             code=args.code)
+            r = submit_train([spec["train"]], [], profile, res, dry_run=args.dry_run, after=after,
+                             job_name=f"cascade-{name}", code=args.code, prepared=[prepared])
         else:
-            script = stage_script(profile, res, spec, log_dir, f"cascade-{name}", stages_code,
-                                  args.code == "package")
+            script = stage_script(profile, res, spec, log_dir, f"cascade-{name}", stages_code)
             r = {"job_id": None, "script": script, "run_dirs": []}
             if not args.dry_run:
                 os.makedirs(log_dir, exist_ok=True)

@@ -135,7 +135,7 @@ def check_slurm(sweep: Sweep, runs: List[Run], profile, res, dry_run: bool) -> N
 
     for run in runs:
         try:
-            check_times(run.cfg, profile, res, res.time)
+            check_times(run.cfg, profile, res)
             if profile.gpu_memory_gb and res.gpus_per_node:
                 vocab = run.cfg.model.vocab_size or dataset_vocab(run.cfg)
                 need = plan(run.cfg, res.nodes * res.tasks_per_node, vocab).peak() / 1024 ** 3

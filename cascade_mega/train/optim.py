@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -53,23 +55,18 @@ def wrap_ddp(chunks, cfg):
     return wrapped
 
 
+@contextlib.contextmanager
 def param_gather_paused(chunks):
-    """A context for reading the whole weights (a checkpoint save): with the parameter gather
-    overlapped, the weights are all-gathered first and the forward pre-hooks come back after."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def paused():
-        hooked = [c for c in chunks if getattr(c, "use_forward_hook", False)]
+    """For reading the whole weights (a checkpoint save): with the parameter gather overlapped,
+    the weights are all-gathered first and the forward pre-hooks come back after."""
+    hooked = [c for c in chunks if getattr(c, "use_forward_hook", False)]
+    for c in hooked:
+        c.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
         for c in hooked:
-            c.disable_forward_pre_hook(param_sync=True)
-        try:
-            yield
-        finally:
-            for c in hooked:
-                c.enable_forward_pre_hook()
-
-    return paused()
+            c.enable_forward_pre_hook()
 
 
 def build_optimizer(chunks, cfg, dtype):

@@ -43,7 +43,7 @@ class StepProfiler:
         prof.export_chrome_trace(self.path)
 
     def after_step(self, step: int) -> str | None:
-        """The summary line once the window closed (on rank 0), else None."""
+        """The summary line once the window closed (on the reporting rank), else None."""
         if self.prof is None:
             return None
         if self.on_gpu:

@@ -249,7 +249,7 @@ class Trainer:
                 beat.step(self.step, metrics["memory_gb"])
                 if prof and (line := prof.after_step(self.step)):
                     print(line, flush=True)
-                if self.step == self.start_step + MEMORY_AFTER or self.step == t.steps:
+                if self.step == min(self.start_step + MEMORY_AFTER, t.steps):
                     self._report_memory(metrics["memory_gb"])
                 self._check_finite(metrics)
                 if log:
@@ -301,15 +301,12 @@ class Trainer:
                              "train.nonfinite=skip steps over such steps")
 
     def _report_memory(self, mine: float) -> None:
-        """Once, early (and at the end of a short run): every rank's peak memory, gathered, in
-        one line on the logging rank and in `<run_dir>/memory.json`."""
-        if getattr(self, "_memory_reported", False):
-            return
-        self._memory_reported = True
+        """Once per job, early (or at the end of a shorter run): every rank's peak memory,
+        gathered, in one line on the logging rank and in `<run_dir>/memory.json`."""
         peaks = [torch.zeros(1, dtype=torch.float64, device=device.current())
                  for _ in range(self.world_size)]
         dist.all_gather(peaks, torch.tensor([mine], dtype=torch.float64, device=device.current()))
-        peaks = [float(p) for p in peaks]
+        peaks = torch.cat(peaks).tolist()  # one copy to the host
         top = max(range(len(peaks)), key=peaks.__getitem__)
         if dist.get_rank() == 0:
             with open(os.path.join(self.run_dir, "memory.json"), "w") as f:
