@@ -140,6 +140,9 @@ def head_activation_bytes(cfg: CascadeConfig, vocab: int, e: int) -> int:
 
 def plan(cfg: CascadeConfig, gpus: int, vocab: int) -> Plan:
     validate(cfg, gpus)
+    if cfg.model.moe.enabled:  # an estimate without the experts would be silently wrong
+        raise ConfigError("cascade plan does not count mixture-of-experts layers "
+                          "('model.moe') yet: it would report the dense model's memory")
     p, t = cfg.parallel, cfg.train
     bf16 = t.precision != "fp32"  # "auto" is bf16 on the GPUs this plans for
     e = 2 if bf16 else 4

@@ -71,7 +71,7 @@ def cascade(*args, env=None, process=False, background=False, timeout=600, cwd=R
                               timeout=timeout)
 
     out, err = io.StringIO(), io.StringIO()
-    saved, cwd = dict(os.environ), os.getcwd()
+    saved, here = dict(os.environ), os.getcwd()
     os.environ.update(env or {})
     os.chdir(cwd)
     try:
@@ -81,7 +81,7 @@ def cascade(*args, env=None, process=False, background=False, timeout=600, cwd=R
             except SystemExit as stop:  # argparse's own errors
                 code = stop.code if isinstance(stop.code, int) else 1
     finally:
-        os.chdir(cwd)
+        os.chdir(here)
         os.environ.clear()
         os.environ.update(saved)
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())

@@ -38,9 +38,16 @@ def test_wrong_type(tmp_path):
     ("diffusion.block_size=7", "diffusion.block_size"),
     ("parallel.tensor=3", "parallel.tensor"),
     ("train.global_batch_size=12", "train.global_batch_size"),
+    # experts (the layouts that need several processes: test_torchrun.py)
+    ("model.moe.pattern=[1,0]", "'model.moe.pattern' has 2 entries"),
+    ("model.moe.first_dense_layers=4", "leaves no layer with experts"),
+    ("model.moe.expert_bias=true", "needs 'model.moe.score_function' = sigmoid"),
+    ("model.moe.top_k=1", "'model.moe.norm_topk_prob' = false"),
+    ("model.moe.score_functio=sigmoid", "did you mean 'model.moe.score_function'"),
 ])
 def test_impossible_combination(tmp_path, override, needle):
-    one_error(cascade("train", "configs/base.yaml", override, f"run_dir={tmp_path}"),
+    moe = ["model.moe.num_experts=4"] if override.startswith("model.moe") else []
+    one_error(cascade("train", "configs/base.yaml", *moe, override, f"run_dir={tmp_path}"),
               needle)
 
 

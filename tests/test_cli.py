@@ -16,28 +16,38 @@ def run(*args):
 
 
 def test_train_writes_run_directory_and_its_mlflow_store_opens_in_the_ui(tmp_path):
+    """The CPU mixture-of-experts recipe (configs/recipes/moe_tiny_cpu.yaml), smaller and
+    shorter: the run directory, its validation bound below a tenth of step 0's, the load of
+    every expert in metrics.jsonl and the default MLflow store, the store in `mlflow ui`, and
+    `cascade generate` decoding the run through its expert layers and KV cache."""
     run_dir = tmp_path / "run"
-    proc = cascade("train", "configs/base.yaml", *TINY, "train.steps=20",
-                    "train.log_interval=5", "train.eval_interval=10", "train.eval_batches=2",
-                    "checkpoint.interval=10", f"run_dir={run_dir}", process=True)
+    proc = cascade("train", "configs/recipes/moe_tiny_cpu.yaml", "model.hidden_size=128",
+                   "data.seq_len=128", "train.steps=60", "train.eval_interval=30",
+                   "train.eval_batches=2", "checkpoint.interval=30", "tracking.samples=0",
+                   f"run_dir={run_dir}", process=True)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == f"run_dir: {run_dir}"
-    assert sum(line.startswith("step ") for line in lines) == 4
+    assert sum(line.startswith("step ") for line in lines) == 6
+    assert "| experts EP 1 x expert-TP 1" in lines[1]
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     valid = [r for r in records if r["split"] == "valid"]
-    assert [r["step"] for r in valid] == [0, 10, 20]
-    assert valid[-1]["nelbo"] < valid[0]["nelbo"]
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000020"
+    assert [r["step"] for r in valid] == [0, 30, 60]
+    assert valid[-1]["ppl_bound"] < valid[0]["ppl_bound"] / 10, valid
+    last = [r for r in records if r["split"] == "train"][-1]
+    loads = [last[f"expert_load/{e}"] for e in range(8)]
+    assert abs(sum(loads) - 8) < 1e-6 and last["moe/load_max"] >= max(loads)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000060"
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
     history = client.get_metric_history(run_id, "loss")
-    assert [m.step for m in history] == [5, 10, 15, 20]
+    assert [m.step for m in history] == [10, 20, 30, 40, 50, 60]
     mlflow_run = client.get_run(run_id)
-    assert mlflow_run.data.params["diffusion.block_size"] == "8"
+    assert mlflow_run.data.params["model.moe.num_experts"] == "8"
+    assert all(f"expert_load/{e}" in mlflow_run.data.metrics for e in range(8))
     assert mlflow_run.info.status == "FINISHED"
     # the default store opens in `mlflow ui` (a real one, on a loopback port)
     from mlflow_server import MlflowServer
@@ -51,6 +61,9 @@ def test_train_writes_run_directory_and_its_mlflow_store_opens_in_the_ui(tmp_pat
         assert shown.get_run(run_id).data.metrics["loss"] == history[-1].value
     finally:
         ui.stop()
+    out = run("generate", "--ckpt", str(run_dir), "--prompt", "ROMEO:", "--max-new-tokens", "16")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
 
 
 def test_bench_train_json(tmp_path):

@@ -95,3 +95,16 @@ def test_grad_norm_is_exact_on_cpu(megatron):
     want = float(torch.sqrt(sum(x.double().square().sum() for x in grads)))
     got = get_grad_norm_fp32(grads)
     assert abs(got - want) < 1e-6 * want, (got, want)
+
+
+def test_moe_token_counts_come_to_the_host_as_the_gpu_path_gives_them(megatron):
+    """The all-to-all dispatcher's split sizes arrive as numpy arrays (gloo's all_to_all_single
+    refuses tensors there); its other counts as host tensors."""
+    import numpy as np
+
+    dispatcher = sys.modules["megatron.core.transformer.moe.token_dispatcher"]
+    counts = torch.tensor([3, 5])
+    splits = dispatcher.maybe_move_tensor_to_cpu(counts, as_numpy=True)
+    assert isinstance(splits, np.ndarray) and splits.tolist() == [3, 5]
+    kept = dispatcher.maybe_move_tensor_to_cpu(counts)
+    assert torch.is_tensor(kept) and kept.device.type == "cpu"

@@ -12,7 +12,11 @@ from helpers import MASK_ID, VOCAB, random_tokens, score, tiny_cfg, tiny_model
 
 CASES = [[], ["diffusion.objective=ar"], ["diffusion.block_size=16"],
          ["diffusion.views=2", "diffusion.complementary=true", "diffusion.shifted_prediction=true",
-          "model.num_query_groups=2"]]
+          "model.num_query_groups=2"],
+         # experts: the active ones (top 2 of 4), a gated shared expert, the router; layer 1 dense
+         ["model.moe.num_experts=4", "model.moe.ffn_hidden_size=32",
+          "model.moe.first_dense_layers=1", "model.moe.shared_expert_size=64",
+          "model.moe.shared_expert_gate=true"]]
 
 
 @pytest.mark.parametrize("overrides", CASES)

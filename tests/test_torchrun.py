@@ -42,25 +42,24 @@ def _assert_same(a, b):
             assert abs(ra["grad_norm"] - rb["grad_norm"]) < 1e-5, (ra, rb)
 
 
-def test_data_parallel_matches_single_process(tmp_path):
-    single = _run(tmp_path, "single")
+def test_data_parallel_matches_single_process(tmp_path, single):
     # the distributed optimizer shards Adam state across the two ranks, and checkpoints it; the
     # gradient reduce (in buckets of 20k elements: several per backward) and the parameter
     # all-gather overlap with compute, as on a GPU
-    _assert_same(single, _run(tmp_path, "dp2_distopt", "--nproc-per-node", "2",
+    _assert_same(single, _run(tmp_path, "dp2_distopt", "--nproc-per-node", "2", *LAYOUT_ARGS,
                               "parallel.distributed_optimizer=true",
                               "parallel.overlap_grad_reduce=true",
                               "parallel.overlap_param_gather=true", "parallel.bucket_size=20000"))
     assert (tmp_path / "dp2_distopt" / "checkpoints" / "latest").exists()
     # plain DDP at DP = 2 without overlap stops after step 2 and resumes on one process: the
     # same losses
-    first = _run(tmp_path, "dp_change", "--nproc-per-node", "2", "train.exit_interval=2",
-                 "parallel.overlap_grad_reduce=false")
+    first = _run(tmp_path, "dp_change", "--nproc-per-node", "2", *LAYOUT_ARGS,
+                 "train.exit_interval=2", "parallel.overlap_grad_reduce=false")
     assert [r["step"] for r in first if r["split"] == "train"] == [1, 2]
     _assert_same([r for r in single if r["step"] <= 2], first)
-    resumed = _run(tmp_path, "dp_change")
+    resumed = _run(tmp_path, "dp_change", *LAYOUT_ARGS)
     after = [r for r in resumed if r["step"] > 2]
-    assert [r["step"] for r in after if r["split"] == "train"] == [3, 4]
+    assert [r["step"] for r in after if r["split"] == "train"] == [3]
     _assert_same([r for r in single if r["step"] > 2], after)
 
 
@@ -72,6 +71,11 @@ def test_data_parallel_matches_single_process(tmp_path):
     (2, ["parallel.context=2", "diffusion.block_size=64"], "diffusion.block_size"),  # B = L
     (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "diffusion.objective=ar",
          "data.seq_len=63"], "parallel.sequence_parallel"),  # 63 rows on 2 ranks
+    # experts: 6 on 4 ranks; top 7 of 6; EP 2 in a world of 3; EP without experts
+    (4, ["model.moe.num_experts=6", "parallel.expert=4"], "'model.moe.num_experts' = 6"),
+    (2, ["model.moe.num_experts=6", "model.moe.top_k=7"], "'model.moe.top_k' = 7 exceeds"),
+    (3, ["model.moe.num_experts=6", "parallel.expert=2"], "does not tile the world"),
+    (2, ["parallel.expert=2"], "need 'model.moe.num_experts'"),
 ])
 def test_impossible_layout_fails_before_any_process_starts(tmp_path, capsys, monkeypatch, nproc,
                                                            overrides, needle):

@@ -49,14 +49,27 @@ def _artifacts(client, run_id, path=None):
 
 
 def test_run_logs_params_metrics_and_artifacts(server, tmp_path):
+    """A run stopped after step 10 (its MLflow run KILLED, to be resumed) and resumed to step
+    20 appends to the same MLflow run, on one step axis; params, tags, metrics, artifacts and
+    `cascade runs` read back."""
     run_dir = tmp_path / "run"
-    proc = cascade("train", "configs/base.yaml", *TINY, f"run_dir={run_dir}",
-                   f"tracking.uri={server.uri}", "tracking.experiment=readback",
-                   "tracking.tags.team=pretraining", "tracking.group=sweep-a")
+    args = ["train", "configs/base.yaml", *TINY, f"run_dir={run_dir}",
+            f"tracking.uri={server.uri}", "tracking.experiment=readback",
+            "tracking.tags.team=pretraining", "tracking.group=sweep-a"]
+    assert cascade(*args, "train.exit_interval=10").returncode == 0
+    client = MlflowClient(server.uri)
+    run_id = _run_id(run_dir)
+    assert client.get_run(run_id).info.status == "KILLED"  # stopped, to be resumed
+    assert _steps(client, run_id, "loss") == [5, 10]
+    proc = cascade(*args)
     assert proc.returncode == 0, proc.stderr
     client = MlflowClient(server.uri)
     run = client.get_run(_run_id(run_dir))
-    assert run.info.status == "FINISHED"
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert run.data.tags["cascade.restarts"] == "1"
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "restarts")] == \
+        [(10, 1.0)]
+    assert len(client.search_runs([run.info.experiment_id])) == 1
     assert client.get_experiment(run.info.experiment_id).name == "readback"
     p = run.data.params
     assert p["data.seq_len"] == "64" and p["diffusion.block_size"] == "8"
@@ -66,7 +79,7 @@ def test_run_logs_params_metrics_and_artifacts(server, tmp_path):
     assert tags["layout.world_size"] == "1" and tags["team"] == "pretraining"
     assert tags["mlflow.source.git.commit"] == p["code.git_commit"]
     assert tags["cascade.group"] == "sweep-a"  # runs of one sweep, grouped
-    assert _steps(client, run.info.run_id, "loss") == [5, 10, 15, 20]
+    assert _steps(client, run.info.run_id, "loss") == [5, 10, 15, 20]  # one step axis
     assert _steps(client, run.info.run_id, "valid/nelbo") == [0, 10, 20]
     for key in ("nelbo", "ppl_bound", "masked_acc", "lr", "grad_norm", "tokens_per_s",
                 "step_time", "memory_gb", "summary/tokens_per_s"):
@@ -85,35 +98,15 @@ def test_run_logs_params_metrics_and_artifacts(server, tmp_path):
     assert open(client.download_artifacts(run.info.run_id, "plots/loss.png",
                                           str(tmp_path)), "rb").read(4) == b"\x89PNG"
     # `cascade runs`: the same run, its final metrics, as a table and as JSON
-    table = cascade("runs", "readback", "--tracking-uri", server.uri)
+    table = helpers.cascade("runs", "readback", "--tracking-uri", server.uri)
     assert table.returncode == 0, table.stderr
     header, row = table.stdout.splitlines()
     assert header.split()[:3] == ["run", "status", "step"] and row.split()[:3] == \
         ["base", "FINISHED", "20"]
-    listed = json.loads(cascade("runs", "readback", "--tracking-uri", server.uri,
+    listed = json.loads(helpers.cascade("runs", "readback", "--tracking-uri", server.uri,
                                 "--group", "sweep-a", "--json").stdout)
     assert listed["run_id"] == run.info.run_id and listed["step"] == 20
     assert listed["valid/nelbo"] == pytest.approx(run.data.metrics["valid/nelbo"])
-
-
-def test_resumed_run_appends_to_the_same_run(server, tmp_path):
-    run_dir = tmp_path / "run"
-    args = ["train", "configs/base.yaml", *TINY, f"run_dir={run_dir}",
-            f"tracking.uri={server.uri}", "tracking.experiment=resume"]
-    assert cascade(*args, "train.exit_interval=10").returncode == 0
-    client = MlflowClient(server.uri)
-    run_id = _run_id(run_dir)
-    assert client.get_run(run_id).info.status == "KILLED"  # stopped, to be resumed
-    assert _steps(client, run_id, "loss") == [5, 10]
-    proc = cascade(*args)
-    assert proc.returncode == 0, proc.stderr
-    assert _run_id(run_dir) == run_id
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["cascade.restarts"] == "1"
-    assert _steps(client, run_id, "loss") == [5, 10, 15, 20]  # one continuous step axis
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "restarts")] == \
-        [(10, 1.0)]
-    assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
 def test_server_killed_mid_run_loses_nothing(tmp_path):
@@ -162,7 +155,7 @@ def test_server_killed_mid_run_loses_nothing(tmp_path):
 @pytest.mark.parametrize("uri", ["htp://127.0.0.1:5000", "http://", "mlruns",
                                  "http://127.0.0.1:notaport"])
 def test_malformed_tracking_uri_fails_before_training(tmp_path, uri):
-    proc = cascade("train", "configs/base.yaml", *TINY, f"run_dir={tmp_path}/run",
+    proc = helpers.cascade("train", "configs/base.yaml", *TINY, f"run_dir={tmp_path}/run",
                    f"tracking.uri={uri}")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line

@@ -8,6 +8,10 @@ skip the masked tiles. Per layer, for S rows (2 FLOPs per multiply-add):
     QKV 2 S h (a + 2g) d,  scores and values 4 a d nnz(mask),  output projection 2 S a d h,
     SwiGLU MLP 6 S h f;    read-out 2 n h V on the n rows that carry a prediction.
 
+An MoE layer (`model.moe`) counts its active parameters: each row through top-k experts of FFN
+f_e and the shared expert f_s, 6 S h (k f_e + f_s), plus the router 2 S h E (and the shared
+expert's gate 2 S h); the dense layers of the pattern count 6 S h f.
+
 nnz: AR L (L + 1) / 2; block diffusion (V + 1) L (L + B) / 2 (clean rows block-causal, each view's
 rows their block plus the earlier clean blocks); full diffusion (B = L) V L^2; the auxiliary AR
 stream (`diffusion.ar_loss_weight`) adds L (L + 1) / 2 (its L rows are in S).
@@ -42,9 +46,22 @@ def forward_flops(cfg, vocab: int) -> tuple[float, float]:
 
     x, S = model_dims(cfg, vocab), sequence_rows(cfg)
     h, a, g, dh, f = x["h"], x["a"], x["g"], x["d"], x["f"]
-    linear = 2 * S * h * (a + 2 * g) * dh + 2 * S * a * dh * h + 6 * S * h * f
-    return (cfg.model.num_layers * linear + 2 * readout_rows(cfg) * h * x["V"],
+    attention = 2 * S * h * (a + 2 * g) * dh + 2 * S * a * dh * h
+    linear = cfg.model.num_layers * attention + sum(mlp_flops(cfg, S, h, f))
+    return (linear + 2 * readout_rows(cfg) * h * x["V"],
             cfg.model.num_layers * 4 * a * dh * attention_pairs(cfg))
+
+
+def mlp_flops(cfg, S: int, h: int, f: int) -> list:
+    """Forward FLOPs of each layer's MLP for S rows: dense SwiGLU, or an MoE layer's active
+    experts, shared expert and router."""
+    moe = cfg.model.moe
+    if not moe.enabled:
+        return [6 * S * h * f] * cfg.model.num_layers
+    f_e = moe.ffn_hidden_size or f
+    sparse = 6 * S * h * (moe.top_k * f_e + moe.shared_expert_size) + 2 * S * h * (
+        moe.num_experts + int(moe.shared_expert_gate))
+    return [sparse if on else 6 * S * h * f for on in cfg.model.moe_pattern]
 
 
 def step_flops(cfg, vocab: int, teacher=None) -> float:

@@ -19,6 +19,7 @@ def validate(cfg: CascadeConfig, world_size: int = 1) -> None:
         if isinstance(section, Section):
             section.check()
     _check_model_layout(cfg)
+    _check_experts(cfg)
     _check_continued(cfg)  # what a feature needs comes before the world-size arithmetic
     _check_parallel_layout(cfg, world_size)
     cfg._checked_for = world_size  # not a field: a copy (`replace`) is checked again
@@ -70,6 +71,41 @@ def _check_model_layout(cfg: CascadeConfig) -> None:
              f"sequence rows across 'parallel.tensor' = {p.tensor} ranks: they must divide evenly")
 
 
+def _check_experts(cfg: CascadeConfig) -> None:
+    """`model.moe` and expert parallel against the model and the layout (megatron-core's own
+    conditions, said in the config's words before anything is built)."""
+    moe, m, p = cfg.model.moe, cfg.model, cfg.parallel
+    if not moe.enabled:
+        need(p.expert == 1 and p.expert_tensor in (None, 1), "'parallel.expert' / "
+             "'parallel.expert_tensor' split experts: they need 'model.moe.num_experts'")
+        return
+    need(moe.num_experts % p.expert == 0, f"'parallel.expert' = {p.expert} does not divide "
+         f"'model.moe.num_experts' = {moe.num_experts}")
+    etp = p.expert_tensor or p.tensor
+    ffn = moe.ffn_hidden_size or m.ffn_hidden_size
+    need(ffn is None or ffn % etp == 0, f"'parallel.expert_tensor' = {etp} does not divide the "
+         f"expert FFN size {ffn}")
+    need(moe.shared_expert_size % p.tensor == 0, f"'parallel.tensor' = {p.tensor} does not "
+         f"divide 'model.moe.shared_expert_size' = {moe.shared_expert_size}")
+    need(p.expert * etp == 1 or p.tensor == 1 or p.sequence_parallel,
+         "expert parallel with 'parallel.tensor' > 1 needs 'parallel.sequence_parallel' = true "
+         "(megatron-core's token dispatcher)")
+    need(moe.pattern is None or len(moe.pattern) == m.num_layers,
+         f"'model.moe.pattern' has {len(moe.pattern or [])} entries for 'model.num_layers' = "
+         f"{m.num_layers}")
+    need(any(m.moe_pattern), "'model.moe' leaves no layer with experts ('model.moe.pattern' / "
+         "'model.moe.first_dense_layers')")
+    need(not moe.expert_bias or moe.score_function == "sigmoid",
+         "'model.moe.expert_bias' (aux-loss-free balancing) needs 'model.moe.score_function' = "
+         "sigmoid")
+    need(moe.score_function == "softmax" or moe.norm_topk_prob,
+         "'model.moe.score_function' = sigmoid always renormalises the top-k scores: set "
+         "'model.moe.norm_topk_prob' = true")
+    need(not (moe.top_k == 1 and moe.norm_topk_prob and moe.score_function == "softmax"),
+         "'model.moe.top_k' = 1 with 'model.moe.norm_topk_prob' gives every token weight 1 "
+         "(the router would learn nothing): set 'model.moe.norm_topk_prob' = false")
+
+
 def _check_parallel_layout(cfg: CascadeConfig, world_size: int) -> None:
     """The layout against the number of processes and the batch."""
     p, t = cfg.parallel, cfg.train
@@ -80,6 +116,13 @@ def _check_parallel_layout(cfg: CascadeConfig, world_size: int) -> None:
          f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline x "
          f"parallel.context = {model_parallel}")
     dp = world_size // model_parallel
+    if cfg.model.moe.enabled:
+        expert_tp = (p.expert_tensor or p.tensor) * p.expert
+        need(world_size // p.pipeline % expert_tp == 0,
+             f"the expert layout does not tile the world: expert_tensor x expert x expert-data "
+             f"x pipeline = {world_size} needs 'parallel.expert_tensor' x 'parallel.expert' = "
+             f"{expert_tp} to divide world size / 'parallel.pipeline' = "
+             f"{world_size // p.pipeline}")
     need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
          f"'train.global_batch_size' = {t.global_batch_size} is not a multiple of "
          f"'train.micro_batch_size' x data-parallel size = {t.micro_batch_size} x {dp}")

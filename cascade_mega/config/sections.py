@@ -27,7 +27,7 @@ class Section:
 
     def check(self) -> None:
         for key, choices in _CHOICES.items():
-            section, leaf = key.split(".")
+            section, leaf = key.rsplit(".", 1)
             if section == self.NAME:
                 value = getattr(self, leaf)
                 need(value in choices, f"'{key}' = {value!r}; expected one of "
@@ -39,6 +39,59 @@ class Section:
 
     def _check(self) -> None:
         pass
+
+
+@dataclass
+class MoEConfig(Section):
+    """`model.moe`: mixture-of-experts MLPs through megatron-core's `MoELayer` (its router,
+    token dispatcher and experts; `model/moe.py`). Unset `num_experts`: a dense model."""
+
+    NAME, POSITIVE = "model.moe", ("top_k",)
+
+    num_experts: Optional[int] = None
+    top_k: int = 2
+    ffn_hidden_size: Optional[int] = None  # each expert's FFN; None: model.ffn_hidden_size
+    shared_expert_size: int = 0  # FFN size of an always-on shared expert (Qwen2-MoE); 0: none
+    shared_expert_gate: bool = False  # the shared expert's output scaled by a sigmoid gate
+    score_function: str = "softmax"  # softmax | sigmoid
+    # renormalise the top-k probabilities to sum to 1 (Qwen3-MoE: true; Qwen2-MoE: false, the
+    # softmax over every expert, then the top k kept as they are). Sigmoid scores always are.
+    norm_topk_prob: bool = True
+    # aux_loss (Switch, per micro-batch) | seq_aux_loss (per sequence) | none; the coefficient
+    # means the same in every sequence layout (`model/moe.py`)
+    load_balancing: str = "aux_loss"
+    aux_loss_coeff: float = 1e-3
+    z_loss_coeff: float = 0.0  # ST-MoE router z-loss; 0: off
+    # aux-loss-free balancing (DeepSeek-V3): a per-expert bias on the routing scores, moved
+    # towards balance from each step's load (megatron-core updates it after the backward)
+    expert_bias: bool = False
+    bias_update_rate: float = 1e-3
+    capacity_factor: Optional[float] = None  # None: dropless; else tokens over capacity drop
+    grouped_gemm: Optional[bool] = None  # None: with Transformer Engine's layers (a GPU)
+    first_dense_layers: int = 0  # the first k layers keep a dense MLP (LLaDA-MoE, DeepSeek)
+    pattern: Optional[List[int]] = None  # per layer 1 (MoE) or 0 (dense); overrides the above
+
+    def _check(self):
+        if self.num_experts is None:
+            return
+        need(self.num_experts >= 1, f"'model.moe.num_experts' must be >= 1, got "
+             f"{self.num_experts}")
+        need(self.top_k <= self.num_experts, f"'model.moe.top_k' = {self.top_k} exceeds "
+             f"'model.moe.num_experts' = {self.num_experts}")
+        need(self.shared_expert_size >= 0 and (self.shared_expert_size or
+                                               not self.shared_expert_gate),
+             "'model.moe.shared_expert_gate' needs 'model.moe.shared_expert_size' > 0")
+        need(self.aux_loss_coeff >= 0 and self.z_loss_coeff >= 0,
+             "'model.moe.aux_loss_coeff' and 'model.moe.z_loss_coeff' must be >= 0")
+        need(self.capacity_factor is None or self.capacity_factor > 0,
+             "'model.moe.capacity_factor' must be positive (or null: dropless)")
+        need(self.pattern is None or set(self.pattern) <= {0, 1},
+             f"'model.moe.pattern' = {self.pattern}: expected 0 (dense) or 1 (MoE) per layer")
+        need(self.first_dense_layers >= 0, "'model.moe.first_dense_layers' must be >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts is not None
 
 
 @dataclass
@@ -65,8 +118,10 @@ class ModelConfig(Section):
     # megatron-core's fused kernels where they exist: bias-SwiGLU (torch.compile) and
     # gradient-accumulation fusion (apex's CUDA extension); None: on a GPU
     fusions: Optional[bool] = None
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     def _check(self):
+        self.moe.check()
         need(self.rope_scaling in (None, "llama3"),
              f"'model.rope_scaling' = {self.rope_scaling!r}; expected null or llama3")
         need(self.hidden_size % self.num_attention_heads == 0,
@@ -79,6 +134,16 @@ class ModelConfig(Section):
     @property
     def groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def moe_pattern(self) -> List[int]:
+        """Per layer 1 (experts) or 0 (a dense MLP): `moe.pattern`, else all but the first
+        `moe.first_dense_layers`; all 0 without `moe.num_experts`."""
+        if not self.moe.enabled:
+            return [0] * self.num_layers
+        if self.moe.pattern is not None:
+            return list(self.moe.pattern)
+        return [int(i >= self.moe.first_dense_layers) for i in range(self.num_layers)]
 
 
 @dataclass
@@ -138,10 +203,15 @@ class DistillConfig(Section):
 
 @dataclass
 class ParallelConfig(Section):
-    NAME, POSITIVE = "parallel", ("tensor", "pipeline", "context")
+    NAME, POSITIVE = "parallel", ("tensor", "pipeline", "context", "expert")
 
     tensor: int = 1
     pipeline: int = 1
+    # expert parallel (model.moe): the experts split over `expert` ranks, each expert's FFN over
+    # `expert_tensor` ranks (None: parallel.tensor), carved out of the tensor x context x data
+    # ranks as megatron-core lays them out (expert_tensor x expert x expert-data = their product)
+    expert: int = 1
+    expert_tensor: Optional[int] = None
     virtual_pipeline: Optional[int] = None
     context: int = 1
     sequence_parallel: bool = False
@@ -325,8 +395,9 @@ class CascadeConfig:
 
 PRECISIONS = ("auto", "fp32", "bf16")
 # the overrides that put a run's config on one process (decoding, benchmarks side by side)
-ONE_PROCESS = [f"parallel.{k}=1" for k in ("tensor", "pipeline", "context")] + \
-    ["parallel.sequence_parallel=false", "parallel.virtual_pipeline=null"]
+ONE_PROCESS = [f"parallel.{k}=1" for k in ("tensor", "pipeline", "context", "expert")] + \
+    ["parallel.sequence_parallel=false", "parallel.virtual_pipeline=null",
+     "parallel.expert_tensor=null"]
 _CHOICES = {
     "diffusion.objective": ("block_diffusion", "ar"),
     "diffusion.noise_sampling": ("stratified", "uniform"),
@@ -335,6 +406,8 @@ _CHOICES = {
     "model.attention_backend": ("auto", "local", "te"),
     "model.attention_kernel": ("auto", "tiled", "flex", "dense"),
     "model.recompute": ("none", "full"),
+    "model.moe.score_function": ("softmax", "sigmoid"),
+    "model.moe.load_balancing": ("aux_loss", "seq_aux_loss", "none"),
     "data.backend": ("megatron", "dali"),
     "train.fp8_recipe": ("delayed", "tensorwise"),
     "train.fp8_amax_compute_algo": ("max", "most_recent"),

@@ -13,6 +13,7 @@ from functools import partial
 from cascade_mega.diffusion import distill, objective
 from cascade_mega.diffusion.base import Objective, noise_generator, register
 from cascade_mega.model.gpt import predict_and_score
+from cascade_mega.model.moe import routing_scale
 
 
 @register("block_diffusion", "ar")
@@ -44,10 +45,12 @@ class BlockDiffusion(Objective):
 
     def forward_step(self, data_iterator, model):
         prep = next(data_iterator)
-        if prep.distill_weight is not None:
-            return distill.forward(model, self.teacher, prep), partial(self.loss, prep)
-        out = model(prep.input_ids, prep.position_ids, prep.layout,
-                    output_processor=predict_and_score, output_processor_context=prep.readout)
+        with routing_scale(prep.routing_scale):  # an MoE layer's balancing loss per loss token
+            if prep.distill_weight is not None:
+                return distill.forward(model, self.teacher, prep), partial(self.loss, prep)
+            out = model(prep.input_ids, prep.position_ids, prep.layout,
+                        output_processor=predict_and_score,
+                        output_processor_context=prep.readout)
         return out, partial(self.loss, prep)
 
     def loss_sums(self, prep, output):

@@ -77,6 +77,9 @@ class Prepared:
     # num_tokens as a 0-dim int32 tensor (megatron's schedule sums it on the device): made on the
     # host by `prepare` and moved with the batch, so no step copies a Python number to the device
     count: Optional[torch.Tensor] = None
+    # loss tokens per row that passes through the model, over the whole micro-batch (every
+    # context-parallel rank): how an MoE router scales its balancing loss (`model/moe.py`)
+    routing_scale: Optional[float] = None
 
 
 @dataclass
@@ -174,12 +177,14 @@ def prepare(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
         prep = _add_causal_stream(prep, tokens, labels, ar_mask, cfg.diffusion.ar_loss_weight)
     if documents is not None:
         prep.layout = replace(prep.layout, documents=documents)
+    routing = prep.num_tokens / prep.input_ids.numel()
     if context[1] > 1:
         counted = loss_mask.bool().clone()  # the positions num_tokens counts
         if cfg.diffusion.objective != "ar" and cfg.diffusion.shifted_prediction:
             counted[:, 0] = False  # token 0 has no predecessor
         prep = _split_for_context(prep, counted, *context)
     prep.count = torch.tensor(prep.num_tokens, dtype=torch.int)  # host: moved with the batch
+    prep.routing_scale = routing
     return prep
 
 

@@ -27,9 +27,11 @@ from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
 )
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from cascade_mega.config import CascadeConfig
 from cascade_mega.model.attention import BlockDiffusionAttention
+from cascade_mega.model import moe
 from cascade_mega.model.layers import RMSNorm, SeededTransformerLayer
 from cascade_mega.runtime import device, te_support
 
@@ -117,12 +119,14 @@ def transformer_config(cfg: CascadeConfig, dtype: torch.dtype) -> TransformerCon
                                     cfg.train.fp8_bf16_last_layers),
         num_layers_at_start_in_bf16=cfg.train.fp8_bf16_first_layers,
         num_layers_at_end_in_bf16=cfg.train.fp8_bf16_last_layers,
+        **moe.transformer_kwargs(cfg, ffn_size(cfg)),
     )
 
 
 def layer_spec(cfg: CascadeConfig, vp_stage=None):
     """megatron-core's spec for this stage's layers, with the project's core attention, seeded
-    layers and (local spec) sequence-parallel-aware norms."""
+    layers and (local spec) sequence-parallel-aware norms; with `model.moe`, megatron-core's
+    `MoELayer` as the MLP of the layers the pattern names (`model/moe.py`)."""
     te = te_support.layers_used(cfg)
     spec = copy.deepcopy(te_support.layer_spec() if te else
                          get_gpt_layer_local_spec(normalization="RMSNorm"))
@@ -131,13 +135,28 @@ def layer_spec(cfg: CascadeConfig, vp_stage=None):
     spec.module = SeededTransformerLayer
     spec.params = {**spec.params, "init_seed": cfg.train.seed,
                    "recompute": cfg.model.recompute == "full"}
-    if te:
-        return spec
-    spec.submodules.input_layernorm = RMSNorm
-    spec.submodules.pre_mlp_layernorm = RMSNorm
+    if not te:
+        spec.submodules.input_layernorm = RMSNorm
+        spec.submodules.pre_mlp_layernorm = RMSNorm
+    if not cfg.model.moe.enabled:
+        if te:
+            return spec
+        final_norm = RMSNorm
+        specs = [spec] * cfg.model.num_layers
+    else:
+        sparse = copy.deepcopy(spec)
+        sparse.submodules.mlp = moe.mlp_spec(cfg, te)
+        if te:  # the dense spec fuses the MLP's norm into its first linear layer; experts do not
+            from megatron.core.extensions.transformer_engine import TENorm
+
+            sparse.submodules.pre_mlp_layernorm = TENorm
+        final_norm = TENorm if te else RMSNorm
+        specs = [sparse if on else spec for on in cfg.model.moe_pattern]
     tconf = transformer_config(cfg, torch.float32)
+    offset = get_transformer_layer_offset(tconf, vp_stage=vp_stage)
     return TransformerBlockSubmodules(
-        layer_specs=[spec] * get_num_layers_to_build(tconf, vp_stage=vp_stage), layer_norm=RMSNorm)
+        layer_specs=specs[offset:offset + get_num_layers_to_build(tconf, vp_stage=vp_stage)],
+        layer_norm=final_norm)
 
 
 class CascadeGPTModel(GPTModel):
@@ -301,6 +320,8 @@ def build_model(cfg: CascadeConfig, vocab_size: int, forbidden_ids=(), *, pre_pr
         rope_scaling_factor=cfg.model.rope_scaling_factor,
         vp_stage=vp_stage,
     )
+    if cfg.model.moe.enabled:
+        moe.mark_experts(model)
     if post_process:
         per_rank = padded // tp
         start = parallel_state.get_tensor_model_parallel_rank() * per_rank
@@ -336,19 +357,25 @@ def build_chunks(cfg: CascadeConfig, tokenizer, dtype=torch.float32) -> list:
 def parameter_counts(chunks) -> tuple[int, int]:
     """(total, without embeddings) of the whole model, not this rank's shard: each tensor-parallel
     shard counts once, a replicated tensor (a norm) on tensor rank 0 only, the output layer's copy
-    of a tied embedding not at all; summed over the model-parallel group (a collective)."""
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    total = body = 0
+    of a tied embedding not at all; experts likewise over the expert-tensor x expert ranks.
+    Summed over the model-parallel and the expert groups (collectives)."""
+    ps = parallel_state
+    ranks = {False: ps.get_tensor_model_parallel_rank(),
+             True: ps.get_expert_tensor_parallel_rank()}
+    counts = torch.zeros(2, 2, dtype=torch.float64)  # [dense, expert] x [total, body]
     for chunk in chunks:
         for name, p in chunk.named_parameters():
             if getattr(p, "shared_embedding", False) and "output_layer" in name:
                 continue
-            if not getattr(p, "tensor_model_parallel", False) and tp_rank:
+            expert = not getattr(p, "allreduce", True)  # megatron-core's mark of an expert
+            if not getattr(p, "tensor_model_parallel", False) and ranks[expert]:
                 continue
-            total += p.numel()
-            if "word_embeddings" not in name and "output_layer" not in name:
-                body += p.numel()
-    counts = torch.tensor([total, body], dtype=torch.float64, device=device.current())
+            body = "word_embeddings" not in name and "output_layer" not in name
+            counts[int(expert)] += torch.tensor([p.numel(), p.numel() * body])
+    counts = counts.to(device.current())
     if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(counts, group=parallel_state.get_model_parallel_group())
-    return int(counts[0]), int(counts[1])
+        torch.distributed.all_reduce(counts[0], group=ps.get_model_parallel_group())
+        torch.distributed.all_reduce(
+            counts[1], group=ps.get_expert_tensor_model_pipeline_parallel_group())
+    total, body = counts.sum(0).cpu().tolist()  # one copy to the host
+    return int(total), int(body)

@@ -6,20 +6,51 @@
   megatron already makes them independent of the tensor-parallel size. `model.recompute=full`
   keeps only each layer's input and recomputes the layer in backward (through Transformer
   Engine's checkpoint under FP8, which replays the forward's FP8 scaling state).
+- `SeededExperts`: megatron-core's `SequentialMLP` whose expert e draws its initial weights from
+  (the layer's seed, e), whichever expert-parallel rank holds it (megatron-core would draw rank
+  r's local experts from the stream rank 0 uses for its own).
+- `routing_scale`: the loss tokens per routed row of the micro-batch in flight, which an MoE
+  layer's router reads (`moe.py`) and a recomputed layer restores.
 - `RMSNorm`: torch's RMSNorm that marks its weight for megatron's sequence-parallel gradient
   all-reduce (megatron's torch-norm wrapper refuses sequence parallel).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
+from typing import Optional
+
 import torch
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
     get_transformer_layer_offset,
 )
+from megatron.core.utils import get_pg_rank
 from torch.utils.checkpoint import checkpoint
 
 from cascade_mega.runtime import device
+
+
+# (loss tokens per routed row of the micro-batch in flight, whether its load is counted)
+_ROUTING: contextvars.ContextVar = contextvars.ContextVar("cascade_routing", default=(None, True))
+
+
+@contextlib.contextmanager
+def routing_scale(scale: Optional[float], count: bool = True):
+    """The forward inside routes a micro-batch with `scale` loss tokens per routed row;
+    count=False: its expert load is not counted again (a recomputation)."""
+    token = _ROUTING.set((scale, count))
+    try:
+        yield
+    finally:
+        _ROUTING.reset(token)
+
+
+def current_routing():
+    return _ROUTING.get()
 
 
 def layer_seed(seed: int, layer_number: int) -> int:
@@ -46,13 +77,46 @@ class SeededTransformerLayer(TransformerLayer):
                 from megatron.core.extensions.transformer_engine import te_checkpoint
                 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-                return te_checkpoint(super().forward, False, get_cuda_rng_tracker,
+                return te_checkpoint(self._rerun_routed(), False, get_cuda_rng_tracker,
                                      parallel_state.get_tensor_model_parallel_group(),
                                      *args, use_reentrant=False, **kwargs)
             # torch's non-reentrant checkpoint, since megatron's own saves its arguments as
             # tensors and the attention layout is not one
-            return checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
+            return checkpoint(self._rerun_routed(), *args, use_reentrant=False, **kwargs)
         return super().forward(*args, **kwargs)
+
+    def _rerun_routed(self):
+        """The layer's forward, rerun in backward under the micro-batch's routing scale (an MoE
+        layer's balancing loss, `model/moe.py`), without counting its expert load again."""
+        scale, count = current_routing()
+        calls = []
+
+        def run(*args, **kwargs):
+            with routing_scale(scale, count and not calls):
+                calls.append(1)
+                return TransformerLayer.forward(self, *args, **kwargs)
+        return run
+
+
+class SeededExperts(SequentialMLP):
+    """megatron-core's `SequentialMLP` whose expert e draws its initial weights from a generator
+    seeded by (the layer's seed, e), whichever rank holds it."""
+
+    def __init__(self, num_local_experts, config, submodules, pg_collection=None, name=None):
+        layer = torch.initial_seed()  # the layer's seed (`SeededTransformerLayer`)
+        first = get_pg_rank(pg_collection.ep) * num_local_experts
+        experts = iter(range(first, first + num_local_experts))
+        fc1 = submodules.linear_fc1
+
+        def seeded_fc1(*args, **kwargs):
+            torch.manual_seed(layer_seed(layer, 1 + next(experts)))
+            return fc1(*args, **kwargs)
+
+        super().__init__(num_local_experts, config,
+                         dataclasses.replace(submodules, linear_fc1=seeded_fc1),
+                         pg_collection=pg_collection, name=name)
+        # what follows (the shared expert) draws the same on every expert layout
+        torch.manual_seed(layer_seed(layer, 1 + config.num_moe_experts))
 
 
 class RMSNorm(torch.nn.RMSNorm):

@@ -12,8 +12,9 @@ optimizer and grad clipping assert.
 
 `apply()` is a no-op when CUDA is available, and idempotent. It also replaces megatron's
 fallback gradient-norm kernel (used without apex) with one that sums in float64: fp32 `torch.norm`
-on the CPU is too inexact for layouts to agree. Each behaviour is covered by
-`tests/test_cpu_compat.py`.
+on the CPU is too inexact for layouts to agree; and the MoE token dispatcher's token counts come
+to the host (its split sizes as numpy arrays), as megatron-core's GPU path hands them to NCCL.
+Each behaviour is covered by `tests/test_cpu_compat.py`.
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ _MEGATRON_MODULES = (
     "megatron.core.dist_checkpointing.exchange_utils",
     "megatron.core.datasets.gpt_dataset",
     "megatron.core.datasets.blended_megatron_dataset_builder",
+    "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.transformer.moe.token_dispatcher",
+    "megatron.core.transformer.moe.router",
+    "megatron.core.transformer.moe.experts",
+    "megatron.core.transformer.moe.moe_layer",
 )
 
 _FACTORIES = frozenset(
@@ -194,6 +200,17 @@ def _accurate_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     return torch.sqrt(total).float().reshape(1), None
 
 
+def _split_sizes_to_host(tensor, as_numpy=False, record_stream=False):
+    """megatron-core's MoE token dispatcher moves its token counts off the GPU, the all-to-all
+    split sizes as numpy arrays; its own version moves CUDA tensors only, and on the CPU the
+    split sizes would stay tensors, which gloo's `all_to_all_single` refuses. Here every tensor
+    comes to the host (a device test's stand-in device included), as a numpy array if asked."""
+    if torch.is_tensor(tensor):
+        tensor = tensor.detach().to("cpu")
+        return tensor.numpy() if as_numpy else tensor
+    return tensor
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 
@@ -219,6 +236,9 @@ def apply() -> bool:
     clip_grads = sys.modules["megatron.core.optimizer.clip_grads"]
     if clip_grads.l2_norm_impl.__name__ == "local_multi_tensor_l2_norm":
         clip_grads.l2_norm_impl = _accurate_l2_norm
+    for name in ("moe_utils", "token_dispatcher"):
+        sys.modules[f"megatron.core.transformer.moe.{name}"].maybe_move_tensor_to_cpu = \
+            _split_sizes_to_host
     _APPLIED = True
     return True
 

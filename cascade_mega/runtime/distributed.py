@@ -52,6 +52,8 @@ def init(parallel, seed: int) -> DistEnv:
             pipeline_model_parallel_size=parallel.pipeline,
             virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
             context_parallel_size=parallel.context,
+            expert_model_parallel_size=parallel.expert,
+            expert_tensor_parallel_size=parallel.expert_tensor,
             distributed_timeout_minutes=parallel.timeout_minutes,
         )
     seed_everything(seed)

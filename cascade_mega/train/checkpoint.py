@@ -173,10 +173,57 @@ def latest(ckpt_root: str) -> Optional[str]:
     return path
 
 
+class _StepLess(dict):
+    """A parameter's loaded tensors, where the per-parameter 'step' the loader asks for is None
+    (megatron-core then skips it): the step comes from the common state."""
+
+    def __missing__(self, key):
+        return None
+
+
+def _prepare_torch_adam(optimizer) -> None:
+    """megatron-core's distributed optimizer over torch's Adam (no Apex or Transformer Engine,
+    as on the CPU) cannot load its own checkpoints: building the loading template it reads each
+    parameter's Adam step, which a fresh optimizer lacks; loading, it asks the checkpoint for a
+    per-parameter 'step' tensor the fully reshardable format does not hold. So each parameter
+    starts with zero moments and step 0 (all overwritten by the checkpoint), and the loader sees
+    no tensor for 'step' (the common step restores it)."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                                      "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
+        setter = getattr(part, "_set_main_param_and_optimizer_states", None)
+        if setter is not None and not getattr(setter, "_step_less", False):
+            def set_states(model_param, tensors, _set=setter):
+                return _set(model_param, _StepLess(tensors))
+            set_states._step_less = True
+            part._set_main_param_and_optimizer_states = set_states
+
+
+def _unshare_steps(optimizer) -> None:
+    """megatron-core's distributed optimizer restores torch's Adam with one step tensor shared
+    by every parameter, which torch's multi-tensor Adam then increments once per parameter
+    (bias correction far ahead of the step): each parameter gets its own copy."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            for state in inner.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
+
+
 def load(path: str, chunks, optimizer, scheduler):
     """Load into the live model/optimizer; returns (step, consumed_samples)."""
     if not os.path.isfile(os.path.join(path, "metadata.json")):
         raise CheckpointError(f"{path} is not a complete checkpoint (no metadata.json)")
+    if optimizer is not None:
+        _prepare_torch_adam(optimizer)
     template = sharded_state(chunks, optimizer, scheduler, 0, 0, is_loading=True)
     try:
         state = dist_checkpointing.load(template, path)
@@ -187,8 +234,35 @@ def load(path: str, chunks, optimizer, scheduler):
         _unwrap(c).load_state_dict(state[f"model{i}"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
+        _unshare_steps(optimizer)
         scheduler.load_state_dict(state["scheduler"])
     return int(state["step"]), int(state["consumed_samples"])
+
+
+# the settings that shape the weights: a checkpoint saved under others does not load
+ARCHITECTURE = tuple(f"model.{k}" for k in (
+    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+    "qkv_bias", "tie_embeddings", "moe.num_experts", "moe.ffn_hidden_size",
+    "moe.shared_expert_size", "moe.shared_expert_gate", "moe.first_dense_layers", "moe.pattern"))
+
+
+def check_architecture(path: str, cfg, what: str) -> None:
+    """Refuse, before any model is built, a checkpoint whose saved config (`config.yaml` in the
+    checkpoint) shapes the weights differently from `cfg` (an MoE checkpoint into a dense
+    model, other sizes): one message naming each differing key."""
+    from cascade_mega.config import config_changes
+
+    saved = os.path.join(path, "config.yaml")
+    if not os.path.isfile(saved):
+        return
+    changes = [c for c in config_changes(open(saved).read(), cfg) if c[0] in ARCHITECTURE]
+    if changes:
+        def show(v):
+            return "null" if v is None else v
+        listed = "; ".join(f"'{k}' = {show(old)} there, {show(new)} here"
+                           for k, old, new in changes)
+        raise CheckpointError(f"{what} {path} holds another model ({listed}): its weights do "
+                              "not fit this config")
 
 
 def locate(path: str) -> tuple[str, str]:

@@ -28,6 +28,7 @@ from cascade_mega.config import CascadeConfig, config_changes, run_dtype, to_yam
 from cascade_mega.data import loader
 from cascade_mega.diffusion import distill, objectives
 from cascade_mega.diffusion.base import Shard
+from cascade_mega.model import moe
 from cascade_mega.model.gpt import build_chunks, parameter_counts
 from cascade_mega.runtime import (device, distributed, heartbeat, machine, provenance,
                                   te_support)
@@ -90,6 +91,8 @@ class Trainer:
         self.train_split = (self.train_data.documents, self.train_data.tokens)
         self.num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp_size)
         self.dtype = run_dtype(cfg)
+        self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
+        self._find_checkpoint()  # a checkpoint of another model is refused before building
         self.chunks = wrap_ddp(build_chunks(cfg, self.tokenizer, self.dtype), cfg)
         self.parameters = parameter_counts(self.chunks)  # (total, without embeddings)
         self.teacher = distill.build_teacher(*teacher, self.tokenizer, self.dtype) \
@@ -100,7 +103,6 @@ class Trainer:
         if cfg.parallel.tp_comm_overlap:  # TE's userbuffers, before the first forward uses them
             te_support.init_userbuffers(cfg, self.objective.rows(cfg, True))
         self.optimizer, self.scheduler = build_optimizer(self.chunks, cfg, self.dtype)
-        self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         checkpoint.start_writer()  # before any scheduler signal can arrive
         self.peak_flops = flops.peak_flops()
         self.teacher_cfg = teacher[0] if teacher else None
@@ -119,22 +121,28 @@ class Trainer:
             loader.keep_with_run(self.tokenizer, self.prefix, self.run_dir)
         return self
 
+    def _find_checkpoint(self):
+        """What `_resume` loads: this run's checkpoint (`train.resume`), else the weights of
+        `train.init_from`; either checked against the model this config builds."""
+        mode, cfg = self.cfg.train.resume, self.cfg
+        path = checkpoint.latest(self.ckpt_root) if mode == "auto" else \
+            None if mode == "none" else mode
+        self.resumed_from, self.resume_changes, self.init_path = path, [], None
+        if path:
+            checkpoint.check_architecture(path, cfg, "the checkpoint to resume,")
+        elif cfg.train.init_from:
+            self.init_path = checkpoint.locate(cfg.train.init_from)[1]
+            checkpoint.check_architecture(self.init_path, cfg, "'train.init_from' =")
+
     def _resume(self):
-        mode = self.cfg.train.resume
-        path = None
-        if mode == "auto":
-            path = checkpoint.latest(self.ckpt_root)
-        elif mode != "none":
-            path = mode
-        self.resumed_from, self.resume_changes = path, []
+        path = self.resumed_from
         if path:
             self.start_step, _ = checkpoint.load(path, self.chunks, self.optimizer, self.scheduler)
             saved = os.path.join(path, "config.yaml")
             if os.path.isfile(saved):  # the config it was saved under
                 self.resume_changes = config_changes(open(saved).read(), self.cfg)
-        elif self.cfg.train.init_from:  # weights only; megatron's bf16 optimizer keeps fp32
-            checkpoint.load(checkpoint.locate(self.cfg.train.init_from)[1], self.chunks, None,
-                            None)  # megatron's bf16 optimizer keeps fp32 copies: refresh them
+        elif self.init_path:  # weights only; megatron's bf16 optimizer keeps fp32 copies:
+            checkpoint.load(self.init_path, self.chunks, None, None)  # refresh them
             self.optimizer.reload_model_params()
         self.step = self.start_step
 
@@ -183,6 +191,8 @@ class Trainer:
             self.scheduler.step(increment=1)
         elapsed = time.perf_counter() - start
         metrics = self._metrics(sums, train=True) if log else {}
+        if log and self.cfg.model.moe.enabled:  # the expert load since the last logged step
+            metrics.update(moe.step_metrics(self.chunks, self.cfg))
         if batch.block_size is not None:
             metrics["block_size"] = batch.block_size
         if not ok:
@@ -330,4 +340,6 @@ class Trainer:
         ps = parallel_state
         return {"tensor": ps.get_tensor_model_parallel_world_size(),
                 "pipeline": ps.get_pipeline_model_parallel_world_size(),
-                "context": self.context[1], "data": self.dp_size, "world_size": self.world_size}
+                "context": self.context[1], "data": self.dp_size, "world_size": self.world_size,
+                "expert": ps.get_expert_model_parallel_world_size(),
+                "expert_tensor": ps.get_expert_tensor_parallel_world_size()}

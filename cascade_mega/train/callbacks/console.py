@@ -29,6 +29,7 @@ def _fmt(metrics: dict) -> str:
     parts = []
     for key, fmt in (("loss", "{:.4f}"), ("nelbo", "{:.4f}"), ("ppl_bound", "{:.1f}"),
                      ("masked_acc", "{:.3f}"), ("ar_loss", "{:.4f}"), ("distill_kl", "{:.4f}"),
+                     ("moe/aux_loss", "{:.4f}"), ("moe/load_max", "{:.2f}"),
                      ("block_size", "{}"), ("lr", "{:.2e}"), ("grad_norm", "{:.3f}"),
                      ("tokens_per_s", "{:.0f}"), ("step_time", "{:.3f}s")):
         if key in metrics:
@@ -49,7 +50,9 @@ def start_lines(trainer, budget: int) -> list:
     documents, tokens = trainer.train_split
     epochs = f" = {budget / tokens:.3g} epochs" if tokens else ""
     return [f"model {total:,} parameters ({body:,} without embeddings) | layout TP "
-            f"{lay['tensor']} x PP {lay['pipeline']} x CP {lay['context']} x DP {lay['data']}",
+            f"{lay['tensor']} x PP {lay['pipeline']} x CP {lay['context']} x DP {lay['data']}"
+            + (f" | experts EP {lay['expert']} x expert-TP {lay['expert_tensor']}"
+               if trainer.cfg.model.moe.enabled else ""),
             f"data {trainer.cfg.data.path}: train split {_count(tokens)} tokens in "
             f"{_count(documents)} documents | budget {_count(budget)} tokens{epochs}",
             provenance.summary(trainer.code_dir)]

@@ -1,0 +1,107 @@
+"""Mixture-of-experts layers (`model.moe`): the balancing loss per loss token against a float64
+reference written from the Switch Transformer's definition, expert parallel against one process
+(torchrun, gloo), an EP = 2 checkpoint resumed at EP = 1, and the refusals."""
+
+import json
+
+import pytest
+import torch
+
+from helpers import cascade, random_tokens, tiny_cfg, tiny_model
+
+MOE = ["model.moe.num_experts=6", "model.moe.top_k=3", "model.moe.ffn_hidden_size=48"]
+
+
+def _switch_loss(x, weight, E, k):
+    """coeff-free Switch balancing loss of rows x [R, h]: E * sum_e f_e * P_e, with f_e the share
+    of the R * k assignments that go to expert e and P_e the mean router probability of e."""
+    probs = torch.softmax(x @ weight.t(), dim=-1)
+    chosen = torch.zeros_like(probs).scatter(1, probs.topk(k, dim=-1).indices, 1.0)
+    f = chosen.sum(0) / (x.shape[0] * k)
+    return E * (f * probs.mean(0)).sum()
+
+
+@pytest.mark.parametrize("rows_per_token", [2, 4])
+def test_balancing_loss_is_per_loss_token_whatever_the_rows(megatron, rows_per_token):
+    """A micro-batch with T loss tokens routes R = rows_per_token x T rows (e.g. [x_t ; x_0]:
+    2 rows per token). After megatron-core divides the gradients by T (`calculate_per_token_
+    loss`), the router's gradient is coeff x d(balancing loss)/dW whatever R is; without the
+    routing scale it is R / T times that."""
+    from cascade_mega.model.moe import CascadeRouter, routing_scale
+
+    coeff, z_coeff = 0.1, 0.01
+    cfg = tiny_cfg(*MOE, f"model.moe.aux_loss_coeff={coeff}", f"model.moe.z_loss_coeff={z_coeff}")
+    router = next(m for m in tiny_model(cfg).modules() if isinstance(m, CascadeRouter))
+    router.train()
+    T = 24
+    x = torch.randn(T * rows_per_token, 1, 64, generator=torch.Generator().manual_seed(5))
+    w64 = router.weight.detach().double().requires_grad_()
+    xs = x.squeeze(1).double()
+    reference = coeff * _switch_loss(xs, w64, 6, 3) + \
+        z_coeff * torch.logsumexp(xs @ w64.t(), -1).square().mean()
+    (expected,) = torch.autograd.grad(reference, w64)
+
+    def router_grad(scale):
+        router.weight.grad = None
+        with routing_scale(scale):
+            probs, _ = router(x)
+        (probs * 0).sum().backward()  # only the balancing losses' gradients flow
+        return router.weight.grad.double() / T  # megatron-core's division by the loss tokens
+
+    torch.testing.assert_close(router_grad(1 / rows_per_token), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(router_grad(None), expected * rows_per_token, rtol=1e-5,
+                               atol=1e-7)
+    assert router.load.sum() == 2 * 3 * x.shape[0]  # two counted forwards of R rows, k each
+
+
+ARGS = ["train", "configs/base.yaml", "model.num_layers=2", "model.hidden_size=64",
+        "data.seq_len=64", "diffusion.block_size=8", "train.micro_batch_size=2",
+        "train.global_batch_size=8", "optimizer.warmup_steps=1", "train.steps=3",
+        "train.log_interval=1", "train.eval_interval=3", "train.eval_batches=1",
+        "tracking.enabled=false", *MOE, "model.moe.aux_loss_coeff=0.05",
+        "model.moe.z_loss_coeff=0.01"]
+
+
+def _run(tmp_path, name, *extra):
+    proc = cascade(*ARGS, *extra, f"run_dir={tmp_path}/{name}", process=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+
+
+def _assert_same(a, b):
+    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "grad_norm", "moe/aux_loss", "moe/z_loss", "expert_load/0"):
+            if key in ra:
+                assert abs(ra[key] - rb[key]) < 1e-5, (key, ra, rb)
+
+
+def test_expert_parallel_matches_one_process_and_resumes_at_ep1(tmp_path):
+    """Against one process, over 3 steps: the losses, gradient norms, balancing and z-losses and
+    the expert load of
+    - EP = 2 with 4 data-parallel ranks (2 expert-data-parallel replicas of each expert) and the
+      distributed optimizer over the dense and the expert parameters; it stops after step 2 and
+      its checkpoint resumes at EP = 1 on one process (the distributed optimizer's Adam state
+      resharded);
+    - EP = 2 x TP = 2 (sequence parallel; the experts carved out of the tensor ranks) x PP = 2."""
+    single = _run(tmp_path, "single")
+    assert {"moe/aux_loss", "moe/z_loss", "moe/load_max", "expert_load/5"} <= set(single[1])
+    distopt = "parallel.distributed_optimizer=true"
+    first = _run(tmp_path, "ep2_dp4", "--nproc-per-node", "4", "parallel.expert=2", distopt,
+                 "train.exit_interval=2")
+    assert [r["step"] for r in first if r["split"] == "train"] == [1, 2]
+    _assert_same([r for r in single if r["step"] <= 2], first)
+    resumed = _run(tmp_path, "ep2_dp4", distopt)
+    _assert_same([r for r in single if r["step"] > 2], [r for r in resumed if r["step"] > 2])
+    _assert_same(single, _run(tmp_path, "ep2_tp2_pp2", "--nproc-per-node", "4",
+                              "parallel.expert=2", "parallel.expert_tensor=1",
+                              "parallel.tensor=2", "parallel.sequence_parallel=true",
+                              "parallel.pipeline=2"))
+    # an MoE checkpoint as the start of a dense run: refused, naming the key, before building
+    dense = [a for a in ARGS if not a.startswith("model.moe.")]
+    proc = cascade(*dense, f"run_dir={tmp_path}/dense", f"train.init_from={tmp_path}/single",
+                   process=True)
+    assert proc.returncode == 2
+    assert "'model.moe.num_experts' = 6 there, null here" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
