@@ -86,8 +86,8 @@ def model_dims(cfg: CascadeConfig, vocab: int) -> dict:
 
     m = cfg.model
     return dict(h=m.hidden_size, a=m.num_attention_heads, g=m.num_query_groups or
-                m.num_attention_heads, d=m.hidden_size // m.num_attention_heads, f=ffn_size(cfg),
-                V=vocab_rows(cfg, vocab))
+                m.num_attention_heads, d=m.kv_channels or m.hidden_size // m.num_attention_heads,
+                f=ffn_size(cfg), V=vocab_rows(cfg, vocab))
 
 
 def layer_parameters(cfg: CascadeConfig, vocab: int) -> int:

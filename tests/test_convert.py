@@ -1,7 +1,10 @@
 """`cascade convert` against `transformers` as the reference (fp32, CPU): small random Llama
-(grouped-query attention, untied embeddings, RoPE theta 50k) and Qwen2 (grouped-query attention,
-QKV biases, tied embeddings) models, converted to megatron checkpoints, give the Hugging Face
-logits; megatron -> Hugging Face -> megatron is bit-exact; the exported model's greedy tokens in
+(grouped-query attention, untied embeddings, RoPE theta 50k), Qwen2 (grouped-query attention,
+QKV biases, tied embeddings), Qwen3 (per-head query / key norms, a head dimension other than
+hidden / heads), Qwen3-MoE (6 experts, top 2 renormalised, the first layer dense) and Qwen2-MoE
+(6 experts, top 3, a gated shared expert, every second layer dense) models, converted to
+megatron checkpoints, give the Hugging Face logits (the MoE ones also at expert parallel 2);
+megatron -> Hugging Face -> megatron is bit-exact; the exported model's greedy tokens in
 `transformers` are `cascade generate`'s; bad input leaves nothing behind."""
 
 import json
@@ -39,29 +42,48 @@ def hf_model(kind, folder):
     common = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
                   max_position_embeddings=256, rms_norm_eps=1e-6)
-    torch.manual_seed({"llama": 1, "qwen2": 2}[kind])
+    torch.manual_seed({"llama": 1, "qwen2": 2, "qwen3": 3, "qwen3_moe": 4, "qwen2_moe": 5}[kind])
     if kind == "llama":
-        cfg = transformers.LlamaConfig(**common, rope_theta=50000.0, tie_word_embeddings=False)
-        model = transformers.LlamaForCausalLM(cfg)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            **common, rope_theta=50000.0, tie_word_embeddings=False))
+    elif kind == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            **common, rope_theta=1e6, tie_word_embeddings=True))
+    elif kind == "qwen3":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+            **common, head_dim=24, rope_theta=1e6, tie_word_embeddings=False))
+    elif kind == "qwen3_moe":
+        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            **common, head_dim=24, num_experts=6, num_experts_per_tok=2,
+            moe_intermediate_size=40, norm_topk_prob=True, mlp_only_layers=[0]))
     else:
-        cfg = transformers.Qwen2Config(**common, rope_theta=1e6, tie_word_embeddings=True)
-        model = transformers.Qwen2ForCausalLM(cfg)
-        with torch.no_grad():  # biases start at zero: give them values the test can see
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj,
-                             layer.self_attn.v_proj):
-                    proj.bias.normal_(0.0, 0.5)
+        model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+            **common, num_experts=6, num_experts_per_tok=3, moe_intermediate_size=48,
+            shared_expert_intermediate_size=80, norm_topk_prob=False, decoder_sparse_step=2))
+    with torch.no_grad():  # norms start at one, biases at zero: give them values a test sees;
+        for name, p in model.named_parameters():  # and the routers logits far from ties
+            if "norm" in name:
+                p.normal_(1.0, 0.3)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+            elif "mlp.gate." in name or "shared_expert_gate" in name:
+                p.normal_(0.0, 1.0)
     model.save_pretrained(folder)
     tokenizer_file(folder / "tokenizer.json")
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "smollm2"])
+MOE = ["qwen3_moe", "qwen2_moe"]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "smollm2", "qwen3", *MOE])
 def converted(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     model = hf_model(request.param, root / "hf")
+    experts = ["--expert", "2"] if request.param in MOE else []  # a target layout with EP
     proc = convert("hf-to-mcore", str(root / "hf"), str(root / "mc"), "--seq-len",
-                   "64", "--tensor", str(converted_tensor(request.param)), "--pipeline", "2")
+                   "64", "--tensor", str(converted_tensor(request.param)), "--pipeline", "2",
+                   *experts)
     assert proc.returncode == 0, proc.stderr
     return request.param, root, model
 
@@ -121,11 +143,15 @@ def test_megatron_logits_equal_the_hugging_face_logits(converted):
     assert (got[..., :V] - ref).abs().max() < 1e-4
     assert (got[..., V + 1:] == 0).all()  # padding rows are zero (never predicted, like [MASK])
     cfg = (root / "mc" / "config.yaml").read_text()
+    tied = str(model.config.tie_word_embeddings).lower()
     assert f"tensor: {converted_tensor(kind)}" in cfg and "pipeline: 2" in cfg and \
-        f"tie_embeddings: {'false' if kind == 'llama' else 'true'}" in cfg
-    assert f"qkv_bias: {'true' if kind == 'qwen2' else 'false'}" in cfg
+        f"tie_embeddings: {tied}" in cfg
+    assert f"qkv_bias: {'true' if kind in ('qwen2', 'qwen2_moe') else 'false'}" in cfg
+    assert f"qk_norm: {'true' if kind.startswith('qwen3') else 'false'}" in cfg
+    assert f"expert: {2 if kind in MOE else 1}" in cfg
 
 
+@pytest.mark.parametrize("converted", ["llama", "qwen2", "smollm2"], indirect=True)
 def test_logits_equal_at_tensor_parallel(converted, tmp_path):
     """The converted checkpoint loaded at TP = 2, one process per rank, through the trainer's own
     set-up (`train.init_from`), gives the Hugging Face logits of a validation batch. SmolLM2
@@ -141,7 +167,14 @@ def test_logits_equal_at_pipeline_parallel(converted, tmp_path):
     _logits_at(converted, tmp_path, 1, 2)
 
 
-def _logits_at(converted, tmp_path, tensor, pipeline):
+@pytest.mark.parametrize("converted", MOE, indirect=True)
+def test_logits_equal_at_expert_parallel(converted, tmp_path):
+    """The MoE models at EP = 2 (two data-parallel ranks, each with half the experts; the tokens
+    travel by megatron-core's all-to-all)."""
+    _logits_at(converted, tmp_path, 1, 1, expert=2)
+
+
+def _logits_at(converted, tmp_path, tensor, pipeline, expert=1):
     from cascade_mega.data.shakespeare import documents
 
     kind, root, model = converted
@@ -162,11 +195,14 @@ def _logits_at(converted, tmp_path, tensor, pipeline):
     out = tmp_path / "logits.pt"
     from helpers import torchrun
 
-    proc = torchrun(tensor * pipeline, "tests/logits_at_layout.py", out,
+    world = max(tensor, expert) * pipeline
+    proc = torchrun(world, "tests/logits_at_layout.py", out,
                     source / "config.yaml", f"data.path={plays}",
                     f"train.init_from={source}", "train.resume=none", f"run_dir={tmp_path}/run",
                     f"parallel.tensor={tensor}", f"parallel.pipeline={pipeline}",
-                    "train.micro_batch_size=2", "train.global_batch_size=2",
+                    f"parallel.expert={expert}", "parallel.sequence_parallel=false",
+                    "train.micro_batch_size=2",
+                    f"train.global_batch_size={2 * world // (tensor * pipeline)}",
                     "tracking.enabled=false", "data.split=80,20,0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     got, ids = torch.load(out)[0], torch.load(str(out) + ".ids")[0]
@@ -205,6 +241,36 @@ def test_megatron_hf_megatron_round_trip_is_bit_exact(converted, exported):
         assert torch.equal(first[name], second[name]), name
     hf = json.loads((back / "config.json").read_text())
     assert hf["vocab_size"] == padded(model.config.vocab_size, kind) and hf["cascade"] == {"objective": "ar", "block_size": 1}
+
+
+@pytest.mark.parametrize("converted", ["qwen2_moe"], indirect=True)
+def test_the_fused_expert_layout_converts_to_the_same_weights(converted, tmp_path):
+    """The layout recent `transformers` can save (per layer one `experts.gate_up_proj`
+    [E, 2f, h] and one `experts.down_proj` [E, h, f]) gives the per-expert layout's weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    kind, root, model = converted
+    fused = tmp_path / "fused"
+    shutil.copytree(root / "hf", fused)
+    state = load_file(fused / "model.safetensors")
+    E = model.config.num_experts
+    for i in range(model.config.num_hidden_layers):
+        p = f"model.layers.{i}.mlp.experts."
+        if f"{p}0.gate_proj.weight" not in state:
+            continue  # a dense layer
+        state[p + "gate_up_proj"] = torch.stack([torch.cat(
+            [state.pop(f"{p}{e}.gate_proj.weight"), state.pop(f"{p}{e}.up_proj.weight")])
+            for e in range(E)])
+        state[p + "down_proj"] = torch.stack([state.pop(f"{p}{e}.down_proj.weight")
+                                              for e in range(E)])
+    save_file(state, fused / "model.safetensors", metadata={"format": "pt"})
+    proc = convert("hf-to-mcore", str(fused), str(tmp_path / "mc"), "--seq-len", "64")
+    assert proc.returncode == 0, proc.stderr
+    first, second = _weights(root / "mc"), _weights(tmp_path / "mc")
+    assert first.keys() == second.keys() and any(".local_experts." in k for k in first)
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def _weights(run):

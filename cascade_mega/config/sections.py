@@ -111,6 +111,8 @@ class ModelConfig(Section):
     rope_scaling_factor: float = 8.0
     norm_epsilon: float = 1e-5
     qkv_bias: bool = False  # Qwen2 has QKV biases; Llama has none
+    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3)
+    kv_channels: Optional[int] = None  # the head dimension; None: hidden_size / heads
     init_std: float = 0.02
     attention_backend: str = "auto"  # auto | local | te  (te needs Transformer Engine and a GPU)
     attention_kernel: str = "auto"  # auto (flex on GPU, tiled on CPU) | tiled | flex | dense
@@ -124,9 +126,11 @@ class ModelConfig(Section):
         self.moe.check()
         need(self.rope_scaling in (None, "llama3"),
              f"'model.rope_scaling' = {self.rope_scaling!r}; expected null or llama3")
-        need(self.hidden_size % self.num_attention_heads == 0,
+        need(self.kv_channels is not None or self.hidden_size % self.num_attention_heads == 0,
              f"'model.num_attention_heads' = {self.num_attention_heads} does not divide "
-             f"'model.hidden_size' = {self.hidden_size}")
+             f"'model.hidden_size' = {self.hidden_size} (or set 'model.kv_channels')")
+        need(self.kv_channels is None or self.kv_channels > 0,
+             "'model.kv_channels' must be positive")
         need(self.num_attention_heads % self.groups == 0,
              f"'model.num_query_groups' = {self.groups} does not divide "
              f"'model.num_attention_heads' = {self.num_attention_heads}")

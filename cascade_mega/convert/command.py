@@ -1,9 +1,10 @@
 """`cascade convert`: Hugging Face <-> megatron-core checkpoints, and a run at another layout.
 
     cascade convert hf-to-mcore HF_DIR OUT [--objective ar|block_diffusion] [--block-size B]
-                                [--seq-len L] [--tensor T] [--pipeline P] [--dtype fp32|bf16]
+                                [--seq-len L] [--tensor T] [--pipeline P] [--expert E]
+                                [--dtype fp32|bf16]
     cascade convert mcore-to-hf RUN_OR_CHECKPOINT OUT [--max-shard-gb G]
-    cascade convert mcore-to-mcore RUN_OR_CHECKPOINT OUT --tensor T --pipeline P
+    cascade convert mcore-to-mcore RUN_OR_CHECKPOINT OUT --tensor T --pipeline P [--expert E]
     cascade convert gguf-to-hf FILE.gguf|smollm2 OUT     (the [hf] extra: transformers, gguf)
 
 hf-to-mcore writes a run directory: `config.yaml` (the model, its tokenizer, the objective),
@@ -53,6 +54,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--tensor", type=int, default=1, help="target tensor-parallel size")
     p.add_argument("--pipeline", type=int, default=1, help="target pipeline-parallel size")
+    p.add_argument("--expert", type=int, default=1, help="target expert-parallel size (MoE)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--max-shard-gb", type=float, default=5.0)
 
@@ -81,11 +83,22 @@ def _progress(total: int, what: str):
                 disable=not sys.stderr.isatty())
 
 
-def _target(overrides, tensor: int, pipeline: int):
+def _layout(tensor: int, pipeline: int, expert: int):
+    """The target layout's overrides and its smallest world: the experts (split over the
+    tensor ranks too, megatron-core's default) are carved out of the data x tensor ranks."""
+    over = [f"parallel.tensor={tensor}", f"parallel.pipeline={pipeline}",
+            f"parallel.expert={expert}"]
+    if expert > 1 and tensor > 1:
+        over.append("parallel.sequence_parallel=true")
+    return over, pipeline * tensor * expert
+
+
+def _target(overrides, tensor: int, pipeline: int, expert: int = 1):
     """The config at the target layout (checked there) and the same at one process."""
-    cfg = load_config(None, [*overrides, f"parallel.tensor={tensor}",
-                             f"parallel.pipeline={pipeline}"], world_size=tensor * pipeline)
-    return cfg, replace(cfg, parallel=replace(cfg.parallel, tensor=1, pipeline=1))
+    layout, world = _layout(tensor, pipeline, expert)
+    cfg = load_config(None, [*overrides, *layout], world_size=world)
+    one = replace(cfg.parallel, tensor=1, pipeline=1, expert=1, sequence_parallel=False)
+    return cfg, replace(cfg, parallel=one)
 
 
 def _build(cfg, tokenizer, dtype):
@@ -129,7 +142,7 @@ def hf_to_mcore(args) -> str:
     if objective == "block_diffusion":
         block = hf["cascade"]["block_size"] if known else args.block_size
         overrides.append(f"diffusion.block_size={block}")
-    cfg, one = _target(overrides, args.tensor, args.pipeline)
+    cfg, one = _target(overrides, args.tensor, args.pipeline, args.expert)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     with staged(out) as partial:
         model = _build(one, tokenizer, dtype)
@@ -153,7 +166,8 @@ def hf_to_mcore(args) -> str:
         if missing:
             raise ConfigError(f"{args.source}: no weights for {', '.join(missing[:3])}")
         checkpoint.save(os.path.join(partial, "checkpoints"), [model], None, None, 0, 0,
-                        layout={"tensor": args.tensor, "pipeline": args.pipeline})
+                        layout={"tensor": args.tensor, "pipeline": args.pipeline,
+                                "expert": args.expert})
         shutil.copy(tok_path, os.path.join(partial, "tokenizer.json"))
         with open(os.path.join(partial, "hf_config.json"), "w") as f:
             json.dump({k: v for k, v in hf.items() if k != "cascade"}, f, indent=2)
@@ -169,19 +183,7 @@ def _hf_config(cfg, run_dir: str, rows: int) -> dict:
         with open(base_path) as f:
             hf = json.load(f)
     else:  # trained here: describe it in Hugging Face's terms
-        qwen = m.qkv_bias
-        hf = {"architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
-              "model_type": "qwen2" if qwen else "llama", "hidden_act": "silu",
-              "hidden_size": m.hidden_size, "intermediate_size": _ffn(cfg),
-              "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
-              "num_key_value_heads": m.num_query_groups or m.num_attention_heads,
-              "rms_norm_eps": m.norm_epsilon, "tie_word_embeddings": m.tie_embeddings,
-              "max_position_embeddings": cfg.data.seq_len, "attention_bias": False,
-              "rope_theta": m.rotary_base}
-        if m.rope_scaling:
-            hf["rope_scaling"] = {"rope_type": "llama3", "factor": m.rope_scaling_factor,
-                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                  "original_max_position_embeddings": 8192}
+        hf = _describe(cfg)
     hf.update(vocab_size=rows, torch_dtype="float32", dtype="float32")
     d = cfg.diffusion
     hf["cascade"] = {"objective": d.objective,
@@ -189,10 +191,48 @@ def _hf_config(cfg, run_dir: str, rows: int) -> dict:
     return hf
 
 
-def _ffn(cfg) -> int:
+def _describe(cfg) -> dict:
+    """A model trained here as the Hugging Face architecture that holds it: Llama, Qwen2 (QKV
+    biases), Qwen3 (per-head query / key norms), Qwen3-MoE (experts and query / key norms) or
+    Qwen2-MoE (experts and a gated shared expert)."""
     from cascade_mega.model.gpt import ffn_size
 
-    return ffn_size(cfg)
+    m, moe = cfg.model, cfg.model.moe
+    if moe.enabled:
+        kind = "qwen3_moe" if m.qk_norm and not moe.shared_expert_size else \
+            "qwen2_moe" if moe.shared_expert_gate and not m.qk_norm else None
+        if kind is None or moe.score_function != "softmax" or moe.expert_bias or \
+                (kind == "qwen2_moe" and not m.qkv_bias):
+            raise ConfigError("this MoE model has no Hugging Face architecture to export to "
+                              "(Qwen3-MoE: query / key norms, no shared expert; Qwen2-MoE: a "
+                              "gated shared expert, QKV biases, no query / key norms; both "
+                              "softmax routing without an expert bias)")
+    else:
+        kind = "qwen3" if m.qk_norm else "qwen2" if m.qkv_bias else "llama"
+    names = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "qwen2_moe": "Qwen2Moe",
+             "qwen3_moe": "Qwen3Moe"}
+    hf = {"architectures": [f"{names[kind]}ForCausalLM"], "model_type": kind,
+          "hidden_act": "silu", "hidden_size": m.hidden_size, "intermediate_size": ffn_size(cfg),
+          "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
+          "num_key_value_heads": m.num_query_groups or m.num_attention_heads,
+          "head_dim": m.kv_channels or m.hidden_size // m.num_attention_heads,
+          "rms_norm_eps": m.norm_epsilon, "tie_word_embeddings": m.tie_embeddings,
+          "max_position_embeddings": cfg.data.seq_len, "rope_theta": m.rotary_base,
+          "attention_bias": m.qkv_bias if kind.startswith("qwen3") else False}
+    if m.rope_scaling:
+        hf["rope_scaling"] = {"rope_type": "llama3", "factor": m.rope_scaling_factor,
+                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 8192}
+    if moe.enabled:
+        pattern = m.moe_pattern
+        hf.update(num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
+                  moe_intermediate_size=moe.ffn_hidden_size or ffn_size(cfg),
+                  norm_topk_prob=moe.norm_topk_prob, decoder_sparse_step=1,
+                  mlp_only_layers=[i for i, on in enumerate(pattern) if not on],
+                  router_aux_loss_coef=moe.aux_loss_coeff)
+        if kind == "qwen2_moe":
+            hf["shared_expert_intermediate_size"] = moe.shared_expert_size
+    return hf
 
 
 def mcore_to_hf(args) -> str:
@@ -246,16 +286,17 @@ def mcore_to_hf(args) -> str:
         shutil.copy(tokenizer.path, os.path.join(partial, "tokenizer.json"))
         if cfg.diffusion.objective != "ar":
             with open(os.path.join(partial, NOTE), "w") as f:
-                f.write(_diffusion_note(cfg, tokenizer.mask_id, MASK_TOKEN))
+                f.write(_diffusion_note(cfg, tokenizer.mask_id, MASK_TOKEN,
+                                        hf["architectures"][0]))
     return os.path.abspath(args.out)
 
 
-def _diffusion_note(cfg, mask_id: int, mask_token: str) -> str:
+def _diffusion_note(cfg, mask_id: int, mask_token: str, architecture: str) -> str:
     d = cfg.diffusion
     block = "L (full sequence)" if cfg.attention_kind == "full" else d.block_size
     return f"""# A block-diffusion model in Hugging Face's format
 
-These weights are a standard {'Qwen2' if cfg.model.qkv_bias else 'Llama'} network, so
+These weights are a standard {architecture} network, so
 `transformers` loads them, but they were trained as a block-diffusion denoiser (block size
 {block}, sequence length {cfg.data.seq_len}): given the clean earlier blocks and a block
 where some tokens are `{mask_token}` (id {mask_id}), the model predicts the masked tokens, under
@@ -280,10 +321,9 @@ def mcore_to_mcore(args) -> str:
                           "it, or convert again from Hugging Face (hf-to-mcore pads for every "
                           "size the heads allow)")
     # the rows stay what the checkpoint holds, whatever the padding rule gives at the new size
-    cfg = load_config(config, [f"parallel.tensor={args.tensor}",
-                               f"parallel.pipeline={args.pipeline}", f"run_dir={out}",
-                               f"model.vocab_size={rows}"],
-                      world_size=args.tensor * args.pipeline)
+    layout, world = _layout(args.tensor, args.pipeline, args.expert)
+    cfg = load_config(config, [*layout, f"run_dir={out}", f"model.vocab_size={rows}"],
+                      world_size=world)
     with staged(out) as partial:
         shutil.copytree(ckpt, os.path.join(partial, "checkpoints", os.path.basename(ckpt)))
         with open(os.path.join(partial, "checkpoints", "latest"), "w") as f:

@@ -1,10 +1,16 @@
-"""Hugging Face Llama / Qwen2 checkpoints and the project's megatron-core model, tensor by tensor.
+"""Hugging Face Llama / Qwen2 / Qwen3 / Qwen2-MoE / Qwen3-MoE checkpoints and the project's
+megatron-core model, tensor by tensor.
 
 The architectures map one to one (`model/gpt.py`: RMSNorm, SwiGLU, RoPE in rotate-half form,
-grouped-query attention, Qwen2's QKV biases, tied or untied embeddings). Two tensors change shape:
+grouped-query attention, Qwen2's QKV biases, Qwen3's per-head query / key RMSNorm and head
+dimension, tied or untied embeddings; `model/moe.py`: the router, the experts, Qwen2-MoE's
+gated shared expert, the layers that keep a dense MLP). Tensors that change shape:
 - megatron's `linear_qkv` stacks, per query group, that group's query heads then its key and its
   value head: [g x (a/g + 2) x d, h]; Hugging Face keeps q_proj, k_proj, v_proj apart.
-- megatron's `linear_fc1` is [gate ; up]; Hugging Face keeps gate_proj and up_proj apart.
+- megatron's `linear_fc1` is [gate ; up]; Hugging Face keeps gate_proj and up_proj apart (an
+  expert's too), except in the fused expert layout recent `transformers` can save, one
+  `experts.gate_up_proj` [E, 2f, h] ([gate ; up] per expert) and `experts.down_proj` [E, h, f]
+  per layer: both are read, the per-expert layout of published checkpoints is written.
 The embedding table (and an untied output layer) gains rows for the tokens the project adds after
 the model's vocabulary (`[MASK]`, and an end-of-document token where the tokenizer has none) and
 for padding: the added rows (and [MASK]'s, where the table already had an unused row for its id)
@@ -25,7 +31,27 @@ import torch
 
 from cascade_mega.config import ConfigError
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                 "Qwen3ForCausalLM": "qwen3", "Qwen2MoeForCausalLM": "qwen2_moe",
+                 "Qwen3MoeForCausalLM": "qwen3_moe"}
+
+
+def family(hf: dict) -> str:
+    return ARCHITECTURES[hf["architectures"][0]]
+
+
+def num_experts(hf: dict) -> int:
+    return hf.get("num_experts") or hf.get("num_local_experts") or 0
+
+
+def sparse_layers(hf: dict) -> List[int]:
+    """1 for each layer with experts (Qwen-MoE: not in `mlp_only_layers`, and every
+    `decoder_sparse_step`-th), 0 for a dense MLP."""
+    n = hf["num_hidden_layers"]
+    if not family(hf).endswith("_moe") or not num_experts(hf):
+        return [0] * n
+    step, dense = hf.get("decoder_sparse_step") or 1, set(hf.get("mlp_only_layers") or [])
+    return [int(i not in dense and (i + 1) % step == 0) for i in range(n)]
 
 
 def read_config(hf_dir: str) -> dict:
@@ -61,18 +87,19 @@ def _rope(hf: dict) -> Tuple[float, str | None, float]:
 
 def model_overrides(hf: dict) -> List[str]:
     """The run config's `model.*` for this Hugging Face config."""
-    heads = hf["num_attention_heads"]
+    kind, heads = family(hf), hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    if head_dim * heads != hf["hidden_size"]:
+    if kind in ("llama", "qwen2", "qwen2_moe") and head_dim * heads != hf["hidden_size"]:
         raise ConfigError(f"head_dim {head_dim} x {heads} heads != hidden_size "
-                          f"{hf['hidden_size']}: not supported")
+                          f"{hf['hidden_size']}: not supported for {kind}")
     if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias"):
         raise ConfigError("only SwiGLU MLPs without biases are supported")
-    qwen = ARCHITECTURES[hf["architectures"][0]] == "qwen2"
-    if qwen and hf.get("use_sliding_window"):
-        raise ConfigError("Qwen2 sliding-window attention is not supported")
-    if not qwen and hf.get("attention_bias"):
+    if kind != "llama" and hf.get("use_sliding_window"):
+        raise ConfigError(f"{kind} sliding-window attention is not supported")
+    if kind == "llama" and hf.get("attention_bias"):
         raise ConfigError("Llama attention biases are not supported")
+    bias = kind in ("qwen2", "qwen2_moe") or (kind.startswith("qwen3") and
+                                              bool(hf.get("attention_bias")))
     theta, scaling, factor = _rope(hf)
     over = [f"model.num_layers={hf['num_hidden_layers']}",
             f"model.hidden_size={hf['hidden_size']}",
@@ -81,8 +108,21 @@ def model_overrides(hf: dict) -> List[str]:
             f"model.ffn_hidden_size={hf['intermediate_size']}",
             f"model.tie_embeddings={bool(hf.get('tie_word_embeddings', False))}",
             f"model.rotary_base={theta}", f"model.norm_epsilon={hf['rms_norm_eps']}",
-            f"model.qkv_bias={qwen}", f"model.rope_scaling={scaling or 'null'}",
-            f"model.rope_scaling_factor={factor}"]
+            f"model.qkv_bias={bias}", f"model.rope_scaling={scaling or 'null'}",
+            f"model.rope_scaling_factor={factor}", f"model.qk_norm={kind.startswith('qwen3')}"]
+    if head_dim * heads != hf["hidden_size"]:
+        over.append(f"model.kv_channels={head_dim}")
+    if any(sparse_layers(hf)):
+        shared = (hf.get("shared_expert_intermediate_size") or 0) if kind == "qwen2_moe" else 0
+        pattern = ",".join(map(str, sparse_layers(hf)))
+        over += [f"model.moe.num_experts={num_experts(hf)}",
+                 f"model.moe.top_k={hf['num_experts_per_tok']}",
+                 f"model.moe.ffn_hidden_size={hf['moe_intermediate_size']}",
+                 f"model.moe.norm_topk_prob={bool(hf.get('norm_topk_prob', False))}",
+                 f"model.moe.shared_expert_size={shared}",
+                 f"model.moe.shared_expert_gate={bool(shared)}",
+                 f"model.moe.aux_loss_coeff={hf.get('router_aux_loss_coef', 1e-3)}",
+                 f"model.moe.pattern=[{pattern}]"]
     return over
 
 
@@ -122,13 +162,53 @@ class HFReader:
         return sorted(set(self.where.values()))
 
 
-def _layer_map(i: int) -> Dict[str, str]:
-    """megatron name -> Hugging Face name, for tensors that map as they are."""
+def _layer_map(i: int, hf: dict) -> Dict[str, str]:
+    """megatron name -> Hugging Face name, for the layer's tensors that map as they are."""
     m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-    return {m + "input_layernorm.weight": h + "input_layernorm.weight",
-            m + "self_attention.linear_proj.weight": h + "self_attn.o_proj.weight",
-            m + "pre_mlp_layernorm.weight": h + "post_attention_layernorm.weight",
-            m + "mlp.linear_fc2.weight": h + "mlp.down_proj.weight"}
+    names = {m + "input_layernorm.weight": h + "input_layernorm.weight",
+             m + "self_attention.linear_proj.weight": h + "self_attn.o_proj.weight",
+             m + "pre_mlp_layernorm.weight": h + "post_attention_layernorm.weight"}
+    if family(hf).startswith("qwen3"):
+        names[m + "self_attention.q_layernorm.weight"] = h + "self_attn.q_norm.weight"
+        names[m + "self_attention.k_layernorm.weight"] = h + "self_attn.k_norm.weight"
+    if not sparse_layers(hf)[i]:
+        names[m + "mlp.linear_fc2.weight"] = h + "mlp.down_proj.weight"
+        return names
+    names[m + "mlp.router.weight"] = h + "mlp.gate.weight"
+    if family(hf) == "qwen2_moe":
+        names[m + "mlp.shared_experts.linear_fc2.weight"] = h + "mlp.shared_expert.down_proj.weight"
+        names[m + "mlp.shared_experts.gate_weight"] = h + "mlp.shared_expert_gate.weight"
+    return names
+
+
+def _fc1(i: int, hf: dict) -> Dict[str, str]:
+    """megatron `linear_fc1` ([gate ; up]) -> the Hugging Face MLP prefix holding gate_proj
+    and up_proj: the dense MLP, or each expert and the shared expert (per-expert layout)."""
+    m, h = f"decoder.layers.{i}.mlp.", f"model.layers.{i}.mlp."
+    if not sparse_layers(hf)[i]:
+        return {m + "linear_fc1.weight": h}
+    out = {f"{m}experts.local_experts.{e}.linear_fc1.weight": f"{h}experts.{e}."
+           for e in range(num_experts(hf))}
+    if family(hf) == "qwen2_moe":
+        out[m + "shared_experts.linear_fc1.weight"] = h + "shared_expert."
+    return out
+
+
+def _read_experts(reader: "HFReader", i: int, hf: dict) -> Iterator[tuple]:
+    """(megatron name, tensor) of layer i's experts, from the per-expert or the fused layout."""
+    m, h = f"decoder.layers.{i}.mlp.experts.local_experts.", f"model.layers.{i}.mlp.experts."
+    if h + "gate_up_proj" in reader:
+        gate_up = reader.get(h + "gate_up_proj")  # [E, 2f, h]
+        for e in range(num_experts(hf)):
+            yield f"{m}{e}.linear_fc1.weight", gate_up[e]
+        down = reader.get(h + "down_proj")  # [E, h, f]
+        for e in range(num_experts(hf)):
+            yield f"{m}{e}.linear_fc2.weight", down[e]
+        return
+    for e in range(num_experts(hf)):
+        yield f"{m}{e}.linear_fc1.weight", torch.cat(
+            [reader.get(f"{h}{e}.gate_proj.weight"), reader.get(f"{h}{e}.up_proj.weight")], 0)
+        yield f"{m}{e}.linear_fc2.weight", reader.get(f"{h}{e}.down_proj.weight")
 
 
 def pack_qkv(q, k, v, groups: int) -> torch.Tensor:
@@ -169,7 +249,7 @@ def hf_to_megatron(reader: HFReader, hf: dict, vocab: int, padded: int,
     yield "embedding.word_embeddings.weight", _rows(reader.get("model.embed_tokens.weight"),
                                                     padded, vocab, mask_id)
     for i in range(layers):
-        for m, h in _layer_map(i).items():
+        for m, h in _layer_map(i, hf).items():
             yield m, reader.get(h)
         a = f"model.layers.{i}.self_attn."
         yield f"decoder.layers.{i}.self_attention.linear_qkv.weight", pack_qkv(
@@ -179,9 +259,12 @@ def hf_to_megatron(reader: HFReader, hf: dict, vocab: int, padded: int,
             yield f"decoder.layers.{i}.self_attention.linear_qkv.bias", pack_qkv(
                 reader.get(a + "q_proj.bias"), reader.get(a + "k_proj.bias"),
                 reader.get(a + "v_proj.bias"), groups)
-        p = f"model.layers.{i}.mlp."
-        yield f"decoder.layers.{i}.mlp.linear_fc1.weight", torch.cat(
-            [reader.get(p + "gate_proj.weight"), reader.get(p + "up_proj.weight")], 0)
+        if sparse_layers(hf)[i]:
+            yield from _read_experts(reader, i, hf)
+        for m, p in _fc1(i, hf).items():
+            if ".local_experts." not in m:  # the experts' came with their fc2 above
+                yield m, torch.cat([reader.get(p + "gate_proj.weight"),
+                                    reader.get(p + "up_proj.weight")], 0)
     yield "decoder.final_layernorm.weight", reader.get("model.norm.weight")
     if not hf.get("tie_word_embeddings", False):
         yield "output_layer.weight", _rows(reader.get("lm_head.weight"), padded, vocab, mask_id)
@@ -195,8 +278,17 @@ def megatron_to_hf(state: Dict[str, torch.Tensor], hf: dict) -> Iterator[tuple]:
     V = hf["vocab_size"]
     yield "model.embed_tokens.weight", state["embedding.word_embeddings.weight"][:V]
     for i in range(layers):
-        for m, h in _layer_map(i).items():
+        for m, h in _layer_map(i, hf).items():
             yield h, state[m]
+        for m, p in _fc1(i, hf).items():
+            gate, up = state[m].chunk(2, 0)
+            yield p + "gate_proj.weight", gate
+            yield p + "up_proj.weight", up
+        if sparse_layers(hf)[i]:
+            mlp = f"decoder.layers.{i}.mlp.experts.local_experts."
+            for e in range(num_experts(hf)):
+                yield f"model.layers.{i}.mlp.experts.{e}.down_proj.weight", \
+                    state[f"{mlp}{e}.linear_fc2.weight"]
         a, m = f"model.layers.{i}.self_attn.", f"decoder.layers.{i}."
         for suffix in ("weight", "bias"):
             key = f"{m}self_attention.linear_qkv.{suffix}"
@@ -205,9 +297,6 @@ def megatron_to_hf(state: Dict[str, torch.Tensor], hf: dict) -> Iterator[tuple]:
                 yield a + f"q_proj.{suffix}", q
                 yield a + f"k_proj.{suffix}", k
                 yield a + f"v_proj.{suffix}", v
-        gate, up = state[f"{m}mlp.linear_fc1.weight"].chunk(2, 0)
-        yield f"model.layers.{i}.mlp.gate_proj.weight", gate
-        yield f"model.layers.{i}.mlp.up_proj.weight", up
     yield "model.norm.weight", state["decoder.final_layernorm.weight"]
     if not hf.get("tie_word_embeddings", False):
         yield "lm_head.weight", state["output_layer.weight"][:V]

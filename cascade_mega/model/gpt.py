@@ -85,6 +85,8 @@ def transformer_config(cfg: CascadeConfig, dtype: torch.dtype) -> TransformerCon
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=m.qkv_bias,
+        qk_layernorm=m.qk_norm,
+        kv_channels=m.kv_channels,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.init_std,
@@ -128,8 +130,9 @@ def layer_spec(cfg: CascadeConfig, vp_stage=None):
     layers and (local spec) sequence-parallel-aware norms; with `model.moe`, megatron-core's
     `MoELayer` as the MLP of the layers the pattern names (`model/moe.py`)."""
     te = te_support.layers_used(cfg)
-    spec = copy.deepcopy(te_support.layer_spec() if te else
-                         get_gpt_layer_local_spec(normalization="RMSNorm"))
+    qk = cfg.model.qk_norm
+    spec = copy.deepcopy(te_support.layer_spec(qk_layernorm=qk) if te else
+                         get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk))
     spec.submodules.self_attention.submodules.core_attention = functools.partial(
         BlockDiffusionAttention, kernel=cfg.model.attention_kernel)
     spec.module = SeededTransformerLayer
@@ -138,6 +141,9 @@ def layer_spec(cfg: CascadeConfig, vp_stage=None):
     if not te:
         spec.submodules.input_layernorm = RMSNorm
         spec.submodules.pre_mlp_layernorm = RMSNorm
+        if qk:  # per head; megatron-core sums their gradients over the tensor-parallel ranks
+            attention = spec.submodules.self_attention.submodules
+            attention.q_layernorm = attention.k_layernorm = RMSNorm
     if not cfg.model.moe.enabled:
         if te:
             return spec

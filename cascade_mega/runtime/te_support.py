@@ -59,11 +59,11 @@ def use_for_auto() -> bool:
     return available()
 
 
-def layer_spec():
+def layer_spec(**kwargs):
     require("model.attention_backend=te")
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-    return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_with_transformer_engine_spec(**kwargs)
 
 
 def layers_used(cfg) -> bool:

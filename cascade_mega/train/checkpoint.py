@@ -242,7 +242,7 @@ def load(path: str, chunks, optimizer, scheduler):
 # the settings that shape the weights: a checkpoint saved under others does not load
 ARCHITECTURE = tuple(f"model.{k}" for k in (
     "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-    "qkv_bias", "tie_embeddings", "moe.num_experts", "moe.ffn_hidden_size",
+    "qkv_bias", "qk_norm", "kv_channels", "tie_embeddings", "moe.num_experts", "moe.ffn_hidden_size",
     "moe.shared_expert_size", "moe.shared_expert_gate", "moe.first_dense_layers", "moe.pattern"))
 
 
