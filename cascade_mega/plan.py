@@ -17,6 +17,9 @@ micro-batches in flight) and of the last stage (which holds the logits):
       attention      (S b h + 2 S b g d + S b h + S b h) e / t + 4 S b a / t  (q, k, v, output,
                      output-projection input, log-sum-exp) + RoPE tables 16 S d
       SwiGLU MLP     5 S b f e / t             (fc1 output (2f), silu, product)
+      query/key norm 2 S b (a + g) d e / t     (`model.qk_norm`: norm input, RoPE input)
+      MoE layer      the router's scores, the dispatched rows and the experts' SwiGLU
+                     (`moe_activation_bytes`), in place of the dense MLP
       context par.   + 2 L b g d e / t         (the gathered clean stream's K and V)
   times the layer-micro-batches in flight (1F1B: min(PP, micro-batches) on the first stage;
   interleaved: L (1 + (PP - 1) / (PP V)), Korthikanti et al. 2022), plus on the last stage the
@@ -74,6 +77,8 @@ class Plan:
     recompute: bool
     stages: list
     headroom_bytes: int = 0  # CUDA context and communication buffers, per GPU
+    expert: int = 1  # expert-parallel size
+    expert_parameters: int = 0  # of them, expert weights on one GPU of the first stage
 
     def peak(self) -> int:
         return max(s.total(self.recompute) for s in self.stages) + self.headroom_bytes
@@ -90,26 +95,50 @@ def model_dims(cfg: CascadeConfig, vocab: int) -> dict:
                 f=ffn_size(cfg), V=vocab_rows(cfg, vocab))
 
 
-def layer_parameters(cfg: CascadeConfig, vocab: int) -> int:
-    """Parameters of one transformer layer on one tensor-parallel rank."""
-    x, t = model_dims(cfg, vocab), cfg.parallel.tensor
-    qkv = (x["a"] + 2 * x["g"]) * x["d"]
-    return ((x["h"] + int(cfg.model.qkv_bias)) * qkv + x["a"] * x["d"] * x["h"] +
-            3 * x["f"] * x["h"]) // t + 2 * x["h"]
-
-
-def stage_parameters(cfg: CascadeConfig, vocab: int, first: bool, last: bool) -> int:
+def layer_parameters(cfg: CascadeConfig, vocab: int, experts: bool = False) -> tuple:
+    """(dense, expert) parameters of one transformer layer on one rank: attention, norms and a
+    dense MLP split by tensor parallel; an MoE layer's router (whole on every rank), shared
+    expert (split by tensor parallel) and its E / EP local experts (split by expert-TP)."""
     x, p = model_dims(cfg, vocab), cfg.parallel
-    n = cfg.model.num_layers // p.pipeline * layer_parameters(cfg, vocab)
+    t, h = p.tensor, x["h"]
+    qkv = (x["a"] + 2 * x["g"]) * x["d"]
+    dense = ((h + int(cfg.model.qkv_bias)) * qkv + x["a"] * x["d"] * h) // t + 2 * h + \
+        2 * x["d"] * int(cfg.model.qk_norm)
+    if not experts:
+        return dense + 3 * x["f"] * h // t, 0
+    moe = cfg.model.moe
+    f_e, etp = moe.ffn_hidden_size or x["f"], p.expert_tensor or t
+    dense += moe.num_experts * h + 3 * moe.shared_expert_size * h // t + \
+        h * int(moe.shared_expert_gate)
+    return dense, moe.num_experts // p.expert * 3 * f_e * h // etp
+
+
+def stage_layers(cfg: CascadeConfig, stage: int) -> list:
+    """The global layer indices pipeline stage `stage` holds (each virtual chunk's)."""
+    p, n = cfg.parallel, cfg.model.num_layers
+    chunks = p.virtual_pipeline or 1
+    per = n // (p.pipeline * chunks)
+    return [(v * p.pipeline + stage) * per + j for v in range(chunks) for j in range(per)]
+
+
+def stage_parameters(cfg: CascadeConfig, vocab: int, first: bool, last: bool) -> tuple:
+    """(dense, expert) parameters on one GPU of the first / last pipeline stage."""
+    x, p = model_dims(cfg, vocab), cfg.parallel
+    pattern = cfg.model.moe_pattern
+    dense = expert = 0
+    for i in stage_layers(cfg, 0 if first else p.pipeline - 1):
+        d, e = layer_parameters(cfg, vocab, bool(pattern[i]))
+        dense, expert = dense + d, expert + e
     table = x["V"] * x["h"] // p.tensor
     if first:
-        n += table
+        dense += table
     if last:  # final norm and output layer (a tied output layer is a copy on another stage)
-        n += x["h"] + (0 if cfg.model.tie_embeddings and first else table)
-    return n
+        dense += x["h"] + (0 if cfg.model.tie_embeddings and first else table)
+    return dense, expert
 
 
-def layer_activation_bytes(cfg: CascadeConfig, vocab: int, e: int) -> tuple[int, int]:
+def layer_activation_bytes(cfg: CascadeConfig, vocab: int, e: int,
+                           experts: bool = False) -> tuple[int, int]:
     """(saved bytes of one layer, one micro-batch; bytes kept under full recompute)."""
     from cascade_mega.diffusion.objective import sequence_rows
 
@@ -122,8 +151,42 @@ def layer_activation_bytes(cfg: CascadeConfig, vocab: int, e: int) -> tuple[int,
     attention = (3 * S * b * h + 2 * S * b * g * d) * e // t + 4 * S * b * a // t + 16 * S * d
     if p.context > 1:
         attention += 2 * cfg.data.seq_len * b * g * d * e // t
-    mlp = 5 * S * b * f * e // t
+    if cfg.model.qk_norm:  # each head's norm input and output (the RoPE input), and its rstd
+        attention += (2 * S * b * (a + g) * d * e + 4 * S * b * (a + g)) // t
+    mlp = moe_activation_bytes(cfg, S, b, x, e) if experts else 5 * S * b * f * e // t
     return norms + attention + mlp, S * b * h * e // sp
+
+
+def moe_activation_bytes(cfg: CascadeConfig, S: int, b: int, x: dict, e: int) -> int:
+    """An MoE layer's saved tensors, per micro-batch, for R = S b / sp routed rows on this rank
+    (balanced routing: each rank's experts receive k R rows, times expert-TP when they are
+    gathered over it): the router's fp32 logits, scores and top-k probabilities (3 x 4 R E), the
+    dispatched rows (k R ETP h e) and the experts' SwiGLU with the routing weight applied
+    before their second linear layer (6 k R f_e e, f_e split by ETP), and the shared expert's
+    MLP. Measured on the CPU within 0.2 R h e bytes per layer (tests/test_plan.py)."""
+    p, moe = cfg.parallel, cfg.model.moe
+    t, k, h = p.tensor, moe.top_k, x["h"]
+    etp = p.expert_tensor or t
+    R = S * b // (t if p.sequence_parallel else 1)
+    f_e = moe.ffn_hidden_size or x["f"]
+    routed = k * R * etp
+    shared = 5 * S * b * moe.shared_expert_size * e // t + 2 * S * b * e * int(
+        moe.shared_expert_gate)
+    return 12 * R * moe.num_experts + routed * h * e + 6 * routed * f_e * e // etp + shared
+
+
+def dispatch_bytes(cfg: CascadeConfig, vocab: int, e: int) -> int:
+    """The all-to-all buffers of the MoE layer running (sent and received rows, k R each, times
+    expert-TP for the gathered ones): transient, one layer at a time."""
+    from cascade_mega.diffusion.objective import sequence_rows
+
+    p, moe = cfg.parallel, cfg.model.moe
+    if not moe.enabled:
+        return 0
+    t = p.tensor
+    R = sequence_rows(cfg) // p.context * cfg.train.micro_batch_size // (
+        t if p.sequence_parallel else 1)
+    return 2 * moe.top_k * R * (p.expert_tensor or t) * model_dims(cfg, vocab)["h"] * e
 
 
 def head_activation_bytes(cfg: CascadeConfig, vocab: int, e: int) -> int:
@@ -140,15 +203,14 @@ def head_activation_bytes(cfg: CascadeConfig, vocab: int, e: int) -> int:
 
 def plan(cfg: CascadeConfig, gpus: int, vocab: int) -> Plan:
     validate(cfg, gpus)
-    if cfg.model.moe.enabled:  # an estimate without the experts would be silently wrong
-        raise ConfigError("cascade plan does not count mixture-of-experts layers "
-                          "('model.moe') yet: it would report the dense model's memory")
     p, t = cfg.parallel, cfg.train
     bf16 = t.precision != "fp32"  # "auto" is bf16 on the GPUs this plans for
     e = 2 if bf16 else 4
     dp = gpus // (p.tensor * p.pipeline * p.context)
+    expert_dp = gpus // ((p.expert_tensor or p.tensor) * p.expert * p.pipeline)
     micro = t.global_batch_size // (t.micro_batch_size * dp)
-    per_layer, kept = layer_activation_bytes(cfg, vocab, e)
+    layer_bytes = {on: layer_activation_bytes(cfg, vocab, e, bool(on))
+                   for on in set(cfg.model.moe_pattern)}
     layers = cfg.model.num_layers // p.pipeline
     if p.pipeline == 1:
         in_flight = layers
@@ -165,20 +227,30 @@ def plan(cfg: CascadeConfig, gpus: int, vocab: int) -> Plan:
     names = [("first", True, p.pipeline == 1)] + ([("last", False, True)] if p.pipeline > 1
                                                     else [])
     for name, first, last in names:
-        n = stage_parameters(cfg, vocab, first, last)
-        shard = dp * p.context if p.distributed_optimizer else 1
-        flight = in_flight if first else layers
-        extra = (head if last else 0) + (ids * min(p.pipeline, micro) if first else 0)
+        dense, expert = stage_parameters(cfg, vocab, first, last)
+        n = dense + expert
+        # the distributed optimizer shards dense state over DP x CP, expert state over expert-DP
+        shards = (dp * p.context, expert_dp) if p.distributed_optimizer else (1, 1)
+        held = [layer_bytes[cfg.model.moe_pattern[i]]
+                for i in stage_layers(cfg, 0 if first else p.pipeline - 1)]
+        saved, kept = sum(a for a, _ in held), sum(k for _, k in held)
+        largest = max(a for a, _ in held)
+        flight = (in_flight if first else layers) / layers  # micro-batches of every layer
+        extra = (head if last else 0) + (ids * min(p.pipeline, micro) if first else 0) + \
+            dispatch_bytes(cfg, vocab, e)
         stages.append(StagePlan(
             stage=name if p.pipeline > 1 else "only",
             parameters=n, parameter_bytes=n * e, gradient_bytes=n * 4,
-            optimizer_bytes=n * (8 + (4 if bf16 else 0)) // shard,
-            activation_bytes=flight * per_layer + extra,
-            activation_bytes_recompute=flight * kept + per_layer + extra))
-    groups = sum(size > 1 for size in (p.tensor, p.pipeline, p.context, dp))
+            optimizer_bytes=sum(c * (8 + (4 if bf16 else 0)) // s
+                                for c, s in zip((dense, expert), shards)),
+            activation_bytes=int(flight * saved) + extra,
+            activation_bytes_recompute=int(flight * kept) + largest + extra))
+    groups = sum(size > 1 for size in (p.tensor, p.pipeline, p.context, dp, p.expert))
     return Plan(gpus=gpus, tensor=p.tensor, pipeline=p.pipeline, context=p.context, data=dp,
                 precision="bf16" if bf16 else "fp32", recompute=cfg.model.recompute == "full",
-                stages=stages, headroom_bytes=CONTEXT_BYTES + groups * NCCL_BYTES_PER_GROUP)
+                stages=stages, headroom_bytes=CONTEXT_BYTES + groups * NCCL_BYTES_PER_GROUP,
+                expert=p.expert, expert_parameters=sum(
+                    stage_parameters(cfg, vocab, True, p.pipeline == 1)[1:]))
 
 
 def _changes(cfg: CascadeConfig):
@@ -218,11 +290,14 @@ def _gib(n: int) -> str:
 
 
 def render(pl: Plan) -> str:
-    lines = [f"layout: TP={pl.tensor} PP={pl.pipeline} CP={pl.context} DP={pl.data} on "
-             f"{pl.gpus} GPUs, {pl.precision}"]
+    experts = f" EP={pl.expert}" if pl.expert > 1 or pl.expert_parameters else ""
+    lines = [f"layout: TP={pl.tensor} PP={pl.pipeline} CP={pl.context} DP={pl.data}{experts} "
+             f"on {pl.gpus} GPUs, {pl.precision}"]
     for s in pl.stages:
         lines += [f"per GPU of the {s.stage} stage:" if s.stage != "only" else "per GPU:",
                   f"  parameters      {s.parameters / 1e9:8.3f} B  {_gib(s.parameter_bytes)}",
+                  *([f"    of which experts {pl.expert_parameters / 1e9:8.3f} B"]
+                    if pl.expert_parameters and s is pl.stages[0] else []),
                   f"  gradients                   {_gib(s.gradient_bytes)}",
                   f"  optimizer state             {_gib(s.optimizer_bytes)}",
                   f"  activations                 {_gib(s.activation_bytes)}  (no recompute)",

@@ -67,9 +67,13 @@ def test_train_writes_run_directory_and_its_mlflow_store_opens_in_the_ui(tmp_pat
 
 
 def test_bench_train_json(tmp_path):
-    proc = run("bench", "train", *TINY, "--steps", "2", "--json")
+    """On an MoE model: both objectives through the same 4 experts (top 2)."""
+    proc = run("bench", "train", *TINY, "model.moe.num_experts=4", "model.moe.ffn_hidden_size=64",
+               "--steps", "2", "--json")
     assert proc.returncode == 0, proc.stderr
+    assert "experts=4 top_k=2" in proc.stdout
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["experts"] == 4 and result["top_k"] == 2
     # Times are for the benchmark to report, not for a test to judge; memory is deterministic.
     assert result["time_ratio"] > 0 and result["bd_step_s"] > 0 and result["ar_step_s"] > 0
     assert result["memory_ratio"] > 1.0  # the 2L layout holds more activations than L

@@ -207,9 +207,20 @@ SMOLLM2_135M = {"architectures": ["LlamaForCausalLM"], "hidden_size": 576,
                 "tie_word_embeddings": True, "vocab_size": 49152, "hidden_act": "silu"}
 
 
+QWEN3_30B_A3B = {"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 2048,
+                 "intermediate_size": 6144, "num_hidden_layers": 48, "num_attention_heads": 32,
+                 "num_key_value_heads": 4, "head_dim": 128, "rope_theta": 1000000.0,
+                 "rms_norm_eps": 1e-06, "tie_word_embeddings": False, "vocab_size": 151936,
+                 "hidden_act": "silu", "max_position_embeddings": 40960, "num_experts": 128,
+                 "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": True,
+                 "decoder_sparse_step": 1, "mlp_only_layers": [], "router_aux_loss_coef": 0.001,
+                 "attention_bias": False, "use_sliding_window": False}
+
+
 @pytest.mark.parametrize("recipe, hf, gpus, tokens", [
     ("qwen2.5_7b_h100.yaml", QWEN25_7B, 64, 151665),
-    ("smollm2_135m_cpu.yaml", SMOLLM2_135M, 1, 49152)])
+    ("smollm2_135m_cpu.yaml", SMOLLM2_135M, 1, 49152),
+    ("qwen3_30b_a3b_h100.yaml", QWEN3_30B_A3B, 64, 151669)])
 def test_recipes_describe_the_converted_models(recipe, hf, gpus, tokens):
     """Each recipe's model section is what `cascade convert hf-to-mcore` makes of the model's
     Hugging Face config (and its tokenizer's `tokens` + [MASK], in the converter's rows), and
@@ -230,7 +241,8 @@ def test_recipes_describe_the_converted_models(recipe, hf, gpus, tokens):
         got.pop("rope_scaling_factor"), want.pop("rope_scaling_factor")
     assert got == want
     d = cfg.diffusion
-    assert d.shifted_prediction and cfg.train.init_from and d.objective == "block_diffusion"
+    assert cfg.train.init_from and d.objective == "block_diffusion"
+    assert d.shifted_prediction == (recipe != "qwen3_30b_a3b_h100.yaml")  # SDAR: no shift
     assert cfg.model.vocab_size == padded_rows(max(tokens + 1, hf["vocab_size"]), hf, 1)
 
 

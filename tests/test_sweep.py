@@ -196,3 +196,22 @@ def test_gpu_sweep_files_report_their_device_hours():
                        "--dry-run")
         assert proc.returncode == 0, proc.stderr
         assert "device-hours at 989 TFLOP/s x MFU 0.4 (h100)" in proc.stdout.splitlines()[-1]
+
+
+def test_an_expert_axis_expands_into_moe_runs_counted_by_their_active_parameters(tmp_path):
+    """`experts` / `top_k` axes: the dense point (0 experts) and each MoE point are runs of
+    their own, labelled apart for the fit; an MoE run's N counts the dense weights and top-k / E
+    of the experts', its compute the active experts (`bench/flops.py`)."""
+    from cascade_mega.plan import layer_parameters
+    from cascade_mega.sweep.spec import expand, load_sweep
+
+    path = sweep_file(tmp_path, "  - size: [[2, 64]]\n    tokens: [384]\n    block_size: [4]\n"
+                      "    experts: [0, 4]\n    top_k: [2, 3]\n")
+    runs = {r.name: r for r in expand(load_sweep(path))}
+    assert set(runs) == {"bd4_n2x64_d384", "bd4_e4k2_n2x64_d384", "bd4_e4k3_n2x64_d384"}
+    dense, moe = runs["bd4_n2x64_d384"], runs["bd4_e4k2_n2x64_d384"]
+    assert moe.cfg.model.moe.num_experts == 4 and moe.cfg.model.moe.top_k == 2
+    assert moe.label == "bd4_e4k2" and dense.cfg.model.moe.num_experts is None
+    d, e = layer_parameters(moe.cfg, 100, True)
+    assert moe.params == 2 * (d + e // 2)  # two layers: dense weights, half of the 4 experts
+    assert runs["bd4_e4k3_n2x64_d384"].flops > moe.flops > 0

@@ -1,4 +1,5 @@
-"""`cascade bench train`: block-diffusion vs AR training step, same model and L, one process.
+"""`cascade bench train`: block-diffusion vs AR training step, same model and L, one process
+(an MoE config, e.g. configs/recipes/moe_tiny_cpu.yaml: both through the same experts).
 
 Both trainers are built side by side; timed steps alternate between them (so machine noise hits
 both alike) and the median is reported. Peak memory is what one step allocates (activations,
@@ -98,9 +99,12 @@ def run(args) -> dict:
         "bd_peak_mb": memory["block_diffusion"] / 2**20, "ar_peak_mb": memory["ar"] / 2**20,
         "time_ratio": med["block_diffusion"] / med["ar"],
         "memory_ratio": memory["block_diffusion"] / memory["ar"],
+        "experts": bd_cfg.model.moe.num_experts or 0,
+        "top_k": bd_cfg.model.moe.top_k if bd_cfg.model.moe.enabled else 0,
     }
+    moe = f" experts={result['experts']} top_k={result['top_k']}" if result["experts"] else ""
     print(f"bench train  L={L} B={B} layers={result['layers']} hidden={result['hidden']} "
-          f"batch={result['batch']}")
+          f"batch={result['batch']}{moe}")
     vocab = trainers["ar"].tokenizer.vocab_size
     peak = flops.peak_flops()
     for name, cfg in (("bd", bd_cfg), ("ar", ar_cfg)):

@@ -121,8 +121,9 @@ def model_overrides(hf: dict) -> List[str]:
                  f"model.moe.norm_topk_prob={bool(hf.get('norm_topk_prob', False))}",
                  f"model.moe.shared_expert_size={shared}",
                  f"model.moe.shared_expert_gate={bool(shared)}",
-                 f"model.moe.aux_loss_coeff={hf.get('router_aux_loss_coef', 1e-3)}",
-                 f"model.moe.pattern=[{pattern}]"]
+                 f"model.moe.aux_loss_coeff={hf.get('router_aux_loss_coef', 1e-3)}"]
+        if not all(sparse_layers(hf)):  # some layers keep a dense MLP
+            over.append(f"model.moe.pattern=[{pattern}]")
     return over
 
 

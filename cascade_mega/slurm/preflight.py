@@ -42,9 +42,11 @@ def checkpoint_bytes(cfg, vocab: int, on_gpu: bool) -> int:
     two fp32 moments: 14 bytes a parameter in bf16, 12 in fp32."""
     from cascade_mega.plan import stage_parameters
 
-    p = cfg.parallel.pipeline
-    params = cfg.parallel.tensor * sum(stage_parameters(cfg, vocab, i == 0, i == p - 1)
-                                       for i in range(p))
+    par = cfg.parallel
+    params = 0
+    for i in range(par.pipeline):  # a stage's dense weights over TP, its experts' over ETP x EP
+        dense, experts = stage_parameters(cfg, vocab, i == 0, i == par.pipeline - 1)
+        params += par.tensor * dense + (par.expert_tensor or par.tensor) * par.expert * experts
     fp32 = cfg.train.precision == "fp32" or (cfg.train.precision == "auto" and not on_gpu)
     return params * (12 if fp32 else 14)
 

@@ -32,16 +32,18 @@ def _g(x) -> str:
 
 
 def block_groups(results: List[dict]) -> Dict[tuple, List[dict]]:
-    """(depth, width, tokens) -> its runs, when swept at more than one block size."""
+    """(depth, width, tokens, lr, experts, top-k) -> its runs, when swept at more than one
+    block size."""
     groups = defaultdict(list)
     for r in results:
-        groups[(r["depth"], r["width"], r["tokens"], r["lr"])].append(r)
+        groups[(r["depth"], r["width"], r["tokens"], r["lr"], r.get("experts", 0),
+                r.get("top_k", 0))].append(r)
     return {k: sorted(v, key=_block) for k, v in groups.items()
             if len({r["label"] for r in v}) > 1}
 
 
 def _block(r) -> int:
-    return 1 if r["label"] == "ar" else r["block_size"]
+    return 1 if r["label"].split("_")[0] == "ar" else r["block_size"]
 
 
 def write(folder: str, results: List[dict], failures: List[dict], laws: Dict[str, object],

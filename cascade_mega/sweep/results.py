@@ -79,7 +79,8 @@ def collect(sweep: Sweep, runs: List[Run]) -> Tuple[List[dict], List[dict]]:
             results.append({"run": run.name, "label": run.label, "params": run.params,
                             "tokens": run.tokens, "flops": run.flops, "loss": loss,
                             "block_size": run.point["block_size"], **{
-                                k: run.point[k] for k in ("depth", "width", "lr")}})
+                                k: run.point[k] for k in ("depth", "width", "lr", "experts",
+                                                          "top_k")}})
         else:
             failures.append({"run": run.name, "label": run.label, "reason": _why(run, status)})
     return results, failures

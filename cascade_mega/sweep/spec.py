@@ -12,10 +12,14 @@
         objective: [ar, block_diffusion]
         block_size: [4, L]          # L: full-sequence diffusion (MDLM); 1 is AR
         lr: [1.0e-3]
+        experts: [8, 16]            # optional: model.moe.num_experts (0: dense) ...
+        top_k: [2]                  # ... and model.moe.top_k
 
 A run's objective label is `ar` (the AR objective, or B = 1), `bd<B>` or `mdlm` (B = L); the fit
-is per label. Parameters N count the non-embedding weights (Kaplan et al.: at small scale the
-embedding table would dominate the count without adding compute per token); compute C is
+is per label (an MoE point's label names its experts and top-k: `bd4_e8k2`). Parameters N
+count the non-embedding weights (Kaplan et al.: at small scale the embedding table would
+dominate the count without adding compute per token), of an MoE model the active ones (the
+dense weights and top-k / E of the experts'); compute C is
 `bench/flops.py`'s honest count of a training step (the [x_t ; x_0] rows of block diffusion cost
 their 2L rows) times the steps.
 """
@@ -31,7 +35,8 @@ from omegaconf import OmegaConf
 
 from cascade_mega.config import CascadeConfig, ConfigError, load_config
 
-AXES = ("size", "depth", "width", "tokens", "objective", "block_size", "lr")
+AXES = ("size", "depth", "width", "tokens", "objective", "block_size", "lr", "experts",
+        "top_k")
 KEYS = ("name", "base", "root", "overrides", "head_dim", "cluster", "nodes", "time",
         "experiment", "tracking_uri", "array_parallel", "warmup_fraction", "grids")
 
@@ -158,11 +163,22 @@ def _resolve(sweep: Sweep, point: dict, base: CascadeConfig) -> tuple:
             f"checkpoint.interval={min(base.checkpoint.interval, steps)}"]
     if objective == "block_diffusion":
         over.append(f"diffusion.block_size={block}")
+    experts = point.get("experts", base.model.moe.num_experts or 0)
+    top_k = point.get("top_k", base.model.moe.top_k)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+               for v in (experts, top_k)):
+        raise ConfigError(f"{where}: experts {experts!r} / top_k {top_k!r} are not integers")
+    if experts:
+        over += [f"model.moe.num_experts={experts}", f"model.moe.top_k={top_k}"]
+        label += f"_e{experts}k{top_k}"
+    elif "experts" in point:
+        over.append("model.moe.num_experts=null")
     name = f"{label}_n{depth}x{width}_d{_fmt(steps * gbs * L)}"
     if any("lr" in g for g in sweep.grids):
         name += f"_lr{lr:g}"
     canon = {"depth": depth, "width": width, "tokens": steps * gbs * L, "objective": objective,
-             "block_size": None if objective == "ar" else block, "lr": lr}
+             "block_size": None if objective == "ar" else block, "lr": lr,
+             "experts": experts, "top_k": top_k if experts else 0}
     return label, name, over, canon
 
 
@@ -196,8 +212,12 @@ def expand(sweep: Sweep, overrides: Optional[List[str]] = None,
                 cfg = load_config(sweep.base, run_over, world_size=world_size)
             except ConfigError as err:
                 raise ConfigError(f"{sweep.path}: run {name}: {err}") from None
-            one_rank = replace(cfg, parallel=replace(cfg.parallel, tensor=1))
-            n = cfg.model.num_layers * layer_parameters(one_rank, vocab)
+            one_rank = replace(cfg, parallel=replace(cfg.parallel, tensor=1, expert=1,
+                                                     expert_tensor=None))
+            moe = cfg.model.moe
+            active = moe.top_k / moe.num_experts if moe.enabled else 0.0
+            n = sum(d + round(e * active) for d, e in (
+                layer_parameters(one_rank, vocab, bool(on)) for on in cfg.model.moe_pattern))
             d = cfg.train.steps * cfg.train.global_batch_size * cfg.data.seq_len
             runs.append(Run(name, label, canon, run_over, cfg, n, d,
                             step_flops(cfg, vocab) * cfg.train.steps))
