@@ -83,7 +83,8 @@ def test_expert_parallel_matches_one_process_and_resumes_at_ep1(tmp_path):
       distributed optimizer over the dense and the expert parameters; it stops after step 2 and
       its checkpoint resumes at EP = 1 on one process (the distributed optimizer's Adam state
       resharded);
-    - EP = 2 x TP = 2 (sequence parallel; the experts carved out of the tensor ranks) x PP = 2."""
+    - EP = 2 x TP = 2 (sequence parallel; the experts carved out of the tensor ranks) x PP = 2.
+    (EP = 2 x CP = 2 matched too, run by hand: README.)"""
     single = _run(tmp_path, "single")
     assert {"moe/aux_loss", "moe/z_loss", "moe/load_max", "expert_load/5"} <= set(single[1])
     distopt = "parallel.distributed_optimizer=true"

@@ -42,24 +42,25 @@ def _assert_same(a, b):
             assert abs(ra["grad_norm"] - rb["grad_norm"]) < 1e-5, (ra, rb)
 
 
-def test_data_parallel_matches_single_process(tmp_path, single):
+def test_data_parallel_matches_single_process(tmp_path):
+    single = _run(tmp_path, "single")
     # the distributed optimizer shards Adam state across the two ranks, and checkpoints it; the
     # gradient reduce (in buckets of 20k elements: several per backward) and the parameter
     # all-gather overlap with compute, as on a GPU
-    _assert_same(single, _run(tmp_path, "dp2_distopt", "--nproc-per-node", "2", *LAYOUT_ARGS,
+    _assert_same(single, _run(tmp_path, "dp2_distopt", "--nproc-per-node", "2",
                               "parallel.distributed_optimizer=true",
                               "parallel.overlap_grad_reduce=true",
                               "parallel.overlap_param_gather=true", "parallel.bucket_size=20000"))
     assert (tmp_path / "dp2_distopt" / "checkpoints" / "latest").exists()
     # plain DDP at DP = 2 without overlap stops after step 2 and resumes on one process: the
     # same losses
-    first = _run(tmp_path, "dp_change", "--nproc-per-node", "2", *LAYOUT_ARGS,
-                 "train.exit_interval=2", "parallel.overlap_grad_reduce=false")
+    first = _run(tmp_path, "dp_change", "--nproc-per-node", "2", "train.exit_interval=2",
+                 "parallel.overlap_grad_reduce=false")
     assert [r["step"] for r in first if r["split"] == "train"] == [1, 2]
     _assert_same([r for r in single if r["step"] <= 2], first)
-    resumed = _run(tmp_path, "dp_change", *LAYOUT_ARGS)
+    resumed = _run(tmp_path, "dp_change")
     after = [r for r in resumed if r["step"] > 2]
-    assert [r["step"] for r in after if r["split"] == "train"] == [3]
+    assert [r["step"] for r in after if r["split"] == "train"] == [3, 4]
     _assert_same([r for r in single if r["step"] > 2], after)
 
 

@@ -99,31 +99,36 @@ class CascadeRouter(TopKRouter):
     def attach_and_log_load_balancing_loss(self, activation, aux_loss_coeff, aux_loss,
                                            aux_loss_name, reduce_group, needs_dp_avg=True,
                                            valid_token_count=None):
-        scale = current_routing()[0]
+        """megatron-core's attachment of a balancing loss to the router's output, its factor
+        times the loss tokens per routed row; kept here, not in megatron-core's metrics tracker
+        (a process-wide table sized by the first model it sees)."""
         if self._counting():
             with torch.no_grad():
                 self.tally[2] += aux_loss.detach().double() / aux_loss_coeff
                 self.tally[3] += 1
-        if scale is not None:
-            rows = activation.shape[0] if valid_token_count is None else valid_token_count
-            valid_token_count = rows * scale
-        return super().attach_and_log_load_balancing_loss(
-            activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group, needs_dp_avg,
-            valid_token_count)
+        return MoEAuxLossAutoScaler.apply(activation, aux_loss * self._factor(
+            activation.shape[0] if valid_token_count is None else valid_token_count))
+
+    def _factor(self, rows):
+        """megatron-core's per-token-loss factor (routed rows x the tensor x context group, see
+        its `attach_and_log_load_balancing_loss`) times the micro-batch's loss tokens per routed
+        row (1 outside a routing context)."""
+        if not self.calculate_per_token_loss:
+            return 1.0
+        scale = current_routing()[0]
+        return rows * self.tp_cp_group.size() * (1.0 if scale is None else scale)
 
     def apply_z_loss(self, logits, padding_mask=None):
         coeff = self.config.moe_z_loss_coeff
-        scale = current_routing()[0]
-        if coeff is None or scale is None or padding_mask is not None or \
+        if coeff is None or padding_mask is not None or \
                 not (self.training and torch.is_grad_enabled()):
-            return super().apply_z_loss(logits, padding_mask)
+            return super().apply_z_loss(logits, padding_mask)  # megatron-core's: nothing to add
         group = self.tp_cp_group.size()
-        z = z_loss_func(logits, coeff / group)
+        z = z_loss_func(logits, coeff / group)  # averaged over the group, as megatron-core does
         if self._counting():
             with torch.no_grad():
                 self.tally[4] += z.detach().double() * group / coeff * logits.shape[0]
-        # megatron-core's factor (rows x group, see its apply_z_loss) times loss tokens per row
-        return MoEAuxLossAutoScaler.apply(logits, z * logits.shape[0] * group * scale)
+        return MoEAuxLossAutoScaler.apply(logits, z * self._factor(logits.shape[0]))
 
 
 def mlp_spec(cfg, te: bool):

@@ -84,9 +84,9 @@ def write(folder: str, results: List[dict], failures: List[dict], laws: Dict[str
         lines += ["", "## Block size (same model, same tokens)", "",
                   "| depth x width | tokens | B | objective | NELBO | ppl bound |",
                   "|---|---|---|---|---|---|"]
-        for (depth, width, tokens, _), rows in groups.items():
+        for (depth, width, tokens, *_), rows in groups.items():
             for r in rows:
-                B = "L" if r["label"] == "mdlm" else _block(r)
+                B = "L" if r["label"].split("_")[0] == "mdlm" else _block(r)
                 lines.append(f"| {depth} x {width} | {_g(float(tokens))} | {B} | {r['label']} "
                              f"| {r['loss']:.4f} | {math.exp(r['loss']):.2f} |")
     lines += ["", "## Runs", "", "| run | objective | N | D | FLOPs | NELBO | ppl bound |",
@@ -155,10 +155,11 @@ def _plots(folder: str, results: List[dict], laws: Dict[str, object], seq_len: i
     groups = block_groups(results)
     if groups:
         fig, ax = plt.subplots(figsize=(5, 3.6))
-        for (depth, width, tokens, lr), rows in groups.items():
+        for (depth, width, tokens, lr, experts, top_k), rows in groups.items():
             xs = [_block(r) for r in rows]
+            moe = f", {experts} experts top {top_k}" if experts else ""
             ax.plot(xs, [math.exp(r["loss"]) for r in rows], "o-",
-                    label=f"{depth}x{width}, {tokens:.2g} tokens")
+                    label=f"{depth}x{width}{moe}, {tokens:.2g} tokens")
         ax.set_xscale("log", base=2)
         ax.set_xlabel(f"block size B (1 = AR, {seq_len} = L: full diffusion)")
         ax.set_ylabel("validation perplexity bound")
