@@ -100,8 +100,7 @@ def test_expert_parallel_matches_one_process_and_resumes_at_ep1(tmp_path):
                               "parallel.pipeline=2"))
     # an MoE checkpoint as the start of a dense run: refused, naming the key, before building
     dense = [a for a in ARGS if not a.startswith("model.moe.")]
-    proc = cascade(*dense, f"run_dir={tmp_path}/dense", f"train.init_from={tmp_path}/single",
-                   process=True)
+    proc = cascade(*dense, f"run_dir={tmp_path}/dense", f"train.init_from={tmp_path}/single")
     assert proc.returncode == 2
     assert "'model.moe.num_experts' = 6 there, null here" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
