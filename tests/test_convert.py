@@ -160,10 +160,10 @@ def test_logits_equal_at_tensor_parallel(converted, tmp_path):
     _logits_at(converted, tmp_path, tensor_size(converted[0]), 1)
 
 
-@pytest.mark.parametrize("converted", ["llama", "qwen2"], indirect=True)
+@pytest.mark.parametrize("converted", ["qwen2"], indirect=True)
 def test_logits_equal_at_pipeline_parallel(converted, tmp_path):
-    """The same at PP = 2: untied (Llama) and tied (Qwen2) embeddings, whose output layer on the
-    last stage is a copy of the first stage's table."""
+    """The same at PP = 2 with tied embeddings (Qwen2), whose output layer on the last stage is
+    a copy of the first stage's table (untied ones at PP: the training layouts' tests)."""
     _logits_at(converted, tmp_path, 1, 2)
 
 
