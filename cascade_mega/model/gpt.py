@@ -368,6 +368,7 @@ def parameter_counts(chunks) -> tuple[int, int]:
     ps = parallel_state
     ranks = {False: ps.get_tensor_model_parallel_rank(),
              True: ps.get_expert_tensor_parallel_rank()}
+    # added up on the host on purpose (numel is host data), moved to the device once below
     counts = torch.zeros(2, 2, dtype=torch.float64)  # [dense, expert] x [total, body]
     for chunk in chunks:
         for name, p in chunk.named_parameters():

@@ -195,6 +195,8 @@ def _prepare_torch_adam(optimizer) -> None:
         for group in inner.param_groups:
             for p in group["params"]:
                 if not inner.state[p]:
+                    # the step on the host on purpose: torch's (non-capturable) Adam keeps it
+                    # there; the moments take the parameter's device
                     inner.state[p] = {"step": torch.zeros((), dtype=torch.float32),
                                       "exp_avg": torch.zeros_like(p),
                                       "exp_avg_sq": torch.zeros_like(p)}
