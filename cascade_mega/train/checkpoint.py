@@ -82,29 +82,18 @@ def sharded_state(chunks, optimizer, scheduler, step: int, consumed: int, is_loa
 
 
 def start_writer() -> None:
-    """megatron's checkpoint writer reports through a queue served by a helper process it starts
-    once and keeps. A scheduler's SIGTERM (preemption) or USR1 reaches every process of the job,
-    and would kill that helper just when the checkpoint matters most. So the trainer starts it at
-    set-up, deaf to both (the trainer handles them, `signals.py`): the signals stay blocked while
-    it is spawned (the child inherits the mask, so no signal lands before it ignores them)."""
-    import signal
+    """megatron's checkpoint writer hands its results back through a queue that by default is a
+    `multiprocessing.Manager` queue, served by a helper process it spawns at the first save: one
+    more Python process per rank (~330 MB, seconds of CPU at start-up), which a scheduler's
+    SIGTERM would kill mid-save and a kill -9 of the rank leaves behind. Saves here are
+    synchronous (the writer runs in the rank's own process, `AsyncRequest.execute_sync`), so an
+    in-process queue carries the same results, and no helper exists to lose or to leak."""
+    import queue
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    from cascade_mega.runtime import stop_signals
-
-    if getattr(filesystem_async, "_results_queue", None) is not None:
-        return
-    import multiprocessing as mp
-    from multiprocessing.managers import SyncManager
-
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, set(stop_signals.STOP))
-    try:
-        manager = SyncManager(ctx=mp.get_context("spawn"))
-        manager.start(initializer=stop_signals.ignore)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-    filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def save(ckpt_root: str, chunks, optimizer, scheduler, step: int, consumed: int,

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from cascade_mega.runtime.stop_signals import STOP as SIGNALS
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopSignals:

@@ -103,7 +103,7 @@ class Trainer:
         if cfg.parallel.tp_comm_overlap:  # TE's userbuffers, before the first forward uses them
             te_support.init_userbuffers(cfg, self.objective.rows(cfg, True))
         self.optimizer, self.scheduler = build_optimizer(self.chunks, cfg, self.dtype)
-        checkpoint.start_writer()  # before any scheduler signal can arrive
+        checkpoint.start_writer()
         self.peak_flops = flops.peak_flops()
         self.teacher_cfg = teacher[0] if teacher else None
         self._resume()
