@@ -107,22 +107,34 @@ def test_bench_generate_json(tmp_path):
     prompts.write_text("ROMEO:\nJULIET:\n")
     proc = run("bench", "generate", "--bd", str(runs["bd"]), "--ar", str(runs["ar"]),
                "--prompts-file", str(prompts), "--max-new-tokens", "12", "--samples", "2",
-               "--judge", str(runs["ar"]), "--json")
+               "--judge", str(runs["ar"]), "--policies", "fixed,fixed:random,adaptive+remask",
+               "--repeats", "1", "--batch", "1,3", "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["samples"] == 4 and report["dtype"] == "float32"  # 2 prompts x 2 seeds
-    assert [r["policy"] for r in report["rows"]] == ["ar", "fixed", "threshold", "adaptive"]
+    names = ["ar", "fixed", "fixed:random", "adaptive+remask"]
+    assert [r["policy"] for r in report["rows"]] == names
+    quality = {"gen_ppl", "entropy", "sample_entropy", "rep_2", "rep_3", "rep_4", "repetition",
+               "gen_ppl_vs_ar", "entropy_vs_ar", "repetition_vs_ar"}
     for row in report["rows"]:
-        assert set(row) == {"policy", "tokens_per_s", "forwards_per_token", "gen_ppl", "entropy",
-                            "speedup_vs_ar"}
+        assert set(row) == quality | {"policy", "tokens_per_s", "forwards_per_token",
+                                      "speedup_vs_ar"}
         assert row["tokens_per_s"] > 0 and row["gen_ppl"] > 1 and 0 <= row["entropy"] <= 14
+        assert 0 <= row["repetition"] < 1 and row["sample_entropy"] <= row["entropy"] + 1e-9
+    assert set(report["data"]) == quality | {"policy"} and report["data"]["gen_ppl"] > 1
     ar_row = report["rows"][0]
     assert ar_row["speedup_vs_ar"] == 1.0 and ar_row["forwards_per_token"] >= 1.0
-    # fixed: 4 forwards per block of 8 (the first block holds the prompt's tail too)
+    assert ar_row["entropy_vs_ar"] == 1.0
+    # fixed: 3 forwards per block of 8 (the first block holds the prompt's tail too)
     assert report["rows"][1]["forwards_per_token"] < 0.85 < ar_row["forwards_per_token"]
+    assert [(r["policy"], r["batch"]) for r in report["batched"]] == \
+        [(n, b) for b in (1, 3) for n in names]
+    assert all(r["tokens_per_s"] > 0 for r in report["batched"])
+    wrong = run("bench", "generate", "--bd", str(runs["bd"]), "--policies", "threshold:random")
+    assert wrong.returncode != 0 and "'threshold:random'" in wrong.stderr
     half = run("bench", "generate", "--bd", str(runs["bd"]), "--ar", str(runs["ar"]),
                "--prompts-file", str(prompts), "--max-new-tokens", "12", "--samples", "1",
-               "--precision", "bf16", "--json")
+               "--policies", "adaptive", "--repeats", "1", "--precision", "bf16", "--json")
     assert half.returncode == 0, half.stderr
     report = json.loads(half.stdout.strip().splitlines()[-1])
     assert report["dtype"] == "bfloat16" and all(1 < r["gen_ppl"] < 1e6 for r in report["rows"])

@@ -139,9 +139,9 @@ def test_decoders_on_the_device(megatron, tmp_path, name, extra):
         model = _decoder_model(cfg)
         if name == "full":
             return [FullDiffusionDecoder(model, cfg, tok, **options).generate(
-                prompts, 12, Policy("threshold"), sampling)]
-        return [Decoder(model, cfg, tok).generate(prompts, 12, Policy("adaptive", steps=2),
-                                                  sampling)]
+                prompts, 12, Policy("entropy", 3, order="entropy", remask=0.3), sampling)]
+        return [Decoder(model, cfg, tok).generate(
+            prompts, 12, Policy("adaptive", steps=2, order="margin", remask=0.5), sampling)]
 
     options = [{"cache": "dual", "guidance": 0.5}, {"cache": "prefix"}] if name == "full" \
         else [{}]

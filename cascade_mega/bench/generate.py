@@ -5,11 +5,18 @@ and `runs/ar_quickstart` by default, trained first when they have no checkpoint)
 share their first 250 steps (the quickstart's B = 1 phase is AR training), then one converts to
 B = 16 and the other goes on as AR. The judge of generative perplexity is the AR baseline unless
 `--judge` names another AR run; judging its own samples favours the baseline. For each prompt every
-row generates in turn (so machine noise hits all rows alike), at batch 1 with the same sampling.
-Per row: tokens/s, forwards per generated token, the generative perplexity (the AR model's
-perplexity of the generated tokens given their prompt) and the unigram entropy of the samples in
-bits (low entropy = repetition, which also lowers perplexity). Both decoders run at `--precision`
-(default: their runs' training precision, fp32 on CPU); the judge always scores in fp32.
+row generates in turn (so machine noise hits all rows alike), at batch 1 with the same sampling;
+tokens/s is the median of `--repeats` passes.
+
+Speed alone is easy to buy with degenerate text, and generative perplexity rewards it (repeated
+tokens are cheap to predict), so each row reports its diversity beside it: the unigram entropy of
+all samples pooled (bits), the mean entropy per sample, and the share of repeated n-grams within
+a sample (n = 2, 3, 4 and their mean, `repetition`), each also as a ratio to AR's. The `data`
+row gives the same figures for held-out text of the validation split (same length, after a
+prompt of the prompts' mean length): what a model's samples should approach. `--batch 1,8,32`
+adds throughput at larger batches (block decoding and AR, both batched with their caches).
+Both decoders run at `--precision` (default: their runs' training precision, fp32 on CPU); the
+judge always scores in fp32.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ RUNS = {"bd": ("runs/quickstart", "configs/quickstart.yaml"),
         "ar": ("runs/ar_quickstart", "configs/ar_quickstart.yaml")}
 
 
+DEFAULT_ROWS = "ar,fixed:drawn,fixed,fixed:random,threshold,adaptive,entropy,adaptive+remask"
+
+
 def add_arguments(p) -> None:
     p.add_argument("--bd", default=RUNS["bd"][0], help="block-diffusion run or checkpoint")
     p.add_argument("--ar", default=RUNS["ar"][0], help="AR run or checkpoint (the baseline)")
@@ -40,18 +50,48 @@ def add_arguments(p) -> None:
                    "samples is reported (default: the --ar model)")
     p.add_argument("--prompts-file", default="configs/prompts/shakespeare.txt")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--policies", default=DEFAULT_ROWS, help="rows, POLICY[:ORDER][+remask] each "
+                   "(policies.py); ar: the AR baseline, always first")
     p.add_argument("--tau", type=float, default=0.9)
-    p.add_argument("--steps", type=int, default=3, help="fixed: steps per block; adaptive: cap "
-                   "(3 for B = 16: ~5 tokens a forward)")
+    p.add_argument("--steps", type=int, default=3, help="fixed: steps per block; adaptive and "
+                   "entropy: cap (3 for B = 16: ~5 tokens a forward)")
+    p.add_argument("--bound", type=float, default=Policy.bound, help="entropy: nats per step")
+    p.add_argument("--remask", type=float, default=0.3, help="+remask rows: remask decisions "
+                   "made below this probability")
     p.add_argument("--greedy", action="store_true", help="greedy instead of sampling")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=4, help="samples per prompt and row (seeds "
                    "seed .. seed + samples - 1): generative perplexity of one 1k-token draw "
                    "varies by ~15 %% from seed to seed")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes; tokens/s is their "
+                   "median (the samples are the same in every pass)")
+    p.add_argument("--batch", default="1", help="batch sizes, comma-separated: above 1, each "
+                   "row also decodes the samples in batches of that size (throughput only)")
     p.add_argument("--precision", choices=PRECISIONS, default="", help="of both decoders (default: "
                    "each run's train.precision); the judge scores in fp32")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
+
+
+def parse_rows(spec: str, args) -> dict:
+    """'ar,fixed:random,adaptive+remask' -> {label: Policy}; one message for a bad row."""
+    from cascade_mega.inference.decode import GenerationError
+
+    rows = {"ar": Policy("fixed", 1)}
+    for label in [r.strip() for r in spec.split(",") if r.strip()]:
+        if label == "ar":
+            continue
+        head, _, extra = label.partition("+")
+        name, _, order = head.partition(":")
+        if extra not in ("", "remask"):
+            raise GenerationError(f"--policies row {label!r}: '+{extra}' is not an option "
+                                  "(only +remask)")
+        try:
+            rows[label] = Policy(name, args.steps, args.tau, order or "confidence", args.bound,
+                                 args.remask if extra else 0.0)
+        except ValueError as err:
+            raise GenerationError(f"--policies row {label!r}: {err}") from None
+    return rows
 
 
 def _ensure_trained(path: str, config: str) -> None:
@@ -90,6 +130,49 @@ def entropy_bits(tokens) -> float:
     return -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
 
 
+def repeated(samples, n: int) -> float:
+    """Share of the samples' n-grams that repeat an earlier n-gram of the same sample."""
+    total = repeats = 0
+    for tokens in samples:
+        grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+        total, repeats = total + len(grams), repeats + len(grams) - len(set(grams))
+    return repeats / total if total else 0.0
+
+
+def quality(samples, nll: float) -> dict:
+    """The figures of one row from its samples (token lists) and their summed judge NLL."""
+    pooled = [t for sample in samples for t in sample]
+    row = {"gen_ppl": math.exp(nll / max(len(pooled), 1)), "entropy": entropy_bits(pooled),
+           "sample_entropy": sum(map(entropy_bits, samples)) / max(len(samples), 1)}
+    for n in (2, 3, 4):
+        row[f"rep_{n}"] = repeated(samples, n)
+    row["repetition"] = sum(row[f"rep_{n}"] for n in (2, 3, 4)) / 3
+    return row
+
+
+def held_out(decoder, count: int, prompt_len: int, length: int):
+    """(prompt, continuation) pairs from the run's validation split: the text a model should
+    approach, judged like the samples."""
+    from cascade_mega.data import loader
+
+    cfg = decoder.cfg
+    valid = loader.build_splits(cfg, decoder.tok, loader.resolve_path(cfg.data.path), 1)[1]
+    need = prompt_len + length
+    if need > cfg.data.seq_len:
+        prompt_len = max(1, cfg.data.seq_len - length)
+    pairs = []
+    for i in range(count):
+        seq = valid.micro_batch(i, 1).tokens[0].tolist()
+        pairs.append((seq[:prompt_len], seq[prompt_len:prompt_len + length]))
+    return pairs
+
+
+def _median(values):
+    values = sorted(values)
+    return values[len(values) // 2] if len(values) % 2 else \
+        (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
+
+
 def run(args) -> dict:
     from cascade_mega.inference.decode import GenerationError
     from cascade_mega.inference.load import load_decoder
@@ -97,6 +180,15 @@ def run(args) -> dict:
 
     if args.samples < 1:  # before anything is trained or loaded
         raise GenerationError(f"--samples must be >= 1, got {args.samples}")
+    if args.repeats < 1:
+        raise GenerationError(f"--repeats must be >= 1, got {args.repeats}")
+    try:
+        batches = sorted({int(b) for b in args.batch.split(",") if b.strip()} | {1})
+    except ValueError:
+        raise GenerationError(f"--batch takes comma-separated sizes, got {args.batch!r}") from None
+    if batches[0] < 1:
+        raise GenerationError(f"--batch sizes must be >= 1, got {args.batch!r}")
+    rows = parse_rows(args.policies, args)
     for which, path in (("bd", args.bd), ("ar", args.ar)):
         if path == RUNS[which][0]:
             _ensure_trained(*RUNS[which])
@@ -113,47 +205,92 @@ def run(args) -> dict:
                                   f"than --bd {args.bd}")
     with open(args.prompts_file) as f:
         texts = [line.rstrip("\n") for line in f if line.strip()]
-    rows = {"ar": (ar, Policy("fixed", 1)),
-            "fixed": (bd, Policy("fixed", args.steps)),
-            "threshold": (bd, Policy("threshold", tau=args.tau)),
-            "adaptive": (bd, Policy("adaptive", steps=args.steps, tau=args.tau))}
-    stats = {k: {"time": 0.0, "forwards": 0, "tokens": [], "nll": 0.0} for k in rows}
-    for name, (dec, policy) in rows.items():  # warm-up: caches, allocator
-        dec.generate([dec.tok.encode(texts[0])], 16, policy, Sampling(greedy=args.greedy))
+    decoders = {name: (ar if name == "ar" else bd) for name in rows}
+    for name, policy in rows.items():  # warm-up: caches, allocator
+        decoders[name].generate([decoders[name].tok.encode(texts[0])], 16, policy,
+                                Sampling(greedy=args.greedy))
     draws = [(text, Sampling(greedy=args.greedy, top_p=args.top_p, seed=args.seed + k))
              for k in range(1 if args.greedy else args.samples) for text in texts]
-    for text, sampling in draws:
-        for name, (dec, policy) in rows.items():
-            prompt = dec.tok.encode(text)
-            dec.forwards = 0
-            start = time.perf_counter()
-            [out] = dec.generate([prompt], args.max_new_tokens, policy, sampling)
-            s = stats[name]
-            s["time"] += time.perf_counter() - start
-            s["forwards"] += dec.forwards
-            s["tokens"] += out.tokens
-            s["nll"] += generative_nll(judge, prompt, out.tokens)
+    times = {(name, b): [] for name in rows for b in batches}
+    stats = {name: {"forwards": 0, "samples": [], "nll": 0.0} for name in rows}
+    for repeat in range(args.repeats):
+        spent = {name: 0.0 for name in rows}
+        for text, sampling in draws:  # batch 1: every row in turn per draw (noise hits all)
+            for name, policy in rows.items():
+                dec = decoders[name]
+                prompt = dec.tok.encode(text)
+                dec.forwards = 0
+                start = time.perf_counter()
+                [out] = dec.generate([prompt], args.max_new_tokens, policy, sampling)
+                spent[name] += time.perf_counter() - start
+                if repeat == 0:
+                    s = stats[name]
+                    s["forwards"] += dec.forwards
+                    s["samples"].append(out.tokens)
+                    s["nll"] += generative_nll(judge, prompt, out.tokens)
+        for name in rows:
+            times[name, 1].append(sum(map(len, stats[name]["samples"])) / spent[name])
+        for b in batches[1:]:
+            for name, policy in rows.items():
+                times[name, b].append(_batched(decoders[name], policy, draws, b, args))
     table = []
     for name, s in stats.items():
-        n = max(len(s["tokens"]), 1)
-        table.append({"policy": name, "tokens_per_s": n / s["time"],
-                      "forwards_per_token": s["forwards"] / n,
-                      "gen_ppl": math.exp(s["nll"] / n), "entropy": entropy_bits(s["tokens"])})
+        n = max(sum(map(len, s["samples"])), 1)
+        table.append({"policy": name, "tokens_per_s": _median(times[name, 1]),
+                      "forwards_per_token": s["forwards"] / n, **quality(s["samples"], s["nll"])})
+    base = table[0]
     for row in table:
-        row["speedup_vs_ar"] = row["tokens_per_s"] / table[0]["tokens_per_s"]
+        row["speedup_vs_ar"] = row["tokens_per_s"] / base["tokens_per_s"]
+        for key in ("gen_ppl", "entropy", "repetition"):
+            row[f"{key}_vs_ar"] = row[key] / base[key] if base[key] else float("nan")
+    prompt_len = round(sum(len(bd.tok.encode(t)) for t in texts) / len(texts))
+    data = {"policy": "data"}
+    pairs = held_out(bd, len(draws), prompt_len, args.max_new_tokens)
+    data.update(quality([c for _, c in pairs], sum(generative_nll(judge, p, c) for p, c in pairs)))
+    for key in ("gen_ppl", "entropy", "repetition"):
+        data[f"{key}_vs_ar"] = data[key] / base[key] if base[key] else float("nan")
+    batched = [{"policy": name, "batch": b, "tokens_per_s": _median(times[name, b]),
+                "speedup_vs_ar": _median(times[name, b]) / _median(times["ar", b])}
+               for b in batches for name in rows]
     how = "greedy" if args.greedy else f"sampling (top-p {args.top_p})"
     # one name unless the runs' precisions differ
     dtype = "/".join(sorted({str(t).replace("torch.", "") for t in dtypes}))
     print(f"bench generate  {len(draws)} samples ({len(texts)} prompts) x {args.max_new_tokens} "
           f"new tokens, batch 1, {how}, {dtype}; B = {bd.B}, tau = {args.tau}, "
-          f"steps = {args.steps}")
-    print(f"  {'policy':<10}{'tokens/s':>10}{'fwd/token':>11}{'gen ppl':>10}{'entropy':>9}"
-          f"{'vs AR':>8}")
-    for r in table:
-        print(f"  {r['policy']:<10}{r['tokens_per_s']:>10.1f}{r['forwards_per_token']:>11.3f}"
-              f"{r['gen_ppl']:>10.1f}{r['entropy']:>9.2f}{r['speedup_vs_ar']:>7.2f}x")
-    result = {"rows": table, "block_size": bd.B, "prompts": len(texts), "samples": len(draws),
-              "max_new_tokens": args.max_new_tokens, "dtype": dtype}
+          f"steps = {args.steps}, bound = {args.bound}, remask = {args.remask}; tokens/s: median "
+          f"of {args.repeats}")
+    print(f"  {'policy':<18}{'tokens/s':>9}{'vs AR':>7}{'fwd/tok':>8}{'gen ppl':>9}{'vs AR':>6}"
+          f"{'entropy':>8}{'vs AR':>6}{'per-sample':>11}{'rep':>7}{'vs AR':>6}")
+    for r in table + [data]:
+        speed = (f"{r['tokens_per_s']:>9.1f}{r['speedup_vs_ar']:>6.2f}x"
+                 f"{r['forwards_per_token']:>8.3f}") if "tokens_per_s" in r else " " * 24
+        print(f"  {r['policy']:<18}{speed}{r['gen_ppl']:>9.1f}{r['gen_ppl_vs_ar']:>6.2f}"
+              f"{r['entropy']:>8.2f}{r['entropy_vs_ar']:>6.2f}{r['sample_entropy']:>11.2f}"
+              f"{r['repetition']:>7.3f}{r['repetition_vs_ar']:>6.2f}")
+    print("  data: held-out text of the same length after a prompt of the prompts' mean length")
+    if batches[1:]:
+        print(f"  batched tokens/s (ratio to AR at the same batch size), median of {args.repeats}")
+        print(f"  {'policy':<18}" + "".join(f"{'batch ' + str(b):>18}" for b in batches))
+        for name in rows:
+            cells = [r for r in batched if r["policy"] == name]
+            print(f"  {name:<18}" + "".join(f"{c['tokens_per_s']:>10.1f} ({c['speedup_vs_ar']:.2f}x)"
+                                          for c in cells))
+    result = {"rows": table, "data": data, "batched": batched, "block_size": bd.B,
+              "prompts": len(texts), "samples": len(draws), "max_new_tokens": args.max_new_tokens,
+              "dtype": dtype, "repeats": args.repeats}
     if args.json:
         print(json.dumps(result))
     return result
+
+
+def _batched(dec, policy, draws, size: int, args) -> float:
+    """tokens/s decoding the draws' prompts in batches of `size` (cycled to fill the last)."""
+    tokens, spent = 0, 0.0
+    for first in range(0, len(draws), size):
+        group = [draws[(first + i) % len(draws)] for i in range(size)]
+        prompts = [dec.tok.encode(text) for text, _ in group]
+        start = time.perf_counter()
+        outs = dec.generate(prompts, args.max_new_tokens, policy, group[0][1])
+        spent += time.perf_counter() - start
+        tokens += sum(len(o.tokens) for o in outs)
+    return tokens / spent

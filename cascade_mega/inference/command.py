@@ -7,7 +7,7 @@ import sys
 import time
 
 from cascade_mega.config import PRECISIONS
-from cascade_mega.inference.policies import POLICIES, Policy
+from cascade_mega.inference.policies import ORDERS, POLICIES, Policy
 from cascade_mega.inference.sampling import Sampling
 
 
@@ -18,11 +18,19 @@ def add_arguments(p) -> None:
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompts-file", help="one prompt per line")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--policy", choices=POLICIES, default="adaptive",
-                   help="fixed: --steps per block; threshold: --tau; adaptive: --tau with at "
-                        "most --steps per block")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--tau", type=float, default=0.9)
+    p.add_argument("--policy", choices=POLICIES, default=Policy.name,
+                   help="how many positions a step decides (inference/policies.py): fixed: "
+                        "--steps per block; threshold: --tau; adaptive: --tau with at most "
+                        "--steps per block; entropy: within --bound, at most --steps per block")
+    p.add_argument("--order", choices=ORDERS, default=Policy.order,
+                   help="which positions, from their distributions before any draw "
+                        "(random: MDLM's ancestral order, with --policy fixed)")
+    p.add_argument("--steps", type=int, default=Policy.steps)
+    p.add_argument("--tau", type=float, default=Policy.tau)
+    p.add_argument("--bound", type=float, default=Policy.bound,
+                   help="entropy: summed entropy (nats) of the positions one step decides")
+    p.add_argument("--remask", type=float, default=0.0, help="remask decisions made below this "
+                   "probability while the block's step budget lasts (ReMDM-style; 0: off)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -56,7 +64,7 @@ def run(args) -> int:
     from cascade_mega.inference.decode import GenerationError
 
     try:
-        policy = Policy(args.policy, args.steps, args.tau)
+        policy = Policy(args.policy, args.steps, args.tau, args.order, args.bound, args.remask)
         sampling = Sampling(greedy=not args.sample, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     except ValueError as err:

@@ -30,7 +30,7 @@ from typing import Callable, List, Optional
 import torch
 
 from cascade_mega.inference.kv_cache import CLEAN, IDLE, NOISY, DecodeStep, KVCache
-from cascade_mega.inference.policies import Policy
+from cascade_mega.inference.policies import Policy, decide
 from cascade_mega.inference.sampling import Sampling, sample
 from cascade_mega.model.gpt import allowed_logits, without_fp8
 from cascade_mega.runtime.device import to_device
@@ -83,6 +83,7 @@ class _Sequence:
         self.block = P // B  # current block (AR: next position)
         self.given = list(prompt[full:])  # prompt tail inside the current block
         self.x: Optional[torch.Tensor] = None
+        self.confidence: Optional[torch.Tensor] = None
         self.end = 0  # positions [len(given), end) of the block are decided
         self.steps = 0
         self.cap = 0  # the policy's steps for this block
@@ -184,9 +185,14 @@ class Decoder:
         if self.shifted and int(masked[0]) == 0 and s.last_clean is not None:
             rows[0] = s.last_clean  # the block's first position: from the clean row before it
             # (a prompt shorter than a block has no clean row yet, but gives position 0)
-        tokens, confidence = sample(rows, self.sampling, self.gen)
-        chosen = self.policy.choose(confidence, s.steps, s.cap)
-        s.x[masked[chosen]] = tokens[chosen]
+        chosen, tokens, confidence = decide(self.policy, rows, self.sampling, self.gen,
+                                            s.steps, s.cap)
+        # remasking: this block's earlier decisions (not the prompt's tail), least likely first
+        mine = torch.arange(len(s.given), s.end)
+        mine = mine[s.x[mine] != mask_id]
+        back = mine[self.policy.to_remask(s.confidence[mine], len(chosen), s.steps, s.cap)]
+        s.x[masked[chosen]], s.confidence[masked[chosen]] = tokens, confidence
+        s.x[back] = mask_id
         s.steps += 1
         if bool((s.x[:s.end] == mask_id).any()):
             return
@@ -208,6 +214,7 @@ class Decoder:
             return
         s.x = torch.full((self.B,), self.tok.mask_id, dtype=torch.long)
         s.x[:len(s.given)] = torch.tensor(s.given, dtype=torch.long)
+        s.confidence = torch.ones(self.B)  # each decided position's probability when decided
         s.end = min(self.B, len(s.given) + self.max_new - len(s.out.tokens))
         s.steps, s.cap = 0, self.policy.steps_for(s.end - len(s.given), self.B)
 

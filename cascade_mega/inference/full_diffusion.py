@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from cascade_mega.inference.decode import (BlockStats, Generation, GenerationError,
                                             check_request, logits_of_rows)
-from cascade_mega.inference.policies import Policy
-from cascade_mega.inference.sampling import Sampling, sample
+from cascade_mega.inference.policies import Policy, decide
+from cascade_mega.inference.sampling import Sampling
 from cascade_mega.model.gpt import without_fp8
 from cascade_mega.runtime.device import to_device
 
@@ -129,6 +129,7 @@ class FullDiffusionDecoder:
         for start in range(P, P + max_new, self.block):
             end = min(start + self.block, P + max_new)
             steps, stale_first = 0, None
+            conf = torch.ones(end - start)  # each decided position's probability when decided
             cap = policy.steps_for(end - start, self.block)
             while bool((canvas[0, start:end] == mask_id).any()):
                 logits = self._block_logits(canvas, start, end, steps == 0, stale_first)
@@ -138,9 +139,14 @@ class FullDiffusionDecoder:
                     g, cond = self.guidance, logits[:1]  # forbidden ids stay -inf
                     logits = torch.where(cond.isinf(), cond, (1 + g) * cond - g * logits[1:])
                 masked = (canvas[0, start:end] == mask_id).nonzero().squeeze(1)
-                tokens, confidence = sample(logits[0, masked.to(logits.device)], sampling, gen)
-                chosen = policy.choose(confidence, steps, cap)
-                canvas[:, start + masked[chosen]] = tokens[chosen]
+                chosen, tokens, confidence = decide(policy, logits[0, masked.to(logits.device)],
+                                                    sampling, gen, steps, cap)
+                mine = torch.arange(start, end)
+                mine = mine[canvas[0, start:end] != mask_id]
+                back = mine[policy.to_remask(conf[mine - start], len(chosen), steps, cap)]
+                canvas[:, start + masked[chosen]] = tokens
+                conf[masked[chosen]] = confidence
+                canvas[:, back] = mask_id
                 steps += 1
             decided = canvas[0, start:end].tolist()
             out.blocks.append(BlockStats(index=len(out.blocks), steps=steps, tokens=end - start))

@@ -1,7 +1,9 @@
 """Choosing tokens from logits: greedy, temperature, top-k, top-p, with a seeded generator.
 
-`sample` returns the tokens and their confidence (the probability of the chosen token under the
-distribution it was drawn from), which the unmasking policies rank by.
+`distribution` applies the knobs (the distribution a token is drawn from), `draw` draws from it;
+`sample` does both and also returns each drawn token's probability. The block policies look at
+the distributions first (which positions to decide) and draw only the positions they decide
+(`policies.decide`), so a decided token's law is the model's distribution at that position.
 """
 
 from __future__ import annotations
@@ -28,15 +30,13 @@ class Sampling:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
 
-def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator):
-    """logits: [m, V] (forbidden ids already -inf), on any device. Returns (tokens [m],
-    confidence [m]) on the host, where the decoders keep their state. generator: a host
-    generator (the uniforms are drawn on the host and copied: the same samples on every
-    device)."""
+def distribution(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """logits: [m, V] (forbidden ids already -inf), on any device -> the probabilities [m, V]
+    (float32, same device) that a token is drawn from: softmax of the logits over the
+    temperature, restricted by top-k and top-p; greedy: the plain softmax (its argmax is drawn)."""
     logits = logits.float()
     if s.greedy:
-        confidence, tokens = logits.softmax(-1).max(-1)
-        return tokens.cpu(), confidence.cpu()
+        return logits.softmax(-1)
     if s.temperature != 1:
         logits = logits / s.temperature
     if s.top_k:
@@ -47,7 +47,15 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator):
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) >= s.top_p  # keep the first token always
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
+    return logits.softmax(-1)
+
+
+def draw(probs: torch.Tensor, s: Sampling, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of `distribution`'s output, on the host (where the decoders keep their
+    state); greedy: the argmax. generator: a host generator (the uniforms are drawn on the host
+    and copied: the same samples on every device)."""
+    if s.greedy:
+        return probs.argmax(-1).cpu()
     # inverse CDF with one uniform per row, the CDF in float64 (float32 values near 1 are 6e-8
     # apart, which would distort the share of tokens of probability ~1e-7 by tens of percent:
     # low-precision categorical sampling measurably lowers sample entropy); one random number
@@ -56,4 +64,11 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator):
     u = torch.rand(len(probs), 1, dtype=torch.float64, generator=generator)  # host, on purpose
     u = u.to(cdf.device) * cdf[:, -1:]
     tokens = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
-    return tokens.cpu(), probs.gather(1, tokens[:, None]).squeeze(1).cpu()
+    return tokens.cpu()
+
+
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator):
+    """logits: [m, V] on any device -> (tokens [m], their probabilities [m]), on the host."""
+    probs = distribution(logits, s)
+    tokens = draw(probs, s, generator)
+    return tokens, probs.gather(1, tokens.to(probs.device)[:, None]).squeeze(1).cpu()
