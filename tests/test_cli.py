@@ -107,12 +107,12 @@ def test_bench_generate_json(tmp_path):
     prompts.write_text("ROMEO:\nJULIET:\n")
     proc = run("bench", "generate", "--bd", str(runs["bd"]), "--ar", str(runs["ar"]),
                "--prompts-file", str(prompts), "--max-new-tokens", "12", "--samples", "2",
-               "--judge", str(runs["ar"]), "--policies", "fixed,fixed:random,adaptive+remask",
+               "--judge", str(runs["ar"]), "--policies", "fixed,fixed:random@2,adaptive+remask",
                "--repeats", "1", "--batch", "1,3", "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["samples"] == 4 and report["dtype"] == "float32"  # 2 prompts x 2 seeds
-    names = ["ar", "fixed", "fixed:random", "adaptive+remask"]
+    names = ["ar", "fixed", "fixed:random@2", "adaptive+remask"]
     assert [r["policy"] for r in report["rows"]] == names
     quality = {"gen_ppl", "entropy", "sample_entropy", "rep_2", "rep_3", "rep_4", "repetition",
                "gen_ppl_vs_ar", "entropy_vs_ar", "repetition_vs_ar"}
@@ -127,6 +127,7 @@ def test_bench_generate_json(tmp_path):
     assert ar_row["entropy_vs_ar"] == 1.0
     # fixed: 3 forwards per block of 8 (the first block holds the prompt's tail too)
     assert report["rows"][1]["forwards_per_token"] < 0.85 < ar_row["forwards_per_token"]
+    assert report["rows"][2]["forwards_per_token"] < report["rows"][1]["forwards_per_token"]
     assert [(r["policy"], r["batch"]) for r in report["batched"]] == \
         [(n, b) for b in (1, 3) for n in names]
     assert all(r["tokens_per_s"] > 0 for r in report["batched"])

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from statistics import median
 
 import torch
 
@@ -50,8 +51,10 @@ def add_arguments(p) -> None:
                    "samples is reported (default: the --ar model)")
     p.add_argument("--prompts-file", default="configs/prompts/shakespeare.txt")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--policies", default=DEFAULT_ROWS, help="rows, POLICY[:ORDER][+remask] each "
-                   "(policies.py); ar: the AR baseline, always first")
+    p.add_argument("--policies", default=DEFAULT_ROWS,
+                   help="rows, POLICY[:ORDER][@STEPS][+remask] "
+                   "each (policies.py; STEPS: this row's --steps); ar: the AR baseline, always "
+                   "first")
     p.add_argument("--tau", type=float, default=0.9)
     p.add_argument("--steps", type=int, default=3, help="fixed: steps per block; adaptive and "
                    "entropy: cap (3 for B = 16: ~5 tokens a forward)")
@@ -59,6 +62,8 @@ def add_arguments(p) -> None:
     p.add_argument("--remask", type=float, default=0.3, help="+remask rows: remask decisions "
                    "made below this probability")
     p.add_argument("--greedy", action="store_true", help="greedy instead of sampling")
+    p.add_argument("--temperature", type=float, default=1.0, help="of every row, AR's too")
+    p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=4, help="samples per prompt and row (seeds "
@@ -82,13 +87,14 @@ def parse_rows(spec: str, args) -> dict:
         if label == "ar":
             continue
         head, _, extra = label.partition("+")
+        head, _, steps = head.partition("@")
         name, _, order = head.partition(":")
         if extra not in ("", "remask"):
             raise GenerationError(f"--policies row {label!r}: '+{extra}' is not an option "
                                   "(only +remask)")
         try:
-            rows[label] = Policy(name, args.steps, args.tau, order or "confidence", args.bound,
-                                 args.remask if extra else 0.0)
+            rows[label] = Policy(name, int(steps) if steps else args.steps, args.tau,
+                                 order or "confidence", args.bound, args.remask if extra else 0.0)
         except ValueError as err:
             raise GenerationError(f"--policies row {label!r}: {err}") from None
     return rows
@@ -167,12 +173,6 @@ def held_out(decoder, count: int, prompt_len: int, length: int):
     return pairs
 
 
-def _median(values):
-    values = sorted(values)
-    return values[len(values) // 2] if len(values) % 2 else \
-        (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
-
-
 def run(args) -> dict:
     from cascade_mega.inference.decode import GenerationError
     from cascade_mega.inference.load import load_decoder
@@ -189,6 +189,11 @@ def run(args) -> dict:
     if batches[0] < 1:
         raise GenerationError(f"--batch sizes must be >= 1, got {args.batch!r}")
     rows = parse_rows(args.policies, args)
+    try:  # the sampling knobs, before anything is loaded
+        Sampling(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
+                 top_p=args.top_p)
+    except ValueError as err:
+        raise GenerationError(str(err)) from None
     for which, path in (("bd", args.bd), ("ar", args.ar)):
         if path == RUNS[which][0]:
             _ensure_trained(*RUNS[which])
@@ -209,7 +214,8 @@ def run(args) -> dict:
     for name, policy in rows.items():  # warm-up: caches, allocator
         decoders[name].generate([decoders[name].tok.encode(texts[0])], 16, policy,
                                 Sampling(greedy=args.greedy))
-    draws = [(text, Sampling(greedy=args.greedy, top_p=args.top_p, seed=args.seed + k))
+    draws = [(text, Sampling(greedy=args.greedy, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, seed=args.seed + k))
              for k in range(1 if args.greedy else args.samples) for text in texts]
     times = {(name, b): [] for name in rows for b in batches}
     stats = {name: {"forwards": 0, "samples": [], "nll": 0.0} for name in rows}
@@ -236,7 +242,7 @@ def run(args) -> dict:
     table = []
     for name, s in stats.items():
         n = max(sum(map(len, s["samples"])), 1)
-        table.append({"policy": name, "tokens_per_s": _median(times[name, 1]),
+        table.append({"policy": name, "tokens_per_s": median(times[name, 1]),
                       "forwards_per_token": s["forwards"] / n, **quality(s["samples"], s["nll"])})
     base = table[0]
     for row in table:
@@ -249,10 +255,11 @@ def run(args) -> dict:
     data.update(quality([c for _, c in pairs], sum(generative_nll(judge, p, c) for p, c in pairs)))
     for key in ("gen_ppl", "entropy", "repetition"):
         data[f"{key}_vs_ar"] = data[key] / base[key] if base[key] else float("nan")
-    batched = [{"policy": name, "batch": b, "tokens_per_s": _median(times[name, b]),
-                "speedup_vs_ar": _median(times[name, b]) / _median(times["ar", b])}
+    batched = [{"policy": name, "batch": b, "tokens_per_s": median(times[name, b]),
+                "speedup_vs_ar": median(times[name, b]) / median(times["ar", b])}
                for b in batches for name in rows]
-    how = "greedy" if args.greedy else f"sampling (top-p {args.top_p})"
+    how = "greedy" if args.greedy else (f"sampling (temperature {args.temperature}, top-k "
+                                        f"{args.top_k or 'off'}, top-p {args.top_p})")
     # one name unless the runs' precisions differ
     dtype = "/".join(sorted({str(t).replace("torch.", "") for t in dtypes}))
     print(f"bench generate  {len(draws)} samples ({len(texts)} prompts) x {args.max_new_tokens} "
@@ -273,8 +280,8 @@ def run(args) -> dict:
         print(f"  {'policy':<18}" + "".join(f"{'batch ' + str(b):>18}" for b in batches))
         for name in rows:
             cells = [r for r in batched if r["policy"] == name]
-            print(f"  {name:<18}" + "".join(f"{c['tokens_per_s']:>10.1f} ({c['speedup_vs_ar']:.2f}x)"
-                                          for c in cells))
+            print(f"  {name:<18}" + "".join(
+                f"{c['tokens_per_s']:>10.1f} ({c['speedup_vs_ar']:.2f}x)" for c in cells))
     result = {"rows": table, "data": data, "batched": batched, "block_size": bd.B,
               "prompts": len(texts), "samples": len(draws), "max_new_tokens": args.max_new_tokens,
               "dtype": dtype, "repeats": args.repeats}

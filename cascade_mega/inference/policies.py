@@ -31,6 +31,11 @@ Remasking (`remask` = p > 0, ReMDM-style): before the last step of a capped bloc
 block decided earlier whose probability when decided was below p go back to [MASK] (the least
 likely first, fewer than the step decides), to be decided again with more of the block known;
 the last step remasks nothing and decides everything, so the budget always ends decided.
+
+Defaults, by `cascade bench generate` on the quickstart models (README, "Benchmarks"): `adaptive`
+with `confidence` order. Greedy decoding (`cascade generate`'s default) only ranks positions; when
+sampling, confidence-first order has the lowest generative perplexity at few positions per
+forward, and random order at many (3 steps per block of 16: 882 against 1123).
 """
 
 from __future__ import annotations
