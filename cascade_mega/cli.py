@@ -21,6 +21,11 @@ def _quiet():
     # MLflow 3 reports usage to its vendor unless told not to; runs here stay private
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     logging.getLogger("megatron").setLevel(logging.ERROR)
+    # torch's checkpoint loader warns on the root logger, with a traceback, whenever it falls
+    # back (to per-rank metadata these checkpoints never have); a load that fails still raises,
+    # with its reason, which the command prints as its one message
+    logging.getLogger().addFilter(
+        lambda record: "torch/distributed/checkpoint/" not in record.pathname.replace("\\", "/"))
 
 
 def _train(args) -> int:

@@ -194,15 +194,79 @@ def test_complementary_needs_two_views(tmp_path):
                       f"run_dir={tmp_path}"), "diffusion.complementary")
 
 
+TINY_RUN = ["configs/base.yaml", "model.num_layers=1", "model.hidden_size=64", "data.seq_len=32",
+            "train.steps=1", "train.micro_batch_size=2", "train.global_batch_size=2",
+            "train.eval_batches=0", "optimizer.warmup_steps=0", "tracking.enabled=false"]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("gen") / "run"
-    proc = cascade("train", "configs/base.yaml", "model.num_layers=1",
-                   "model.hidden_size=64", "data.seq_len=32", "train.steps=1",
-                   "train.micro_batch_size=2", "train.global_batch_size=2", "train.eval_batches=0",
-                   "optimizer.warmup_steps=0", "tracking.enabled=false", f"run_dir={run}")
+    proc = cascade("train", *TINY_RUN, f"run_dir={run}")
     assert proc.returncode == 0, proc.stderr
     return run
+
+
+class _Creates:
+    """Unpickling it creates a file: what a crafted checkpoint would do, harmlessly."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def _crafted(tiny_run, tmp_path, where):
+    """A copy of the run whose checkpoint carries the payload as its `.metadata`, or as the
+    shard's common-state item (appended to `__0_0.distcp`, the metadata pointing at it)."""
+    import dataclasses
+    import io
+    import pickle
+    import shutil
+
+    run, marker = tmp_path / where, tmp_path / f"{where}.created"
+    shutil.copytree(tiny_run, run)
+    ckpt = run / "checkpoints" / "iter_0000001"
+    if where == "metadata":
+        (ckpt / ".metadata").write_bytes(pickle.dumps(_Creates(marker)))
+        return run, marker
+    metadata = pickle.loads((ckpt / ".metadata").read_bytes())  # our own file: trusted here
+    payload = io.BytesIO()
+    torch.save(_Creates(marker), payload)
+    shard = ckpt / "__0_0.distcp"
+    [index] = [i for i in metadata.storage_data if i.fqn.startswith("common_state")]
+    metadata.storage_data[index] = dataclasses.replace(
+        metadata.storage_data[index], relative_path=shard.name, offset=shard.stat().st_size,
+        length=len(payload.getvalue()))
+    with open(shard, "ab") as f:
+        f.write(payload.getvalue())
+    (ckpt / ".metadata").write_bytes(pickle.dumps(metadata))
+    return run, marker
+
+
+@pytest.mark.parametrize("where", ["metadata", "shard"])
+def test_a_checkpoint_that_would_run_code_is_refused_by_every_loader(tiny_run, tmp_path, where):
+    """torch's checkpoint reader unpickles `.metadata` and a shard's non-tensor items without
+    restriction; here each loading command refuses the payload, which never runs."""
+    import shutil
+
+    run, marker = _crafted(tiny_run, tmp_path, where)
+    teacher = tmp_path / "teacher"  # the same checkpoint, its config saying AR (a teacher's)
+    shutil.copytree(run, teacher)
+    config = teacher / "config.yaml"
+    config.write_text(config.read_text().replace("objective: block_diffusion", "objective: ar"))
+    loaders = {
+        "generate": ("generate", "--ckpt", run, "--prompt", "ROMEO:", "--max-new-tokens", "2"),
+        "convert": ("convert", "mcore-to-hf", run, tmp_path / "hf"),
+        "resume": ("train", *TINY_RUN, f"run_dir={run}", "train.steps=2"),
+        "init_from": ("train", *TINY_RUN, f"run_dir={tmp_path}/fresh", f"train.init_from={run}"),
+        "teacher": ("train", *TINY_RUN, f"run_dir={tmp_path}/student",
+                    f"distill.teacher={teacher}"),
+    }
+    for name, args in loaders.items():
+        one_error(cascade(*args), "refusing checkpoint", "which a checkpoint never holds")
+        assert not marker.exists(), name
 
 
 def test_generate_from_a_missing_checkpoint(tmp_path):

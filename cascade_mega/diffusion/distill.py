@@ -98,6 +98,8 @@ def build_teacher(tcfg, ckpt: str, tokenizer, dtype):
     teacher, = build_chunks(tcfg, tokenizer, dtype)  # the teacher has no virtual stages
     try:
         checkpoint.load(ckpt, [teacher], None, None)
+    except checkpoint.RefusedCheckpoint as err:
+        raise ConfigError(f"'distill.teacher' = {ckpt}: {err}") from None
     except Exception as err:
         raise ConfigError(f"'distill.teacher' = {ckpt}: the checkpoint does not load into its "
                           f"config ({str(err).splitlines()[0][:200]})") from None

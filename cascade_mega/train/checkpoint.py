@@ -24,12 +24,18 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
+from cascade_mega.train import safe_unpickle
+
 LATEST = "latest"
 INFO = "cascade.json"  # step, consumed samples and the layout a checkpoint was saved at
 
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class RefusedCheckpoint(CheckpointError):
+    """A checkpoint file that asks to run code on load (`safe_unpickle`)."""
 
 
 def iter_name(step: int) -> str:
@@ -216,9 +222,14 @@ def load(path: str, chunks, optimizer, scheduler):
     if optimizer is not None:
         _prepare_torch_adam(optimizer)
     template = sharded_state(chunks, optimizer, scheduler, 0, 0, is_loading=True)
+    safe_unpickle.install()  # nothing a checkpoint file holds runs code
+    safe_unpickle.refusals.clear()
     try:
         state = dist_checkpointing.load(template, path)
     except (Exception, CheckpointException) as err:  # torch's is a BaseException
+        if safe_unpickle.refusals:
+            raise RefusedCheckpoint(f"refusing checkpoint {path}: "
+                                    f"{safe_unpickle.refusals[0]}") from None
         reason = str(err).strip().splitlines()[-1]  # the innermost cause, not its traceback
         raise CheckpointError(f"cannot load checkpoint {path}: {reason}") from None
     for i, c in enumerate(chunks):
