@@ -310,8 +310,10 @@ def render(pl: Plan) -> str:
 
 
 def run(args) -> int:
-    from cascade_mega.config import load_config
+    from cascade_mega.config import ConfigError, load_config
 
+    if args.gpus < 1:
+        raise ConfigError(f"--gpus must be >= 1, got {args.gpus}")
     # nothing is written: a config need not name a run directory to be planned
     cfg = load_config(args.config, ["run_dir=unused", *args.overrides], world_size=args.gpus)
     vocab = cfg.model.vocab_size

@@ -44,11 +44,32 @@ def test_wrong_type(tmp_path):
     ("model.moe.expert_bias=true", "needs 'model.moe.score_function' = sigmoid"),
     ("model.moe.top_k=1", "'model.moe.norm_topk_prob' = false"),
     ("model.moe.score_functio=sigmoid", "did you mean 'model.moe.score_function'"),
+    # values a run would take silently or fail on late
+    ("optimizer.lr=-0.001", "'optimizer.lr' must be positive"),
+    ("optimizer.beta2=1.5", "'optimizer.beta2' = 1.5"),
+    ("model.num_query_groups=0", "'model.num_query_groups' must be positive"),
+    ("checkpoint.keep_last=-1", "'checkpoint.keep_last' must be >= 1"),
 ])
 def test_impossible_combination(tmp_path, override, needle):
     moe = ["model.moe.num_experts=4"] if override.startswith("model.moe") else []
     one_error(cascade("train", "configs/base.yaml", *moe, override, f"run_dir={tmp_path}"),
               needle)
+
+
+@pytest.mark.parametrize("command,needle", [
+    (["plan", "configs/base.yaml", "--gpus", "0"], "--gpus must be >= 1"),
+    (["train", "configs/base.yaml", "--nproc-per-node", "-1"], "--nproc-per-node must be >= 0"),
+    (["preprocess", "configs/prompts/shakespeare.txt", "--output-prefix", "{tmp}/out",
+      "--train-bpe", "0"], "--train-bpe takes the vocabulary size"),
+    (["submit", "configs/base.yaml", "--cluster", "{profile}", "--nodes", "0"],
+     "--nodes must be >= 1"),
+])
+def test_impossible_command_line_values(tmp_path, command, needle):
+    fill = {"tmp": tmp_path, "profile": h100_profile(tmp_path) if "submit" in command else ""}
+    args = [a.format(**fill) for a in command] + [f"run_dir={tmp_path}/run"] * (
+        command[0] in ("train", "submit"))
+    one_error(cascade(*args), needle)
+    assert sorted(os.listdir(tmp_path)) == (["h100.yaml"] if "submit" in command else [])
 
 
 def test_missing_dataset(tmp_path):
@@ -289,3 +310,11 @@ def test_generate_from_an_incompatible_checkpoint(tiny_run, tmp_path):
                                            ("ROMEO " * 40, "the model's context is 32")])
 def test_generate_rejects_empty_and_too_long_prompts(tiny_run, prompt, needle):
     one_error(cascade("generate", "--ckpt", str(tiny_run), "--prompt", prompt), needle)
+
+
+@pytest.mark.parametrize("option,needle", [
+    (["--tau", "-1"], "tau must be > 0"), (["--policy", "threshold", "--remask", "0.3"],
+                                           "remasking needs a step budget"),
+    (["--order", "random"], "order 'random' decides a fixed count")])
+def test_generate_rejects_impossible_policies(tiny_run, option, needle):
+    one_error(cascade("generate", "--ckpt", str(tiny_run), "--prompt", "ROMEO:", *option), needle)

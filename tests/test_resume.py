@@ -114,23 +114,26 @@ def test_a_process_killed_during_a_save_keeps_the_last_checkpoint(megatron, tmp_
     assert [r["step"] for r in resumed if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_scheduler_signal_stops_at_a_step_with_a_checkpoint(megatron, tmp_path):
-    """SIGUSR1 (Slurm's time-limit warning) mid-run: checkpoint at the next step boundary, stop;
-    the resumed run reproduces the uninterrupted losses."""
+@pytest.mark.parametrize("name", ["SIGUSR1", "SIGINT"])
+def test_a_scheduler_signal_stops_at_a_step_with_a_checkpoint(megatron, tmp_path, name):
+    """SIGUSR1 (Slurm's time-limit warning) or SIGINT (Ctrl-C) mid-run: checkpoint at the next
+    step boundary, stop; the resumed run reproduces the uninterrupted losses."""
     import signal
+
+    sig, before = getattr(signal, name), signal.getsignal(getattr(signal, name))
 
     class SignalAtStep:
         def on_step_end(self, trainer, step, metrics):
             if step == 2:
-                os.kill(os.getpid(), signal.SIGUSR1)
+                os.kill(os.getpid(), sig)
 
     straight = _run(_cfg(tmp_path / "straight"))
     cfg = _cfg(tmp_path / "signalled")
     trainer = Trainer(cfg, [MetricsFile(cfg.run_dir), SignalAtStep()]).setup().fit()
-    assert (trainer.outcome, trainer.stop_signal, trainer.step) == ("stopped", "SIGUSR1", 2)
+    assert (trainer.outcome, trainer.stop_signal, trainer.step) == ("stopped", name, 2)
     assert (tmp_path / "signalled" / "checkpoints" / "latest").read_text().strip() == \
         "iter_0000002"
-    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored
+    assert signal.getsignal(sig) is before  # handlers restored
     resumed = _run(_cfg(tmp_path / "signalled"))
     assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in straight]
 

@@ -367,6 +367,7 @@ def test_requeue_decisions(tmp_path):
     assert decide(d, 0, "USR1", 5, 5, []).startswith("stop: 5 restarts")
     assert decide(d, 0, "TERM", 5, 9, [], was_preempted=True).startswith("requeue: preempted")
     assert decide(d, 0, "TERM", 5, 0, []) == "done: SIGTERM (cancelled)"
+    assert decide(d, 0, "INT", 5, 0, []) == "done: SIGINT (cancelled)"  # Ctrl-C, scancel -s INT
     first = decide(d, 1, "", 5, 0, [])
     assert first.startswith("requeue: exit 1")
     failed = [{"rc": 1, "signal": None, "last_step": 40, "decision": first}]

@@ -131,6 +131,9 @@ class ModelConfig(Section):
              f"'model.hidden_size' = {self.hidden_size} (or set 'model.kv_channels')")
         need(self.kv_channels is None or self.kv_channels > 0,
              "'model.kv_channels' must be positive")
+        need(self.num_query_groups is None or self.num_query_groups > 0,
+             f"'model.num_query_groups' must be positive (null: one per head), got "
+             f"{self.num_query_groups}")
         need(self.num_attention_heads % self.groups == 0,
              f"'model.num_query_groups' = {self.groups} does not divide "
              f"'model.num_attention_heads' = {self.num_attention_heads}")
@@ -270,7 +273,7 @@ class DataConfig(Section):
 
 @dataclass
 class OptimizerConfig(Section):
-    NAME = "optimizer"
+    NAME, POSITIVE = "optimizer", ("lr", "eps")
 
     lr: float = 1e-3
     min_lr: float = 1e-4
@@ -285,6 +288,12 @@ class OptimizerConfig(Section):
     def _check(self):
         need(self.min_lr <= self.lr,
              f"'optimizer.min_lr' = {self.min_lr} exceeds 'optimizer.lr' = {self.lr}")
+        need(self.min_lr >= 0 and self.weight_decay >= 0 and self.clip_grad >= 0
+             and self.warmup_steps >= 0, "'optimizer.min_lr', 'optimizer.weight_decay', "
+             "'optimizer.clip_grad' and 'optimizer.warmup_steps' must be >= 0")
+        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
+             f"'optimizer.beta1' = {self.beta1} and 'optimizer.beta2' = {self.beta2} must be "
+             "in [0, 1)")
 
 
 @dataclass
@@ -348,6 +357,11 @@ class CheckpointConfig(Section):
 
     interval: int = 200
     keep_last: Optional[int] = None  # None keeps every checkpoint
+
+    def _check(self):
+        need(self.keep_last is None or self.keep_last >= 1,
+             f"'checkpoint.keep_last' must be >= 1 (null keeps every checkpoint), got "
+             f"{self.keep_last}")
 
 
 @dataclass

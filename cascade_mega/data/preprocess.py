@@ -204,6 +204,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    if args.train_bpe is not None and args.train_bpe < 1:
+        raise DataError(f"--train-bpe takes the vocabulary size to train, got {args.train_bpe}")
+    if args.workers < 1:
+        raise DataError(f"--workers must be >= 1, got {args.workers}")
     stats = preprocess(args.inputs, args.output_prefix, args.tokenizer, args.train_bpe or 0,
                        args.workers, args.json_key, args.lines, args.shard_tokens)
     print(f"wrote {', '.join(p + '.bin' for p in stats['prefixes'])}: {stats['documents']} "

@@ -67,6 +67,8 @@ class Policy:
             raise ValueError(f"unknown order {self.order!r}; expected one of {', '.join(ORDERS)}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.tau <= 0:
+            raise ValueError(f"tau must be > 0 (above 1: one position per step), got {self.tau}")
         if self.order == "random" and self.name != "fixed":
             raise ValueError(f"order 'random' decides a fixed count per step: it goes with policy "
                              f"'fixed', not {self.name!r}")

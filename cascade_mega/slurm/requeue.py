@@ -77,8 +77,8 @@ def decide(run_dir: str, rc: int, signal: str, max_restarts: int, restart: int,
     step = last_checkpoint_step(run_dir)
     if was_preempted:  # whatever the exit: the ranks may have been stopped anywhere
         return f"requeue: preempted, checkpoint at step {step}"
-    if signal == "TERM":
-        return "done: SIGTERM (cancelled)"
+    if signal in ("TERM", "INT"):
+        return "done: SIG{} (cancelled)".format(signal)
     if rc == 0 and not signal:
         return "done"
     if restart >= max_restarts:

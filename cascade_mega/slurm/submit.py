@@ -53,6 +53,8 @@ def add_arguments(p) -> None:
 
 
 def resources(profile: ClusterProfile, args) -> Resources:
+    if args.nodes is not None and args.nodes < 1:
+        raise ConfigError(f"--nodes must be >= 1, got {args.nodes}")
     nodes = args.nodes or profile.nodes
     gpus = profile.gpus_per_node if args.gpus_per_node is None else args.gpus_per_node
     partition = args.partition or profile.partition

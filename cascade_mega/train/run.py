@@ -18,9 +18,12 @@ def command(config: str, overrides, nproc_per_node: int = 0, nnodes: int = 1,
             rdzv_endpoint: str = "127.0.0.1:29500") -> int:
     """`cascade train`: check the config (and the tracking store) once, then train in this
     process, or start this node's ranks with the torchrun launcher (`launchers/torchrun.py`)."""
-    from cascade_mega.config import load_config
+    from cascade_mega.config import ConfigError, load_config
     from cascade_mega.runtime.env import read_env
 
+    if nproc_per_node < 0 or nnodes < 1:
+        raise ConfigError(f"--nproc-per-node must be >= 0 and --nnodes >= 1, got "
+                          f"{nproc_per_node} and {nnodes}")
     spawn = nproc_per_node and "RANK" not in os.environ
     world = nproc_per_node * nnodes if spawn else None
     cfg = load_config(config, overrides, world_size=world)  # fails before any rank starts

@@ -18,12 +18,15 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SIGINT (Ctrl-C) stops like the scheduler's signals, at a step with a checkpoint; a second one
+# interrupts at once (KeyboardInterrupt)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopSignals:
     def __init__(self):
         self.received = 0
+        self.interrupted = False
         self.previous = {}
 
     def install(self) -> "StopSignals":
@@ -46,6 +49,9 @@ class StopSignals:
         self.previous.clear()
 
     def _record(self, signum, frame):
+        if signum == signal.SIGINT and self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = self.interrupted or signum == signal.SIGINT
         self.received = max(self.received, int(signum))
 
     def agreed(self) -> Optional[str]:
