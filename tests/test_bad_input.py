@@ -29,6 +29,23 @@ def test_unknown_key_in_yaml(tmp_path):
     one_error(cascade("train", str(cfg)), "train.stepz", str(cfg))
 
 
+@pytest.mark.parametrize("text,needle", [
+    ("model:\n  num_layers: [1, 2\n", "line 3, column 1: not valid YAML"),
+    ("model:\n  - 1\n  - 2\n", "'model' must be a mapping of its settings"),
+    ("- model\n", "holds a list, not a mapping of sections"),
+])
+def test_unreadable_yaml(tmp_path, text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    one_error(cascade("train", path, f"run_dir={tmp_path}/run"), needle, str(path))
+    assert not (tmp_path / "run").exists()
+
+
+def test_vocabulary_below_the_tokenizers(tmp_path):
+    one_error(cascade("train", *TINY_RUN, "model.vocab_size=10", f"run_dir={tmp_path}/run"),
+              "'model.vocab_size' = 10 is smaller than the tokenizer's")
+
+
 def test_wrong_type(tmp_path):
     one_error(cascade("train", "configs/base.yaml", "train.steps=many",
                       f"run_dir={tmp_path}"), "train.steps")
@@ -70,6 +87,26 @@ def test_impossible_command_line_values(tmp_path, command, needle):
         command[0] in ("train", "submit"))
     one_error(cascade(*args), needle)
     assert sorted(os.listdir(tmp_path)) == (["h100.yaml"] if "submit" in command else [])
+
+
+@pytest.mark.parametrize("case", ["tokenizer_is_text", "empty_input"])
+def test_preprocess_refuses_before_writing(tmp_path, case):
+    text, tok = tmp_path / "in.txt", tmp_path / "tok.txt"
+    text.write_text("" if case == "empty_input" else "some text\n")
+    tok.write_text("not a tokenizer\n")
+    how = ["--tokenizer", tok] if case == "tokenizer_is_text" else ["--train-bpe", "300"]
+    needle = "not a tokenizer file" if case == "tokenizer_is_text" else "the input is empty"
+    one_error(cascade("preprocess", text, "--output-prefix", tmp_path / "out" / "ds", *how),
+              needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_preprocess_says_how_much_text_was_not_utf8(tmp_path):
+    text = tmp_path / "in.txt"
+    text.write_bytes(b"good text \xff\xfe and more\n")
+    proc = cascade("preprocess", text, "--output-prefix", tmp_path / "ds", "--train-bpe", "300")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: 2 bytes of the inputs are not UTF-8 text" in proc.stderr
 
 
 def test_missing_dataset(tmp_path):
@@ -310,6 +347,13 @@ def test_generate_from_an_incompatible_checkpoint(tiny_run, tmp_path):
                                            ("ROMEO " * 40, "the model's context is 32")])
 def test_generate_rejects_empty_and_too_long_prompts(tiny_run, prompt, needle):
     one_error(cascade("generate", "--ckpt", str(tiny_run), "--prompt", prompt), needle)
+
+
+def test_generate_rejects_a_prompts_file_that_is_not_text(tiny_run, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"ROMEO:\n\xff\xfeJULIET\n")
+    one_error(cascade("generate", "--ckpt", str(tiny_run), "--prompts-file", prompts),
+              "not UTF-8 text (byte 7")
 
 
 @pytest.mark.parametrize("option,needle", [

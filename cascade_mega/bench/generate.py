@@ -174,6 +174,7 @@ def held_out(decoder, count: int, prompt_len: int, length: int):
 
 
 def run(args) -> dict:
+    from cascade_mega.inference.command import read_prompts
     from cascade_mega.inference.decode import GenerationError
     from cascade_mega.inference.load import load_decoder
     from cascade_mega.train.checkpoint import CheckpointError
@@ -194,6 +195,7 @@ def run(args) -> dict:
                  top_p=args.top_p)
     except ValueError as err:
         raise GenerationError(str(err)) from None
+    texts = read_prompts(args.prompts_file)
     for which, path in (("bd", args.bd), ("ar", args.ar)):
         if path == RUNS[which][0]:
             _ensure_trained(*RUNS[which])
@@ -208,8 +210,6 @@ def run(args) -> dict:
         if not same_tokenizer(dec.tok, bd.tok):
             raise CheckpointError(f"{flag} {getattr(args, flag[2:])} uses another tokenizer "
                                   f"than --bd {args.bd}")
-    with open(args.prompts_file) as f:
-        texts = [line.rstrip("\n") for line in f if line.strip()]
     decoders = {name: (ar if name == "ar" else bd) for name in rows}
     for name, policy in rows.items():  # warm-up: caches, allocator
         decoders[name].generate([decoders[name].tok.encode(texts[0])], 16, policy,

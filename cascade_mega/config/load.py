@@ -7,15 +7,23 @@ raise `ConfigError` with one message naming the key, before anything expensive i
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 from typing import List, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from cascade_mega.config.rules import validate
 from cascade_mega.config.sections import CascadeConfig, ConfigError
+
+
+# the top-level keys that are sections (mappings), not values
+SECTIONS = tuple(f.name for f in dataclasses.fields(CascadeConfig)
+                 if dataclasses.is_dataclass(f.default_factory if f.default_factory
+                                             is not dataclasses.MISSING else None))
 
 
 def _yaml_chain(path: str) -> List[dict]:
@@ -28,7 +36,23 @@ def _yaml_chain(path: str) -> List[dict]:
         seen.add(path)
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
-        node = OmegaConf.load(path)
+        try:
+            node = OmegaConf.load(path)
+        except yaml.YAMLError as err:  # where and what, in one line
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            what = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"config {path}:{where}: not valid YAML ({what})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config {path}: not UTF-8 text") from None
+        if not OmegaConf.is_dict(node):
+            raise ConfigError(f"config {path}: holds a list, not a mapping of sections "
+                              "(model:, train:, ...)")
+        for key in SECTIONS:
+            if key in node and not OmegaConf.is_dict(node[key]) and node[key] is not None:
+                raise ConfigError(f"config {path}: '{key}' must be a mapping of its settings "
+                                  f"({key}: then indented key: value lines), got "
+                                  f"{OmegaConf.to_container(node)[key]!r}")
         base = node.pop("base", None)
         chain.append(node)
         path = os.path.join(os.path.dirname(path), base) if base else None

@@ -19,6 +19,7 @@ made with another tokenizer.
 from __future__ import annotations
 
 import bz2
+import codecs
 import gzip
 import io
 import json
@@ -44,7 +45,18 @@ def _open_binary(path: str):
 
 
 def _open(path: str):
-    return io.TextIOWrapper(_open_binary(path), encoding="utf-8", errors="replace")
+    return io.TextIOWrapper(_open_binary(path), encoding="utf-8", errors="cascade-count")
+
+
+NOT_UTF8 = [0]  # bytes of the inputs read so far that were not UTF-8 (each read as U+FFFD)
+
+
+def _count_replacement(err: UnicodeDecodeError):
+    NOT_UTF8[0] += err.end - err.start
+    return "\ufffd", err.end
+
+
+codecs.register_error("cascade-count", _count_replacement)
 
 
 def _is_mediawiki(path: str) -> bool:
@@ -125,6 +137,9 @@ def resolve_tokenizer(spec: str) -> str:
         open_tokenizer(path)
     except ValueError as err:
         raise DataError(str(err)) from None
+    except Exception as err:  # the tokenizers library's own error type: not a tokenizer file
+        raise DataError(f"{path}: not a tokenizer file (a tokenizer.json, a directory holding "
+                        f"one, a .tiktoken vocabulary or 'qwen'): {err}") from None
     return path
 
 
@@ -132,17 +147,21 @@ def preprocess(paths, prefix: str, tokenizer: str | None = None, train_bpe_size:
                workers: int = 1, json_key: str = "text", lines: bool = False,
                shard_tokens: int = 0, quiet: bool = False) -> dict:
     """Write the indexed dataset(s); returns {documents, tokens, bytes, seconds, prefixes}."""
+    NOT_UTF8[0] = 0
     for p in paths:
         _open(p).close()  # every input exists and opens, before any work
+        if os.path.getsize(p) == 0:
+            raise DataError(f"{p}: the input is empty")
+    if not train_bpe_size:  # the tokenizer is checked before anything is written
+        if not tokenizer:
+            raise DataError("give --tokenizer PATH or --train-bpe N")
+        tok = open_tokenizer(resolve_tokenizer(tokenizer))
     out_dir = os.path.dirname(os.path.abspath(prefix))
     os.makedirs(out_dir, exist_ok=True)
     if train_bpe_size:
         tok = train_bpe(documents(paths, json_key, lines), train_bpe_size,
                         prefix + ".tokenizer.json")
-    else:
-        if not tokenizer:
-            raise DataError("give --tokenizer PATH or --train-bpe N")
-        tok = open_tokenizer(resolve_tokenizer(tokenizer))
+        NOT_UTF8[0] = 0  # counted again by the pass that tokenizes
     progress = _Progress(quiet)
     pool = None
     if workers > 1:
@@ -184,6 +203,9 @@ def preprocess(paths, prefix: str, tokenizer: str | None = None, train_bpe_size:
     progress.show("\r" if not quiet else "")
     if not quiet:
         sys.stderr.write("\n")
+    if NOT_UTF8[0]:  # said, not silently replaced
+        sys.stderr.write(f"preprocess: warning: {NOT_UTF8[0]} bytes of the inputs are not UTF-8 "
+                         "text; each was read as U+FFFD\n")
     seconds = time.perf_counter() - progress.start
     return {"documents": progress.docs, "tokens": progress.tokens, "bytes": progress.bytes,
             "seconds": seconds, "tokens_per_s": progress.tokens / seconds, "prefixes": prefixes}

@@ -51,6 +51,23 @@ def add_arguments(p) -> None:
                    help="print one JSON object per prompt (tokens, text, per-block statistics)")
 
 
+def read_prompts(path: str) -> list:
+    """One prompt per non-empty line of a UTF-8 file; one message for a file that is not."""
+    from cascade_mega.inference.decode import GenerationError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+    except UnicodeDecodeError as err:
+        raise GenerationError(f"{path}: not UTF-8 text (byte {err.start}: "
+                              f"{err.object[err.start:err.start + 1]!r})") from None
+    except OSError as err:
+        raise GenerationError(f"{path}: cannot read the prompts ({err.strerror})") from None
+    if not texts:
+        raise GenerationError(f"{path}: no prompt in it (one per line)")
+    return texts
+
+
 def run(args) -> int:
     from dataclasses import asdict
 
@@ -59,8 +76,7 @@ def run(args) -> int:
     if args.prompt is not None:
         texts = [args.prompt]
     else:
-        with open(args.prompts_file) as f:
-            texts = [line.rstrip("\n") for line in f if line.strip()]
+        texts = read_prompts(args.prompts_file)
     from cascade_mega.inference.decode import GenerationError
 
     try:

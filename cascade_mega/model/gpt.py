@@ -29,7 +29,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from cascade_mega.config import CascadeConfig
+from cascade_mega.config import CascadeConfig, ConfigError
 from cascade_mega.model.attention import BlockDiffusionAttention
 from cascade_mega.model import moe
 from cascade_mega.model.layers import RMSNorm, SeededTransformerLayer
@@ -46,6 +46,9 @@ def vocab_rows(cfg, vocab_size: int, tp: int | None = None) -> int:
     ids, `model.vocab_size` when set, else padded to a multiple of
     `model.make_vocab_size_divisible_by` x the tensor-parallel size (default: the config's)."""
     m = cfg.model
+    if m.vocab_size and m.vocab_size < vocab_size:
+        raise ConfigError(f"'model.vocab_size' = {m.vocab_size} is smaller than the tokenizer's "
+                          f"{vocab_size} ids (null: the tokenizer's, padded)")
     return m.vocab_size or padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by,
                                              tp or cfg.parallel.tensor)
 
