@@ -109,6 +109,32 @@ def test_preprocess_says_how_much_text_was_not_utf8(tmp_path):
     assert "warning: 2 bytes of the inputs are not UTF-8 text" in proc.stderr
 
 
+LLAMA = ('{"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128, '
+         '"num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 1, '
+         '"vocab_size": 300, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, '
+         '"max_position_embeddings": 128, "tie_word_embeddings": false}')
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("config_json", "config.json: not a JSON file"),
+    ("safetensors", "model.safetensors: not a safetensors file"),
+    ("gguf", "not a GGUF file"),
+])
+def test_convert_refuses_files_that_are_not_what_they_say(tiny_run, tmp_path, case, needle):
+    import shutil
+
+    src = tmp_path / "hf"
+    src.mkdir()
+    (src / "config.json").write_text('{"architectures": ' if case == "config_json" else LLAMA)
+    shutil.copy(tiny_run / "tokenizer.json", src / "tokenizer.json")
+    (src / "model.safetensors").write_bytes(os.urandom(1000))
+    (tmp_path / "model.gguf").write_bytes(b"GGML" + os.urandom(100))
+    direction, source = ("gguf-to-hf", tmp_path / "model.gguf") if case == "gguf" else \
+        ("hf-to-mcore", src)
+    one_error(cascade("convert", direction, source, tmp_path / "out"), needle)
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_dataset(tmp_path):
     proc = cascade("train", "configs/base.yaml", f"data.path={tmp_path}/nowhere",
                    f"run_dir={tmp_path}/run")

@@ -375,6 +375,9 @@ def gguf_to_hf(args) -> str:
         raise ConfigError("gguf-to-hf needs the [hf] extra (transformers, gguf, accelerate)") \
             from None
     folder, name = os.path.split(os.path.abspath(path))
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":  # the format's magic number
+            raise ConfigError(f"{path}: not a GGUF file (it does not start with 'GGUF')")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     state = model.state_dict()

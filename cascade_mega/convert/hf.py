@@ -58,8 +58,13 @@ def read_config(hf_dir: str) -> dict:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise ConfigError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
-    with open(path) as f:
-        hf = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise ConfigError(f"{path}: not a JSON file ({str(err).splitlines()[0]})") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{path}: holds a {type(hf).__name__}, not a model config object")
     arch = (hf.get("architectures") or ["?"])[0]
     if arch not in ARCHITECTURES:
         raise ConfigError(f"{hf_dir}: architecture {arch} is not supported: expected one of "
@@ -127,12 +132,20 @@ def model_overrides(hf: dict) -> List[str]:
     return over
 
 
+def _readable(path: str):
+    """`safe_open(path)`, a file that is not safetensors named in one message."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, "pt")
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"{path}: not a safetensors file ({err})") from None
+
+
 class HFReader:
     """Tensors of a Hugging Face checkpoint by name, opened lazily (sharded or not)."""
 
     def __init__(self, hf_dir: str):
-        from safetensors import safe_open
-
         index = os.path.join(hf_dir, "model.safetensors.index.json")
         single = os.path.join(hf_dir, "model.safetensors")
         if os.path.isfile(index):
@@ -140,7 +153,7 @@ class HFReader:
                 self.where = {k: os.path.join(hf_dir, v) for k, v in
                               json.load(f)["weight_map"].items()}
         elif os.path.isfile(single):
-            with safe_open(single, "pt") as f:
+            with _readable(single) as f:
                 self.where = {k: single for k in f.keys()}
         else:
             raise ConfigError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
@@ -150,13 +163,11 @@ class HFReader:
         return name in self.where
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         if name not in self.where:
             raise ConfigError(f"the checkpoint has no tensor {name}")
         path = self.where[name]
         if path not in self._open:
-            self._open = {path: safe_open(path, "pt")}  # one file open at a time
+            self._open = {path: _readable(path)}  # one file open at a time
         return self._open[path].get_tensor(name)
 
     def files(self) -> List[str]:
