@@ -73,6 +73,14 @@ def test_impossible_combination(tmp_path, override, needle):
               needle)
 
 
+def test_submit_without_sbatch_writes_nothing(tmp_path):
+    profile = h100_profile(tmp_path)
+    proc = cascade("submit", "configs/base.yaml", "--cluster", profile, f"run_dir={tmp_path}/run",
+                   env={"PATH": str(tmp_path / "no-slurm-here")})
+    one_error(proc, "sbatch is not on PATH")
+    assert sorted(os.listdir(tmp_path)) == ["h100.yaml"]
+
+
 @pytest.mark.parametrize("command,needle", [
     (["plan", "configs/base.yaml", "--gpus", "0"], "--gpus must be >= 1"),
     (["train", "configs/base.yaml", "--nproc-per-node", "-1"], "--nproc-per-node must be >= 0"),
@@ -372,7 +380,9 @@ def test_generate_from_an_incompatible_checkpoint(tiny_run, tmp_path):
 @pytest.mark.parametrize("prompt,needle", [("", "prompt 0 is empty"),
                                            ("ROMEO " * 40, "the model's context is 32")])
 def test_generate_rejects_empty_and_too_long_prompts(tiny_run, prompt, needle):
-    one_error(cascade("generate", "--ckpt", str(tiny_run), "--prompt", prompt), needle)
+    proc = cascade("generate", "--ckpt", str(tiny_run), "--prompt", prompt)
+    one_error(proc, needle)
+    assert proc.stdout == ""  # the prompt is not echoed before its error
 
 
 def test_generate_rejects_a_prompts_file_that_is_not_text(tiny_run, tmp_path):

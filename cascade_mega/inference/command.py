@@ -77,7 +77,7 @@ def run(args) -> int:
         texts = [args.prompt]
     else:
         texts = read_prompts(args.prompts_file)
-    from cascade_mega.inference.decode import GenerationError
+    from cascade_mega.inference.decode import GenerationError, check_request
 
     try:
         policy = Policy(args.policy, args.steps, args.tau, args.order, args.bound, args.remask)
@@ -91,6 +91,7 @@ def run(args) -> int:
     decoder = load_decoder(args.ckpt, args.threads, args.precision,
                            **{k: v for k, v in given.items() if v is not None})
     prompts = [decoder.tok.encode(t) for t in texts]
+    check_request(prompts, decoder.max_len, args.max_new_tokens)  # before the prompt is echoed
     streaming = len(prompts) == 1 and not args.json
     shown = {"ids": [], "text": ""}
 

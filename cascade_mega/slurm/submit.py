@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -67,6 +68,9 @@ def resources(profile: ClusterProfile, args) -> Resources:
     if profile.partitions and partition not in profile.partitions:
         raise ConfigError(f"partition {partition!r} is not one of profile {profile.name!r}'s: "
                           f"{', '.join(profile.partitions)}")
+    if not getattr(args, "dry_run", False) and shutil.which("sbatch") is None:
+        raise ConfigError("sbatch is not on PATH: is this a Slurm login node? (--dry-run prints "
+                          "the job script without submitting)")
     live = None if getattr(args, "dry_run", False) else cluster_partitions()
     if live is not None and partition not in live:
         raise ConfigError(f"partition {partition!r} does not exist on this cluster "
