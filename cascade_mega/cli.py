@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     args.command_parser = parser  # commands that check a cascade command line (chain stages)
-    from cascade_mega.config import ConfigError
+    from cascade_mega.config import ConfigError, redact_uri
     from cascade_mega.data.indexed import DataError
 
     from cascade_mega.inference.decode import GenerationError
@@ -119,10 +119,10 @@ def main(argv=None) -> int:
         user_errors += (CheckpointError,)
         return args.func(args)
     except user_errors as err:
-        print(f"cascade: error: {err}", file=sys.stderr)
+        print(f"cascade: error: {redact_uri(str(err))}", file=sys.stderr)
         return 2
     except NonFiniteError as err:  # a run that stopped itself, with its reason
-        print(f"cascade: error: {err}", file=sys.stderr)
+        print(f"cascade: error: {redact_uri(str(err))}", file=sys.stderr)
         return 1
 
 

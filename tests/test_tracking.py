@@ -178,10 +178,22 @@ def test_unreachable_server_at_start_warns_and_buffers(tmp_path):
     from mlflow_server import free_port
 
     run_dir = tmp_path / "run"
+    uri = f"http://alice:s3cret@127.0.0.1:{free_port()}"  # credentials in the URI
     proc = cascade("train", "configs/base.yaml", *TINY, f"run_dir={run_dir}",
-                   f"tracking.uri=http://127.0.0.1:{free_port()}", "tracking.flush_timeout=1")
+                   f"tracking.uri={uri}", "tracking.flush_timeout=1")
     assert proc.returncode == 0, proc.stderr
     assert "does not answer" in proc.stderr and "Traceback" not in proc.stderr
+    # redacted on the console and in every file of the run (configs, checkpoint, buffers)
+    assert "s3cret" not in proc.stderr + proc.stdout and "http://***@127.0.0.1" in proc.stderr
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert b"s3cret" not in path.read_bytes(), path
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000020"
     unsent = [json.loads(line) for line in open(run_dir / "mlflow_unsent.jsonl")]
     assert [m[3] for m in unsent if m[0] == "loss"] == [5, 10, 15, 20]
+    # a resume names what changed since the checkpoint, and the redacted URI is not a change
+    resumed = cascade("train", "configs/base.yaml", *TINY, f"run_dir={run_dir}", "train.steps=21",
+                      f"tracking.uri={uri}", "tracking.flush_timeout=1")
+    assert resumed.returncode == 0, resumed.stderr
+    said = resumed.stdout + resumed.stderr
+    assert "train.steps" in said and "tracking.uri" not in said and "s3cret" not in said

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from typing import List, Optional
 
 import yaml
@@ -127,6 +128,22 @@ def to_yaml(cfg: CascadeConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact_uri(text: str) -> str:
+    """`http://user:password@host` (or a token as the user) -> `http://***@host`, anywhere in
+    `text`: credentials in a tracking URI never reach a file, a tracking store or the console."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def record_yaml(cfg: CascadeConfig) -> str:
+    """The config as the run records it (run directory, checkpoints, MLflow): `to_yaml` with the
+    tracking URI's credentials redacted. (A job's frozen config keeps them: the job needs them;
+    MLFLOW_TRACKING_USERNAME / _PASSWORD in the job's environment keep them out of every file.)"""
+    return redact_uri(to_yaml(cfg))
+
+
 def config_changes(old_yaml: str, cfg: CascadeConfig) -> list:
     """[(key, old value, new value)] for every setting of `cfg` that differs from the config in
     `old_yaml` (e.g. the one a checkpoint was saved under), dotted keys in config order."""
@@ -140,5 +157,5 @@ def config_changes(old_yaml: str, cfg: CascadeConfig) -> list:
         return out
 
     old = flat(OmegaConf.to_container(OmegaConf.create(old_yaml)))
-    new = flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    new = flat(OmegaConf.to_container(OmegaConf.create(record_yaml(cfg))))  # as it was recorded
     return [(k, old.get(k), v) for k, v in new.items() if old.get(k) != v]

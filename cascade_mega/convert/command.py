@@ -36,7 +36,7 @@ from dataclasses import replace
 
 import torch
 
-from cascade_mega.config import ConfigError, load_config, to_yaml
+from cascade_mega.config import ConfigError, load_config, record_yaml
 from cascade_mega.convert import hf as hfmap
 
 NOTE = "CASCADE_MODEL.md"
@@ -172,7 +172,7 @@ def hf_to_mcore(args) -> str:
         with open(os.path.join(partial, "hf_config.json"), "w") as f:
             json.dump({k: v for k, v in hf.items() if k != "cascade"}, f, indent=2)
         with open(os.path.join(partial, "config.yaml"), "w") as f:
-            f.write(to_yaml(cfg))
+            f.write(record_yaml(cfg))
     return out
 
 
@@ -336,7 +336,7 @@ def mcore_to_mcore(args) -> str:
                 os.path.dirname(config):
             cfg = replace(cfg, data=replace(cfg.data, tokenizer=f"{out}/tokenizer.json"))
         with open(os.path.join(partial, "config.yaml"), "w") as f:
-            f.write(to_yaml(cfg))
+            f.write(record_yaml(cfg))
     return out
 
 

@@ -26,7 +26,10 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def config_params(cfg) -> dict:
-    return flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    from cascade_mega.config import redact_uri
+
+    flat = flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    return {k: redact_uri(v) if isinstance(v, str) else v for k, v in flat.items()}
 
 
 def code_version() -> dict:

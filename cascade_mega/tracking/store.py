@@ -24,7 +24,9 @@ DATABASES = ("postgresql", "mysql", "mssql")
 def warn(message: str) -> None:
     """A tracking problem the run survives: one line on stderr (not a Python warning, which the
     command line silences for megatron's sake)."""
-    print(f"cascade: warning: {message}", file=sys.stderr, flush=True)
+    from cascade_mega.config import redact_uri
+
+    print(f"cascade: warning: {redact_uri(message)}", file=sys.stderr, flush=True)
 
 
 def resolve_uri(cfg) -> str:

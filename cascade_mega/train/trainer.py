@@ -24,7 +24,8 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from cascade_mega.bench import flops
-from cascade_mega.config import CascadeConfig, config_changes, run_dtype, to_yaml, validate
+from cascade_mega.config import (CascadeConfig, config_changes, record_yaml, run_dtype,
+                                 validate)
 from cascade_mega.data import loader
 from cascade_mega.diffusion import distill, objectives
 from cascade_mega.diffusion.base import Shard
@@ -117,7 +118,7 @@ class Trainer:
         if dist.get_rank() == 0:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
-                f.write(to_yaml(cfg))
+                f.write(record_yaml(cfg))
             loader.keep_with_run(self.tokenizer, self.prefix, self.run_dir)
         return self
 
@@ -276,7 +277,7 @@ class Trainer:
                                                self.scheduler, self.step,
                                                self.step * t.global_batch_size,
                                                cfg.checkpoint.keep_last, self._save_loader_state,
-                                               self.layout(), to_yaml(cfg))
+                                               self.layout(), record_yaml(cfg))
                     self._emit("on_checkpoint_end", self.step, path)
                 if leaving:
                     break

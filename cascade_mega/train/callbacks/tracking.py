@@ -60,9 +60,9 @@ class MlflowTracker(Callback):
                            **params.versions()}
         self.tags = {**params.layout_tags(trainer), **self.cfg.tracking.tags}
         self._replay_unsent()
-        from cascade_mega.config import to_yaml
+        from cascade_mega.config import record_yaml
 
-        self.jobs.append(("config.yaml", to_yaml(self.cfg).encode()))
+        self.jobs.append(("config.yaml", record_yaml(self.cfg).encode()))
         self.thread = threading.Thread(target=self._worker, name="mlflow-tracker", daemon=True)
         self.thread.start()
 
