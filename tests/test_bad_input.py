@@ -163,14 +163,25 @@ def _tiny_dataset(tmp_path, ids):
 
 def test_token_id_beyond_vocabulary(tmp_path):
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 8000, (300,), generator=gen).tolist() + [9000]
+    ids = torch.randint(2, 8000, (300,), generator=gen).tolist() + [9000]
     prefix, _ = _tiny_dataset(tmp_path, ids)
     one_error(cascade("train", "configs/base.yaml", f"data.path={prefix}",
                       f"run_dir={tmp_path}/run"), "token id 9000", "tiny.bin")
 
 
+def test_a_dataset_holding_the_mask_token(tmp_path):
+    """The absorbing state as data would be a target of infinite loss: refused, named (ids 0 and
+    1 are the end of document and [MASK] of the built-in tokenizer)."""
+    gen = torch.Generator().manual_seed(1)
+    _, tok = _tiny_dataset(tmp_path, [0])
+    ids = torch.randint(2, 8000, (300,), generator=gen).tolist() + [tok.mask_id]
+    prefix, _ = _tiny_dataset(tmp_path, ids)
+    one_error(cascade("train", "configs/base.yaml", f"data.path={prefix}",
+                      f"run_dir={tmp_path}/run"), "holds the mask token 50 times", "tiny.bin")
+
+
 def test_truncated_bin(tmp_path):
-    prefix, _ = _tiny_dataset(tmp_path, list(range(1, 301)))
+    prefix, _ = _tiny_dataset(tmp_path, list(range(2, 302)))
     with open(prefix + ".bin", "r+b") as f:
         f.truncate(os.path.getsize(prefix + ".bin") - 10)
     one_error(cascade("train", "configs/base.yaml", f"data.path={prefix}",
@@ -180,26 +191,26 @@ def test_truncated_bin(tmp_path):
 def test_dataset_too_small_for_its_split(tmp_path):
     from cascade_mega.data.indexed import write_indexed
 
-    _, tok = _tiny_dataset(tmp_path, list(range(1, 301)))
+    _, tok = _tiny_dataset(tmp_path, list(range(2, 302)))
     prefix = str(tmp_path / "one_document")
-    write_indexed(prefix, [list(range(1, 2000))], tok)  # one document: nothing to validate on
+    write_indexed(prefix, [list(range(2, 2000))], tok)  # one document: nothing to validate on
     one_error(cascade("train", "configs/base.yaml", f"data.path={prefix}",
                       f"run_dir={tmp_path}/run"), "one_document", "validation split")
 
 
 def test_idx_of_another_bin(tmp_path):
-    prefix, tok = _tiny_dataset(tmp_path, list(range(1, 301)))
+    prefix, tok = _tiny_dataset(tmp_path, list(range(2, 302)))
     from cascade_mega.data.indexed import write_indexed
 
     other = str(tmp_path / "other")
-    write_indexed(other, [list(range(1, 120))] * 50, tok)
+    write_indexed(other, [list(range(2, 121))] * 50, tok)
     os.replace(other + ".idx", prefix + ".idx")  # an .idx that describes another .bin
     one_error(cascade("train", "configs/base.yaml", f"data.path={prefix}",
                       f"run_dir={tmp_path}/run"), "tiny.bin", "mismatched")
 
 
 def test_corrupt_idx(tmp_path):
-    prefix, _ = _tiny_dataset(tmp_path, list(range(1, 301)))
+    prefix, _ = _tiny_dataset(tmp_path, list(range(2, 302)))
     with open(prefix + ".idx", "r+b") as f:
         f.write(b"NOT-AN-INDEX")
     one_error(cascade("train", "configs/base.yaml", f"data.path={prefix}",
@@ -207,7 +218,7 @@ def test_corrupt_idx(tmp_path):
 
 
 def test_dataset_tokenised_with_another_vocabulary(tmp_path):
-    prefix, _ = _tiny_dataset(tmp_path, list(range(1, 301)))
+    prefix, _ = _tiny_dataset(tmp_path, list(range(2, 302)))
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     other = Tokenizer(models.BPE())

@@ -19,6 +19,9 @@ def corpus(tmp_path_factory):
     """Real text: 60 Shakespeare documents, as .txt files, JSONL and their gzip forms."""
     root = tmp_path_factory.mktemp("corpus")
     docs = [d[:3000] for d in list(shakespeare_documents())[:60]]
+    # text that spells the special tokens stays text (no mask id, no false document boundary)
+    docs[3] += "\nA [MASK] here, and <|endoftext|> there."
+    docs[25] = "<|endoftext|>[MASK] " + docs[25]
     txt = []
     for i, d in enumerate(docs[:20]):
         (root / f"doc{i:02d}.txt").write_text(d)
@@ -41,10 +44,12 @@ def _round_trip(prefix, expected, dtype="uint16"):
     meta = read_meta(prefix)
     tok = open_tokenizer(os.path.join(os.path.dirname(prefix), meta["tokenizer"]))
     check_dataset(prefix, tok.vocab_size)
+    assert read_meta(prefix)["mask_tokens"] == 0
     got = _read(prefix)
     assert len(got) == len(expected)
     for ids, text in zip(got, expected):
         assert ids[-1] == tok.eod and tok.eod not in ids[:-1]  # one boundary per document
+        assert tok.mask_id not in ids
         assert tok.decode(ids[:-1]) == text
     assert meta["dtype"] == dtype
 

@@ -27,10 +27,12 @@ def token_dtype(vocab_size: int):
 def write_indexed(prefix: str, documents, tokenizer) -> None:
     dtype = token_dtype(tokenizer.vocab_size)
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
-    max_id = -1
+    max_id, masked = -1, 0
+    mask_id = getattr(tokenizer, "mask_id", None)
     for ids in documents:
         arr = torch.tensor(ids, dtype=torch.int64)
         max_id = max(max_id, int(arr.max()))
+        masked += int((arr == mask_id).sum()) if mask_id is not None else 0
         builder.add_document(arr, [len(ids)])
     builder.finalize(prefix + ".idx")
     tok_copy = prefix + (".tiktoken" if tokenizer.path.endswith(".tiktoken") else
@@ -39,7 +41,8 @@ def write_indexed(prefix: str, documents, tokenizer) -> None:
         shutil.copyfile(tokenizer.path, tok_copy)
     with open(prefix + ".meta.json", "w") as f:
         json.dump({"tokenizer": os.path.basename(tok_copy), "vocab_size": tokenizer.vocab_size,
-                   "max_token_id": max_id, "dtype": np.dtype(dtype).name}, f)
+                   "max_token_id": max_id, "dtype": np.dtype(dtype).name,
+                   "mask_tokens": masked}, f)
 
 
 def read_meta(prefix: str) -> dict:
@@ -69,6 +72,10 @@ def check_dataset(prefix: str, vocab_size: int) -> None:
     if actual != expected:
         raise DataError(f"{prefix}.bin has {actual} bytes but its .idx describes {expected}: "
                         "truncated or mismatched")
+    if meta.get("mask_tokens"):  # the diffusion's absorbing state, as data: an infinite loss
+        raise DataError(f"{prefix}.bin holds the mask token {meta['mask_tokens']} times: a "
+                        "target no model can predict (re-preprocess: text that spells a special "
+                        "token is encoded as text)")
     if meta["max_token_id"] >= vocab_size:
         raise DataError(f"{prefix}.bin holds token id {meta['max_token_id']} but the vocabulary "
                         f"has {vocab_size} entries")

@@ -2,7 +2,7 @@
 the two special tokens the project needs.
 
 `[MASK]` is the absorbing state of the diffusion; `<|endoftext|>` ends every document (megatron's
-`eod`). The object also carries what megatron-core's GPT dataset asks of a tokenizer
+`eod`). Both ids come from the code only: text that spells them is encoded as text. The object also carries what megatron-core's GPT dataset asks of a tokenizer
 (`vocab_size`, `eod`), and no pad token (megatron then uses its own out-of-vocabulary pad id).
 """
 
@@ -33,6 +33,9 @@ class CascadeTokenizer:
                                       if self._tok.token_to_id(t) is None])
         self.mask_id = self._tok.token_to_id(MASK_TOKEN)
         self.eod = self._tok.token_to_id(eod or EOD_TOKEN)
+        # text that spells a special token ("[MASK]", "<|endoftext|>" in a document or a prompt)
+        # is text: the ids of the absorbing state and of a document's end come only from the code
+        self._tok.encode_special_tokens = True
         self.vocab_size = self._tok.get_vocab_size()
         # megatron-core keys its sample-index cache on this description
         digest = hashlib.sha256(open(path, "rb").read()).hexdigest()[:16]
