@@ -12,8 +12,22 @@ Stdlib only: it runs before the ranks import torch.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (`prctl(PR_SET_PDEATHSIG)`): torchrun
+    when `cascade train` is killed outright, a rank when torchrun is. A kill -9 then leaves no rank
+    training on, holding the run directory and its GPU, under PID 1 (saves are atomic: the last
+    complete checkpoint stays). Elsewhere (not Linux): nothing."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
 
 
 def command(config: str, overrides, nproc_per_node: int, nnodes: int = 1,
@@ -35,4 +49,4 @@ def launch(config: str, overrides, nproc_per_node: int, nnodes: int = 1,
     env = {**os.environ, "CASCADE_CHILD": "1"}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
     return subprocess.call(command(config, overrides, nproc_per_node, nnodes, rdzv_endpoint),
-                           env=env)
+                           env=env, preexec_fn=die_with_parent)

@@ -30,6 +30,15 @@ def _run(tmp_path, name, *extra, printed=None):
     return _records(tmp_path / name)
 
 
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def _line(printed: str, start: str) -> str:
     return next(line for line in printed.splitlines() if line.startswith(start))
 
@@ -150,7 +159,7 @@ def test_profile_memory_and_a_heartbeat_that_names_a_stopped_rank(tmp_path):
     """Two ranks: `train.profile` writes one Chrome trace per rank holding the profiled steps and
     names the top kernels; every rank's peak memory is reported once; rank 1 stopped with SIGSTOP
     is named by the heartbeat (through `cascade jobs`), while rank 0, blocked in a collective
-    waiting for it, is alive."""
+    waiting for it, is alive. Then kill -9 of the launcher alone: no rank outlives it by 5 s."""
     import signal
     import time
 
@@ -179,12 +188,22 @@ def test_profile_memory_and_a_heartbeat_that_names_a_stopped_rank(tmp_path):
             assert stalled[1].startswith("the other 1 ranks are alive at step ")
         finally:
             os.kill(stopped["pid"], signal.SIGCONT)
-    finally:  # the run ends here: the launcher's session and the ranks (torchrun starts each
-        # in a session of its own; their checkpoint writers die with them) are killed
-        os.killpg(proc.pid, signal.SIGKILL)
-        for b in heartbeat.read(run_dir):
-            os.kill(b["pid"], signal.SIGKILL)
+    finally:  # the run ends here: kill -9 of `cascade train` alone; torchrun and the ranks (each
+        # in a session of its own; they start no helper process) die with it within 5 s
+        ranks = [b["pid"] for b in heartbeat.read(run_dir)]
+        os.kill(proc.pid, signal.SIGKILL)
+        deadline = time.time() + 5
+        while time.time() < deadline and any(map(_alive, ranks)):
+            time.sleep(0.1)
+        left = [pid for pid in ranks if _alive(pid)]
+        for pid in left:  # what the test started, by PID
+            os.kill(pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun, if it outlived the launcher too
+        except ProcessLookupError:
+            pass
         out, _ = proc.communicate(timeout=60)
+    assert len(ranks) == 2 and not left, f"ranks {left} outlived the killed launcher"
     for rank in (0, 1):
         trace = json.load(open(run_dir / "profile" / f"rank{rank}.pt.trace.json"))
         names = {e.get("name", "") for e in trace["traceEvents"]}

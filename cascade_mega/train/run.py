@@ -36,5 +36,9 @@ def command(config: str, overrides, nproc_per_node: int = 0, nnodes: int = 1,
         from cascade_launchers import torchrun
 
         return torchrun.launch(config, overrides, nproc_per_node, nnodes, rdzv_endpoint)
+    if os.environ.get("CASCADE_CHILD"):  # a rank of our launcher: it ends with its torchrun
+        from cascade_launchers import torchrun
+
+        torchrun.die_with_parent()
     train(cfg)
     return 0
