@@ -164,3 +164,30 @@ def test_a_new_objective_touches_the_objective_package_and_the_config_only(
     first, last = steps[0]["loss"], sum(r["loss"] for r in steps[-3:]) / 3
     assert last < first - 0.5, (first, last)  # it learns: the unigram statistics at least
     assert any("mlm_acc" in r and r["split"] == "valid" for r in lines)
+
+
+def test_padded_samples_score_every_real_token_and_no_padding():
+    """megatron pads a short sample at its end, its loss mask over the labels (0 where the label
+    is padding). A diffusion target is the token itself: the last real token is scored, padding
+    is not; the AR objective scores labels, megatron's mask as it is."""
+    L, pad, real = 16, 5, 12
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(6, MASK_ID, (2, L), generator=g)
+    tokens[:, real:] = pad
+    labels = torch.cat([tokens[:, 1:], torch.full((2, 1), pad)], 1)
+    loss_mask = (labels != pad).float()  # label i is token i + 1: 11 real labels
+    for extra, scored in ((["diffusion.shifted_prediction=false"], real),
+                          (["diffusion.shifted_prediction=true"], real - 1),  # no token before 0
+                          (["diffusion.objective=ar"], real - 1)):
+        cfg = tiny_cfg(f"data.seq_len={L}", "diffusion.block_size=4", *extra)
+        prep = objective.prepare(tokens, labels, loss_mask, cfg, MASK_ID, g)
+        assert prep.num_tokens == 2 * scored, extra
+        targets = prep.readout.labels[prep.weight > 0]
+        assert pad not in targets.tolist(), extra
+    # every real token can be a masked target: over many noise draws each one is
+    cfg = tiny_cfg(f"data.seq_len={L}", "diffusion.block_size=4")
+    hit = torch.zeros(L, dtype=torch.bool)
+    for _ in range(50):
+        prep = objective.prepare(tokens, labels, loss_mask, cfg, MASK_ID, g)
+        hit |= (prep.weight > 0).reshape(2, -1, L).any(0).any(0)
+    assert hit[:real].all() and not hit[real:].any()

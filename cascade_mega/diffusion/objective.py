@@ -165,12 +165,14 @@ def prepare(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
     context: (rank, size) of the context-parallel group.
     eod_id: the end-of-document token (needed by `data.document_mask`).
     """
-    documents, ar_mask = None, loss_mask
+    documents, ar_mask = None, loss_mask  # next-token rows: megatron's mask, which follows labels
+    if cfg.diffusion.objective != "ar":
+        loss_mask = token_mask(loss_mask)
     if cfg.data.document_mask:
         if eod_id is None:
             raise ValueError("data.document_mask needs the end-of-document token id (eod_id)")
         documents = document_ids(tokens, eod_id)
-        ar_mask = loss_mask * (tokens != eod_id)  # an end-of-document's label opens the next one
+        ar_mask = ar_mask * (tokens != eod_id)  # an end-of-document's label opens the next one
         loss_mask = loss_mask * _within_document(tokens, documents, cfg, eod_id)
     prep = _prepare(tokens, labels, loss_mask, cfg, mask_id, noise, t_range)
     if cfg.diffusion.ar_loss_weight > 0:  # block diffusion only (config check)
@@ -186,6 +188,13 @@ def prepare(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
     prep.count = torch.tensor(prep.num_tokens, dtype=torch.int)  # host: moved with the batch
     prep.routing_scale = routing
     return prep
+
+
+def token_mask(loss_mask: torch.Tensor) -> torch.Tensor:
+    """megatron's loss mask is over the labels (label i is token i + 1: 0 where it is padding);
+    a diffusion target is the token itself, real where the label before it is (token 0 always).
+    Without padding both are all ones."""
+    return torch.cat([torch.ones_like(loss_mask[:, :1]), loss_mask[:, :-1]], dim=1)
 
 
 def _within_document(tokens, documents, cfg, eod_id) -> torch.Tensor:
