@@ -240,7 +240,8 @@ def test_megatron_hf_megatron_round_trip_is_bit_exact(converted, exported):
     for name in first:
         assert torch.equal(first[name], second[name]), name
     hf = json.loads((back / "config.json").read_text())
-    assert hf["vocab_size"] == padded(model.config.vocab_size, kind) and hf["cascade"] == {"objective": "ar", "block_size": 1}
+    assert hf["vocab_size"] == padded(model.config.vocab_size, kind) and hf["cascade"] == {
+        "objective": "ar", "block_size": 1, "shifted_prediction": False}
 
 
 @pytest.mark.parametrize("converted", ["qwen2_moe"], indirect=True)

@@ -15,10 +15,9 @@ model and any layout that divides it loads it: the target layout is checked here
 groups, layers, vocabulary) and written into the config. Memory: the model once, in the
 checkpoint's dtype, plus one Hugging Face tensor at a time.
 
-mcore-to-hf writes safetensors shards (at most --max-shard-gb each, one in memory at a time),
-config.json, tokenizer.json and a generation config that forbids the project's added tokens. The
-embedding keeps every row of the megatron table, so the way back is bit-exact. A block-diffusion
-checkpoint is exported the same way with a note of what `transformers` cannot run.
+mcore-to-hf (`convert/export.py`) writes a Hugging Face model directory: AR runs as the plain
+architecture, block- and full-diffusion runs with the project's modeling code (trust_remote_code),
+whose `generate()` decodes them as `cascade generate` does. The way back is bit-exact.
 
 Everything is written into `OUT.partial` and renamed to OUT at the end: a failed conversion
 leaves nothing behind, and an existing OUT is never overwritten.
@@ -31,16 +30,13 @@ import math
 import os
 import shutil
 import sys
-from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
 
 from cascade_mega.config import ConfigError, load_config, record_yaml
 from cascade_mega.convert import hf as hfmap
-
-NOTE = "CASCADE_MODEL.md"
-
+from cascade_mega.convert.staging import progress, staged
 
 def add_arguments(p) -> None:
     p.add_argument("direction",
@@ -57,30 +53,6 @@ def add_arguments(p) -> None:
     p.add_argument("--expert", type=int, default=1, help="target expert-parallel size (MoE)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--max-shard-gb", type=float, default=5.0)
-
-
-@contextmanager
-def staged(out: str):
-    """Write into OUT.partial; rename to OUT on success, remove it on any failure."""
-    out = os.path.abspath(out)
-    if os.path.exists(out):
-        raise ConfigError(f"{out} exists: remove it or choose another output directory")
-    partial = out + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
-    try:
-        yield partial
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    os.replace(partial, out)
-
-
-def _progress(total: int, what: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=what, unit="tensor", file=sys.stderr,
-                disable=not sys.stderr.isatty())
 
 
 def _layout(tensor: int, pipeline: int, expert: int):
@@ -142,6 +114,8 @@ def hf_to_mcore(args) -> str:
     if objective == "block_diffusion":
         block = hf["cascade"]["block_size"] if known else args.block_size
         overrides.append(f"diffusion.block_size={block}")
+        if known and hf["cascade"].get("shifted_prediction"):
+            overrides.append("diffusion.shifted_prediction=true")
     cfg, one = _target(overrides, args.tensor, args.pipeline, args.expert)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     with staged(out) as partial:
@@ -149,7 +123,7 @@ def hf_to_mcore(args) -> str:
         state = model.state_dict()
         params = {k for k in state if not k.endswith("_extra_state")}
         filled = set()
-        with torch.no_grad(), _progress(len(reader.where), "hf-to-mcore") as bar:
+        with torch.no_grad(), progress(len(reader.where), "hf-to-mcore") as bar:
             for name, tensor in hfmap.hf_to_megatron(reader, hf, tokenizer.vocab_size, padded,
                                                      None if known else tokenizer.mask_id):
                 if name not in state:
@@ -170,141 +144,11 @@ def hf_to_mcore(args) -> str:
                                 "expert": args.expert})
         shutil.copy(tok_path, os.path.join(partial, "tokenizer.json"))
         with open(os.path.join(partial, "hf_config.json"), "w") as f:
-            json.dump({k: v for k, v in hf.items() if k != "cascade"}, f, indent=2)
+            json.dump({k: v for k, v in hf.items() if k not in ("cascade", "_name_or_path")}, f,
+                      indent=2)
         with open(os.path.join(partial, "config.yaml"), "w") as f:
             f.write(record_yaml(cfg))
     return out
-
-
-def _hf_config(cfg, run_dir: str, rows: int) -> dict:
-    m = cfg.model
-    base_path = os.path.join(run_dir, "hf_config.json")
-    if os.path.isfile(base_path):
-        with open(base_path) as f:
-            hf = json.load(f)
-    else:  # trained here: describe it in Hugging Face's terms
-        hf = _describe(cfg)
-    hf.update(vocab_size=rows, torch_dtype="float32", dtype="float32")
-    d = cfg.diffusion
-    hf["cascade"] = {"objective": d.objective,
-                     "block_size": d.block_size if d.objective != "ar" else 1}
-    return hf
-
-
-def _describe(cfg) -> dict:
-    """A model trained here as the Hugging Face architecture that holds it: Llama, Qwen2 (QKV
-    biases), Qwen3 (per-head query / key norms), Qwen3-MoE (experts and query / key norms) or
-    Qwen2-MoE (experts and a gated shared expert)."""
-    from cascade_mega.model.gpt import ffn_size
-
-    m, moe = cfg.model, cfg.model.moe
-    if moe.enabled:
-        kind = "qwen3_moe" if m.qk_norm and not moe.shared_expert_size else \
-            "qwen2_moe" if moe.shared_expert_gate and not m.qk_norm else None
-        if kind is None or moe.score_function != "softmax" or moe.expert_bias or \
-                (kind == "qwen2_moe" and not m.qkv_bias):
-            raise ConfigError("this MoE model has no Hugging Face architecture to export to "
-                              "(Qwen3-MoE: query / key norms, no shared expert; Qwen2-MoE: a "
-                              "gated shared expert, QKV biases, no query / key norms; both "
-                              "softmax routing without an expert bias)")
-    else:
-        kind = "qwen3" if m.qk_norm else "qwen2" if m.qkv_bias else "llama"
-    names = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "qwen2_moe": "Qwen2Moe",
-             "qwen3_moe": "Qwen3Moe"}
-    hf = {"architectures": [f"{names[kind]}ForCausalLM"], "model_type": kind,
-          "hidden_act": "silu", "hidden_size": m.hidden_size, "intermediate_size": ffn_size(cfg),
-          "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
-          "num_key_value_heads": m.num_query_groups or m.num_attention_heads,
-          "head_dim": m.kv_channels or m.hidden_size // m.num_attention_heads,
-          "rms_norm_eps": m.norm_epsilon, "tie_word_embeddings": m.tie_embeddings,
-          "max_position_embeddings": cfg.data.seq_len, "rope_theta": m.rotary_base,
-          "attention_bias": m.qkv_bias if kind.startswith("qwen3") else False}
-    if m.rope_scaling:
-        hf["rope_scaling"] = {"rope_type": "llama3", "factor": m.rope_scaling_factor,
-                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                              "original_max_position_embeddings": 8192}
-    if moe.enabled:
-        pattern = m.moe_pattern
-        hf.update(num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
-                  moe_intermediate_size=moe.ffn_hidden_size or ffn_size(cfg),
-                  norm_topk_prob=moe.norm_topk_prob, decoder_sparse_step=1,
-                  mlp_only_layers=[i for i, on in enumerate(pattern) if not on],
-                  router_aux_loss_coef=moe.aux_loss_coeff)
-        if kind == "qwen2_moe":
-            hf["shared_expert_intermediate_size"] = moe.shared_expert_size
-    return hf
-
-
-def mcore_to_hf(args) -> str:
-    from safetensors.torch import save_file
-
-    from cascade_mega.data.tokenizer import MASK_TOKEN
-
-    from cascade_mega.inference.load import load_model
-    from cascade_mega.train.checkpoint import locate
-
-    cfg, tokenizer, model = load_model(args.source)
-    run_dir = os.path.dirname(locate(args.source)[0])
-    # the tensors are written from the host (the model was loaded on the process's device)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()
-             if not k.endswith("_extra_state")}
-    rows = state["embedding.word_embeddings.weight"].shape[0]
-    hf = _hf_config(cfg, run_dir, rows)
-    tensors = list(hfmap.megatron_to_hf(state, hf))
-    limit = args.max_shard_gb * 1024 ** 3
-    shards, size = [[]], 0
-    for name, t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, t))
-        size += nbytes
-    with staged(args.out) as partial:
-        weight_map = {}
-        with _progress(len(tensors), "mcore-to-hf") as bar:
-            for i, shard in enumerate(shards):
-                fname = "model.safetensors" if len(shards) == 1 else \
-                    f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file({n: t.contiguous() for n, t in shard},
-                          os.path.join(partial, fname), metadata={"format": "pt"})
-                weight_map.update({n: fname for n, _ in shard})
-                bar.update(len(shard))
-        if len(shards) > 1:
-            total = sum(t.numel() * t.element_size() for _, t in tensors)
-            with open(os.path.join(partial, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f,
-                          indent=2)
-        with open(os.path.join(partial, "config.json"), "w") as f:
-            json.dump(hf, f, indent=2)
-        # the project's added tokens and the padding rows are never predicted (the megatron model
-        # masks them with -inf logits); transformers' generate does the same through this list
-        banned = [tokenizer.mask_id] + list(range(tokenizer.vocab_size, rows))
-        with open(os.path.join(partial, "generation_config.json"), "w") as f:
-            json.dump({"eos_token_id": tokenizer.eod, "suppress_tokens": banned,
-                       "do_sample": False}, f, indent=2)
-        shutil.copy(tokenizer.path, os.path.join(partial, "tokenizer.json"))
-        if cfg.diffusion.objective != "ar":
-            with open(os.path.join(partial, NOTE), "w") as f:
-                f.write(_diffusion_note(cfg, tokenizer.mask_id, MASK_TOKEN,
-                                        hf["architectures"][0]))
-    return os.path.abspath(args.out)
-
-
-def _diffusion_note(cfg, mask_id: int, mask_token: str, architecture: str) -> str:
-    d = cfg.diffusion
-    block = "L (full sequence)" if cfg.attention_kind == "full" else d.block_size
-    return f"""# A block-diffusion model in Hugging Face's format
-
-These weights are a standard {architecture} network, so
-`transformers` loads them, but they were trained as a block-diffusion denoiser (block size
-{block}, sequence length {cfg.data.seq_len}): given the clean earlier blocks and a block
-where some tokens are `{mask_token}` (id {mask_id}), the model predicts the masked tokens, under
-block-causal attention over the `[x_t ; x_0]` layout. `transformers` has neither that attention
-mask nor the denoising sampler, so `generate()` and causal-LM logits of this model are not
-meaningful. Run it with `cascade generate`, after `cascade convert hf-to-mcore` of this directory
-(the `cascade` entry of config.json brings the objective and block size back).
-"""
 
 
 def mcore_to_mcore(args) -> str:
@@ -385,6 +229,7 @@ def gguf_to_hf(args) -> str:
         state.pop("lm_head.weight", None)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)  # the local folder it was read from
     config["architectures"] = [type(model).__name__]
     with staged(args.out) as partial:
         save_file({k: v.contiguous() for k, v in state.items()},
@@ -396,6 +241,8 @@ def gguf_to_hf(args) -> str:
 
 
 def run(args) -> int:
+    from cascade_mega.convert.export import mcore_to_hf
+
     fn = {"hf-to-mcore": hf_to_mcore, "mcore-to-hf": mcore_to_hf,
           "mcore-to-mcore": mcore_to_mcore, "gguf-to-hf": gguf_to_hf}[args.direction]
     print(f"wrote {fn(args)}", flush=True)

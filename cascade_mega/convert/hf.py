@@ -36,6 +36,11 @@ ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
                  "Qwen3MoeForCausalLM": "qwen3_moe"}
 
 
+# what a diffusion export's config.json adds for its modeling code (convert/export.py)
+REMOTE_KEYS = ("auto_map", "backbone", "objective", "block_size", "shifted_prediction",
+               "mask_token_id", "tokenizer_vocab_size", "qk_norm")
+
+
 def family(hf: dict) -> str:
     return ARCHITECTURES[hf["architectures"][0]]
 
@@ -66,6 +71,14 @@ def read_config(hf_dir: str) -> dict:
     if not isinstance(hf, dict):
         raise ConfigError(f"{path}: holds a {type(hf).__name__}, not a model config object")
     arch = (hf.get("architectures") or ["?"])[0]
+    if arch == "CascadeForCausalLM":  # a diffusion export: its backbone, as that model's config
+        inner = hf.get("cascade") or {}
+        if "architecture" not in inner:
+            raise ConfigError(f"{path}: a CascadeForCausalLM config without its backbone "
+                              "(the 'cascade' entry names it)")
+        hf = {k: v for k, v in hf.items() if k not in REMOTE_KEYS}
+        hf.update(architectures=[inner["architecture"]], model_type=inner["model_type"])
+        arch = inner["architecture"]
     if arch not in ARCHITECTURES:
         raise ConfigError(f"{hf_dir}: architecture {arch} is not supported: expected one of "
                           f"{', '.join(ARCHITECTURES)}")

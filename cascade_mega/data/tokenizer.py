@@ -50,6 +50,11 @@ class CascadeTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
+    def save(self, path: str) -> None:
+        """The vocabulary with the project's special tokens (`[MASK]` and end-of-document
+        appended where the file had none), as a `tokenizers` JSON file."""
+        self._tok.save(path)
+
 
 # Qwen's pre-tokenisation pattern (the `.tiktoken` file holds the merges, not the pattern)
 QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"""
