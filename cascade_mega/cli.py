@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cascade_mega.slurm import jobs, submit
     from cascade_mega.sweep import command as sweep
     from cascade_mega.convert import command as convert
+    from cascade_mega.evaluation import command as evaluate
     from cascade_mega.tracking import runs
 
     for name, module, text in (
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("runs", runs, "tracked runs and their final metrics, from MLflow"),
             ("sweep", sweep, "run a sweep grid (local or a Slurm array); `sweep fit`: scaling laws"),
             ("convert", convert, "Hugging Face <-> megatron checkpoints, runs at another layout"),
+            ("eval", evaluate, "lm-evaluation-harness tasks on runs, side by side"),
             ("plan", plan, "memory per GPU of a parallel layout, before launching it")):
         sp = sub.add_parser(name, help=text)
         module.add_arguments(sp)

@@ -43,6 +43,43 @@ def hidden(model, input_ids, position_ids, layout):
                  output_processor=lambda hidden_states, **_: hidden_states)
 
 
+def exact_block_nelbo(model, block: int, context, continuation) -> float:
+    """E_t,mask[(1/t) sum_masked CE] of `continuation` after `context` (token lists), summed,
+    by enumerating every mask pattern of the continuation's positions in every block.
+
+    Blocks are aligned from position 0; the context is clean, the rest of the last block [MASK].
+    A block's term depends only on its own mask (other blocks' noisy tokens are invisible to it),
+    and for a pattern with k of a block's m continuation positions masked, t ~ U(0, 1] gives the
+    weight E[t^k (1-t)^(m-k) / t] = (k-1)! (m-k)! / m!."""
+    import itertools
+    import math
+
+    from cascade_mega.diffusion import objective
+
+    n = len(context) + len(continuation)
+    P = -(-n // block) * block
+    x0 = torch.tensor([list(context) + list(continuation) + [MASK_ID] * (P - n)])
+    total = 0.0
+    for blk in range(P // block):
+        where = [i for i in range(blk * block, (blk + 1) * block) if len(context) <= i < n]
+        m = len(where)
+        for pattern in itertools.product([0, 1], repeat=m):
+            k = sum(pattern)
+            if k == 0:
+                continue
+            masked = torch.zeros(1, P, dtype=torch.bool)
+            masked[0, [i for i, on in zip(where, pattern) if on]] = True
+            xt = torch.where(masked, MASK_ID, x0)
+            prep = objective.Prepared(
+                torch.cat([xt, x0], 1), torch.arange(P).repeat(2)[None],
+                objective.AttentionLayout("block_diffusion", P, block),
+                objective.ReadOut(torch.arange(P), x0), masked.double(), masked, P)
+            ce, _ = score(model, prep)
+            weight = math.factorial(k - 1) * math.factorial(m - k) / math.factorial(m)
+            total += weight * float(torch.where(masked, ce.double(), 0.0).sum())
+    return total
+
+
 def random_tokens(b, L, generator=None):
     return torch.randint(0, MASK_ID, (b, L), generator=generator)
 

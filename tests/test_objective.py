@@ -1,12 +1,11 @@
 """Objectives: B = 1 shifted block diffusion is AR; the NELBO estimator's mean is exact."""
 
-import itertools
 import math
 
 import torch
 
 from cascade_mega.diffusion import objective
-from helpers import MASK_ID, random_tokens, score, tiny_cfg, tiny_model
+from helpers import MASK_ID, exact_block_nelbo, random_tokens, score, tiny_cfg, tiny_model
 
 
 def test_shifted_block_size_one_equals_ar_loss(megatron):
@@ -39,30 +38,8 @@ def test_shifted_block_size_one_equals_ar_loss(megatron):
 
 
 def exact_nelbo(model, cfg, x0):
-    """E_t,mask[(1/t) sum_masked CE] / L by enumerating every mask pattern of every block.
-
-    A block's term depends only on its own mask (other blocks' noisy tokens are invisible to it),
-    and for a pattern with k of B positions masked, t ~ U(0, 1] gives the weight
-    E[t^k (1-t)^(B-k) / t] = (k-1)! (B-k)! / B!.
-    """
-    L, B = x0.shape[1], cfg.diffusion.block_size
-    total = 0.0
-    for blk in range(L // B):
-        for pattern in itertools.product([0, 1], repeat=B):
-            k = sum(pattern)
-            if k == 0:
-                continue
-            masked = torch.zeros(1, L, dtype=torch.bool)
-            masked[0, blk * B:(blk + 1) * B] = torch.tensor(pattern, dtype=torch.bool)
-            xt = torch.where(masked, MASK_ID, x0)
-            prep = objective.Prepared(
-                torch.cat([xt, x0], 1), torch.arange(L).repeat(2)[None],
-                objective.AttentionLayout("block_diffusion", L, B),
-                objective.ReadOut(torch.arange(L), x0), masked.double(), masked, L)
-            ce, _ = score(model, prep)
-            weight = math.factorial(k - 1) * math.factorial(B - k) / math.factorial(B)
-            total += weight * float((ce.double() * masked).sum())
-    return total / L
+    """E_t,mask[(1/t) sum_masked CE] / L by enumerating every mask pattern of every block."""
+    return exact_block_nelbo(model, cfg.diffusion.block_size, [], x0[0].tolist()) / x0.shape[1]
 
 
 def test_nelbo_estimate_matches_exact_expectation(megatron):
