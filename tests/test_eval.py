@@ -52,6 +52,8 @@ PAIRS = [("ROMEO: But soft, what light", " through yonder window"),
 
 
 def test_ar_loglikelihoods_are_the_model_s_own(runs):
+    from lm_eval.api.instance import Instance
+
     from cascade_mega.diffusion.masks import AttentionLayout
     from cascade_mega.model.gpt import read_out_logits
 
@@ -76,6 +78,9 @@ def test_ar_loglikelihoods_are_the_model_s_own(runs):
         rows = logp[len(ctx) - 1:len(whole) - 1]
         assert abs(ll - float(rows.gather(1, torch.tensor(cont)[:, None]).sum())) < 1e-5
         assert greedy == bool((rows.argmax(-1) == torch.tensor(cont)).all())
+    # a document shorter than the context is one rolling window after end-of-text
+    rolled, = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (PAIRS[2][1],), 0)])
+    assert rolled == pytest.approx(got[2][0], abs=1e-5)  # batched apart: float rounding
 
 
 def test_the_diffusion_bound_converges_to_its_exact_value(megatron):
@@ -111,7 +116,12 @@ def test_generate_until_is_cascade_generate_cut_at_the_stop(runs):
     assert stop and out == text[:text.index(stop)] and len(out) < len(text)
 
 
-def test_cascade_eval_prints_both_runs_and_logs_to_mlflow(runs):
+EVAL = ["--tasks", TASKS, "--limit", "4", "--mc-samples", "2", "--json"]
+
+
+@pytest.fixture(scope="module")
+def evaluated(runs):
+    """Both runs side by side, the block-diffusion one tracked in MLflow."""
     from mlflow.tracking import MlflowClient
 
     from cascade_mega.config import load_config
@@ -121,9 +131,13 @@ def test_cascade_eval_prints_both_runs_and_logs_to_mlflow(runs):
     client = MlflowClient(uri)
     run_id = client.create_run(store.experiment_id(client, "eval-test")).info.run_id
     (runs["block"] / "mlflow_run_id").write_text(run_id)
-    proc = cascade("eval", runs["block"], runs["ar"], "--tasks", TASKS, "--limit", "4",
-                   "--mc-samples", "2", "--json")
+    proc = cascade("eval", runs["block"], runs["ar"], *EVAL)
     assert proc.returncode == 0, proc.stderr
+    return proc, client, run_id
+
+
+def test_cascade_eval_prints_both_runs_and_logs_to_mlflow(runs, evaluated):
+    proc, client, run_id = evaluated
     result = json.loads(proc.stdout.splitlines()[-1])
     assert result["bounds"] == {str(runs["block"]): True, str(runs["ar"]): False}
     for run in runs.values():
@@ -134,6 +148,21 @@ def test_cascade_eval_prints_both_runs_and_logs_to_mlflow(runs):
     logged = client.get_run(run_id).data.metrics
     assert logged["eval/shakespeare_next_line/acc"] == \
         result["runs"][str(runs["block"])]["shakespeare_next_line"]["acc"]
+
+
+def test_data_parallel_ranks_give_one_process_s_figures(runs, evaluated):
+    """Two ranks under torchrun (gloo) split the requests; the noise draws follow the
+    questions, not the ranks, so every figure but the bootstrapped errors is the same."""
+    from helpers import torchrun
+
+    proc = torchrun(2, "-m", "cascade_mega", "eval", runs["block"], *EVAL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    two = json.loads(proc.stdout.splitlines()[-1])["runs"][str(runs["block"])]
+    one = json.loads(evaluated[0].stdout.splitlines()[-1])["runs"][str(runs["block"])]
+    for task in one:
+        for metric in ("acc", "acc_norm", "perplexity"):
+            if metric in one[task]:
+                assert two[task][metric] == pytest.approx(one[task][metric], rel=1e-9)
 
 
 @pytest.mark.parametrize("case,needle", [
