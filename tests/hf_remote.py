@@ -33,7 +33,7 @@ def one(folder, request_path, out_path):
     remote = "auto_map" in json.load(open(os.path.join(folder, "config.json")))
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote,
                                                  dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=remote)
     eos = model.config.eos_token_id
     with torch.no_grad():
         if remote:

@@ -192,7 +192,7 @@ backbone, context {cfg.data.seq_len} tokens. Its modeling code is in this direct
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
-tok = AutoTokenizer.from_pretrained(DIR)                 # tok.mask_token == "[MASK]"
+tok = AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)  # mask_token "[MASK]"
 batch = tok(["ROMEO:", "JULIET: O"], return_tensors="pt", padding=True)
 out = model.generate(**batch, max_new_tokens=64)         # greedy, adaptive policy
 print(tok.batch_decode(out[:, batch["input_ids"].shape[1]:]))

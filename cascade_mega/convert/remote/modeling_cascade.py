@@ -6,7 +6,7 @@ the project's decoding policies (`cascade_policies.py`, `cascade_sampling.py`: c
 project's own), and loaded with
 
     model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
-    tok = AutoTokenizer.from_pretrained(DIR)          # [MASK] is tok.mask_token
+    tok = AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)  # tok.mask_token: [MASK]
     batch = tok(prompts, return_tensors="pt", padding=True)   # left padding
     out = model.generate(**batch, max_new_tokens=64, policy="adaptive", steps=4, tau=0.9)
 
