@@ -117,8 +117,9 @@ def main(argv=None) -> int:
     user_errors = (ConfigError, DataError, FileNotFoundError, GenerationError, DeviceError)
     try:
         from cascade_mega.train.checkpoint import CheckpointError
+        from cascade_mega.train.run_lock import RunDirInUse
 
-        user_errors += (CheckpointError,)
+        user_errors += (CheckpointError, RunDirInUse)
         return args.func(args)
     except user_errors as err:
         print(f"cascade: error: {redact_uri(str(err))}", file=sys.stderr)

@@ -322,17 +322,22 @@ class _Creates:
 
 def _crafted(tiny_run, tmp_path, where):
     """A copy of the run whose checkpoint carries the payload as its `.metadata`, or as the
-    shard's common-state item (appended to `__0_0.distcp`, the metadata pointing at it)."""
+    shard's common-state item (appended to `__0_0.distcp`, the metadata pointing at it). Its
+    manifest is rewritten to match, as whoever crafts a checkpoint can: the checksums find
+    damage, the unpickler's allow-list stops code."""
     import dataclasses
     import io
     import pickle
     import shutil
+
+    from cascade_mega.train import manifest
 
     run, marker = tmp_path / where, tmp_path / f"{where}.created"
     shutil.copytree(tiny_run, run)
     ckpt = run / "checkpoints" / "iter_0000001"
     if where == "metadata":
         (ckpt / ".metadata").write_bytes(pickle.dumps(_Creates(marker)))
+        manifest.write(str(ckpt))
         return run, marker
     metadata = pickle.loads((ckpt / ".metadata").read_bytes())  # our own file: trusted here
     payload = io.BytesIO()
@@ -345,6 +350,7 @@ def _crafted(tiny_run, tmp_path, where):
     with open(shard, "ab") as f:
         f.write(payload.getvalue())
     (ckpt / ".metadata").write_bytes(pickle.dumps(metadata))
+    manifest.write(str(ckpt))
     return run, marker
 
 

@@ -198,3 +198,61 @@ def test_a_nan_loss_stops_the_run_naming_the_step_or_is_skipped(megatron, tmp_pa
     assert [r["step"] for r in records if r.get("skipped")] == [4]
     assert all(torch.isfinite(p).all() for p in trainer.chunks[0].parameters())
     assert trainer.step == 6 and records[-1]["loss"] == records[-1]["loss"]  # finite again
+
+
+def _by_step(records, split="train"):
+    """step -> loss, the last record of each step (a resumed run re-logs the steps it redoes)."""
+    return {r["step"]: r["loss"] for r in records if r["split"] == split}
+
+
+def test_a_damaged_checkpoint_resumes_from_the_newest_one_that_verifies(megatron, tmp_path,
+                                                                         capfd):
+    """Checkpoints at steps 2 and 4; the newest damaged four ways (a truncated shard, random
+    bytes in a shard, `latest` deleted, metadata deleted): each run resumes from the newest
+    checkpoint that verifies, says which one was damaged, and its per-step losses are the
+    uninterrupted run's (`keep_last` keeps the one it resumed from); `checkpoint.on_corrupt=stop`
+    stops with one message instead."""
+    import shutil
+
+    from cascade_mega.train.checkpoint import CheckpointError
+
+    straight = _by_step(_run(_cfg(tmp_path / "straight")))
+    base = tmp_path / "base"
+    _run(_cfg(base, "checkpoint.interval=2", "train.exit_interval=4"))
+    capfd.readouterr()
+
+    def shard(run):
+        return sorted((run / "checkpoints" / "iter_0000004").glob("*.distcp"))[0]
+
+    def truncate(run):
+        path = shard(run)
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+    def scribble(run):
+        data = bytearray(shard(run).read_bytes())
+        data[len(data) // 2:len(data) // 2 + 1024] = os.urandom(1024)
+        shard(run).write_bytes(bytes(data))
+
+    cases = {"truncated": (truncate, 2, "__"), "random bytes": (scribble, 2, "checksum"),
+             "latest deleted": (lambda r: os.remove(r / "checkpoints" / "latest"), 4, "latest"),
+             "metadata deleted": (lambda r: os.remove(r / "checkpoints" / "iter_0000004" /
+                                                      "metadata.json"), 2, "metadata.json")}
+    for name, (damage, start, needle) in cases.items():
+        run = tmp_path / name.replace(" ", "_")
+        shutil.copytree(base, run)
+        damage(run)
+        keep = ["checkpoint.keep_last=1"] if name == "truncated" else []
+        resumed = _by_step(_run(_cfg(run, "checkpoint.interval=2", *keep)))
+        err = capfd.readouterr().err
+        assert "warning: " in err and needle in err and \
+            f"resuming from {run}/checkpoints/iter_000000{start}" in err, (name, err)
+        assert {s: v for s, v in resumed.items() if s > start} == \
+            {s: v for s, v in straight.items() if s > start}, name
+    # keep_last never deletes the checkpoint a run resumed from
+    left = sorted(p.name for p in (tmp_path / "truncated" / "checkpoints").glob("iter_*"))
+    assert left == ["iter_0000002", "iter_0000006"]
+    run = tmp_path / "stop"
+    shutil.copytree(base, run)
+    truncate(run)
+    with pytest.raises(CheckpointError, match="iter_0000004 is damaged: .* has [0-9]+ bytes"):
+        _run(_cfg(run, "checkpoint.on_corrupt=stop"))

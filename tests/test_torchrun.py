@@ -159,7 +159,9 @@ def test_profile_memory_and_a_heartbeat_that_names_a_stopped_rank(tmp_path):
     """Two ranks: `train.profile` writes one Chrome trace per rank holding the profiled steps and
     names the top kernels; every rank's peak memory is reported once; rank 1 stopped with SIGSTOP
     is named by the heartbeat (through `cascade jobs`), while rank 0, blocked in a collective
-    waiting for it, is alive. Then kill -9 of the launcher alone: no rank outlives it by 5 s."""
+    waiting for it, is alive; a second trainer on the live run's directory is refused, naming
+    rank 0. Then kill -9 of the launcher alone: no rank outlives it by 5 s, and the next trainer
+    takes over the lock it left."""
     import signal
     import time
 
@@ -188,6 +190,15 @@ def test_profile_memory_and_a_heartbeat_that_names_a_stopped_rank(tmp_path):
             assert stalled[1].startswith("the other 1 ranks are alive at step ")
         finally:
             os.kill(stopped["pid"], signal.SIGCONT)
+        # a second trainer on the live run's directory stops with one message naming rank 0,
+        # before it writes anything there
+        holder = next(b for b in beats if b["rank"] == 0)
+        recorded = (run_dir / "config.yaml").read_text()
+        second = cascade(*ARGS, f"run_dir={run_dir}")
+        assert second.returncode == 2 and second.stderr.count("error:") == 1, second.stderr
+        assert f"is in use by the trainer on {holder['host']} (PID {holder['pid']}" in \
+            second.stderr
+        assert (run_dir / "config.yaml").read_text() == recorded
     finally:  # the run ends here: kill -9 of `cascade train` alone; torchrun and the ranks (each
         # in a session of its own; they start no helper process) die with it within 5 s
         ranks = [b["pid"] for b in heartbeat.read(run_dir)]
@@ -212,3 +223,7 @@ def test_profile_memory_and_a_heartbeat_that_names_a_stopped_rank(tmp_path):
     memory = _line(out, "peak resident memory after step 3: max ")
     assert memory.endswith(f"over 2 ranks; per rank in {run_dir}/memory.json")
     assert len(json.load(open(run_dir / "memory.json"))["peak_gb"]) == 2
+    # its lock is left behind by the kill -9; its holder is gone, so the next trainer takes it
+    again = cascade(*ARGS, f"run_dir={run_dir}")
+    assert again.returncode == 0 and "taking over the lock of" in again.stderr, again.stderr
+    assert not (run_dir / "LOCK").exists()

@@ -357,6 +357,8 @@ class CheckpointConfig(Section):
 
     interval: int = 200
     keep_last: Optional[int] = None  # None keeps every checkpoint
+    # a damaged checkpoint at resume: the newest older one that verifies (with a warning), or stop
+    on_corrupt: str = "fallback"
 
     def _check(self):
         need(self.keep_last is None or self.keep_last >= 1,
@@ -430,4 +432,5 @@ _CHOICES = {
     "train.fp8_recipe": ("delayed", "tensorwise"),
     "train.fp8_amax_compute_algo": ("max", "most_recent"),
     "train.nonfinite": ("stop", "skip"),
+    "checkpoint.on_corrupt": ("fallback", "stop"),
 }

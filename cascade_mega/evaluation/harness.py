@@ -108,6 +108,10 @@ class CascadeLM(LM):
                 by_length[len(x)].append(i)
             got = [False] * len(chunk)
             for n, members in by_length.items():
+                if n == 0:  # an empty continuation: nothing to decode, trivially greedy
+                    for i in members:
+                        got[i] = True
+                    continue
                 gens = self.decoder.generate([chunk[i][0] for i in members], n, self.policy,
                                              Sampling())
                 for i, g in zip(members, gens):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from typing import Optional
 
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
+from cascade_mega.train import manifest as manifest_file
 from cascade_mega.train import safe_unpickle
 
 LATEST = "latest"
@@ -104,11 +106,12 @@ def start_writer() -> None:
 
 def save(ckpt_root: str, chunks, optimizer, scheduler, step: int, consumed: int,
          keep_last: Optional[int] = None, write_extra=None, layout: Optional[dict] = None,
-         config_yaml: Optional[str] = None) -> str:
+         config_yaml: Optional[str] = None, keep: tuple = ()) -> str:
     """write_extra(folder): every rank's own files (e.g. the DALI pipeline state), written into
     the checkpoint before it is declared complete. layout: the parallel layout it was saved at,
     recorded in `cascade.json` with the step (what `manifest` lists). config_yaml: the run's
-    config, kept as `config.yaml` (a resume names what changed since)."""
+    config, kept as `config.yaml` (a resume names what changed since). keep: checkpoint folders
+    `keep_last` never deletes (the one this run resumed from)."""
     final = os.path.join(ckpt_root, iter_name(step))
     partial = final + ".partial"
     if _rank0():
@@ -130,6 +133,7 @@ def save(ckpt_root: str, chunks, optimizer, scheduler, step: int, consumed: int,
         with open(os.path.join(partial, INFO), "w") as f:
             json.dump({"step": step, "consumed_samples": consumed, "layout": layout or {},
                        "saved_at": time.time()}, f)
+        manifest_file.write(partial)  # the last file: what it lists is the whole checkpoint
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -137,8 +141,10 @@ def save(ckpt_root: str, chunks, optimizer, scheduler, step: int, consumed: int,
         if keep_last:
             done = sorted(n for n in os.listdir(ckpt_root)
                           if n.startswith("iter_") and not n.endswith(".partial"))
+            kept = {os.path.basename(os.path.normpath(k)) for k in keep if k}
             for old in done[:-keep_last]:
-                shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
+                if old not in kept:
+                    shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
     _barrier()
     return final
 
@@ -166,6 +172,47 @@ def latest(ckpt_root: str) -> Optional[str]:
     if not os.path.isfile(os.path.join(path, "metadata.json")):
         raise CheckpointError(f"{pointer} names {name}, which is not a complete checkpoint")
     return path
+
+
+def resume_point(ckpt_root: str, on_corrupt: str = "fallback") -> Optional[str]:
+    """The checkpoint a run resumes from: the one `latest` names, verified (`manifest.py`).
+    A damaged one: the newest older one that verifies, with a warning naming both
+    (`on_corrupt=fallback`), or one message (`stop`). `latest` missing while checkpoints exist:
+    the newest that verifies, with a warning (never a silent restart). None: no checkpoint."""
+    if not os.path.isdir(ckpt_root):
+        return None
+    names = sorted(n for n in os.listdir(ckpt_root)
+                   if n.startswith("iter_") and not n.endswith(".partial")
+                   and os.path.isdir(os.path.join(ckpt_root, n)))
+    pointer = os.path.join(ckpt_root, LATEST)
+    named = open(pointer).read().strip() if os.path.isfile(pointer) else None
+    if named in names:
+        names = names[:names.index(named) + 1]
+    damaged = []
+    for name in reversed(names):
+        path = os.path.join(ckpt_root, name)
+        problem = manifest_file.verify(path)
+        if not problem:
+            if damaged or named != name:
+                if damaged:
+                    why = "; ".join(f"{p} is damaged: {w}" for p, w in damaged)
+                elif named is None:
+                    why = f"{pointer} is missing"
+                else:
+                    why = f"{pointer} names {named}, which is not there"
+                print(f"cascade: warning: {why}; resuming from {path}", file=sys.stderr,
+                      flush=True)
+            return path
+        if on_corrupt == "stop":
+            raise CheckpointError(f"checkpoint {path} is damaged: {problem} "
+                                  "(checkpoint.on_corrupt=fallback resumes from the newest one "
+                                  "that verifies)")
+        damaged.append((path, problem))
+    if damaged:
+        raise CheckpointError(f"no checkpoint under {ckpt_root} verifies ({damaged[0][0]}: "
+                              f"{damaged[0][1]}); train.resume=none starts the run over from "
+                              "step 0")
+    return None
 
 
 class _StepLess(dict):

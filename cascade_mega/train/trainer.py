@@ -33,6 +33,7 @@ from cascade_mega.model import moe
 from cascade_mega.model.gpt import build_chunks, parameter_counts
 from cascade_mega.runtime import (device, distributed, heartbeat, machine, provenance,
                                   te_support)
+from cascade_mega.train.run_lock import RunLock
 from cascade_mega.train import checkpoint
 from cascade_mega.train.errors import NonFiniteError
 from cascade_mega.train.optim import build_optimizer, param_gather_paused, wrap_ddp
@@ -62,10 +63,25 @@ class Trainer:
 
     # ---------------------------------------------------------------- set-up
     def setup(self):
+        env = distributed.read_env()
+        # one trainer per run directory (rank 0 holds it), before anything is written there
+        self.lock = RunLock(self.run_dir, self.cfg.train.heartbeat_s,
+                            6 * self.cfg.train.heartbeat_s).acquire() if env.rank == 0 else None
+        try:
+            return self._setup(env)
+        except BaseException:
+            self.release_lock()
+            raise
+
+    def release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _setup(self, env):
         cfg = self.cfg
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        env = distributed.read_env()
         self.world_size = env.world_size
         validate(cfg, env.world_size)  # a no-op for a config `load_config` checked already
         self.code_dir = provenance.check_running()  # a job's frozen code, not the checkout's
@@ -126,7 +142,7 @@ class Trainer:
         """What `_resume` loads: this run's checkpoint (`train.resume`), else the weights of
         `train.init_from`; either checked against the model this config builds."""
         mode, cfg = self.cfg.train.resume, self.cfg
-        path = checkpoint.latest(self.ckpt_root) if mode == "auto" else \
+        path = self._verified_resume_point() if mode == "auto" else \
             None if mode == "none" else mode
         self.resumed_from, self.resume_changes, self.init_path = path, [], None
         if path:
@@ -134,6 +150,21 @@ class Trainer:
         elif cfg.train.init_from:
             self.init_path = checkpoint.locate(cfg.train.init_from)[1]
             checkpoint.check_architecture(self.init_path, cfg, "'train.init_from' =")
+
+    def _verified_resume_point(self):
+        """`checkpoint.resume_point`, verified by rank 0 alone (it reads every file once) and
+        given to the other ranks, a refusal included."""
+        found = [None, None]
+        if dist.get_rank() == 0:
+            try:
+                found[0] = checkpoint.resume_point(self.ckpt_root, self.cfg.checkpoint.on_corrupt)
+            except checkpoint.CheckpointError as err:
+                found[1] = str(err)
+        if self.world_size > 1:
+            dist.broadcast_object_list(found, src=0)
+        if found[1]:
+            raise checkpoint.CheckpointError(found[1])
+        return found[0]
 
     def _resume(self):
         path = self.resumed_from
@@ -277,7 +308,8 @@ class Trainer:
                                                self.scheduler, self.step,
                                                self.step * t.global_batch_size,
                                                cfg.checkpoint.keep_last, self._save_loader_state,
-                                               self.layout(), record_yaml(cfg))
+                                               self.layout(), record_yaml(cfg),
+                                               keep=(self.resumed_from,))
                     self._emit("on_checkpoint_end", self.step, path)
                 if leaving:
                     break
@@ -291,6 +323,7 @@ class Trainer:
                 self._record_exit(self.outcome)
                 self._emit("on_train_end")  # a late signal (the tracking flush) is ignored
                 signals.restore()
+                self.release_lock()
         return self
 
     def _check_finite(self, metrics: dict) -> None:
