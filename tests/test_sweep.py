@@ -131,8 +131,10 @@ def test_local_sweep_stops_resumes_skips_and_names_its_failed_run(tmp_path):
                       "mdlm_n1x32_d384": "failed"}, third  # finished runs are skipped
     fit = cascade("sweep", "fit", path, "--bootstrap", "5")
     assert fit.returncode == 0, fit.stderr
-    reason = ("not in the tracking store; cascade: error: " f"{root}/mdlm_n1x32_d384/checkpoints/"
-              "latest names iter_0000003, which is not a complete checkpoint")
+    ckpts = f"{root}/mdlm_n1x32_d384/checkpoints"
+    reason = (f"not in the tracking store; cascade: error: {ckpts}/latest names iter_0000003, "
+              f"which is not a complete checkpoint, and no other checkpoint under {ckpts} "
+              "verifies; train.resume=none starts the run over from step 0")
     assert f"run mdlm_n1x32_d384 is left out of the fit: {reason}" in fit.stdout
     report = (root / "fit" / "fit.md").read_text()
     assert f"| mdlm_n1x32_d384 | {reason} |" in report

@@ -208,10 +208,11 @@ def resume_point(ckpt_root: str, on_corrupt: str = "fallback") -> Optional[str]:
                                   "(checkpoint.on_corrupt=fallback resumes from the newest one "
                                   "that verifies)")
         damaged.append((path, problem))
-    if damaged:
-        raise CheckpointError(f"no checkpoint under {ckpt_root} verifies ({damaged[0][0]}: "
-                              f"{damaged[0][1]}); train.resume=none starts the run over from "
-                              "step 0")
+    if damaged or named is not None:  # a run was here: never a silent restart
+        what = f"{damaged[0][0]} is damaged: {damaged[0][1]}" if damaged else \
+            f"{pointer} names {named}, which is not a complete checkpoint"
+        raise CheckpointError(f"{what}, and no other checkpoint under {ckpt_root} verifies; "
+                              "train.resume=none starts the run over from step 0")
     return None
 
 
