@@ -315,6 +315,7 @@ class CascadeForCausalLM(PreTrainedModel):
             decoder = _BlockDecoder(self)
         new = decoder.generate(prompts, max_new_tokens, chosen, sampling, eos)
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else eos
+        # assembled on the host (the decoders' bookkeeping lives there), moved once at the end
         out = torch.full((len(rows), rows.shape[1] + max_new_tokens), pad, dtype=torch.long)
         out[:, :rows.shape[1]] = rows
         for i, tokens in enumerate(new):
@@ -324,6 +325,7 @@ class CascadeForCausalLM(PreTrainedModel):
 
     @staticmethod
     def _prompts(input_ids, attention_mask):
+        """Host copies of the prompts (the decoders keep their state on the host)."""
         if isinstance(input_ids, (list, tuple)):
             width = max(len(p) for p in input_ids)
             rows = torch.zeros(len(input_ids), width, dtype=torch.long)
@@ -338,6 +340,8 @@ class CascadeForCausalLM(PreTrainedModel):
 
 # -------------------------------------------------------------------------- block decoding
 class _BlockCache:
+    """K/V per layer (made on the device of the first keys); `lengths` is host bookkeeping."""
+
     def __init__(self, batch: int, max_len: int):
         self.max_len, self.lengths = max_len, torch.zeros(batch, dtype=torch.long)
         self.k, self.v = {}, {}
@@ -409,6 +413,8 @@ class _BlockDecoder:
         self.shifted, self.max_len = c.shifted_prediction, c.max_position_embeddings
 
     def _forward(self, seqs):
+        """The rows are laid out on the host (per-sequence state) and cross to the model's
+        device in one copy each; the mask likewise (`_DecodeStep._build_mask`)."""
         B, mask_id, dev = self.B, self.mask_id, self.model.device
         width = max(len(s.commit) for s in seqs)
         b, n = len(seqs), width + B
