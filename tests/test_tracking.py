@@ -149,7 +149,7 @@ def test_server_killed_mid_run_loses_nothing(tmp_path):
     sent = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
     local = {r["step"]: r["loss"] for r in map(json.loads, open(run_dir / "metrics.jsonl"))}
     assert sent == local and sorted(sent) == list(range(1, 401))
-    assert not (run_dir / "mlflow_unsent.jsonl").exists()
+    assert (run_dir / "mlflow_journal.jsonl").stat().st_size == 0  # all sent: cut back
 
 
 @pytest.mark.parametrize("uri", ["htp://127.0.0.1:5000", "http://", "mlruns",
@@ -189,7 +189,7 @@ def test_unreachable_server_at_start_warns_and_buffers(tmp_path):
         if path.is_file():
             assert b"s3cret" not in path.read_bytes(), path
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000020"
-    unsent = [json.loads(line) for line in open(run_dir / "mlflow_unsent.jsonl")]
+    unsent = [json.loads(line) for line in open(run_dir / "mlflow_journal.jsonl")]
     assert [m[3] for m in unsent if m[0] == "loss"] == [5, 10, 15, 20]
     # a resume names what changed since the checkpoint, and the redacted URI is not a change
     resumed = cascade("train", "configs/base.yaml", *TINY, f"run_dir={run_dir}", "train.steps=21",
@@ -197,3 +197,87 @@ def test_unreachable_server_at_start_warns_and_buffers(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     said = resumed.stdout + resumed.stderr
     assert "train.steps" in said and "tracking.uri" not in said and "s3cret" not in said
+
+
+def _session(sid: int) -> list:
+    """The live processes of session `sid` (a run started in a session of its own)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":
+                out.append(int(name))
+    return out
+
+
+def test_kill_9_three_times_loses_no_metric_and_sends_none_twice(tmp_path):
+    """kill -9 of the trainer alone at random steps, three times (the third inside a checkpoint
+    save), then a normal finish, on the default sqlite store: MLflow holds every step of
+    metrics.jsonl once, with its values (the steps re-run after each resume are not sent again),
+    the artifacts spooled before a kill arrive, and a kill leaves no process of the run behind
+    within 5 s."""
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    rng.seed(seed)
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "cascade_mega", "train", "configs/base.yaml", *TINY,
+            "train.steps=40", "train.log_interval=1", "checkpoint.interval=4",
+            f"run_dir={run_dir}"]
+    metrics, ckpts = run_dir / "metrics.jsonl", run_dir / "checkpoints"
+
+    def last_step():
+        steps = [json.loads(line)["step"] for line in open(metrics) if line.endswith("\n")] \
+            if metrics.exists() else []
+        return max(steps, default=-1)
+
+    reached = 0
+    for kill in range(3):
+        with open(tmp_path / f"log{kill}", "w") as log:
+            proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=log,
+                                    start_new_session=True)
+        target = rng.randint(reached + 3, reached + 8)
+        in_save = kill == 2
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            if last_step() >= target and (not in_save or any(
+                    n.endswith(".partial") for n in (os.listdir(ckpts) if ckpts.exists()
+                                                     else []))):
+                break
+            time.sleep(0.001 if in_save and last_step() >= target else 0.05)
+        assert proc.poll() is None, (seed, open(tmp_path / f"log{kill}").read()[-3000:])
+        os.kill(proc.pid, signal.SIGKILL)  # the trainer alone, not its session
+        if in_save:
+            assert any(n.endswith(".partial") for n in os.listdir(ckpts)), seed
+        proc.wait()
+        deadline = time.time() + 5
+        while _session(proc.pid) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _session(proc.pid), f"processes {_session(proc.pid)} outlived the trainer"
+        reached = last_step()
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
+    run_id = _run_id(run_dir)
+    assert client.get_run(run_id).data.tags["cascade.restarts"] == "3", seed
+    local = [json.loads(line) for line in open(metrics)]
+    for split, prefix in (("train", ""), ("valid", "valid/")):
+        records = [r for r in local if r["split"] == split]
+        for key in ("loss", "nelbo") if split == "train" else ("nelbo", "ppl_bound"):
+            history = client.get_metric_history(run_id, prefix + key)
+            assert sorted(m.step for m in history) == [r["step"] for r in records], (seed, key)
+            if key != "step_time":
+                assert {m.step: m.value for m in history} == \
+                    {r["step"]: r[key] for r in records}, (seed, key)
+    assert [r["step"] for r in local if r["split"] == "train"] == list(range(1, 41))
+    assert (run_dir / "mlflow_journal.jsonl").stat().st_size == 0
+    assert not os.listdir(run_dir / "mlflow_pending")
+    assert {"config.yaml", "checkpoints/manifest.json"} <= set(_artifacts(client, run_id))

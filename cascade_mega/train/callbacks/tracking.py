@@ -12,26 +12,27 @@ second) and uploads artifacts, so the step never waits on the tracking store.
   parallel layout, host and Slurm job, the sweep group, the parent run.
 - Artifacts: config.yaml, the checkpoint manifest after each checkpoint, and what other
   callbacks hand to `artifact()`: sample generations (`samples.py`) and loss curves (`plots.py`).
-- A store that does not answer: one warning, metrics stay buffered (at most
+- Nothing is lost to a kill -9: every metric and artifact is on disk (`tracking/journal.py`)
+  before it is sent, what the store has not acknowledged is sent by the next start of the run,
+  and the steps a resume runs again are not sent twice.
+- A store that does not answer: one warning, metrics wait in the journal (at most
   `tracking.max_buffer`, then the newest are dropped with a second warning) and go out when it
-  answers again. At the end the run waits `tracking.flush_timeout` seconds for it, then writes what
-  is left to `<run_dir>/mlflow_unsent.jsonl`, which the next start sends first.
+  answers again. At the end the run waits `tracking.flush_timeout` seconds for it; what is left
+  stays in the journal for the next start.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import os
-import tempfile
 import threading
 import time
 
 from cascade_mega.tracking import params, store
+from cascade_mega.tracking.journal import JOURNAL, Journal
 from cascade_mega.train.callbacks.base import Callback
 
 RUN_ID_FILE = "mlflow_run_id"
-UNSENT_FILE = "mlflow_unsent.jsonl"
 STATUS = {"finished": "FINISHED", "failed": "FAILED", "stopped": "KILLED"}
 
 
@@ -39,45 +40,43 @@ class MlflowTracker(Callback):
     def __init__(self, cfg, run_dir: str):
         self.cfg, self.run_dir = cfg, run_dir
         self.uri = store.resolve_uri(cfg)
-        self.max_buffer = cfg.tracking.max_buffer
-        self.metrics: collections.deque = collections.deque()  # (key, value, ms, step)
-        self.lock = threading.Lock()
-        self.jobs: collections.deque = collections.deque()  # (artifact path, bytes)
+        self.journal = Journal(run_dir, cfg.tracking.max_buffer)
         self.wake, self.stop = threading.Event(), threading.Event()
         self.thread = None
         self.run_id = None
         self.failing = False  # the store stopped answering (warned once)
-        self.dropped = 0
+        self.warned_full = False
         self.final_status = "FINISHED"
         self.step_times: list = []
         self.gave_up = False  # the store refused the run itself: keep metrics locally only
+        self.current = None  # what the sender is sending: ("artifact", folder) or metrics
 
     # ------------------------------------------------------------------ training thread
     def on_train_start(self, trainer):
         store.configure_http()
         self.start_step = trainer.start_step
+        # a run started over (train.resume=none) is a new MLflow run: nothing of the old counts
+        fresh = trainer.start_step == 0 and self.cfg.train.resume == "none"
+        if fresh and os.path.exists(os.path.join(self.run_dir, RUN_ID_FILE)):
+            os.remove(os.path.join(self.run_dir, RUN_ID_FILE))
+        self.journal.open(fresh)
         self.run_params = {**params.config_params(self.cfg), **params.code_version(),
                            **params.versions()}
         self.tags = {**params.layout_tags(trainer), **self.cfg.tracking.tags}
-        self._replay_unsent()
         from cascade_mega.config import record_yaml
 
-        self.jobs.append(("config.yaml", record_yaml(self.cfg).encode()))
+        self.artifact("config.yaml", record_yaml(self.cfg).encode())
         self.thread = threading.Thread(target=self._worker, name="mlflow-tracker", daemon=True)
         self.thread.start()
 
     def _add(self, step: int, metrics: dict, prefix: str = ""):
         now = int(time.time() * 1000)
-        with self.lock:
-            for key, value in metrics.items():
-                if len(self.metrics) >= self.max_buffer:
-                    self.dropped += 1
-                    continue
-                self.metrics.append((prefix + key, float(value), now, step))
-        if self.dropped == 1:
-            store.warn(f"tracking buffer full ({self.max_buffer} metrics): newer metrics are "
-                       "dropped until the store answers")
-            self.dropped += 1  # warn once
+        self.journal.append([(prefix + key, float(value), now, step)
+                             for key, value in metrics.items()])
+        if self.journal.dropped and not self.warned_full:
+            self.warned_full = True
+            store.warn(f"tracking buffer full ({self.cfg.tracking.max_buffer} metrics): newer "
+                       "metrics are dropped until the store answers")
 
     def on_step_end(self, trainer, step, metrics):
         self._add(step, metrics)
@@ -89,13 +88,13 @@ class MlflowTracker(Callback):
 
     def artifact(self, name: str, body: bytes) -> None:
         """Upload `body` as artifact `name` (a path in the run), from the tracking thread."""
-        self.jobs.append((name, body))
+        self.journal.put_artifact(name, body)
 
     def on_checkpoint_end(self, trainer, step, path):
         from cascade_mega.train import checkpoint
 
         body = json.dumps(checkpoint.manifest(os.path.dirname(path)), indent=1).encode()
-        self.jobs.append(("checkpoints/manifest.json", body))
+        self.artifact("checkpoints/manifest.json", body)
 
     def on_train_end(self, trainer):
         outcome = getattr(trainer, "outcome", "failed")
@@ -113,27 +112,10 @@ class MlflowTracker(Callback):
         self.wake.set()
         if self.thread is not None:
             self.thread.join(self.cfg.tracking.flush_timeout + 15)
-        self._write_unsent()
-
-    def _replay_unsent(self):
-        path = os.path.join(self.run_dir, UNSENT_FILE)
-        if os.path.exists(path):
-            with open(path) as f:
-                for line in f:
-                    try:
-                        self.metrics.append(tuple(json.loads(line)))
-                    except json.JSONDecodeError:
-                        continue
-            os.remove(path)
-
-    def _write_unsent(self):
-        with self.lock:
-            left = list(self.metrics)
-        if left:
-            with open(os.path.join(self.run_dir, UNSENT_FILE), "w") as f:
-                f.writelines(json.dumps(m) + "\n" for m in left)
-            store.warn(f"{len(left)} metrics not sent to {self.uri}; kept in "
-                       f"{UNSENT_FILE}, the next start of this run sends them")
+        self.journal.close()
+        if self.journal.pending:
+            store.warn(f"{self.journal.pending} metrics not sent to {self.uri}; kept in "
+                       f"{JOURNAL}, the next start of this run sends them")
 
     # ------------------------------------------------------------------ tracking thread
     def _open_run(self):
@@ -195,21 +177,18 @@ class MlflowTracker(Callback):
     def _send(self, client):
         from mlflow.entities import Metric
 
-        while self.jobs:
-            name, body = self.jobs[0]
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, os.path.basename(name))
-                with open(path, "wb") as f:
-                    f.write(body)
-                client.log_artifact(self.run_id, path, os.path.dirname(name) or None)
-            self.jobs.popleft()
-        while self.metrics:
-            with self.lock:
-                chunk = [self.metrics[i] for i in range(min(1000, len(self.metrics)))]
-            client.log_batch(self.run_id, metrics=[Metric(*m) for m in chunk])
-            with self.lock:
-                for _ in chunk:
-                    self.metrics.popleft()
+        for folder, name in self.journal.artifacts():
+            self.current = ("artifact", folder)
+            client.log_artifact(self.run_id, os.path.join(folder, name),
+                                os.path.dirname(name) or None)
+            self.journal.artifact_done(folder)
+        while True:
+            records, end = self.journal.next_chunk()
+            if not records:
+                return
+            self.current = ("metrics", records, end)
+            client.log_batch(self.run_id, metrics=[Metric(*m) for m in records])
+            self.journal.ack(records, end)
 
     def _worker(self):
         client, deadline = None, None
@@ -226,8 +205,9 @@ class MlflowTracker(Callback):
                     store.warn(f"tracking store {self.uri} answers again; buffered metrics sent")
             except Exception as err:  # noqa: BLE001  the store is down or refused something
                 self._failed(err, opened=client is not None)
-            if self.gave_up or stopping and (client is not None and not self.metrics and
-                                             not self.jobs or time.monotonic() > deadline):
+            if self.gave_up or stopping and (client is not None and not self.journal.pending
+                                             and not self.journal.artifacts()
+                                             or time.monotonic() > deadline):
                 if client is not None:
                     try:
                         client.set_terminated(self.run_id, self.final_status)
@@ -247,14 +227,12 @@ class MlflowTracker(Callback):
         reason = str(err).strip().splitlines()[0]
         if not opened:  # it refuses the run itself: stop trying, keep the metrics on disk
             store.warn(f"tracking store {self.uri} refused the run ({reason}); metrics stay in "
-                       f"{UNSENT_FILE} and metrics.jsonl")
+                       f"{JOURNAL} and metrics.jsonl")
             self.gave_up = True
             return
         # it refused one update: drop that rather than retry it forever
         store.warn(f"tracking store {self.uri} refused an update: {reason}")
-        if self.jobs:
-            self.jobs.popleft()
+        if self.current[0] == "artifact":
+            self.journal.artifact_done(self.current[1])
         else:
-            with self.lock:
-                for _ in range(min(1000, len(self.metrics))):
-                    self.metrics.popleft()
+            self.journal.ack(*self.current[1:])
