@@ -13,6 +13,18 @@ import sys
 import warnings
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, its errors in the project's one-line form (the usage is one --help away)."""
+
+    def error(self, message):
+        print(f"cascade: error: {self.prog}: {message} (see '{self.prog} --help')",
+              file=sys.stderr)
+        sys.exit(2)
+
+
+_QUIETED = False
+
+
 def _quiet():
     # megatron-core warns about every optional dependency it does not find; on CPU that is noise.
     for category in (UserWarning, FutureWarning, DeprecationWarning):
@@ -24,8 +36,12 @@ def _quiet():
     # torch's checkpoint loader warns on the root logger, with a traceback, whenever it falls
     # back (to per-rank metadata these checkpoints never have); a load that fails still raises,
     # with its reason, which the command prints as its one message
-    logging.getLogger().addFilter(
-        lambda record: "torch/distributed/checkpoint/" not in record.pathname.replace("\\", "/"))
+    global _QUIETED
+    if not _QUIETED:  # once per process (the tests call `main` many times)
+        _QUIETED = True
+        logging.getLogger().addFilter(
+            lambda record: "torch/distributed/checkpoint/" not in
+            record.pathname.replace("\\", "/"))
 
 
 def _train(args) -> int:
@@ -35,13 +51,22 @@ def _train(args) -> int:
                    args.rdzv_endpoint)
 
 
+# integer options of the benchmarks that may be 0 or negative; every other count must be >= 1
+_BENCH_ANY_INT = ("seed", "top_k", "nproc_per_node")
+
+
 def _bench(args) -> int:
+    from cascade_mega.config import ConfigError
+
+    for name, value in sorted(vars(args).items()):
+        if type(value) is int and name not in _BENCH_ANY_INT and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     args.bench_run(args)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cascade", description="block-diffusion LM pretraining")
+    p = Parser(prog="cascade", description="block-diffusion LM pretraining")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a model from a YAML config plus dotted overrides")
     t.add_argument("config", help="YAML config file, e.g. configs/quickstart.yaml")

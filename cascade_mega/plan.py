@@ -314,6 +314,8 @@ def run(args) -> int:
 
     if args.gpus < 1:
         raise ConfigError(f"--gpus must be >= 1, got {args.gpus}")
+    if not args.gpu_memory > 0:
+        raise ConfigError(f"--gpu-memory must be > 0 (GiB), got {args.gpu_memory}")
     # nothing is written: a config need not name a run directory to be planned
     cfg = load_config(args.config, ["run_dir=unused", *args.overrides], world_size=args.gpus)
     vocab = cfg.model.vocab_size

@@ -95,8 +95,15 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         except OmegaConfBaseException as err:
             raise _explain(err, path) from None
     for item in overrides or []:
-        if "=" not in item:
+        if "=" not in item or not item.split("=", 1)[0].strip():
             raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, value = (part.strip() for part in item.split("=", 1))
+        if not value:
+            raise ConfigError(f"override '{item}' gives '{key}' no value (write {key}=null "
+                              "for none)")
+        if key in cfg and OmegaConf.is_config(cfg[key]):
+            raise ConfigError(f"override '{item}': '{key}' is a section; set its keys "
+                              f"({key}.NAME=VALUE)")
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:

@@ -270,6 +270,15 @@ class DataConfig(Section):
     document_mask: bool = False
     backend: str = "megatron"  # megatron (memory-mapped reads in the step) | dali (extra [dali])
 
+    def _check(self):
+        try:
+            weights = [float(w) for w in self.split.replace("/", ",").split(",")]
+        except ValueError:
+            weights = []
+        need(1 <= len(weights) <= 3 and all(w >= 0 for w in weights) and sum(weights) > 0,
+             f"'data.split' = {self.split!r}: expected up to three non-negative weights of the "
+             "train, validation and test splits, e.g. 95,5,0")
+
 
 @dataclass
 class OptimizerConfig(Section):
@@ -339,6 +348,8 @@ class TrainConfig(Section):
              f"'train.profile' = {self.profile}: expected [START, STOP] with 0 <= START < STOP "
              f"<= 'train.steps' = {self.steps}")
         need(self.heartbeat_s > 0, "'train.heartbeat_s' must be positive")
+        need(self.exit_interval is None or self.exit_interval >= 1,
+             f"'train.exit_interval' must be >= 1 (null: never), got {self.exit_interval}")
         need(self.fp8 in (None, "e4m3", "hybrid"),
              f"'train.fp8' = {self.fp8!r}; expected e4m3 or hybrid")
         bf16_layers = self.fp8_bf16_first_layers, self.fp8_bf16_last_layers

@@ -243,6 +243,14 @@ def gguf_to_hf(args) -> str:
 def run(args) -> int:
     from cascade_mega.convert.export import mcore_to_hf
 
+    from cascade_mega.config import ConfigError
+
+    for name in ("tensor", "pipeline", "expert", "block_size", "seq_len"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if getattr(args, "max_shard_gb", None) is not None and not args.max_shard_gb > 0:
+        raise ConfigError(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
     fn = {"hf-to-mcore": hf_to_mcore, "mcore-to-hf": mcore_to_hf,
           "mcore-to-mcore": mcore_to_mcore, "gguf-to-hf": gguf_to_hf}[args.direction]
     print(f"wrote {fn(args)}", flush=True)

@@ -61,9 +61,14 @@ def check_dataset(prefix: str, vocab_size: int) -> None:
     """Structural checks of .bin/.idx and the token-id range, with the file named."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    class Checked(IndexedDataset):
+        def __del__(self):  # megatron's assumes a whole object: a failed open prints a traceback
+            for name in ("bin_reader", "index"):
+                self.__dict__.pop(name, None)
+
     meta = read_meta(prefix)
     try:
-        ds = IndexedDataset(prefix, mmap=True)
+        ds = Checked(prefix, mmap=True)
     except Exception as err:  # megatron raises AssertionError/ValueError on a corrupt .idx
         raise DataError(f"{prefix}.idx cannot be read: {err}") from None
     expected = int(ds.index.sequence_pointers[-1]) + int(ds.index.sequence_lengths[-1]) * \

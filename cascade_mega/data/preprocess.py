@@ -226,10 +226,14 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    if args.train_bpe is not None and args.train_bpe < 1:
-        raise DataError(f"--train-bpe takes the vocabulary size to train, got {args.train_bpe}")
+    if args.train_bpe is not None and args.train_bpe < 258:
+        raise DataError(f"--train-bpe takes the vocabulary size to train, at least 258 (the 256 "
+                        f"bytes and two special tokens), got {args.train_bpe}")
     if args.workers < 1:
         raise DataError(f"--workers must be >= 1, got {args.workers}")
+    if args.shard_tokens < 0:
+        raise DataError(f"--shard-tokens must be >= 0 (0: one output file), got "
+                        f"{args.shard_tokens}")
     stats = preprocess(args.inputs, args.output_prefix, args.tokenizer, args.train_bpe or 0,
                        args.workers, args.json_key, args.lines, args.shard_tokens)
     print(f"wrote {', '.join(p + '.bin' for p in stats['prefixes'])}: {stats['documents']} "

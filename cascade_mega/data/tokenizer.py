@@ -25,7 +25,13 @@ class CascadeTokenizer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"tokenizer file not found: {path}")
         self.path = path
-        self._tok = Tokenizer.from_file(path)
+        try:
+            self._tok = Tokenizer.from_file(path)
+        except Exception as err:  # the tokenizers library's own error type
+            from cascade_mega.data.indexed import DataError
+
+            raise DataError(f"{path}: not a tokenizer file (a tokenizer.json of the tokenizers "
+                            f"library or a .tiktoken vocabulary): {err}") from None
         # a tokenizer from elsewhere (a Hugging Face model directory) may lack the project's
         # special tokens: they are appended after its vocabulary, the same ids on every load
         eod = next((t for t in EOD_NAMES if self._tok.token_to_id(t) is not None), None)

@@ -185,11 +185,14 @@ def run(args) -> int:
                               f"{getattr(args, flag)}")
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    try:
+        policy = Policy(args.policy, args.steps, args.tau)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     if not names:
         raise ConfigError("--tasks names no task")
     tasks = resolve_tasks(names, args.include_path)
-    policy = Policy(args.policy, args.steps, args.tau)
     from lm_eval import simple_evaluate
 
     from cascade_mega.evaluation.harness import CascadeLM

@@ -87,6 +87,8 @@ def run(args) -> int:
         raise GenerationError(str(err)) from None
     if args.max_new_tokens < 1:
         raise GenerationError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.threads < 0:
+        raise GenerationError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
     given = {"cache": args.cache, "block": args.decode_block, "guidance": args.guidance}
     decoder = load_decoder(args.ckpt, args.threads, args.precision,
                            **{k: v for k, v in given.items() if v is not None})

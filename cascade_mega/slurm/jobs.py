@@ -116,6 +116,10 @@ def report(run_dir: str, lines: int = 15) -> dict:
 
 
 def run(args) -> int:
+    if args.lines < 0:
+        from cascade_mega.config import ConfigError
+
+        raise ConfigError(f"--lines must be >= 0, got {args.lines}")
     if args.target is None:
         dirs = sorted({os.path.dirname(os.path.dirname(p)) for p in glob.glob(
             os.path.join(args.root, "**", "slurm", "jobs.jsonl"), recursive=True)})

@@ -54,8 +54,12 @@ def add_arguments(p) -> None:
 
 
 def resources(profile: ClusterProfile, args) -> Resources:
-    if args.nodes is not None and args.nodes < 1:
-        raise ConfigError(f"--nodes must be >= 1, got {args.nodes}")
+    for name in ("nodes", "gpus_per_node", "array_parallel"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if getattr(args, "max_restarts", None) is not None and args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts must be >= 0, got {args.max_restarts}")
     nodes = args.nodes or profile.nodes
     gpus = profile.gpus_per_node if args.gpus_per_node is None else args.gpus_per_node
     partition = args.partition or profile.partition

@@ -100,14 +100,16 @@ def _fit(args, path: str, overrides) -> int:
     from cascade_mega.sweep.results import collect
     from cascade_mega.sweep.spec import expand, load_sweep
 
+    if args.bootstrap < 0:
+        raise ConfigError(f"--bootstrap must be >= 0 (0: no bands), got {args.bootstrap}")
     sweep = load_sweep(path, args.root)
     runs = expand(sweep, overrides, world_size=0)
     results, failures = collect(sweep, runs)
-    for f in failures:
-        print(f"cascade: warning: run {f['run']} is left out of the fit: {f['reason']}")
-    if not results:
+    if not results:  # (not a warning per run first: none of them is there)
         raise ConfigError(f"sweep {sweep.name}: no finished run with a final validation loss "
                           f"in {sweep.uri}")
+    for f in failures:
+        print(f"cascade: warning: run {f['run']} is left out of the fit: {f['reason']}")
     laws = fit_objectives(results, bootstrap=args.bootstrap)
     paths = report.write(os.path.join(sweep.root, "fit"), results, failures, laws,
                          runs[0].cfg.data.seq_len)

@@ -25,6 +25,8 @@ def tracked(sweep: Sweep) -> dict:
     from cascade_mega.tracking import store
 
     store.check_uri(sweep.uri)
+    if sweep.uri.startswith("sqlite:///") and not os.path.isfile(sweep.uri[len("sqlite:///"):]):
+        return {}  # no run has tracked to it yet (opening it would create it)
     store.configure_http()
     client = MlflowClient(sweep.uri)
     try:

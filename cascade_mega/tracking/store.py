@@ -3,7 +3,8 @@
 - Default URI: a sqlite store in the run directory (`sqlite:///<run_dir>/mlflow.db`), so nothing
   needs a server; `mlflow ui --backend-store-uri` on it shows the run.
 - The start-up check (`preflight`) runs before any model is built: a malformed URI, or an
-  experiment the server refuses (deleted, invalid name), is a `ConfigError`; a server that does
+  experiment the server refuses (deleted, invalid name), is a `ConfigError` (a sqlite store that
+  does not exist yet is not created by the check); a server that does
   not answer is a warning only, since training must not depend on it (metrics are buffered).
 - The HTTP client gets no retries and a short timeout (`MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`,
   `MLFLOW_HTTP_REQUEST_TIMEOUT=10`, unless the user set them): MLflow's default backoff waits
@@ -113,8 +114,9 @@ def preflight(cfg) -> bool:
     configure_http()
     from mlflow.tracking import MlflowClient
 
-    if uri.startswith("sqlite:"):
-        os.makedirs(os.path.dirname(urlparse(uri).path) or ".", exist_ok=True)
+    if uri.startswith("sqlite:") and not os.path.isfile(urlparse(uri).path):
+        return True  # a new local store: nothing to ask, and nothing is written before the
+        # run's data and checkpoints are checked (the tracker creates it when training starts)
     try:
         experiment_id(MlflowClient(uri), cfg.tracking.experiment)
     except ConfigError:

@@ -174,7 +174,8 @@ def latest(ckpt_root: str) -> Optional[str]:
     return path
 
 
-def resume_point(ckpt_root: str, on_corrupt: str = "fallback") -> Optional[str]:
+def resume_point(ckpt_root: str, on_corrupt: str = "fallback",
+                 training: bool = True) -> Optional[str]:
     """The checkpoint a run resumes from: the one `latest` names, verified (`manifest.py`).
     A damaged one: the newest older one that verifies, with a warning naming both
     (`on_corrupt=fallback`), or one message (`stop`). `latest` missing while checkpoints exist:
@@ -211,8 +212,8 @@ def resume_point(ckpt_root: str, on_corrupt: str = "fallback") -> Optional[str]:
     if damaged or named is not None:  # a run was here: never a silent restart
         what = f"{damaged[0][0]} is damaged: {damaged[0][1]}" if damaged else \
             f"{pointer} names {named}, which is not a complete checkpoint"
-        raise CheckpointError(f"{what}, and no other checkpoint under {ckpt_root} verifies; "
-                              "train.resume=none starts the run over from step 0")
+        hint = "; train.resume=none starts the run over from step 0" if training else ""
+        raise CheckpointError(f"{what}, and no other checkpoint under {ckpt_root} verifies{hint}")
     return None
 
 
@@ -315,20 +316,35 @@ def check_architecture(path: str, cfg, what: str) -> None:
                               "not fit this config")
 
 
+def verify(path: str) -> None:
+    """Refuse a checkpoint folder whose files are not the ones saved, with one message."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint")
+    problem = manifest_file.verify(path)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
+
+
 def locate(path: str) -> tuple[str, str]:
-    """(config.yaml, checkpoint folder) for a run directory or one of its checkpoints."""
+    """(config.yaml, checkpoint folder) for a run directory or one of its checkpoints, verified
+    as a resume verifies (`manifest.py`): for a run directory, the newest checkpoint that verifies
+    (a damaged newer one is named in a warning); a checkpoint folder named explicitly must verify
+    itself. Every command that reads a checkpoint (generate, convert, eval, init_from, a teacher)
+    comes through here, so none of them loads damaged weights."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such run directory or checkpoint")
-    if os.path.isdir(os.path.join(path, "checkpoints")) or \
-            os.path.isfile(os.path.join(path, "config.yaml")):
-        ckpt = latest(os.path.join(path, "checkpoints"))
-        if ckpt is None:
-            raise CheckpointError(f"{path}: the run has no complete checkpoint yet")
-        return os.path.join(path, "config.yaml"), ckpt
-    if os.path.isfile(os.path.join(path, "metadata.json")):
+    if os.path.isfile(os.path.join(path, "metadata.json")) or \
+            os.path.isfile(os.path.join(path, manifest_file.NAME)):  # a checkpoint folder
         config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))),
                               "config.yaml")
         if not os.path.isfile(config):
             raise CheckpointError(f"{path}: no config.yaml in its run directory ({config})")
+        verify(path)
         return config, path
+    if os.path.isdir(os.path.join(path, "checkpoints")) or \
+            os.path.isfile(os.path.join(path, "config.yaml")):
+        ckpt = resume_point(os.path.join(path, "checkpoints"), training=False)
+        if ckpt is None:
+            raise CheckpointError(f"{path}: the run has no complete checkpoint yet")
+        return os.path.join(path, "config.yaml"), ckpt
     raise CheckpointError(f"{path} is neither a run directory nor a complete checkpoint")

@@ -90,6 +90,10 @@ class RunLock:
                 f"heartbeat is {self.stale_after:.0f} s old)")
 
     def acquire(self) -> "RunLock":
+        if os.path.exists(self.run_dir) and not os.path.isdir(self.run_dir):
+            from cascade_mega.config import ConfigError
+
+            raise ConfigError(f"'run_dir' = {self.run_dir} is a file, not a directory")
         if not os.path.isdir(self.run_dir):
             os.makedirs(self.run_dir, exist_ok=True)
             self.created_dir = True

@@ -146,6 +146,8 @@ class Trainer:
             None if mode == "none" else mode
         self.resumed_from, self.resume_changes, self.init_path = path, [], None
         if path:
+            if mode != "auto":  # a checkpoint named explicitly must verify itself
+                checkpoint.verify(path)
             checkpoint.check_architecture(path, cfg, "the checkpoint to resume,")
         elif cfg.train.init_from:
             self.init_path = checkpoint.locate(cfg.train.init_from)[1]
