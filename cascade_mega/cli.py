@@ -100,17 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(sp)
         sp.set_defaults(func=module.run)
     b = sub.add_parser("bench", help="benchmarks printed as ratios against a baseline")
-    bsub = b.add_subparsers(dest="what", required=True)
+    bsub = b.add_subparsers(dest="what", required=True)  # (noise: a variance, not a speed)
     from cascade_mega.bench import attention as bench_attention
     from cascade_mega.bench import continued as bench_continued
     from cascade_mega.bench import data as bench_data
     from cascade_mega.bench import generate as bench_generate
+    from cascade_mega.bench import noise as bench_noise
     from cascade_mega.bench import train as bench_train
 
     for name, module, text in (("train", bench_train, "block diffusion vs AR training step"),
                                ("attention", bench_attention, "attention kernels vs AR"),
                                ("generate", bench_generate, "block decoding vs AR decoding"),
                                ("data", bench_data, "input pipeline vs training tokens/s"),
+                               ("noise", bench_noise,
+                                "variance of the loss estimate under each t floor"),
                                ("continued", bench_continued,
                                 "continued pretraining from an AR model vs scratch")):
         sp = bsub.add_parser(name, help=text)

@@ -43,9 +43,10 @@ def hidden(model, input_ids, position_ids, layout):
                  output_processor=lambda hidden_states, **_: hidden_states)
 
 
-def exact_block_nelbo(model, block: int, context, continuation) -> float:
+def exact_block_nelbo(model, block: int, context, continuation, score_entropy=False) -> float:
     """E_t,mask[(1/t) sum_masked CE] of `continuation` after `context` (token lists), summed,
-    by enumerating every mask pattern of the continuation's positions in every block.
+    by enumerating every mask pattern of the continuation's positions in every block
+    (score_entropy: of CE + g(Z / a), the score-entropy term, which does not depend on t).
 
     Blocks are aligned from position 0; the context is clean, the rest of the last block [MASK].
     A block's term depends only on its own mask (other blocks' noisy tokens are invisible to it),
@@ -73,7 +74,8 @@ def exact_block_nelbo(model, block: int, context, continuation) -> float:
             prep = objective.Prepared(
                 torch.cat([xt, x0], 1), torch.arange(P).repeat(2)[None],
                 objective.AttentionLayout("block_diffusion", P, block),
-                objective.ReadOut(torch.arange(P), x0), masked.double(), masked, P)
+                objective.ReadOut(torch.arange(P), x0, score_entropy=score_entropy),
+                masked.double(), masked, P)
             ce, _ = score(model, prep)
             weight = math.factorial(k - 1) * math.factorial(m - k) / math.factorial(m)
             total += weight * float(torch.where(masked, ce.double(), 0.0).sum())

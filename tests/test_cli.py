@@ -149,6 +149,16 @@ def test_bench_generate_json(tmp_path):
     assert bad.returncode != 0 and "--judge" in bad.stderr and "not an AR checkpoint" in bad.stderr
     none = run("bench", "generate", "--bd", str(runs["bd"]), "--samples", "0")
     assert none.returncode != 0 and "--samples must be >= 1" in none.stderr
+    # `bench noise` on the same run: the loss estimate's spread per t floor, the unfloored first
+    noise = run("bench", "noise", str(runs["bd"]), "--floors", "1e-3,0.05", "--draws", "6",
+                "--batch", "2", "--json")
+    assert noise.returncode == 0, noise.stderr
+    report = json.loads(noise.stdout.strip().splitlines()[-1])
+    assert list(report["floors"]) == ["0.0", "0.001", "0.05"]
+    assert report["std_ratio"]["0.0"] == 1.0 and report["bias"]["0.0"] == 0.0
+    assert report["floors"]["0.05"]["max_weight"] <= 1 / 0.05  # no weight above 1 / floor
+    ar = run("bench", "noise", str(runs["ar"]))
+    assert ar.returncode == 2 and "AR run" in ar.stderr
 
 
 def test_bench_data_json():

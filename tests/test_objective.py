@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from cascade_mega.diffusion import objective
@@ -38,17 +39,25 @@ def test_shifted_block_size_one_equals_ar_loss(megatron):
 
 
 def exact_nelbo(model, cfg, x0):
-    """E_t,mask[(1/t) sum_masked CE] / L by enumerating every mask pattern of every block."""
-    return exact_block_nelbo(model, cfg.diffusion.block_size, [], x0[0].tolist()) / x0.shape[1]
+    """E_t,mask[(1/t) sum_masked CE] / L by enumerating every mask pattern of every block
+    (score entropy: of CE + g(Z / a))."""
+    return exact_block_nelbo(model, cfg.diffusion.block_size, [], x0[0].tolist(),
+                             cfg.diffusion.loss == "score_entropy") / x0.shape[1]
 
 
-def test_nelbo_estimate_matches_exact_expectation(megatron):
-    cfg = tiny_cfg("data.seq_len=8", "diffusion.block_size=4")
+@pytest.mark.parametrize("loss", ["ce", "score_entropy"])
+def test_nelbo_estimate_matches_exact_expectation(megatron, loss):
+    """The training estimate over many noise draws against its exact value by enumeration, for
+    the CE NELBO and the score-entropy one (which bounds the same likelihood, less tightly)."""
+    cfg = tiny_cfg("data.seq_len=8", "diffusion.block_size=4", f"diffusion.loss={loss}")
     model = tiny_model(cfg, seed=9)
     L = 8
     x0 = random_tokens(1, L, torch.Generator().manual_seed(4))
     with torch.no_grad():
         exact = exact_nelbo(model, cfg, x0)
+        if loss == "score_entropy":  # >= the CE bound of the same logits, normalised
+            assert exact > exact_nelbo(model, tiny_cfg("data.seq_len=8",
+                                                       "diffusion.block_size=4"), x0)
         copies = 2048
         prep = objective.prepare(x0.expand(copies, L), x0.expand(copies, L),
                                  torch.ones(copies, L), cfg, MASK_ID,
@@ -168,3 +177,22 @@ def test_padded_samples_score_every_real_token_and_no_padding():
         prep = objective.prepare(tokens, labels, loss_mask, cfg, MASK_ID, g)
         hit |= (prep.weight > 0).reshape(2, -1, L).any(0).any(0)
     assert hit[:real].all() and not hit[real:].any()
+
+
+def test_training_draws_t_above_the_floor_and_evaluation_the_whole_range():
+    """The trainer's noise (`BlockDiffusion.draw`): training t in (t_floor, 1], complementary
+    views' 1 - t above the floor too; validation over (0, 1], below the floor included."""
+    from cascade_mega.diffusion.block import BlockDiffusion
+    from cascade_mega.diffusion.base import Shard
+
+    for extra in ([], ["diffusion.views=2", "diffusion.complementary=true"]):
+        cfg = tiny_cfg("data.seq_len=64", "train.micro_batch_size=64",
+                       "train.global_batch_size=64", "diffusion.t_floor=0.05", *extra)
+        objective_ = BlockDiffusion(cfg, None, Shard())
+        train = objective_.draw(cfg, "train", 3).t
+        valid = objective_.draw(cfg, "valid", 3).t
+        assert float(train.min()) > 0.05 and float(train.max()) <= 1.0
+        if extra:
+            assert float(train.max()) < 0.95  # its complement stays above the floor
+            assert torch.equal(train[:, 1], 1 - train[:, 0])
+        assert float(valid.min()) < 0.05  # evaluation keeps the sliver the floor leaves out

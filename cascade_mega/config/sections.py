@@ -160,9 +160,17 @@ class DiffusionConfig(Section):
     objective: str = "block_diffusion"  # block_diffusion | ar
     block_size: int = 16
     shifted_prediction: bool = False
-    noise_sampling: str = "stratified"  # stratified (antithetic across the batch) | uniform
+    # the diffusion loss: ce (the cross-entropy NELBO: MDLM / BD3-LM / RADD) | score_entropy
+    # (SEDD's denoising score entropy with its absorbing parameterisation, `model/scores.py`)
+    loss: str = "ce"
+    # stratified: the n noise levels of a batch are systematic, (U + i) / n for one uniform U,
+    # shuffled (an even spread, not antithetic pairs) | uniform: independent draws
+    noise_sampling: str = "stratified"
     t_min: float = 0.0  # clipped noise range [t_min, t_max] (BD3-LM's [beta, omega]) for training
     t_max: float = 1.0
+    # training draws t above this floor (1/t weights near t = 0 have unbounded variance; bd3lms,
+    # dllm and SDAR floor at 1e-3); evaluation keeps the whole range (0, 1], so its bound is exact
+    t_floor: float = 1e-3
     views: int = 1  # noisy views of each sequence sharing one clean stream: [x_t^1..x_t^V ; x_0]
     complementary: bool = False  # views = 2, the second masks exactly what the first keeps
     # continued pretraining from an AR model (SDAR / Fast-dLLM v2 style):
@@ -179,6 +187,18 @@ class DiffusionConfig(Section):
         need(0.0 <= self.t_min < self.t_max <= 1.0,
              f"'diffusion.t_min'/'diffusion.t_max' must satisfy 0 <= t_min < t_max <= 1, "
              f"got [{self.t_min}, {self.t_max}]")
+        need(0.0 <= self.t_floor < self.t_max,
+             f"'diffusion.t_floor' must be in [0, t_max), got {self.t_floor}")
+        need(not self.complementary or abs(self.t_min + self.t_max - 1.0) < 1e-12,
+             f"'diffusion.complementary' gives the second view the noise level 1 - t, which "
+             f"leaves the clipped range [{self.t_min}, {self.t_max}]: clip symmetrically "
+             "(t_min = 1 - t_max)")
+        need(self.loss == "ce" or self.objective == "block_diffusion",
+             f"'diffusion.loss' = {self.loss} is a diffusion loss; 'diffusion.objective' = "
+             f"{self.objective} trains next-token prediction (use block_diffusion)")
+        need(self.loss == "ce" or 1 not in self.block_size_schedule.values(),
+             f"'diffusion.loss' = {self.loss} cannot train the AR phase (block size 1) of "
+             "'diffusion.block_size_schedule'")
         need(self.views >= 1, f"'diffusion.views' must be >= 1, got {self.views}")
         need(not self.complementary or self.views == 2,
              f"'diffusion.complementary' needs 'diffusion.views' = 2, got {self.views}")
@@ -432,6 +452,7 @@ ONE_PROCESS = [f"parallel.{k}=1" for k in ("tensor", "pipeline", "context", "exp
 _CHOICES = {
     "diffusion.objective": ("block_diffusion", "ar"),
     "diffusion.noise_sampling": ("stratified", "uniform"),
+    "diffusion.loss": ("ce", "score_entropy"),
     "optimizer.decay_style": ("cosine", "linear", "constant"),
     "train.precision": PRECISIONS,
     "model.attention_backend": ("auto", "local", "te"),

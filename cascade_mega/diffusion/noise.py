@@ -1,8 +1,10 @@
 """Noise levels and absorbing corruption for block diffusion.
 
 Each block of each sequence draws its own t in (t_min, t_max]; with `stratified` sampling the n
-draws of a batch are u_i = (U + i) / n mod 1 (one uniform offset, evenly spread, then shuffled:
-BD3-LM's antithetic sampling), which lowers the variance of the 1/t-weighted loss. Every token of a
+draws of a batch are u_i = (U + i) / n mod 1 (systematic sampling: one uniform offset, evenly
+spread, then shuffled; what bd3lms calls antithetic, though its draws are not antithetic pairs
+(u, 1 - u)), which lowers the variance of the 1/t-weighted loss. Training draws above
+`diffusion.t_floor` (`objective.train_range`); evaluation over the whole range. Every token of a
 block is replaced by [MASK] independently with probability t (linear schedule).
 
 The trainer draws the noise of a whole global batch at once and hands each micro-batch its rows,

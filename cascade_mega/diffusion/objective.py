@@ -59,6 +59,10 @@ class ReadOut:
     rows: Optional[torch.Tensor]
     labels: torch.Tensor
     teacher: Optional[torch.Tensor] = None
+    # score entropy (`diffusion.loss`, `model/scores.py`): the leading `score_cols` targets (the
+    # diffusion targets; the auxiliary AR stream's stay plain next-token CE) add g(Z / a)
+    score_entropy: bool = False
+    score_cols: Optional[int] = None
 
 
 @dataclass
@@ -148,6 +152,16 @@ def readout_rows(cfg) -> int:
     return d.views * (L - int(d.shifted_prediction)) + L * int(d.ar_loss_weight > 0)
 
 
+def train_range(cfg) -> tuple:
+    """The noise levels training draws: the clipped range above `diffusion.t_floor` (and, for
+    complementary views, below 1 - t_floor, so that the second view's 1 - t is above it too)."""
+    d = cfg.diffusion
+    low, high = max(d.t_min, d.t_floor), d.t_max
+    if d.complementary:
+        high = min(high, 1.0 - d.t_floor)
+    return low, high
+
+
 def draw_noise(cfg, n: int, generator: torch.Generator, t_range=None) -> Noise:
     """Noise for n sequences under the run's diffusion settings (t_range overrides the clip)."""
     d = cfg.diffusion
@@ -185,6 +199,9 @@ def prepare(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
         if cfg.diffusion.objective != "ar" and cfg.diffusion.shifted_prediction:
             counted[:, 0] = False  # token 0 has no predecessor
         prep = _split_for_context(prep, counted, *context)
+    if cfg.diffusion.loss == "score_entropy":  # block diffusion only (config check)
+        prep.readout = replace(prep.readout, score_entropy=True,
+                               score_cols=prep.readout.labels.shape[1] - prep.aux_cols)
     prep.count = torch.tensor(prep.num_tokens, dtype=torch.int)  # host: moved with the batch
     prep.routing_scale = routing
     return prep

@@ -278,14 +278,24 @@ def predict_and_score(*, hidden_states, output_layer, output_weight, context, **
     """megatron `output_processor`: logits on the read-out rows only, per-token CE and hits.
 
     Returns (ce [b, n] fp32, correct [b, n] bool), and kl [b, m] when the context carries a
-    teacher's logits for the first m targets.
+    teacher's logits for the first m targets. A context with `score_entropy` set
+    (`model/scores.py`) gets g(Z / a) added to the CE of its first `score_cols` targets.
     """
     logits = allowed_logits(hidden_states, output_layer, output_weight, context.rows, False)
     labels = context.labels.t().contiguous()  # [n, b]
+    extra = None
+    if getattr(context, "score_entropy", False):
+        from cascade_mega.model import scores
+
+        cols = context.score_cols if context.score_cols is not None else logits.shape[0]
+        extra = scores.excess(scores.vocab_parallel_logsumexp(logits[:cols]),
+                              scores.offset(output_layer.logit_bias))
     # before the cross-entropy, which turns the logits into probabilities in place
     kl = None if context.teacher is None else \
         vocab_parallel_kl(logits[:context.teacher.shape[0]], context.teacher)
     ce = tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+    if extra is not None:
+        ce = torch.cat([ce[:extra.shape[0]] + extra, ce[extra.shape[0]:]])
     with torch.no_grad():
         correct = _vocab_parallel_argmax(logits) == labels
     if kl is None:
