@@ -85,6 +85,17 @@ def test_report_fits_the_finished_runs_and_names_the_failed_one(tmp_path):
     assert len(rows) == 27 and rows[-1] == "ar_broken,ar,,,,,,,,,failed,MLflow status FAILED"
     assert laws["ar"].alpha == pytest.approx(TRUE["alpha"], rel=0.05)
     assert str(tmp_path / "loss_vs_compute.png") in paths
+    assert "Warning" not in md and laws["ar"].warning is None  # 25 runs for 5 parameters
+    # the frontier's bootstrap band holds the frontier and widens past the runs' compute
+    grid = np.array([1e14, 1e22])
+    low, high = laws["ar"].frontier_band(grid)
+    mid = laws["ar"].frontier(grid)[0]
+    assert (low <= mid).all() and (mid <= high).all() and (high - low)[1] > (high - low)[0]
+    # six runs for five parameters: named in the report
+    few = fit_objectives(results[::4][:6], bootstrap=10)
+    report.write(str(tmp_path / "few"), results[::4][:6], [], few, 128)
+    assert "Warning: ar: 6 runs for the law's 5 parameters: barely determined" in \
+        (tmp_path / "few" / "fit.md").read_text()
 
 
 def sweep_file(tmp_path, grids, extra="", name="tiny"):

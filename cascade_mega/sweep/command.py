@@ -111,6 +111,9 @@ def _fit(args, path: str, overrides) -> int:
     for f in failures:
         print(f"cascade: warning: run {f['run']} is left out of the fit: {f['reason']}")
     laws = fit_objectives(results, bootstrap=args.bootstrap)
+    for label, law in laws.items():
+        if getattr(law, "warning", None):
+            print(f"cascade: warning: law {label}: {law.warning}")
     paths = report.write(os.path.join(sweep.root, "fit"), results, failures, laws,
                          runs[0].cfg.data.seq_len)
     with open(paths[0]) as f:

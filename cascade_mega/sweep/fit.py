@@ -25,6 +25,7 @@ import numpy as np
 
 DELTA = 1e-3
 NAMES = ("E", "A", "alpha", "B", "beta")
+WELL_DETERMINED = 2 * len(NAMES)  # fewer runs than this: the law is named as barely determined
 
 
 @dataclass
@@ -39,6 +40,23 @@ class Law:
     ci: Dict[str, tuple] = field(default_factory=dict)  # name -> (low, high)
     points: int = 0
     boot: List["Law"] = field(default_factory=list, repr=False)
+
+    @property
+    def warning(self) -> Optional[str]:
+        """Why this law should not be trusted far, or None."""
+        if self.points < WELL_DETERMINED:
+            return (f"{self.points} runs for the law's {len(NAMES)} parameters: barely "
+                    f"determined (its intervals and every extrapolation are loose; "
+                    f"{WELL_DETERMINED} or more runs determine it)")
+        return None
+
+    def frontier_band(self, C, q=(2.5, 97.5)):
+        """The bootstrap's (low, high) percentiles of the frontier loss at each budget C, or
+        None without bootstrap fits."""
+        if not self.boot:
+            return None
+        curves = np.stack([b.frontier(C)[0] for b in self.boot[:100]])
+        return np.percentile(curves, q[0], axis=0), np.percentile(curves, q[1], axis=0)
 
     def loss(self, N, D):
         N, D = np.asarray(N, float), np.asarray(D, float)

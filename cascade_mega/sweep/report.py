@@ -1,11 +1,13 @@
 """`cascade sweep fit`'s outputs: Markdown and CSV tables, PNG plots (in <root>/fit/).
 
 - fit.md: the fitted law per objective with 95% bootstrap intervals and the compute multiplier to
-  match AR at the sweep's largest budget; the block-size table (same model and tokens, B from
+  match AR at the sweep's largest budget, and a warning for a law with fewer than twice as many
+  runs as parameters (also printed); the block-size table (same model and tokens, B from
   1 = AR to L); every run's loss; the failed runs with their reason.
 - laws.csv, runs.csv: the same figures for other tools.
 - loss_vs_compute.png: per objective, each run's loss against its FLOPs, the fitted L(N, D) of
-  each swept size along its budgets, and the compute-optimal frontier.
+  each swept size along its budgets, and the compute-optimal frontier with its 95% bootstrap
+  band (the plot's budgets reach 30x past the largest run: the band shows how far to trust it).
 - loss_vs_block_size.png: the perplexity bound against B for each (size, tokens) swept at
   several block sizes.
 """
@@ -58,7 +60,7 @@ def write(folder: str, results: List[dict], failures: List[dict], laws: Dict[str
     head = "| objective | runs | " + " | ".join(NAMES) + \
         f" | compute x to match AR at C = {_g(c_ref)} |"
     lines += [head, "|" + "---|" * (len(NAMES) + 3)]
-    law_rows = []
+    law_rows, warnings = [], []
     for label, law in laws.items():
         if not isinstance(law, Law):
             lines.append(f"| {label} | - | {law} |" + " |" * (len(NAMES) + 1))
@@ -71,6 +73,8 @@ def write(folder: str, results: List[dict], failures: List[dict], laws: Dict[str
             mult, ci = (1.0, None) if label == "ar" else multiplier(law, ar, c_ref)
         mcell = _g(mult) + (f" [{_g(ci[0])}, {_g(ci[1])}]" if ci else "")
         lines.append(f"| {label} | {law.points} | " + " | ".join(cells) + f" | {mcell} |")
+        if law.warning:
+            warnings.append(f"{label}: {law.warning}")
         law_rows.append({"objective": label, "runs": law.points,
                          **{n: getattr(law, n) for n in NAMES},
                          **{f"{n}_low": law.ci.get(n, (None, None))[0] for n in NAMES},
@@ -79,6 +83,8 @@ def write(folder: str, results: List[dict], failures: List[dict], laws: Dict[str
                          "compute_multiplier_vs_ar": mult,
                          "multiplier_low": ci[0] if ci else None,
                          "multiplier_high": ci[1] if ci else None, "reference_flops": c_ref})
+    if warnings:
+        lines += [""] + [f"Warning: {w}." for w in warnings]
     groups = block_groups(results)
     if groups:
         lines += ["", "## Block size (same model, same tokens)", "",
@@ -142,6 +148,10 @@ def _plots(folder: str, results: List[dict], laws: Dict[str, object], seq_len: i
                     ax.plot(c, law.loss(n, c / law.flops_per_token(n)), color=colour, lw=1)
             if isinstance(law, Law):
                 ax.plot(grid, law.frontier(grid)[0], "k--", lw=1, label="frontier")
+                band = law.frontier_band(grid)  # wide where it extrapolates past the runs
+                if band is not None:
+                    ax.fill_between(grid, *band, color="k", alpha=0.12, lw=0,
+                                    label="frontier, 95% bootstrap")
             ax.set_xscale("log")
             ax.set_title(label)
             ax.set_xlabel("training FLOPs")
