@@ -196,6 +196,12 @@ def run(args) -> dict:
     except ValueError as err:
         raise GenerationError(str(err)) from None
     texts = read_prompts(args.prompts_file)
+    from cascade_mega.train.checkpoint import locate
+
+    given = [(w, p) for w, p in (("bd", args.bd), ("ar", args.ar), ("judge", args.judge))
+             if p and p != RUNS.get(w, (None,))[0]]
+    for _, path in given:  # every checkpoint named is checked before a default one is trained
+        locate(path)
     for which, path in (("bd", args.bd), ("ar", args.ar)):
         if path == RUNS[which][0]:
             _ensure_trained(*RUNS[which])
