@@ -202,6 +202,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_by_every_loader(tiny_run, t
     loaders = {
         "generate": ("generate", "--ckpt", run, "--prompt", "ROMEO:", "--max-new-tokens", "2"),
         "convert": ("convert", "mcore-to-hf", run, tmp_path / "hf"),
+        "eval": ("eval", run, "--tasks", "shakespeare_cloze", "--limit", "1"),
         "resume": ("train", *TINY_RUN, f"run_dir={run}", "train.steps=2"),
         "init_from": ("train", *TINY_RUN, f"run_dir={tmp_path}/fresh", f"train.init_from={run}"),
         "teacher": ("train", *TINY_RUN, f"run_dir={tmp_path}/student",
