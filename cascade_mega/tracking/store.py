@@ -82,6 +82,36 @@ def unreachable(err: BaseException) -> bool:
                             "Connection aborted", "RemoteDisconnected", "Connection reset"))
 
 
+def ensure_sqlite(uri: str) -> None:
+    """Create a sqlite store that does not exist yet whole or not at all: MLflow builds its
+    schema in a file of its own, which is then linked into place (`os.link` fails when another
+    process got there first, whose store is then used). A process killed while MLflow creates
+    the tables in place would leave a store that no later start can open."""
+    if not uri.startswith("sqlite:"):
+        return
+    path = urlparse(uri).path
+    if os.path.isfile(path):
+        return
+    from mlflow.tracking import MlflowClient
+
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):  # what an earlier start killed mid-creation left
+        if name.startswith(os.path.basename(path) + ".init-"):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
+    tmp = f"{path}.init-{os.getpid()}"
+    MlflowClient(f"sqlite:///{tmp}").search_experiments()  # runs the schema migrations
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.remove(tmp)
+
+
 def experiment_id(client, name: str) -> str:
     """The id of experiment `name`, created when missing; ConfigError when it cannot be used."""
     if not name.strip():

@@ -121,6 +121,7 @@ class MlflowTracker(Callback):
     def _open_run(self):
         from mlflow.tracking import MlflowClient
 
+        store.ensure_sqlite(self.uri)
         client = MlflowClient(self.uri)
         id_file = os.path.join(self.run_dir, RUN_ID_FILE)
         run = None
