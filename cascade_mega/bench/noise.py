@@ -67,6 +67,7 @@ def _weights_only(cfg, tokens: int, floor: float, draws: int, seed: int):
     out = []
     for k in range(draws):
         gen = noise_generator(seed, "bench-noise-weights", k)
+        # host tensors on purpose: a simulation of the weights alone, no model is involved
         t = noise_lib.sample_t(tokens // B, gen, d.noise_sampling == "stratified", low, high)
         masked = torch.rand(tokens // B, B, generator=gen, dtype=torch.float64) < t[:, None]
         w = masked / t[:, None]

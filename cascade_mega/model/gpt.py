@@ -289,7 +289,7 @@ def predict_and_score(*, hidden_states, output_layer, output_weight, context, **
 
         cols = context.score_cols if context.score_cols is not None else logits.shape[0]
         extra = scores.excess(scores.vocab_parallel_logsumexp(logits[:cols]),
-                              scores.offset(output_layer.logit_bias))
+                              scores.offset(output_layer))
     # before the cross-entropy, which turns the logits into probabilities in place
     kl = None if context.teacher is None else \
         vocab_parallel_kl(logits[:context.teacher.shape[0]], context.teacher)

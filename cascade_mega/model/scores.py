@@ -47,14 +47,19 @@ def excess(lse: torch.Tensor, offset: float) -> torch.Tensor:
     return torch.expm1(log_r) - log_r
 
 
-def offset(logit_bias: torch.Tensor) -> float:
+def offset(output_layer) -> float:
     """log(V - 1), V - 1 = the ids a masked position can take: those the output layer's bias
-    (this rank's slice; 0 where allowed, -inf for [MASK] and vocabulary padding) allows."""
-    allowed = torch.isfinite(logit_bias).sum().double()
+    (this rank's slice; 0 where allowed, -inf for [MASK] and vocabulary padding) allows.
+    Counted (and reduced over the tensor-parallel ranks) once per layer, not once per step."""
+    cached = getattr(output_layer, "_score_offset", None)
+    if cached is not None:
+        return cached
+    allowed = torch.isfinite(output_layer.logit_bias).sum().double()
     group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
     if group is not None and torch.distributed.get_world_size(group) > 1:
         torch.distributed.all_reduce(allowed, group=group)
-    return math.log(float(allowed))
+    output_layer._score_offset = math.log(float(allowed))
+    return output_layer._score_offset
 
 
 def dse_three_terms(scores: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
