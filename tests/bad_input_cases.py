@@ -192,6 +192,9 @@ CASES = [
      "'diffusion.complementary' gives the second view the noise level 1 - t"),
     ("train-t-floor", ["train", S, "diffusion.t_floor=1.5"],
      "'diffusion.t_floor' must be in [0, t_max), got 1.5"),
+    ("train-time-conditioning-ar", ["train", S, "model.time_conditioning=true",
+                                    "diffusion.objective=ar"],
+     "'model.time_conditioning' embeds the noise level of a block; 'diffusion.objective' = ar"),
     # generate
     ("generate-missing", ["generate", "--ckpt", "{inp}/nowhere", "--prompt", "ROMEO:"],
      "{inp}/nowhere: no such run directory or checkpoint"),
@@ -217,6 +220,8 @@ CASES = [
      "tau must be > 0 (above 1: one position per step), got -1.0"),
     ("generate-remask", ["generate", "--ckpt", "{run}", "--prompt", "ROMEO:", "--policy", "threshold", "--remask", "0.3"],
      "remasking needs a step budget per block: use it with policy"),
+    ("generate-tweedie-remask", ["generate", "--ckpt", "{run}", "--prompt", "ROMEO:", "--policy", "tweedie", "--remask", "0.3"],
+     "remasking needs a step budget per block: use it with policy fixed, adaptive or entropy, not 'tweedie'"),
     ("generate-order", ["generate", "--ckpt", "{run}", "--prompt", "ROMEO:", "--order", "random"],
      "order 'random' decides a fixed count per step: it goes with"),
     ("generate-max-new", ["generate", "--ckpt", "{run}", "--prompt", "ROMEO:", "--max-new-tokens", "0"],

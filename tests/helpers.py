@@ -34,7 +34,8 @@ def tiny_model(cfg, seed=0):
 def score(model, prep):
     """Per-token CE and hits of the read-out rows, through the real megatron model."""
     return model(prep.input_ids, prep.position_ids, prep.layout,
-                 output_processor=predict_and_score, output_processor_context=prep.readout)
+                 output_processor=predict_and_score, output_processor_context=prep.readout,
+                 noise_levels=prep.noise_levels)
 
 
 def hidden(model, input_ids, position_ids, layout):

@@ -11,7 +11,7 @@ import torch
 
 from cascade_mega.diffusion.masks import AttentionLayout
 from cascade_mega.inference.decode import Decoder
-from cascade_mega.inference.policies import Policy
+from cascade_mega.inference.policies import Policy, decide
 from cascade_mega.inference.sampling import Sampling, sample
 from helpers import MASK_ID, VOCAB, tiny_cfg, tiny_model
 
@@ -32,22 +32,28 @@ def _prompts(*lengths, seed=0):
 def _block_logits(model, seq, x):
     """Logits [B, V] of the block after the clean prefix `seq`, the block's state x (tokens or
     [MASK]), through the training layout [x_t ; x_0]: the current block noisy in x_t, the prefix
-    clean in x_0 (the current block's clean rows are unseen)."""
+    clean in x_0 (the current block's clean rows are unseen). A time-conditioned model reads
+    the block's masked share as its noise level, every clean row 0."""
     n = len(seq) + len(x)
     clean = torch.tensor(seq + [MASK_ID] * len(x))
     noisy = torch.cat([clean[:len(seq)], x])
     ids = torch.cat([noisy, clean])[None]
     pos = torch.arange(n).repeat(2)[None]
+    levels = None
+    if getattr(model, "noise_embedding", None) is not None:
+        levels = torch.zeros(1, 2 * n)
+        levels[0, len(seq):n] = (x == MASK_ID).float().mean()
     hidden = model(ids, pos, AttentionLayout("block_diffusion", n, len(x)),
                    output_processor=lambda hidden_states, output_layer, output_weight,
-                   **_: output_layer(hidden_states, weight=output_weight)[0])
+                   **_: output_layer(hidden_states, weight=output_weight)[0],
+                   noise_levels=levels)
     return hidden[len(seq):n, 0].float() + model.output_layer.logit_bias
 
 
 def _uncached(model, cfg, prompt, max_new, policy):
     """Greedy block decoding that recomputes everything each step through the training layout."""
     seq, given = list(prompt[:len(prompt) // B * B]), list(prompt[len(prompt) // B * B:])
-    out = []
+    out, gen = [], torch.Generator().manual_seed(Sampling().seed)  # the decoder's draws
     while len(out) < max_new and len(seq) + B <= L:
         x = torch.tensor(given + [MASK_ID] * (B - len(given)))
         end = min(B, len(given) + max_new - len(out))  # the budget may end inside the block
@@ -55,9 +61,14 @@ def _uncached(model, cfg, prompt, max_new, policy):
         while (x[:end] == MASK_ID).any():
             logits = _block_logits(model, seq, x)
             masked = (x[:end] == MASK_ID).nonzero().squeeze(1)
-            tokens, confidence = sample(logits[masked], Sampling(), None)
-            chosen = policy.choose(confidence, step, cap)
-            x[masked[chosen]] = tokens[chosen]
+            if policy.name == "tweedie":  # which positions: the step's own draws
+                chosen, tokens, _ = decide(policy, logits[masked], Sampling(), gen, step, cap,
+                                           scores=True)
+            else:
+                tokens, confidence = sample(logits[masked], Sampling(), None)
+                chosen = policy.choose(confidence, step, cap)
+                tokens = tokens[chosen]
+            x[masked[chosen]] = tokens
             step += 1
         out += x.tolist()[len(given):end]
         seq += x.tolist()
@@ -65,11 +76,21 @@ def _uncached(model, cfg, prompt, max_new, policy):
     return out[:max_new]
 
 
-@pytest.mark.parametrize("policy", [Policy("fixed", steps=2), Policy("threshold", tau=0.05),
-                                    Policy("adaptive", steps=3, tau=0.05)])
-def test_cached_decoding_equals_recomputing_the_prefix(megatron, policy):
-    cfg = tiny_cfg(f"data.seq_len={L}", f"diffusion.block_size={B}", WIDE)
+SCORED = ("diffusion.loss=score_entropy", "model.time_conditioning=true")
+
+
+@pytest.mark.parametrize("policy,extra", [
+    (Policy("fixed", steps=2), ()), (Policy("threshold", tau=0.05), ()),
+    (Policy("adaptive", steps=3, tau=0.05), ()),
+    # a time-conditioned score-entropy model under SEDD's Tweedie step
+    (Policy("tweedie", steps=3), SCORED)])
+def test_cached_decoding_equals_recomputing_the_prefix(megatron, policy, extra):
+    cfg = tiny_cfg(f"data.seq_len={L}", f"diffusion.block_size={B}", WIDE, *extra)
     model = tiny_model(cfg, seed=1)
+    if extra:  # a trained embedder is not zero: noise levels that are wrong change the tokens
+        with torch.no_grad():
+            for p in model.noise_embedding.parameters():
+                p.normal_(0, 0.3)
     decoder = Decoder(model, cfg, _tokenizer())
     for prompt in _prompts(5, 8, seed=2):
         [got] = decoder.generate([prompt], max_new_tokens=20, policy=policy)
@@ -242,7 +263,8 @@ class _ChosenLogits(torch.nn.Module):
         self.ks, self.seen = ks, []
         self.unused = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, ids, pos, step, output_processor, output_processor_context):
+    def forward(self, ids, pos, step, output_processor, output_processor_context,
+                noise_levels=None):
         cols = output_processor_context.tolist()
         logits = torch.full((ids.shape[0], len(cols), VOCAB), float("-inf"))
         for i in range(ids.shape[0]):

@@ -108,13 +108,14 @@ def single(tmp_path_factory):
 
 
 def test_tensor_parallel_matches_single_process(tmp_path):
-    """TP = 2 without sequence parallelism (with it: the distillation test in
-    test_continued.py, and TP 2 x PP 2 below), on the score-entropy loss, whose sum over the
-    vocabulary is reduced across the ranks' slices (the CE at TP: TP 2 x PP 2 below)."""
-    loss = "diffusion.loss=score_entropy"
-    _assert_same(_run(tmp_path, "single", *LAYOUT_ARGS, loss),
-                 _run(tmp_path, "tp2", "--nproc-per-node", "2", *LAYOUT_ARGS, loss,
-                      "parallel.tensor=2"))
+    """TP = 2 with sequence parallelism, on the score-entropy loss, whose sum over the
+    vocabulary is reduced across the ranks' slices (the CE at TP: TP 2 x PP 2 below), and a
+    time-conditioned model: each rank adds its slice of the rows' noise-level embeddings and
+    the embedder's gradients are summed over the ranks (a half gradient changes grad_norm)."""
+    extra = ("diffusion.loss=score_entropy", "model.time_conditioning=true")
+    _assert_same(_run(tmp_path, "single", *LAYOUT_ARGS, *extra),
+                 _run(tmp_path, "tp2", "--nproc-per-node", "2", *LAYOUT_ARGS, *extra,
+                      "parallel.tensor=2", "parallel.sequence_parallel=true"))
 
 
 def test_interleaved_pipeline_matches_single_process(tmp_path, single):
@@ -127,10 +128,12 @@ def test_interleaved_pipeline_matches_single_process(tmp_path, single):
 def test_context_parallel_matches_single_process(tmp_path, single):
     """CP = 2: each rank holds two zigzag chunks of [x_t ; x_0] and gathers the clean stream's
     K/V: with shifted prediction, two complementary views (targets whose predicting row sits on
-    the other rank) and packed documents. (The AR objective takes the same path with one
+    the other rank) and packed documents, time-conditioned (each row's noise level goes with
+    it). (The AR objective takes the same path with one
     stream and B = 1: its attention at CP, tests/test_kernels.py's causal case.)"""
     for name, extra in (("views", ["diffusion.shifted_prediction=true", "diffusion.views=2",
-                                   "diffusion.complementary=true", "data.document_mask=true"]),):
+                                   "diffusion.complementary=true", "data.document_mask=true",
+                                   "model.time_conditioning=true"]),):
         reference = _run(tmp_path, f"{name}_single", *LAYOUT_ARGS, *extra)
         _assert_same(reference, _run(tmp_path, f"{name}_cp2", "--nproc-per-node", "2",
                                      *LAYOUT_ARGS, *extra, "parallel.context=2"))

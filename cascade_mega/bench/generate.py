@@ -126,7 +126,8 @@ def generative_nll(ar_decoder, prompt, tokens) -> float:
                                        ar_decoder.tok.mask_id, None, eod_id=ar_decoder.tok.eod))
     ce, _ = ar_decoder.model(prep.input_ids, prep.position_ids, prep.layout,
                              output_processor=predict_and_score,
-                             output_processor_context=prep.readout)
+                             output_processor_context=prep.readout,
+                             noise_levels=prep.noise_levels)
     return float(ce[0, len(prompt) - 1:].double().sum())
 
 

@@ -48,7 +48,8 @@ def _estimates(model, cfg, batch, mask_id, floor: float, draws: int, seed: int):
         dev = to_device(prep)
         with torch.no_grad():
             ce, _ = model(dev.input_ids, dev.position_ids, dev.layout,
-                          output_processor=predict_and_score, output_processor_context=dev.readout)
+                          output_processor=predict_and_score, output_processor_context=dev.readout,
+                          noise_levels=dev.noise_levels)
         loss = float((ce.double().cpu() * prep.weight).sum()) / prep.num_tokens
         out.append((loss, float(prep.weight.max())))
     return out

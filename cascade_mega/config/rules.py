@@ -32,6 +32,9 @@ def _check_model_layout(cfg: CascadeConfig) -> None:
     if d.objective == "block_diffusion":
         need(L % d.block_size == 0, f"'diffusion.block_size' = {d.block_size} does not divide "
              f"'data.seq_len' = {L}")
+    need(not m.time_conditioning or d.objective == "block_diffusion",
+         f"'model.time_conditioning' embeds the noise level of a block; 'diffusion.objective' = "
+         f"{d.objective} has no noise (use block_diffusion)")
     need(not (p.tp_comm_overlap and cfg.distill.teacher),
          "'parallel.tp_comm_overlap' sizes Transformer Engine's userbuffers for one row count; "
          "'distill.teacher' adds rows in training that evaluation does not have")

@@ -120,6 +120,10 @@ class ModelConfig(Section):
     # megatron-core's fused kernels where they exist: bias-SwiGLU (torch.compile) and
     # gradient-accumulation fusion (apex's CUDA extension); None: on a GPU
     fusions: Optional[bool] = None
+    # the noise level of each row's block embedded and added to its embedding (SEDD's time
+    # conditioning, `model/noise_level.py`); off: RADD's argument that the absorbing process
+    # needs none
+    time_conditioning: bool = False
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def _check(self):

@@ -213,6 +213,11 @@ def _describe(cfg) -> dict:
     from cascade_mega.model.gpt import ffn_size
 
     m, moe = cfg.model, cfg.model.moe
+    if m.time_conditioning:
+        raise ConfigError("a time-conditioned model (model.time_conditioning) has no Hugging "
+                          "Face architecture to export to: the exported code has no noise-level "
+                          "embedding (it stays a cascade checkpoint: generate, eval, convert "
+                          "mcore-to-mcore)")
     if moe.enabled:
         kind = "qwen3_moe" if m.qk_norm and not moe.shared_expert_size else \
             "qwen2_moe" if moe.shared_expert_gate and not m.qk_norm else None

@@ -50,7 +50,8 @@ class BlockDiffusion(Objective):
                 return distill.forward(model, self.teacher, prep), partial(self.loss, prep)
             out = model(prep.input_ids, prep.position_ids, prep.layout,
                         output_processor=predict_and_score,
-                        output_processor_context=prep.readout)
+                        output_processor_context=prep.readout,
+                        noise_levels=prep.noise_levels)
         return out, partial(self.loss, prep)
 
     def loss_sums(self, prep, output):

@@ -150,8 +150,10 @@ def forward(model, teacher, prep):
     if ps.is_pipeline_last_stage():
         return model(prep.input_ids, prep.position_ids, prep.layout,
                      output_processor=predict_and_score,
-                     output_processor_context=replace(prep.readout, teacher=taught))
-    return torch.cat([model(prep.input_ids, prep.position_ids, prep.layout), taught])
+                     output_processor_context=replace(prep.readout, teacher=taught),
+                     noise_levels=prep.noise_levels)
+    return torch.cat([model(prep.input_ids, prep.position_ids, prep.layout,
+                            noise_levels=prep.noise_levels), taught])
 
 
 def extra_rows(cfg) -> int:

@@ -84,6 +84,9 @@ class Prepared:
     # loss tokens per row that passes through the model, over the whole micro-batch (every
     # context-parallel rank): how an MoE router scales its balancing loss (`model/moe.py`)
     routing_scale: Optional[float] = None
+    # [b, S] float32 noise level of each row's block (clean rows 0), for a time-conditioned
+    # model (`model.time_conditioning`, `model/noise_level.py`); None otherwise
+    noise_levels: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -199,6 +202,8 @@ def prepare(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
         if cfg.diffusion.objective != "ar" and cfg.diffusion.shifted_prediction:
             counted[:, 0] = False  # token 0 has no predecessor
         prep = _split_for_context(prep, counted, *context)
+    if not cfg.model.time_conditioning:
+        prep.noise_levels = None  # only a time-conditioned model reads them
     if cfg.diffusion.loss == "score_entropy":  # block diffusion only (config check)
         prep.readout = replace(prep.readout, score_entropy=True,
                                score_cols=prep.readout.labels.shape[1] - prep.aux_cols)
@@ -236,10 +241,11 @@ def _split_for_context(prep: Prepared, counted, rank: int, size: int) -> Prepare
     if torch.equal(rows, torch.arange(held.numel())):
         rows = None
     positions = held[:layout.local_len]  # the first stream's rows are its positions
+    levels = None if prep.noise_levels is None else prep.noise_levels[:, held]
     return Prepared(prep.input_ids[:, held], prep.position_ids[:, held], layout,
                     ReadOut(rows, prep.readout.labels[:, keep].contiguous()),
                     prep.weight[:, keep], prep.scored[:, keep],
-                    int(counted[:, positions].sum()))
+                    int(counted[:, positions].sum()), noise_levels=levels)
 
 
 def _add_causal_stream(prep: Prepared, tokens, labels, ar_mask, weight: float) -> Prepared:
@@ -255,7 +261,7 @@ def _add_causal_stream(prep: Prepared, tokens, labels, ar_mask, weight: float) -
                         torch.cat([prep.readout.labels, labels], 1)),
         weight=torch.cat([prep.weight, ar_mask.to(torch.float64) * weight], 1),
         scored=torch.cat([prep.scored, torch.zeros(b, L, dtype=torch.bool)], 1),
-        aux_cols=L)
+        aux_cols=L, noise_levels=torch.cat([prep.noise_levels, torch.zeros(b, L)], 1))
 
 
 def _prepare(tokens, labels, loss_mask, cfg, mask_id, noise, t_range) -> Prepared:
@@ -265,7 +271,7 @@ def _prepare(tokens, labels, loss_mask, cfg, mask_id, noise, t_range) -> Prepare
     if d.objective == "ar":
         w = loss_mask.to(torch.float64)
         return Prepared(tokens, pos, AttentionLayout("causal", L), ReadOut(None, labels), w,
-                        loss_mask.bool(), int(loss_mask.sum()))
+                        loss_mask.bool(), int(loss_mask.sum()), noise_levels=torch.zeros(b, L))
     B, V = d.block_size, d.views
     if isinstance(noise, torch.Generator):
         noise = draw_noise(cfg, b, noise, t_range)
@@ -274,6 +280,7 @@ def _prepare(tokens, labels, loss_mask, cfg, mask_id, noise, t_range) -> Prepare
     weight = torch.where(masked, 1.0 / noise.t, 0.0) / V
     clean_stream = cfg.attention_kind == "block_diffusion"
     streams = [x_t[:, v] for v in range(V)]
+    levels = [noise.t[:, v].float() for v in range(V)] + [torch.zeros(b, L)] * clean_stream
     if clean_stream:
         input_ids = torch.cat(streams + [tokens], dim=1)
         position_ids = pos.repeat(1, V + 1)
@@ -296,7 +303,7 @@ def _prepare(tokens, labels, loss_mask, cfg, mask_id, noise, t_range) -> Prepare
     flat = lambda x: x.reshape(b, V * n_per_view)  # noqa: E731  [b, V, n] -> view-major rows
     return Prepared(input_ids, position_ids, layout, ReadOut(rows, flat(targets).contiguous()),
                     flat(weight), flat(masked & valid), int(valid[:, 0].sum()),
-                    target_pos=positions.repeat(V))
+                    target_pos=positions.repeat(V), noise_levels=torch.cat(levels, 1))
 
 
 def reduce(ce: torch.Tensor, correct: torch.Tensor, prep: Prepared, kl=None):

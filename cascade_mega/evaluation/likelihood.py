@@ -125,11 +125,12 @@ def nelbo_bounds(model, cfg, mask_id: int, context: List[int], continuations: Li
         # megatron's loss mask follows labels (label i is token i + 1): the targets, shifted
         loss_mask = torch.cat([target[:, 1:], torch.zeros_like(target[:, :1])], 1).float()
         prep = prepare(tokens, tokens, loss_mask, cfg, mask_id, noise)
-        ids, pos, read_rows, labels = to_device((prep.input_ids, prep.position_ids,
-                                                 prep.readout.rows, prep.readout.labels))
+        ids, pos, read_rows, labels, levels = to_device((
+            prep.input_ids, prep.position_ids, prep.readout.rows, prep.readout.labels,
+            prep.noise_levels))
         readout = replace(prep.readout, rows=read_rows, labels=labels)
         ce, _ = model(ids, pos, prep.layout, output_processor=predict_and_score,
-                      output_processor_context=readout)
+                      output_processor_context=readout, noise_levels=levels)
         # the rows after the continuation are [MASK] targets of weight 0 (their CE is inf)
         ce = ce.double().cpu()
         per_row += torch.where(prep.weight > 0, ce * prep.weight, 0.0).sum(1).tolist()

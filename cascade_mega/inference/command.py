@@ -21,7 +21,9 @@ def add_arguments(p) -> None:
     p.add_argument("--policy", choices=POLICIES, default=Policy.name,
                    help="how many positions a step decides (inference/policies.py): fixed: "
                         "--steps per block; threshold: --tau; adaptive: --tau with at most "
-                        "--steps per block; entropy: within --bound, at most --steps per block")
+                        "--steps per block; entropy: within --bound, at most --steps per block; "
+                        "tweedie: SEDD's Tweedie step, --steps per block (score-entropy "
+                        "checkpoints; MDLM's ancestral sampler on others)")
     p.add_argument("--order", choices=ORDERS, default=Policy.order,
                    help="which positions, from their distributions before any draw "
                         "(random: MDLM's ancestral order, with --policy fixed)")

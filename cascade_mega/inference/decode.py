@@ -102,6 +102,7 @@ class Decoder:
         if cfg.attention_kind == "full":
             raise GenerationError("full-diffusion checkpoints (block_size = seq_len) decode with "
                                   "FullDiffusionDecoder (inference/full_diffusion.py)")
+        self.scores = d.loss == "score_entropy"  # the logits are scores (policy `tweedie`)
         self.forwards = 0
 
     # ------------------------------------------------------------------ one forward
@@ -114,6 +115,7 @@ class Decoder:
         pos = torch.zeros((b, n), dtype=torch.long)
         kinds = torch.full((b, n), IDLE, dtype=torch.long)
         blocks = torch.zeros((b, n), dtype=torch.long)
+        levels = torch.zeros((b, n))  # time conditioning: committed rows 0 (model/noise_level.py)
         for i, s in enumerate(seqs):
             c = len(s.commit)
             if c:
@@ -124,6 +126,7 @@ class Decoder:
                 p = torch.arange(s.block * B, (s.block + 1) * B)
                 ids[i, width:], pos[i, width:] = s.x, p
                 kinds[i, width:], blocks[i, width:] = NOISY, s.block
+                levels[i, width:] = (s.x == mask_id).float().mean()  # the block's masked share
         last = [max(len(s.commit) - 1, 0) for s in seqs]
         # the output layer runs only on rows that predict a still-masked position
         needed = set()
@@ -134,9 +137,10 @@ class Decoder:
         cols = sorted(set(last) | needed)
         step = DecodeStep(self.cache, kinds, blocks)
         # the rows are laid out on the host (per-sequence bookkeeping) and cross in one go
-        ids, pos, cols_t = to_device((ids, pos, torch.tensor(cols)))
+        levels = levels if self.cfg.model.time_conditioning else None
+        ids, pos, cols_t, levels = to_device((ids, pos, torch.tensor(cols), levels))
         logits = self.model(ids, pos, step, output_processor=logits_of_rows,
-                            output_processor_context=cols_t)
+                            output_processor_context=cols_t, noise_levels=levels)
         step.commit()
         self.forwards += 1
         where = {c: j for j, c in enumerate(cols)}
@@ -186,7 +190,7 @@ class Decoder:
             rows[0] = s.last_clean  # the block's first position: from the clean row before it
             # (a prompt shorter than a block has no clean row yet, but gives position 0)
         chosen, tokens, confidence = decide(self.policy, rows, self.sampling, self.gen,
-                                            s.steps, s.cap)
+                                            s.steps, s.cap, self.scores)
         # remasking: this block's earlier decisions (not the prompt's tail), least likely first
         mine = torch.arange(len(s.given), s.end)
         mine = mine[s.x[mine] != mask_id]

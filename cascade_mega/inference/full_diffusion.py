@@ -87,9 +87,14 @@ class FullDiffusionDecoder:
         self.forwards += 1
         self.rows += (hi - lo) * canvas.shape[0]
         # the canvas lives on the host (the decisions are made there); its rows cross per forward
-        ids, pos, rows = to_device((canvas[:, lo:hi], pos, torch.as_tensor(rows) - lo))
+        levels = None  # time conditioning: the canvas's masked share (model/noise_level.py)
+        if self.cfg.model.time_conditioning:
+            share = (canvas == self.tok.mask_id).float().mean(1, keepdim=True)
+            levels = share.expand(canvas.shape[0], hi - lo)
+        ids, pos, rows, levels = to_device((canvas[:, lo:hi], pos, torch.as_tensor(rows) - lo,
+                                            levels))
         return self.model(ids, pos, step, output_processor=logits_of_rows,
-                          output_processor_context=rows)
+                          output_processor_context=rows, noise_levels=levels)
 
     def _block_logits(self, canvas, start, end, first: bool, stale_first):
         """Logits [b, end - start, V] predicting the block's positions."""
@@ -140,7 +145,8 @@ class FullDiffusionDecoder:
                     logits = torch.where(cond.isinf(), cond, (1 + g) * cond - g * logits[1:])
                 masked = (canvas[0, start:end] == mask_id).nonzero().squeeze(1)
                 chosen, tokens, confidence = decide(policy, logits[0, masked.to(logits.device)],
-                                                    sampling, gen, steps, cap)
+                                                    sampling, gen, steps, cap,
+                                                    self.cfg.diffusion.loss == "score_entropy")
                 mine = torch.arange(start, end)
                 mine = mine[canvas[0, start:end] != mask_id]
                 back = mine[policy.to_remask(conf[mine - start], len(chosen), steps, cap)]

@@ -23,6 +23,15 @@ How many (`name`):
 - `entropy`: in `order`, the longest run of positions whose summed entropy (nats) stays within
   `bound`, at least one (the entropy-bounded rule of EB-sampler): the step count follows the
   model's uncertainty, capped at S steps like `adaptive`.
+- `tweedie`: SEDD's analytic (Tweedie tau-leaping) step for score-entropy models (`diffusion.loss
+  = score_entropy`), K steps per block on the grid t_k = 1 - k / K: from t to s < t a masked
+  position is unmasked to y with weight (alpha_s - alpha_t) / alpha_t x score_y and stays masked
+  with weight (1 - alpha_s) / (1 - alpha_t) (alpha = 1 - t). With SEDD's absorbing scores
+  score_y = a exp(logit_y) / (V - 1), a = (1 - t) / t (`model/scores.py`), the position is
+  unmasked with probability (t - s) R / ((t - s) R + s), R = sum_y exp(logit_y) / (V - 1) the
+  scores' total mass over a, then y is drawn from the normalised scores (the sampling knobs
+  applied). A cross-entropy model's normalised prediction is its score (R = 1): the step is then
+  MDLM's ancestral sampler. At s = 0 every remaining position is decided.
 A block with fewer positions to decide (a prompt's tail given in it, or the token budget ending
 inside it) gets a proportionally lower cap, ceil(S k / B) for k of B positions. At a capped
 policy's last step every remaining position is decided.
@@ -47,7 +56,7 @@ import torch
 
 from cascade_mega.inference.sampling import Sampling, distribution, draw
 
-POLICIES = ("fixed", "threshold", "adaptive", "entropy")
+POLICIES = ("fixed", "threshold", "adaptive", "entropy", "tweedie")
 ORDERS = ("confidence", "margin", "entropy", "random", "drawn")
 
 
@@ -76,16 +85,16 @@ class Policy:
             raise ValueError(f"the entropy bound must be > 0, got {self.bound}")
         if not 0 <= self.remask < 1:
             raise ValueError(f"remask is a probability in [0, 1), got {self.remask}")
-        if self.remask and self.name == "threshold":
-            raise ValueError("remasking needs a step budget per block: use it with policy "
-                             "fixed, adaptive or entropy")
+        if self.remask and self.name in ("threshold", "tweedie"):
+            raise ValueError(f"remasking needs a step budget per block: use it with policy "
+                             f"fixed, adaptive or entropy, not {self.name!r}")
 
     def steps_for(self, positions: int, block: int) -> int:
         """Steps for a block that decides `positions` of its `block` (fixed: K; adaptive and
         entropy: the cap, scaled to the positions; threshold: no limit but one per step)."""
         if self.name in ("adaptive", "entropy"):
             return max(1, math.ceil(self.steps * positions / block))
-        return self.steps if self.name == "fixed" else positions
+        return self.steps if self.name in ("fixed", "tweedie") else positions
 
     def choose(self, confidence: torch.Tensor, step: int, steps: int = 0,
                entropy: torch.Tensor = None, rank: torch.Tensor = None) -> torch.Tensor:
@@ -126,11 +135,33 @@ def cosine_floor(m: int, step: int, steps: int) -> int:
     return m - math.floor(m * keep)
 
 
+def tweedie_unmask(logits: torch.Tensor, step: int, steps: int, scores: bool) -> torch.Tensor:
+    """[m] probability that SEDD's Tweedie step from t = 1 - step / steps to s = t - 1 / steps
+    unmasks each of m masked positions (logits [m, V] with -inf on ids never predicted)."""
+    t, s = 1.0 - step / steps, max(1.0 - (step + 1) / steps, 0.0)
+    if not scores:  # a cross-entropy model: R = 1, MDLM's ancestral step
+        return torch.full((logits.shape[0],), (t - s) / t)
+    logits = logits.double()
+    allowed = torch.isfinite(logits).sum(-1).double()
+    log_mass = torch.logsumexp(logits, -1) - allowed.log()  # log R
+    unmask = (t - s) * log_mass.exp()
+    return (unmask / (unmask + s)).cpu()
+
+
 def decide(policy: Policy, logits: torch.Tensor, sampling: Sampling, generator, step: int,
-           steps: int):
-    """logits: [m, V] of the m still-masked positions (any device). Returns host tensors
-    (chosen indices into the m, their tokens, the tokens' probabilities)."""
+           steps: int, scores: bool = False):
+    """logits: [m, V] of the m still-masked positions (any device); scores: the logits are a
+    score-entropy model's (`tweedie` reads their mass). Returns host tensors (chosen indices
+    into the m, their tokens, the tokens' probabilities)."""
     probs = distribution(logits, sampling)
+    if policy.name == "tweedie":
+        p = tweedie_unmask(logits, step, steps, scores)
+        chosen = (torch.rand(len(p), generator=generator, dtype=torch.float64) < p)
+        chosen = chosen.nonzero().squeeze(1)  # host generator, like `draw`
+        picked = probs[chosen.to(probs.device)]
+        tokens = draw(picked, sampling, generator)
+        return chosen, tokens, \
+            picked.gather(1, tokens.to(picked.device)[:, None]).squeeze(1).cpu()
     top = probs.topk(min(2, probs.shape[-1]), dim=-1).values
     confidence = top[:, 0].cpu()
     entropy = rank = None

@@ -169,10 +169,27 @@ def layer_spec(cfg: CascadeConfig, vp_stage=None):
 
 
 class CascadeGPTModel(GPTModel):
-    """GPTModel whose RoPE follows position_ids."""
+    """GPTModel whose RoPE follows position_ids, with the noise level of each row added to its
+    embedding when time-conditioned (`noise_levels` [b, S], `model/noise_level.py`)."""
+
+    def forward(self, *args, noise_levels=None, **kwargs):
+        self._noise_levels = noise_levels
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._noise_levels = None
 
     def _preprocess(self, input_ids, position_ids, *args, **kwargs):
         out = list(super()._preprocess(input_ids, position_ids, *args, **kwargs))
+        embed = getattr(self, "noise_embedding", None)  # first stage, time-conditioned only
+        if embed is not None and out[0] is not None:
+            if self._noise_levels is None:
+                raise ValueError("a time-conditioned model (model.time_conditioning) needs the "
+                                 "noise level of every row (noise_levels)")
+            added = embed(self._noise_levels).to(out[0].dtype)
+            if self.config.sequence_parallel:
+                added = tensor_parallel.scatter_to_sequence_parallel_region(added)
+            out[0] = out[0] + added
         if self.position_embedding_type == "rope" and position_ids is not None:
             # get_emb: the table before megatron's own context-parallel slicing (our position ids
             # are already this rank's). The table covers the model's context, so its length is
@@ -341,6 +358,11 @@ def build_model(cfg: CascadeConfig, vocab_size: int, forbidden_ids=(), *, pre_pr
     )
     if cfg.model.moe.enabled:
         moe.mark_experts(model)
+    if cfg.model.time_conditioning and pre_process:
+        from cascade_mega.model.noise_level import NoiseLevelEmbedding
+
+        model.noise_embedding = NoiseLevelEmbedding(cfg.model.hidden_size, cfg.model.init_std,
+                                                    cfg.train.seed, dtype)
     if post_process:
         per_rank = padded // tp
         start = parallel_state.get_tensor_model_parallel_rank() * per_rank

@@ -294,7 +294,8 @@ def load(path: str, chunks, optimizer, scheduler):
 ARCHITECTURE = tuple(f"model.{k}" for k in (
     "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
     "qkv_bias", "qk_norm", "kv_channels", "tie_embeddings", "moe.num_experts", "moe.ffn_hidden_size",
-    "moe.shared_expert_size", "moe.shared_expert_gate", "moe.first_dense_layers", "moe.pattern"))
+    "moe.shared_expert_size", "moe.shared_expert_gate", "moe.first_dense_layers", "moe.pattern",
+    "time_conditioning"))
 
 
 def check_architecture(path: str, cfg, what: str) -> None:
