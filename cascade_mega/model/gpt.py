@@ -186,10 +186,12 @@ class CascadeGPTModel(GPTModel):
             if self._noise_levels is None:
                 raise ValueError("a time-conditioned model (model.time_conditioning) needs the "
                                  "noise level of every row (noise_levels)")
-            added = embed(self._noise_levels).to(out[0].dtype)
-            if self.config.sequence_parallel:
-                added = tensor_parallel.scatter_to_sequence_parallel_region(added)
-            out[0] = out[0] + added
+            levels = self._noise_levels
+            if self.config.sequence_parallel:  # this rank's rows only (its grads are partial:
+                n = out[0].shape[0]  # summed over the ranks, `model/noise_level.py`)
+                start = parallel_state.get_tensor_model_parallel_rank() * n
+                levels = levels[:, start:start + n]
+            out[0] = out[0] + embed(levels).to(out[0].dtype)
         if self.position_embedding_type == "rope" and position_ids is not None:
             # get_emb: the table before megatron's own context-parallel slicing (our position ids
             # are already this rank's). The table covers the model's context, so its length is
