@@ -32,6 +32,7 @@ OBJECTIVES = {
     "two_views": ["diffusion.views=2", "diffusion.complementary=true"],
     "aux_ar_shifted": ["diffusion.ar_loss_weight=0.5", "diffusion.shifted_prediction=true"],
     "documents": ["data.document_mask=true"],
+    "score_entropy_timed": ["diffusion.loss=score_entropy", "model.time_conditioning=true"],
     "documents_ar": ["data.document_mask=true", "diffusion.objective=ar"],
     "schedule": ["diffusion.block_size_schedule={0: 1, 1: 4}", "diffusion.shifted_prediction=true"],
     # experts: the router's balancing and z-losses, the all-to-all dispatch, the load counters

@@ -158,6 +158,32 @@ class ModelConfig(Section):
 
 
 @dataclass
+class ScheduleSearchConfig(Section):
+    """`diffusion.schedule_search`: BD3-LM's data-driven clipped schedule. Every `interval`
+    training steps (0: off) the variance of the loss estimate is measured on `batches` held-out
+    validation batches, `draws` noise draws each, for every [t_min, t_max] of `candidates`, and
+    training switches to the range with the lowest (`train/schedule_search.py`)."""
+
+    NAME, POSITIVE = "diffusion.schedule_search", ("batches", "draws")
+
+    interval: int = 0
+    candidates: List[List[float]] = field(default_factory=lambda: [
+        [0.0, 1.0], [0.1, 0.9], [0.2, 0.8], [0.3, 0.8], [0.45, 0.95]])
+    batches: int = 2
+    draws: int = 4
+
+    def _check(self):
+        need(self.interval >= 0, f"'diffusion.schedule_search.interval' must be >= 0 (0: off), "
+             f"got {self.interval}")
+        need(not self.interval or self.candidates, "'diffusion.schedule_search.candidates' is "
+             "empty: give at least one [t_min, t_max] range to search")
+        for c in self.candidates:
+            need(isinstance(c, (list, tuple)) and len(c) == 2 and 0.0 <= c[0] < c[1] <= 1.0,
+                 f"'diffusion.schedule_search.candidates': {c!r} is not a range [t_min, t_max] "
+                 "with 0 <= t_min < t_max <= 1")
+
+
+@dataclass
 class DiffusionConfig(Section):
     NAME, POSITIVE = "diffusion", ("block_size",)
 
@@ -186,8 +212,21 @@ class DiffusionConfig(Section):
     # Block size 1 (with shifted prediction) is AR: {0: 1, 250: 16} starts the run as an AR model
     # and converts it to block diffusion in the same run (objective.at_step).
     block_size_schedule: Dict[int, int] = field(default_factory=dict)
+    schedule_search: ScheduleSearchConfig = field(default_factory=ScheduleSearchConfig)
 
     def _check(self):
+        self.schedule_search.check()
+        search = self.schedule_search
+        need(not search.interval or self.objective == "block_diffusion",
+             "'diffusion.schedule_search' searches the noise range of block diffusion; "
+             f"'diffusion.objective' = {self.objective} has no noise")
+        need(not search.interval or not self.complementary or
+             all(abs(lo + hi - 1.0) < 1e-12 for lo, hi in search.candidates),
+             "'diffusion.complementary' needs symmetric ranges (t_min = 1 - t_max): "
+             "'diffusion.schedule_search.candidates' has others")
+        need(not search.interval or all(hi > self.t_floor for _, hi in search.candidates),
+             f"'diffusion.schedule_search.candidates': every range must reach above "
+             f"'diffusion.t_floor' = {self.t_floor}")
         need(0.0 <= self.t_min < self.t_max <= 1.0,
              f"'diffusion.t_min'/'diffusion.t_max' must satisfy 0 <= t_min < t_max <= 1, "
              f"got [{self.t_min}, {self.t_max}]")

@@ -106,12 +106,15 @@ class Objective(ABC):
         """Named metrics from a step's summed `Sums` (host floats)."""
 
     # ------------------------------------------------------------ what the trainer calls
-    def batch(self, reader, step: int, split: str) -> StepBatch:
-        """The micro-batches of one step (train) or one validation batch (`step` = its index)."""
+    def batch(self, reader, step: int, split: str, draw=None, cfg=None) -> StepBatch:
+        """The micro-batches of one step (train) or one validation batch (`step` = its index);
+        `draw` and `cfg` replace the step's own randomness and config (a schedule search's
+        noise, at the block size in force in training)."""
         from cascade_mega.data import loader
 
-        cfg = self.config_at(step) if split == "train" else self.cfg
-        draw = self.draw(cfg, split, step)
+        if cfg is None:
+            cfg = self.config_at(step) if split == "train" else self.cfg
+        draw = self.draw(cfg, split, step) if draw is None else draw
         mbs, gbs, s = cfg.train.micro_batch_size, cfg.train.global_batch_size, self.shard
 
         def prepared(m):

@@ -19,6 +19,7 @@ from cascade_mega.model.moe import routing_scale
 @register("block_diffusion", "ar")
 class BlockDiffusion(Objective):
     Sums = objective.LossSums
+    clip = None  # the [t_min, t_max] a schedule search chose (`train/schedule_search.py`)
 
     def config_at(self, step: int):
         return objective.at_step(self.cfg, step)
@@ -30,7 +31,7 @@ class BlockDiffusion(Objective):
         if cfg.diffusion.objective == "ar":
             return None
         # one draw per global batch, whatever the layout; validation over the full range (0, 1]
-        t_range = objective.train_range(cfg) if split == "train" else (0.0, 1.0)
+        t_range = objective.train_range(cfg, self.clip) if split == "train" else (0.0, 1.0)
         return objective.draw_noise(cfg, cfg.train.global_batch_size,
                                     noise_generator(cfg.train.seed, split, step), t_range)
 
@@ -63,7 +64,7 @@ class BlockDiffusion(Objective):
         out = {"loss": loss}
         # a clipped range bounds nothing; the floor (t > t_floor, 1e-3) leaves out a sliver
         # whose share of the bound is of the floor's order: training still reports it
-        if not train or (d.t_min, d.t_max) == (0.0, 1.0):
+        if not train or tuple(self.clip or (d.t_min, d.t_max)) == (0.0, 1.0):
             out["nelbo"] = loss
             out["ppl_bound"] = math.exp(min(loss, 50.0))
         out["masked_acc" if d.objective != "ar" else "acc"] = s.correct / max(s.scored, 1)

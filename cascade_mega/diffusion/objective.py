@@ -155,11 +155,13 @@ def readout_rows(cfg) -> int:
     return d.views * (L - int(d.shifted_prediction)) + L * int(d.ar_loss_weight > 0)
 
 
-def train_range(cfg) -> tuple:
-    """The noise levels training draws: the clipped range above `diffusion.t_floor` (and, for
-    complementary views, below 1 - t_floor, so that the second view's 1 - t is above it too)."""
+def train_range(cfg, clip=None) -> tuple:
+    """The noise levels training draws: the clipped range (`clip`, e.g. the one a schedule
+    search chose, else [t_min, t_max]) above `diffusion.t_floor` (and, for complementary views,
+    below 1 - t_floor, so that the second view's 1 - t is above it too)."""
     d = cfg.diffusion
-    low, high = max(d.t_min, d.t_floor), d.t_max
+    t_min, t_max = clip if clip is not None else (d.t_min, d.t_max)
+    low, high = max(t_min, d.t_floor), t_max
     if d.complementary:
         high = min(high, 1.0 - d.t_floor)
     return low, high

@@ -34,7 +34,7 @@ from cascade_mega.model.gpt import build_chunks, parameter_counts
 from cascade_mega.runtime import (device, distributed, heartbeat, machine, provenance,
                                   te_support)
 from cascade_mega.train.run_lock import RunLock
-from cascade_mega.train import checkpoint
+from cascade_mega.train import checkpoint, schedule_search
 from cascade_mega.train.errors import NonFiniteError
 from cascade_mega.train.optim import build_optimizer, param_gather_paused, wrap_ddp
 from cascade_mega.train.profiler import StepProfiler
@@ -179,6 +179,7 @@ class Trainer:
             checkpoint.load(self.init_path, self.chunks, None, None)  # refresh them
             self.optimizer.reload_model_params()
         self.step = self.start_step
+        schedule_search.restore(self)  # the range the last search before this step chose
 
     # ---------------------------------------------------------------- steps
     def _run_schedule(self, batch, forward_only: bool):
@@ -286,9 +287,12 @@ class Trainer:
                 self._emit("on_eval_end", self.step, self.evaluate(self.step))
             while self.step < t.steps:
                 log = (self.step + 1) % t.log_interval == 0 or self.step + 1 == t.steps
+                searched = schedule_search.search(self, self.step) \
+                    if schedule_search.due(cfg, self.step) else {}
+                log = log or bool(searched)  # the search's choice goes with this step's metrics
                 if prof:
                     prof.before_step(self.step)
-                metrics = self.train_step(self.step, log)
+                metrics = {**self.train_step(self.step, log), **searched}
                 self.step += 1
                 beat.step(self.step, metrics["memory_gb"])
                 if prof and (line := prof.after_step(self.step)):

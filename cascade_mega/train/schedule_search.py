@@ -1,0 +1,103 @@
+"""BD3-LM's data-driven clipped schedule (`diffusion.schedule_search`): every `interval` steps,
+the [t_min, t_max] among `candidates` whose loss estimate varies least becomes the range training
+draws its noise from.
+
+Design choices:
+- The criterion is BD3-LM's: the variance of the loss estimator stands in for the variance of
+  the gradient it drives (lower is better; a clipped range trades the bound's exactness for it,
+  which is why the validation NELBO stays over the whole range (0, 1]).
+- Held-out data: the first `batches` validation batches, the same at every search; for each, the
+  variance over `draws` noise draws (from (seed, step, batch, draw): a resumed run searches the
+  same way), averaged over the batches, so the data's own spread is left out.
+- At the block size in force (a block-size schedule changes it; BD3-LM searches per block size).
+- Every rank takes part (the forwards are collective); the last pipeline stage holds the losses,
+  and one sum over the pipeline group gives every rank the same variances and the same choice.
+- The choice is logged with the step's metrics (`schedule_t_min`, `schedule_t_max`,
+  `schedule_var/<t_min>-<t_max>`) and kept in `<run_dir>/schedule_search.jsonl` (step, chosen
+  range, variances), which a resume reads back (lines after the resumed step dropped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from megatron.core import parallel_state
+
+from cascade_mega.diffusion import objective
+from cascade_mega.diffusion.base import noise_generator
+
+FILE = "schedule_search.jsonl"
+
+
+def due(cfg, step: int) -> bool:
+    """Whether a search runs before training step `step` (never before the first)."""
+    interval = cfg.diffusion.schedule_search.interval
+    return bool(interval) and step > 0 and step % interval == 0
+
+
+@torch.no_grad()
+def search(trainer, step: int) -> dict:
+    """Measure every candidate, switch the trainer's objective to the best; its metrics."""
+    cfg = trainer.objective.config_at(step)
+    ss, gbs = cfg.diffusion.schedule_search, cfg.train.global_batch_size
+    for c in trainer.chunks:
+        c.eval()
+    variances = []
+    for lo, hi in ss.candidates:
+        t_range = objective.train_range(cfg, (lo, hi))
+        sums = []
+        for i in range(ss.batches):
+            for k in range(ss.draws):
+                noise = objective.draw_noise(cfg, gbs, noise_generator(
+                    cfg.train.seed, "schedule-search", step, i, k), t_range)
+                batch = trainer.objective.batch(trainer.valid_data, i, "valid", draw=noise,
+                                                cfg=cfg)
+                sums.append(trainer._run_schedule(batch, forward_only=True)[:2])
+        s = torch.stack(sums).double()  # [batches x draws, (loss, tokens)]
+        loss = (s[:, 0] / s[:, 1].clamp(min=1)).view(ss.batches, ss.draws)
+        variances.append(loss.var(dim=1, unbiased=ss.draws > 1).mean())
+    var = torch.stack(variances)
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        var = torch.zeros_like(var)  # the losses live on the last stage
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(var, group=parallel_state.get_pipeline_model_parallel_group())
+    values = var.cpu().tolist()  # one read-back per search
+    best = min(range(len(values)), key=values.__getitem__)
+    chosen = [float(x) for x in ss.candidates[best]]
+    trainer.objective.clip = tuple(chosen)
+    record = {"step": step, "chosen": chosen,
+              "variances": {_name(c): v for c, v in zip(ss.candidates, values)}}
+    if torch.distributed.get_rank() == 0:
+        with open(os.path.join(trainer.run_dir, FILE), "a") as f:
+            f.write(json.dumps(record) + "\n")
+    metrics = {"schedule_t_min": chosen[0], "schedule_t_max": chosen[1]}
+    metrics.update({f"schedule_var/{k}": v for k, v in record["variances"].items()})
+    return metrics
+
+
+def restore(trainer) -> None:
+    """The range the last search before the resumed step chose (lines after it dropped)."""
+    path = os.path.join(trainer.run_dir, FILE)
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if record.get("step", 0) <= trainer.start_step:
+                keep.append(record)
+    if keep:
+        trainer.objective.clip = tuple(keep[-1]["chosen"])
+    if torch.distributed.get_rank() == 0:
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
+        os.replace(path + ".tmp", path)
+
+
+def _name(c) -> str:
+    return f"{c[0]:g}-{c[1]:g}"
