@@ -44,7 +44,8 @@ def hidden(model, input_ids, position_ids, layout):
                  output_processor=lambda hidden_states, **_: hidden_states)
 
 
-def exact_block_nelbo(model, block: int, context, continuation, score_entropy=False) -> float:
+def exact_block_nelbo(model, block: int, context, continuation, score_entropy=False,
+                      given=()) -> float:
     """E_t,mask[(1/t) sum_masked CE] of `continuation` after `context` (token lists), summed,
     by enumerating every mask pattern of the continuation's positions in every block
     (score_entropy: of CE + g(Z / a), the score-entropy term, which does not depend on t).
@@ -63,7 +64,8 @@ def exact_block_nelbo(model, block: int, context, continuation, score_entropy=Fa
     x0 = torch.tensor([list(context) + list(continuation) + [MASK_ID] * (P - n)])
     total = 0.0
     for blk in range(P // block):
-        where = [i for i in range(blk * block, (blk + 1) * block) if len(context) <= i < n]
+        where = [i for i in range(blk * block, (blk + 1) * block)
+                 if len(context) <= i < n and i not in given]  # given: clean, not targets
         m = len(where)
         for pattern in itertools.product([0, 1], repeat=m):
             k = sum(pattern)

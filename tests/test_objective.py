@@ -69,6 +69,39 @@ def test_nelbo_estimate_matches_exact_expectation(megatron, loss):
     assert se < 0.05 * exact  # the check has teeth: a 10% bias would fail
 
 
+def test_common_target_bound_matches_exact_conditional_nelbo(megatron):
+    """The validation pass on the targets every objective shares (`objective.common_targets`:
+    not token 0, not a document's first token), those tokens given: its estimate over many
+    draws against -log p(targets | the others)'s NELBO by enumeration, per target; AR scores
+    the same tokens."""
+    cfg = tiny_cfg("data.seq_len=8", "diffusion.block_size=4")
+    model = tiny_model(cfg, seed=9)
+    L, copies = 8, 2048
+    x0 = random_tokens(1, L, torch.Generator().manual_seed(4))
+    eod = 7
+    x0[x0 == eod] = eod + 1
+    x0[0, [2, 5]] = eod  # positions 3 and 6 open documents
+    keep = objective.common_targets(x0, eod)[0]
+    assert keep.tolist() == [False, True, True, False, True, True, False, True]
+    given = [i for i in range(L) if not keep[i]]
+    with torch.no_grad():
+        exact = exact_block_nelbo(model, 4, [], x0[0].tolist(), given=given) / int(keep.sum())
+        prep = objective.prepare(x0.expand(copies, L), x0.expand(copies, L),
+                                 torch.ones(copies, L), cfg, MASK_ID,
+                                 torch.Generator().manual_seed(123), eod_id=eod, common=True)
+        ce, _ = score(model, prep)
+    assert prep.num_tokens == copies * int(keep.sum())
+    assert not bool(prep.scored[:, ~keep].any())  # the given tokens are never masked
+    per_copy = (ce.double() * prep.weight).sum(1) / int(keep.sum())
+    mean, se = float(per_copy.mean()), float(per_copy.std() / math.sqrt(copies))
+    assert abs(mean - exact) < 4 * se, (mean, exact, se)
+    assert se < 0.05 * exact
+    ar = objective.prepare(x0, torch.roll(x0, -1, 1), torch.ones(1, L),
+                           tiny_cfg("data.seq_len=8", "diffusion.objective=ar"), MASK_ID, None,
+                           eod_id=eod, common=True)
+    assert (ar.weight[0] > 0).tolist() == keep[1:].tolist() + [False]  # label j: token j + 1
+
+
 def test_a_new_objective_touches_the_objective_package_and_the_config_only(
         megatron, tmp_path, monkeypatch):
     """A toy objective (BERT-style masked LM: a fixed share of tokens masked, weight 1, full

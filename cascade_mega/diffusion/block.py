@@ -19,6 +19,7 @@ from cascade_mega.model.moe import routing_scale
 @register("block_diffusion", "ar")
 class BlockDiffusion(Objective):
     Sums = objective.LossSums
+    common_targets = True  # a validation pass on `objective.common_targets` (split "common")
     clip = None  # the [t_min, t_max] a schedule search chose (`train/schedule_search.py`)
 
     def config_at(self, step: int):
@@ -30,7 +31,8 @@ class BlockDiffusion(Objective):
     def draw(self, cfg, split: str, step: int):
         if cfg.diffusion.objective == "ar":
             return None
-        # one draw per global batch, whatever the layout; validation over the full range (0, 1]
+        # one draw per global batch, whatever the layout; validation (and its pass on the
+        # common targets, split "common") over the full range (0, 1]
         t_range = objective.train_range(cfg, self.clip) if split == "train" else (0.0, 1.0)
         return objective.draw_noise(cfg, cfg.train.global_batch_size,
                                     noise_generator(cfg.train.seed, split, step), t_range)
@@ -39,7 +41,8 @@ class BlockDiffusion(Objective):
         prep = objective.prepare(batch.tokens, batch.labels, batch.loss_mask, cfg,
                                  self.tokenizer.mask_id,
                                  noise.rows(rows.start, rows.stop) if noise else None,
-                                 context=self.shard.context, eod_id=self.tokenizer.eod)
+                                 context=self.shard.context, eod_id=self.tokenizer.eod,
+                                 common=split == "common")
         if self.teacher is not None and split == "train":
             prep = distill.targets(prep, batch.tokens, cfg.distill.weight)
         return prep

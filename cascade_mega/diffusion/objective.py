@@ -176,17 +176,40 @@ def draw_noise(cfg, n: int, generator: torch.Generator, t_range=None) -> Noise:
     return complement(noise) if d.complementary else noise
 
 
+def common_targets(tokens: torch.Tensor, eod_id) -> torch.Tensor:
+    """[b, L] the targets every objective predicts: tokens 1 .. L-1 of the window that do not
+    open a document (the first token of a window or of a document has no predecessor in a
+    shifted-prediction or document-masked run, and AR's label L has no diffusion target)."""
+    keep = torch.ones_like(tokens, dtype=torch.bool)
+    keep[:, 0] = False
+    if eod_id is not None:
+        keep[:, 1:] &= tokens[:, :-1] != eod_id
+    return keep
+
+
 def prepare(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, cfg, mask_id: int,
-            noise, *, t_range=None, context=(0, 1), eod_id=None) -> Prepared:
+            noise, *, t_range=None, context=(0, 1), eod_id=None, common=False) -> Prepared:
     """tokens/labels/loss_mask: [b, L] as megatron's GPT dataset yields them.
 
     noise: a `Noise` for these b sequences, or a torch.Generator to draw one from.
     context: (rank, size) of the context-parallel group.
     eod_id: the end-of-document token (needed by `data.document_mask`).
+    common: score only `common_targets`, the others given (never masked): the NELBO is then a
+      bound on -log p(targets | the others), on the same tokens for every objective.
     """
     documents, ar_mask = None, loss_mask  # next-token rows: megatron's mask, which follows labels
+    if common:
+        keep = common_targets(tokens, eod_id)
+        if cfg.diffusion.objective == "ar":  # label j is token j + 1
+            loss_mask = loss_mask * torch.cat([keep[:, 1:], torch.zeros_like(keep[:, :1])], 1)
+        else:
+            if isinstance(noise, torch.Generator):
+                noise = draw_noise(cfg, tokens.shape[0], noise, t_range)
+            noise = Noise(noise.t, torch.where(keep[:, None, :], noise.u, 2.0))  # given
     if cfg.diffusion.objective != "ar":
         loss_mask = token_mask(loss_mask)
+        if common:
+            loss_mask = loss_mask * keep
     if cfg.data.document_mask:
         if eod_id is None:
             raise ValueError("data.document_mask needs the end-of-document token id (eod_id)")

@@ -1,9 +1,12 @@
 """A sweep's final evaluation losses, read back from MLflow.
 
 Every run the sweep file expands to is looked up by name among the MLflow runs tagged with the
-sweep's group. A run counts when it FINISHED with a final `valid/nelbo` (nats per token: the NLL
-for AR, the NELBO bound otherwise); any other run is a failure named with its reason (its MLflow
-status, else what its run directory says: `exit.json`, or the last line of its log).
+sweep's group. A run counts when it FINISHED with a final `valid/nelbo_common` (nats per token on
+the targets every objective predicts, `objective.common_targets`: the NLL for AR, the NELBO bound
+otherwise, so that shifted-prediction and document-masked runs compare like with like); a sweep
+with a run that predates that metric is read on `valid/nelbo` throughout. Any other run is a
+failure named with its reason (its MLflow status, else what its run directory says:
+`exit.json`, or the last line of its log).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from typing import List, Tuple
 from cascade_mega.config import ConfigError
 from cascade_mega.sweep.spec import Run, Sweep
 
-METRIC = "valid/nelbo"
+METRIC = "valid/nelbo_common"
+FALLBACK = "valid/nelbo"  # runs made before the common-target bound
 
 
 def tracked(sweep: Sweep) -> dict:
@@ -39,12 +43,10 @@ def tracked(sweep: Sweep) -> dict:
     except Exception as err:  # noqa: BLE001
         raise ConfigError(f"cannot read the sweep's tracking store {sweep.uri}: "
                           f"{str(err).strip().splitlines()[0]}") from None
-    out = {}
-    for run in found:
-        if run.data.tags.get("cascade.sweep") == "parent":
-            continue
-        out[run.info.run_name] = (run.info.status, run.data.metrics.get(METRIC))
-    return out
+    runs = [r for r in found if r.data.tags.get("cascade.sweep") != "parent"]
+    have = [r.data.metrics for r in runs if FALLBACK in r.data.metrics]
+    key = METRIC if all(METRIC in m for m in have) else FALLBACK  # one metric for the sweep
+    return {r.info.run_name: (r.info.status, r.data.metrics.get(key)) for r in runs}
 
 
 def _why(run: Run, status: str | None) -> str:

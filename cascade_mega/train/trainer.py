@@ -247,14 +247,24 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict:
-        """NELBO on a fixed validation set with fixed noise (t over the full range (0, 1])."""
+        """NELBO on a fixed validation set with fixed noise (t over the full range (0, 1]);
+        for an objective that has it, the bound on the targets every objective shares
+        (`nelbo_common`, `ppl_bound_common`: `objective.common_targets`), a second pass."""
         for c in self.chunks:
             c.eval()
-        sums = self.objective.zero_sums(device.current())
-        for i in range(self.cfg.train.eval_batches):
-            sums += self._run_schedule(self.objective.batch(self.valid_data, i, "valid"),
-                                       forward_only=True)
-        return self._metrics(sums, train=False)
+
+        def run(split):
+            sums = self.objective.zero_sums(device.current())
+            for i in range(self.cfg.train.eval_batches):
+                sums += self._run_schedule(self.objective.batch(self.valid_data, i, split),
+                                           forward_only=True)
+            return self._metrics(sums, train=False)
+
+        metrics = run("valid")
+        if getattr(self.objective, "common_targets", False):
+            common = run("common")
+            metrics.update({f"{k}_common": common[k] for k in ("nelbo", "ppl_bound")})
+        return metrics
 
     def _emit(self, hook: str, *args):
         if self.is_logger:
