@@ -421,6 +421,8 @@ CASES = [
      "--floors '2': give floors in [0, 1), comma-separated"),
     ("bench-noise-missing", ["bench", "noise", "{inp}/nowhere"],
      "{inp}/nowhere: no such run directory or checkpoint"),
+    ("bench-noise-clip", ["bench", "noise", "{run}", "--clip", "0.8,0.3"],
+     "--clip '0.8,0.3': give T_MIN,T_MAX with 0 <= T_MIN < T_MAX <= 1"),
     ("bench-noise-draws", ["bench", "noise", "{run}", "--draws", "1"],
      "--draws must be >= 2 (a spread needs two), got 1"),
     ("bench-noise-floors-text", ["bench", "noise", "{run}", "--floors", "low,high"],

@@ -28,6 +28,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=16, help="validation sequences held fixed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokens-per-step", type=int, help="also simulate the weights at this step size")
+    p.add_argument("--clip", help="T_MIN,T_MAX: draw from this clipped range instead of the "
+                   "run's (a schedule search's candidate; the search keeps the lowest std)")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
 
 
@@ -107,9 +109,23 @@ def run(args) -> dict:
         floors = []
     if not floors or any(not 0 <= f < 1 for f in floors):
         raise ConfigError(f"--floors {args.floors!r}: give floors in [0, 1), comma-separated")
+    clip = None
+    if args.clip is not None:
+        try:
+            clip = tuple(float(x) for x in args.clip.split(","))
+        except ValueError:
+            clip = ()
+        if len(clip) != 2 or not 0 <= clip[0] < clip[1] <= 1 or clip[1] <= max(floors):
+            raise ConfigError(f"--clip {args.clip!r}: give T_MIN,T_MAX with 0 <= T_MIN < "
+                              "T_MAX <= 1, T_MAX above every floor")
     cfg, tokenizer, model = load_model(args.run)
     if cfg.diffusion.objective != "block_diffusion":
         raise ConfigError(f"{args.run} is an AR run: its loss draws no noise")
+    if clip is not None:
+        if cfg.diffusion.complementary and abs(sum(clip) - 1) > 1e-12:
+            raise ConfigError(f"--clip {args.clip!r}: {args.run} has complementary views, "
+                              "which need a symmetric range (T_MIN = 1 - T_MAX)")
+        cfg = replace(cfg, diffusion=replace(cfg.diffusion, t_min=clip[0], t_max=clip[1]))
     model.eval()
     cfg = replace(cfg, train=replace(cfg.train, eval_batches=1,
                                      global_batch_size=max(args.batch, 1)))
@@ -120,9 +136,10 @@ def run(args) -> dict:
     for floor in order:
         rows[floor] = _row(_estimates(model, cfg, batch, tokenizer.mask_id, floor, args.draws,
                                       args.seed), rows[0.0]["std"] if rows else None)
+    d = cfg.diffusion
     _print(rows, f"{args.draws} draws of the noise on {args.batch} validation sequences of "
-           f"{cfg.data.seq_len} tokens (B = {cfg.diffusion.block_size}), the run's weights; "
-           "ratio: std over the unfloored one")
+           f"{cfg.data.seq_len} tokens (B = {d.block_size}, t in [{d.t_min:g}, {d.t_max:g}]), "
+           "the run's weights; ratio: std over the unfloored one")
     result = {"floors": {str(f): r for f, r in rows.items()},
               "std_ratio": {str(f): r["ratio"] for f, r in rows.items()},
               "bias": {str(f): r["mean"] - rows[0.0]["mean"] for f, r in rows.items()},
