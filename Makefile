@@ -49,7 +49,7 @@ slurm-deps:
 	|| ($(APT) update -q >/dev/null && $(APT) install -y -q --no-install-recommends $(SLURM_PKGS) >/dev/null)
 
 test: test-setup slurm-deps
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 # A GPU cluster without containers: a venv on a node with an NVIDIA driver (README, "Install on a
 # GPU cluster"). torch's default Linux wheel brings its own CUDA runtime (nvidia-* wheels); the

@@ -209,3 +209,17 @@ def test_tiled_kernel_on_the_device_backend(V, chunks):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     for a, e in zip(got, ref_grads):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+def test_schedule_search_on_the_device(megatron, tmp_path):
+    """The search's forwards, variances and single read-back on the stand-in device: the same
+    variances and choice as on the host."""
+    from cascade_mega.train import schedule_search
+    from cascade_mega.train.trainer import Trainer
+
+    extra = ["diffusion.schedule_search.interval=1", "diffusion.schedule_search.batches=1",
+             "diffusion.schedule_search.draws=2"]
+    host = schedule_search.search(Trainer(_cfg(tmp_path, "host", extra), []).setup(), 1)
+    with standin():
+        on_device = schedule_search.search(Trainer(_cfg(tmp_path, "dev", extra), []).setup(), 1)
+    _close(on_device, host)
