@@ -172,6 +172,8 @@ class CascadeGPTModel(GPTModel):
     """GPTModel whose RoPE follows position_ids, with the noise level of each row added to its
     embedding when time-conditioned (`noise_levels` [b, S], `model/noise_level.py`)."""
 
+    _noise_levels = None  # set for the duration of one forward
+
     def forward(self, *args, noise_levels=None, **kwargs):
         self._noise_levels = noise_levels
         try:
