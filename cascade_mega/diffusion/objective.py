@@ -286,7 +286,8 @@ def _add_causal_stream(prep: Prepared, tokens, labels, ar_mask, weight: float) -
                         torch.cat([prep.readout.labels, labels], 1)),
         weight=torch.cat([prep.weight, ar_mask.to(torch.float64) * weight], 1),
         scored=torch.cat([prep.scored, torch.zeros(b, L, dtype=torch.bool)], 1),
-        aux_cols=L, noise_levels=torch.cat([prep.noise_levels, torch.zeros(b, L)], 1))
+        aux_cols=L,  # host, like every tensor `prepare` makes (moved with the batch)
+        noise_levels=torch.cat([prep.noise_levels, torch.zeros(b, L)], 1))
 
 
 def _prepare(tokens, labels, loss_mask, cfg, mask_id, noise, t_range) -> Prepared:
@@ -294,7 +295,7 @@ def _prepare(tokens, labels, loss_mask, cfg, mask_id, noise, t_range) -> Prepare
     b, L = tokens.shape
     pos = torch.arange(L)[None]  # shared by the batch: RoPE's table broadcasts over it
     if d.objective == "ar":
-        w = loss_mask.to(torch.float64)
+        w = loss_mask.to(torch.float64)  # host, like every tensor `prepare` makes
         return Prepared(tokens, pos, AttentionLayout("causal", L), ReadOut(None, labels), w,
                         loss_mask.bool(), int(loss_mask.sum()), noise_levels=torch.zeros(b, L))
     B, V = d.block_size, d.views
@@ -305,6 +306,7 @@ def _prepare(tokens, labels, loss_mask, cfg, mask_id, noise, t_range) -> Prepare
     weight = torch.where(masked, 1.0 / noise.t, 0.0) / V
     clean_stream = cfg.attention_kind == "block_diffusion"
     streams = [x_t[:, v] for v in range(V)]
+    # host (moved with the batch): each view's block levels, the clean stream's 0
     levels = [noise.t[:, v].float() for v in range(V)] + [torch.zeros(b, L)] * clean_stream
     if clean_stream:
         input_ids = torch.cat(streams + [tokens], dim=1)

@@ -115,7 +115,8 @@ class Decoder:
         pos = torch.zeros((b, n), dtype=torch.long)
         kinds = torch.full((b, n), IDLE, dtype=torch.long)
         blocks = torch.zeros((b, n), dtype=torch.long)
-        levels = torch.zeros((b, n))  # time conditioning: committed rows 0 (model/noise_level.py)
+        # host, crossing with the rows below; time conditioning: committed rows 0
+        levels = torch.zeros((b, n))
         for i, s in enumerate(seqs):
             c = len(s.commit)
             if c:

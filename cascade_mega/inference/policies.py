@@ -139,7 +139,7 @@ def tweedie_unmask(logits: torch.Tensor, step: int, steps: int, scores: bool) ->
     """[m] probability that SEDD's Tweedie step from t = 1 - step / steps to s = t - 1 / steps
     unmasks each of m masked positions (logits [m, V] with -inf on ids never predicted)."""
     t, s = 1.0 - step / steps, max(1.0 - (step + 1) / steps, 0.0)
-    if not scores:  # a cross-entropy model: R = 1, MDLM's ancestral step
+    if not scores:  # a cross-entropy model: R = 1, MDLM's ancestral step (host, as returned)
         return torch.full((logits.shape[0],), (t - s) / t)
     logits = logits.double()
     allowed = torch.isfinite(logits).sum(-1).double()
@@ -156,8 +156,9 @@ def decide(policy: Policy, logits: torch.Tensor, sampling: Sampling, generator, 
     probs = distribution(logits, sampling)
     if policy.name == "tweedie":
         p = tweedie_unmask(logits, step, steps, scores)
+        # host: the decoder's generator and decisions live there, like `draw`'s
         chosen = (torch.rand(len(p), generator=generator, dtype=torch.float64) < p)
-        chosen = chosen.nonzero().squeeze(1)  # host generator, like `draw`
+        chosen = chosen.nonzero().squeeze(1)
         picked = probs[chosen.to(probs.device)]
         tokens = draw(picked, sampling, generator)
         return chosen, tokens, \

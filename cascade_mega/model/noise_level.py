@@ -46,7 +46,8 @@ class NoiseLevelEmbedding(torch.nn.Module):
         self.mlp = torch.nn.Sequential(torch.nn.Linear(FREQUENCIES, hidden, dtype=dtype),
                                        torch.nn.SiLU(),
                                        torch.nn.Linear(hidden, hidden, dtype=dtype))
-        g = torch.Generator().manual_seed(seed)  # the same weights on every rank
+        # a host generator on purpose: the same weights on every rank and device (copied in)
+        g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             first, last = self.mlp[0], self.mlp[2]
             first.weight.copy_(torch.randn(first.weight.shape, generator=g) * init_std)
