@@ -20,7 +20,14 @@ to a model on the device) pass silently on the CPU, where host and device are on
   same math in Python ops on the `Dev`s) and the gloo collectives, which the CPU backend cannot
   read from a subclass (they run on the wrapped CPU tensors in place; one process only).
 - CUDA-only fused ops the project calls on a CUDA device (the tiled kernel's memory-efficient
-  attention pieces) run here as their math, so their calling convention is exercised on CPU.
+  attention pieces) run here as their math, so their calling convention is exercised on CPU, and
+  they refuse what the real op refuses on an A100/H100/H200 (the `Sm80` kernels): dtypes other
+  than float32/float16/bfloat16, a bias of another dtype than the query's or not exactly
+  [b, h, q_len, k_len] (expanded views are fine), a bias whose rows are not 16-byte aligned,
+  a log-sum-exp whose head/batch strides are not 8-aligned; and what its kernel assumes without
+  checking: key/value/out in the query's dtype, `out` laid out as its forward returns it, the
+  log-sum-exp rows padded to a multiple of 32, as the forward returns them. Each check names
+  the check of PyTorch's CUDA source it mirrors.
 
 A real mismatch raises `StandInDeviceError` naming the op and the host tensor's shape.
 `count_syncs()` counts what would stall the host on a GPU (reads of device values, blocking
@@ -147,32 +154,187 @@ def count_syncs():
 
 
 # ----------------------------------------------------------------------- CUDA-only ops as math
+# The memory-efficient attention ops refuse here what they refuse on a GPU of compute capability
+# 8.x or 9.x (A100, H100, H200: `dispatch_cutlassF` takes the `Sm80` kernels), and what their
+# kernels assume without checking (there they would read the wrong memory). Each check names the
+# check of PyTorch's CUDA source it mirrors; the sources (pytorch/pytorch main, under
+# aten/src/ATen/native/transformers/cuda/):
+#   attention.cu            `_efficient_attention_forward` (shape, dtype and bias checks, the
+#                           kernel selection of `launchKernel`, the log-sum-exp it allocates)
+#   attention_backward.cu   `_efficient_attention_backward` (the same for the backward)
+#   mem_eff_attention/kernel_forward.h, kernel_backward.h   `check_supported` (alignments)
+#   mem_eff_attention/gemm_kernel_utils.h   DISPATCH_TYPES, DefaultGemmType,
+#                           CHECK_NOSPARSE_LASTCONTIGUOUS_CUDA, CHECK_ALIGNED_PTR
+#   mem_eff_attention/kernels/cutlassF.h   (on Sm80 only the `aligned` forward kernels exist)
+#   mem_eff_attention/gemm/mma_from_smem.h   `accumApplyLSEToSmem` (how the backward reads the
+#                           log-sum-exp)
+# The sdpa ops (`_scaled_dot_product_efficient_attention[_backward]`) only transpose [b, h, s, d]
+# to the kernels' [b, s, h, d] and pass everything on; the checks below are written in the sdpa
+# ops' [b, h, s, d] terms (the kernels' strideM is stride(2) here, strideH stride(1)).
+
+_EFFICIENT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_LSE_ROWS = 32  # kernel_forward.h `kAlignLSE = 32; // block size of backward`
+
+
+def _refuse(ok: bool, problem: str):
+    if not ok:
+        raise StandInDeviceError(f"memory-efficient attention: {problem}")
+
+
+def _forward_alignment(dtype) -> int:
+    """Elements: 16 bytes. The forward's kAlignmentQ/kAlignmentK (kernel_forward.h
+    `MM0::kAlignmentA = kIsAligned ? DefaultConfig::kAlignmentA : ...`), and on Sm80 only the
+    aligned kernels exist (cutlassF.h), whose DefaultGemmConfiguration<OpClassTensorOp, Sm80>
+    has kAlignmentA = 128 / sizeof_bits: 4 for float32, 8 for float16/bfloat16."""
+    return 16 // dtype.itemsize
+
+
+_BACKWARD_ALIGNMENT = 4  # kernel_backward.h `kMinimumAlignment = GemmType::kMinimumAlignment`,
+# gemm_kernel_utils.h DefaultGemmType on Sm80: 4 for float32 and for float16/bfloat16
+
+
+def _byte_offset(x) -> int:
+    # CHECK_ALIGNED_PTR(PTR, ALIGNMENT) tests `uint64_t(PTR) % ALIGNMENT` (the byte address modulo
+    # the alignment in elements); a CUDA allocation starts 512-byte aligned, so the address
+    # modulo it is the storage offset's, in bytes
+    return x.storage_offset() * x.element_size()
+
+
+def _check_qkv(q, k, v, align_qk: int, align_v: int, op: str):
+    # attention.cu / attention_backward.cu: TORCH_CHECK(query.dim() == 4), the batch, sequence,
+    # head-count and head-dim equalities
+    _refuse(q.dim() == k.dim() == v.dim() == 4,
+            f"query, key, value must be 4-D [b, h, s, d]; got {q.dim()}, {k.dim()}, {v.dim()}")
+    b, h, _, d = q.shape
+    _refuse(k.shape[0] == v.shape[0] == b, f"batch sizes differ: {q.shape}, {k.shape}, {v.shape}")
+    _refuse(k.shape[1] == v.shape[1] == h, f"as many key/value heads as query heads (grouped "
+            f"K/V repeated) expected: {q.shape}, {k.shape}, {v.shape}")
+    _refuse(k.shape[2] == v.shape[2], f"key and value lengths differ: {k.shape}, {v.shape}")
+    _refuse(k.shape[3] == d, f"query and key head dims differ: {q.shape}, {k.shape}")
+    # gemm_kernel_utils.h DISPATCH_TYPES (on the query's dtype): "Only fp32, half & bf16
+    # supported at the moment"
+    _refuse(q.dtype in _EFFICIENT_DTYPES,
+            f"query dtype {q.dtype}: only fp32, half & bf16 supported (the CUDA kernel's dtypes)")
+    # unchecked there: the kernel reads key and value as the query's dtype
+    # (`(const scalar_t*)key.const_data_ptr()`), so another dtype is read as garbage
+    _refuse(k.dtype == q.dtype and v.dtype == q.dtype,
+            f"key/value dtypes {k.dtype}/{v.dtype} differ from the query's {q.dtype} (the CUDA "
+            "kernel reads them as the query's dtype, unchecked)")
+    for name, x, align in (("query", q, align_qk), ("key", k, align_qk), ("value", v, align_v)):
+        # CHECK_NOSPARSE_LASTCONTIGUOUS_CUDA: "last dimension must be contiguous"
+        _refuse(x.stride(-1) == 1 or x.size(-1) == 1,
+                f"{name}: last dimension must be contiguous; strides {x.stride()}")
+        # launchKernel's alignment test (`query.stride(2) % Kernel::kAlignmentQ`, the head
+        # stride): no kernel of the Sm80 set takes it ("cutlass{F,B}: no kernel found to launch!")
+        _refuse(x.stride(1) % align == 0,
+                f"{name}'s head stride {x.stride(1)} is not a multiple of {align}: no {op} kernel "
+                "found to launch")
+        # check_supported: CHECK_ALIGNED_PTR and "{name} is not correctly aligned (strideM)" (and
+        # strideB, checked by the backward's)
+        _refuse(_byte_offset(x) % align == 0, f"{name}_ptr is not correctly aligned")
+        _refuse(x.stride(2) % align == 0,
+                f"{name} is not correctly aligned (strideM): stride(2) = {x.stride(2)}, should be "
+                f"a multiple of {align}")
+        if op == "backward":
+            _refuse(b <= 1 or x.stride(0) % align == 0,
+                    f"{name} is not correctly aligned (strideB): stride(0) = {x.stride(0)}")
+
+
+def _check_bias(bias, q, k, align: int):
+    if bias is None:
+        return
+    # "invalid dtype for bias - should match query's dtype"
+    _refuse(bias.dtype == q.dtype,
+            f"invalid dtype for bias - should match query's dtype ({bias.dtype} vs {q.dtype})")
+    # "Bias expected in BMHK format" (4-D) and "attn_bias: wrong shape (batch / head / seqlenQ /
+    # seqlenKV dimension)": the sizes must be [b, h, q_len, k_len] exactly, no broadcasting (an
+    # expanded view, stride 0, is what a broadcast bias takes)
+    _refuse(bias.dim() == 4, f"Bias expected in BMHK format (4-D); got {tuple(bias.shape)}")
+    want = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    _refuse(tuple(bias.shape) == want,
+            f"attn_bias: wrong shape {tuple(bias.shape)}, expected [b, h, q_len, k_len] = {want} "
+            "(expand a broadcast bias)")
+    # CHECK_NOSPARSE_LASTCONTIGUOUS_CUDA(*bias) and "attn_bias: wrong alignment (last dimension
+    # must be contiguous)" (bias->stride(3) == 1)
+    _refuse(bias.stride(3) == 1, "attn_bias: wrong alignment (last dimension must be "
+            f"contiguous); strides {bias.stride()}")
+    # check_supported: CHECK_ALIGNED_PTR(attn_bias_ptr) and "attn_bias is not correctly aligned
+    # (strideB / strideH / strideM)": each stride a multiple of the alignment, unless that
+    # dimension has one element (num_batches / num_heads / num_queries <= 1)
+    _refuse(_byte_offset(bias) % align == 0, "attn_bias_ptr is not correctly aligned")
+    for dim, name in ((0, "strideB"), (1, "strideH"), (2, "strideM")):
+        _refuse(bias.shape[dim] <= 1 or bias.stride(dim) % align == 0,
+                f"attn_bias is not correctly aligned ({name}). attn_bias.stride({dim}) = "
+                f"{bias.stride(dim)}, and should be a multiple of {align} (a {bias.dtype} "
+                "bias: a view into padded memory)")
+
+
 def _efficient_fwd(q, k, v, bias, compute_lse, dropout_p=0.0, is_causal=False, *, scale=None):
+    align = _forward_alignment(q.dtype) if q.dtype in _EFFICIENT_DTYPES else 1
+    _check_qkv(q, k, v, align, 1, "forward")  # kernel_forward.h: kAlignmentV = 1
+    _check_bias(bias, q, k, align)  # kernel_forward.h: the bias's strides % kAlignmentQ
     s = (q.double() @ k.double().transpose(-1, -2)) * (scale or 1 / math.sqrt(q.shape[-1]))
     if bias is not None:
         s = s + bias.double()
     lse = torch.logsumexp(s, dim=-1)
     out = (torch.softmax(s, -1) @ v.double()).to(q.dtype)
     out = out.transpose(1, 2).contiguous().transpose(1, 2)  # laid out [b, s, h, d], as CUDA's
-    pad = -q.shape[2] % 32  # the CUDA kernel pads the log-sum-exp rows to a multiple of 32
-    lse = F.pad(lse, (0, pad), value=float("inf"))  # float32, as CUDA's (float64 inputs: kept)
-    lse = lse if q.dtype == torch.float64 else lse.float()
+    # as the CUDA op: float32 [b, h, ceil(q_len / 32) * 32], the rows past q_len +inf
+    # (attention.cu: `ceil_div(max_seqlen_q, kAlignLSE) * kAlignLSE`, 0 without compute_lse)
+    pad = -q.shape[2] % _LSE_ROWS
+    lse = F.pad(lse, (0, pad), value=float("inf")).float() if compute_lse else \
+        lse.new_empty(*lse.shape[:2], 0, dtype=torch.float32)
     zero = torch.zeros((), dtype=torch.int64)
     return out, lse, zero, zero
 
 
 def _efficient_bwd(grad, q, k, v, bias, out, lse, seed, offset, dropout_p, grad_input_mask,
                    is_causal=False, *, scale=None):
+    _check_qkv(q, k, v, _BACKWARD_ALIGNMENT, _BACKWARD_ALIGNMENT, "backward")
+    _check_bias(bias, q, k, _BACKWARD_ALIGNMENT)  # kernel_backward.h: % kMinimumAlignment
+    b, h, m, _ = q.shape
+    # attention_backward.cu: grad_out's batch, length, heads and value head dim equal the
+    # query's / value's (it is made contiguous there, any layout goes)
+    _refuse(tuple(grad.shape) == (b, h, m, v.shape[3]),
+            f"grad_out {tuple(grad.shape)} does not match query {tuple(q.shape)}, value "
+            f"{tuple(v.shape)}")
+    # unchecked there: `out` and `grad_out` are read as the query's dtype
+    _refuse(out.dtype == q.dtype and grad.dtype == q.dtype,
+            f"out/grad_out dtypes {out.dtype}/{grad.dtype} differ from the query's {q.dtype} (read "
+            "as the query's dtype, unchecked)")
+    # kernel_backward.h check_supported: CHECK_ALIGNED_PTR(p.output_ptr, kMinimumAlignment)
+    _refuse(_byte_offset(out) % _BACKWARD_ALIGNMENT == 0, "output_ptr is not correctly aligned")
     if not out.transpose(1, 2).is_contiguous():  # what the CUDA kernel assumes, unchecked
         raise StandInDeviceError("the memory-efficient attention backward reads `out` as its "
                                  "forward lays it out ([b, s, h, d] in memory); got strides "
                                  f"{out.stride()}")
+    # The log-sum-exp: the forward returns float32 [b, h, ceil(q_len / 32) * 32], the rows past
+    # q_len +inf (kernel_forward.h: "To make the backward easier, we pad logsumexp with `inf` /
+    # this avoids a few bound checks"). The backward reads it as float (`lse_scalar_t`) at
+    # b * stride(0) + h * stride(1) + i, and from each block of queries ceil(rows / 32) * 32
+    # entries (mma_from_smem.h `accumApplyLSEToSmem`: extent `ceil_div(lse_extents, kAlignLSE) *
+    # kAlignLSE`), without a check: a shorter row is read past its end. Checked there only:
+    # kernel_backward.h check_supported "LSE is not correctly aligned (strideH)" and "(strideB)".
+    padded = -(-m // _LSE_ROWS) * _LSE_ROWS
+    _refuse(lse.dtype == torch.float32 and lse.dim() == 3 and tuple(lse.shape[:2]) == (b, h),
+            f"logsumexp must be the forward's float32 [b, h, padded q_len]; got {lse.dtype} "
+            f"{tuple(lse.shape)}")
+    _refuse(h <= 1 or lse.stride(1) % 8 == 0,
+            f"LSE is not correctly aligned (strideH): stride(1) = {lse.stride(1)}, should be a "
+            "multiple of 8")
+    _refuse(b <= 1 or lse.stride(0) % 8 == 0,
+            f"LSE is not correctly aligned (strideB): stride(0) = {lse.stride(0)}, should be a "
+            "multiple of 8")
+    _refuse(lse.shape[2] >= padded and lse.stride(2) == 1,
+            f"logsumexp rows must hold ceil(q_len / 32) * 32 = {padded} consecutive entries, as "
+            f"the forward pads them (the CUDA backward reads that many, unchecked); got shape "
+            f"{tuple(lse.shape)}, strides {lse.stride()}")
     scale = scale or 1 / math.sqrt(q.shape[-1])
     qd, kd, vd = (x.double() for x in (q, k, v))
     s = (qd @ kd.transpose(-1, -2)) * scale
     if bias is not None:
         s = s + bias.double()
-    p = torch.exp(s - lse[..., :q.shape[2], None].double())
+    p = torch.exp(s - lse[..., :m, None].double())
     g = grad.double()
     dv = p.transpose(-1, -2) @ g
     dp = g @ vd.transpose(-1, -2)

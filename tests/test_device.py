@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from cascade_mega.config import load_config
-from standin_device import STANDIN, Dev, count_syncs, standin
+from standin_device import STANDIN, Dev, StandInDeviceError, count_syncs, standin
 
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
         "data.seq_len=32", "diffusion.block_size=4", "train.steps=4",
@@ -164,51 +164,118 @@ def test_the_standin_catches_a_host_tensor():
         x * 2.0 + torch.tensor(1.0)  # scalars are fine (CUDA takes them too)
 
 
-@pytest.mark.parametrize("V, chunks", [(1, None), (2, None), (1, (1, 2))])
-def test_tiled_kernel_on_the_device_backend(V, chunks):
+def test_the_standin_refuses_what_cuda_memory_efficient_attention_refuses():
+    """The memory-efficient attention ops on the stand-in refuse what CUDA's refuse (or read
+    wrongly): see `standin_device` for the source check each one mirrors."""
+    fwd = torch.ops.aten._scaled_dot_product_efficient_attention.default
+    bwd = torch.ops.aten._scaled_dot_product_efficient_attention_backward.default
+    b, h, m, n, d = 2, 4, 18, 18, 8
+
+    def bias(dtype, rows=n, width=n, shape=(b, h)):  # rows of `width` elements in memory
+        return torch.zeros(m, width, dtype=dtype, device=dev)[:, :rows].expand(*shape, m, rows)
+
+    with standin() as dev:
+        q, k, v = (torch.randn(b, h, s, d, device=dev, dtype=torch.bfloat16) for s in (m, n, n))
+        good = bias(torch.bfloat16, width=32)
+        out, lse, seed, offset = fwd(q, k, v, good, True)
+        assert lse.shape == (b, h, 32) and lse.dtype == torch.float32  # padded to 32 rows
+        bwd(out, q, k, v, good, out, lse, seed, offset, 0.0, [True, True, True, False])
+        refused = {
+            "only fp32, half & bf16": lambda: fwd(q.double(), k.double(), v.double(), None, True),
+            "key/value dtypes": lambda: fwd(q, k.float(), v, None, True),
+            "invalid dtype for bias": lambda: fwd(q, k, v, bias(torch.float32, width=32), True),
+            "wrong shape": lambda: fwd(q, k, v, bias(torch.bfloat16, width=32, shape=(1, 1)),
+                                       True),
+            "attn_bias_ptr is not correctly aligned": lambda: fwd(  # starts 2 bytes in
+                q, k, v, torch.zeros(m, 40, dtype=torch.bfloat16, device=dev)[:, 1:n + 1]
+                .expand(b, h, m, n), True),
+            "not correctly aligned \\(strideM\\).* multiple of 8": lambda: fwd(
+                q, k, v, bias(torch.bfloat16), True),
+            "LSE is not correctly aligned \\(strideH\\)": lambda: bwd(
+                out, q, k, v, good, out, lse[..., :m].contiguous(), seed, offset, 0.0,
+                [True, True, True, False]),
+            "logsumexp rows must hold": lambda: bwd(
+                out, q, k, v, good, out, lse[..., :16].contiguous(), seed, offset, 0.0,
+                [True, True, True, False]),
+        }
+        for message, call in refused.items():
+            with pytest.raises(StandInDeviceError, match=message):
+                call()
+        # float32: 16-byte rows are 4 elements, which CUDA takes
+        qf, kf, vf = (x.float() for x in (q, k, v))
+        fwd(qf, kf, vf, bias(torch.float32, rows=n, width=20), True)
+
+
+# (V, L, B, tile, context-parallel chunks, packed documents). The last case has odd sizes: tiles
+# of 6 positions, so piece (b) has 18 query rows and 18 keys, and piece (a) 6 or 12 keys: no
+# multiple of 4 or 8, so a bias not padded to aligned rows or a log-sum-exp not padded to 32 rows
+# is refused by the stand-in as by the CUDA kernel (`standin_device`).
+DEVICE_CASES = {"views1": (1, 32, 4, None, False, False),
+                "views2": (2, 32, 4, None, False, False),
+                "context_parallel": (1, 32, 4, None, True, False),
+                "odd_sizes_documents": (2, 18, 3, 6, False, True)}
+# the CUDA kernel's dtypes, against float64: fp32 near its rounding, bf16 (8 bits of mantissa,
+# the merge of the pieces in bf16) at a few of its roundings
+DEVICE_TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5),
+                    torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", DEVICE_CASES)
+def test_tiled_kernel_on_the_device_backend(case, dtype):
     """Off the CPU the tiled kernel runs its pieces through the memory-efficient attention ops
-    (CUDA; here their math, see `standin_device`): same outputs and gradients as the dense mask,
-    grouped-query heads, and a context-parallel rank's chunks against the gathered clean stream."""
+    (CUDA; here their math, refusing what CUDA refuses, see `standin_device`), in the dtypes that
+    kernel takes: same outputs and gradients as the dense mask in float64 on the host, with
+    grouped-query heads, a context-parallel rank's chunks against the gathered clean stream,
+    packed documents."""
     from cascade_kernels import tiled
     from cascade_mega.diffusion.masks import AttentionLayout
 
-    L, B, h, g, d = 32, 4, 4, 2, 8
-    layout = AttentionLayout("block_diffusion", L, B, V)
-    gen = torch.Generator().manual_seed(V)
+    V, L, B, tile, cp, packed = DEVICE_CASES[case]
+    h, g, d = 4, 2, 8
+    docs = torch.tensor([[0] * 4 + [1] * 9 + [2] * (L - 13), [0] * 7 + [1] * (L - 7)]) \
+        if packed else None
+    layout = AttentionLayout("block_diffusion", L, B, V, documents=docs)
+    gen = torch.Generator().manual_seed(sum(map(ord, case)))
+    # inputs in the kernel's dtype; the reference takes exactly those values in float64
     q, k, v = (torch.randn(2, n, layout.total_len, d, dtype=torch.float64, generator=gen)
-               for n in (h, g, g))
-    full = layout.dense()
+               .to(dtype) for n in (h, g, g))
+    full = layout.dense()  # [S, S], or [b, 1, S, S] with documents
     rows = torch.arange(layout.total_len)
-    if chunks:  # rank 1 of a context-parallel group of 2
+    if cp:  # rank 1 of a context-parallel group of 2
         split = layout.split_for_context(1, 2)
         rows = split.rows()
     rep = lambda x: x.repeat_interleave(h // g, 1)  # noqa: E731
-    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    qr, kr, vr = (x.double().requires_grad_() for x in (q, k, v))
     s = (qr[:, :, rows] @ rep(kr).transpose(-1, -2)) / d ** 0.5
-    ref = torch.softmax(s.masked_fill(~full[rows], float("-inf")), -1) @ rep(vr)
-    grad = torch.randn(ref.shape, dtype=torch.float64, generator=gen)
-    ref_grads = torch.autograd.grad(ref, (qr, kr, vr), grad)
+    ref = torch.softmax(s.masked_fill(~full[..., rows, :], float("-inf")), -1) @ rep(vr)
+    grad = torch.randn(ref.shape, dtype=torch.float64, generator=gen).to(dtype)
+    ref_grads = torch.autograd.grad(ref, (qr, kr, vr), grad.double())
     with standin() as dev:
         qd, kd, vd = (x.to(dev).requires_grad_() for x in (q, k, v))
-        if chunks:
+        documents = docs.to(dev) if packed else None
+        if cp:
             clean = slice(V * L, (V + 1) * L)
             ck, cv = (x[:, :, clean].detach().clone().requires_grad_() for x in (kd, vd))
             held = rows.to(dev)
             out = tiled.block_diffusion_attention(
-                qd[:, :, held], kd[:, :, held], vd[:, :, held], L, B, V, chunks=split.chunks,
-                num_chunks=split.num_chunks, clean_kv=(ck, cv))
+                qd[:, :, held], kd[:, :, held], vd[:, :, held], L, B, V, tile,
+                chunks=split.chunks, num_chunks=split.num_chunks, clean_kv=(ck, cv),
+                documents=documents)
         else:
-            out = tiled.block_diffusion_attention(qd, kd, vd, L, B, V)
-        assert isinstance(out, Dev)
+            out = tiled.block_diffusion_attention(qd, kd, vd, L, B, V, tile, documents=documents)
+        assert isinstance(out, Dev) and out.dtype == dtype
         out.backward(grad.to(dev))
         got = [x.grad.cpu() for x in (qd, kd, vd)]
-        if chunks:  # the gathered stream's gradient goes back to its rows (the reduce-scatter)
+        if cp:  # the gathered stream's gradient goes back to its rows (the reduce-scatter)
             got[1][:, :, clean] += ck.grad.cpu()
             got[2][:, :, clean] += cv.grad.cpu()
         out = out.cpu()
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    tol = DEVICE_TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), ref, **tol)
     for a, e in zip(got, ref_grads):
-        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), e, **tol)
 
 
 def test_schedule_search_on_the_device(megatron, tmp_path):

@@ -98,6 +98,15 @@ def test_expert_parallel_matches_one_process_and_resumes_at_ep1(tmp_path):
                               "parallel.expert=2", "parallel.expert_tensor=1",
                               "parallel.tensor=2", "parallel.sequence_parallel=true",
                               "parallel.pipeline=2"))
+    # bf16 at EP = 2 (two ranks, the distributed optimizer over dense and expert parameters):
+    # stopped after step 2 and resumed, it equals the uninterrupted run exactly
+    bf16 = ["--nproc-per-node", "2", "parallel.expert=2", distopt, "train.precision=bf16"]
+    straight = _run(tmp_path, "ep2_bf16", *bf16)
+    _run(tmp_path, "ep2_bf16_resumed", *bf16, "train.exit_interval=2")
+    resumed = _run(tmp_path, "ep2_bf16_resumed", *bf16)
+    keys = ("loss", "grad_norm", "moe/aux_loss", "moe/z_loss", "expert_load/0")
+    assert [[r.get(k) for k in keys] for r in resumed] == [[r.get(k) for k in keys]
+                                                           for r in straight]
     # an MoE checkpoint as the start of a dense run: refused, naming the key, before building
     dense = [a for a in ARGS if not a.startswith("model.moe.")]
     proc = cascade(*dense, f"run_dir={tmp_path}/dense", f"train.init_from={tmp_path}/single")

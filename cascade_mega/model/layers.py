@@ -121,5 +121,8 @@ class SeededExperts(SequentialMLP):
 
 class RMSNorm(torch.nn.RMSNorm):
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
-        super().__init__(hidden_size, eps=eps, device=device.current())
+        # in the model's dtype: megatron-core's mixed-precision optimizer keeps fp32 main copies of
+        # the params_dtype parameters, and its checkpoint maps only those
+        super().__init__(hidden_size, eps=eps, device=device.current(),
+                         dtype=config.params_dtype)
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
+from cascade_mega.train import distopt_state
 from cascade_mega.train import manifest as manifest_file
 from cascade_mega.train import safe_unpickle
 
@@ -82,6 +83,7 @@ def sharded_state(chunks, optimizer, scheduler, step: int, consumed: int, is_loa
         # the optimizer finds each param's sharded tensor in the nested {model<i>: ...} dict
         flat = model_sd
         # fully_reshardable: the distributed optimizer's state loads at any other layout
+        distopt_state.install()
         state["optimizer"] = optimizer.sharded_state_dict(
             flat, is_loading=is_loading,
             metadata={"distrib_optim_sharding_type": "fully_reshardable"})
