@@ -290,3 +290,41 @@ def test_schedule_search_on_the_device(megatron, tmp_path):
     with standin():
         on_device = schedule_search.search(Trainer(_cfg(tmp_path, "dev", extra), []).setup(), 1)
     _close(on_device, host)
+
+
+def test_initial_weights_are_the_same_at_tp1_and_tp2_on_the_device(megatron, tmp_path,
+                                                                   monkeypatch):
+    """One seed, the same initial weights on the device at TP = 2 (two ranks, saved as a
+    checkpoint) and at TP = 1 (here), and on the host: weights are drawn whole on the host and
+    split on every device, which a GPU's model config says too (megatron-core's device path
+    draws each shard from its own stream: the weights would change with the layout)."""
+    import subprocess
+    import sys
+
+    from helpers import MASK_ID, ROOT, VOCAB, tiny_cfg
+
+    from cascade_mega.model import gpt
+    from cascade_mega.runtime import device
+    from cascade_mega.train import checkpoint
+
+    root = tmp_path / "tp2"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                           "2", "tests/init_at_tp2.py", str(root)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = tiny_cfg("model.num_query_groups=2", "model.qk_norm=true",
+                   "model.time_conditioning=true", f"run_dir={tmp_path / 'tp1'}")
+    with standin():
+        torch.manual_seed(0)
+        tp1 = {k: v.elem for k, v in gpt.build_model(cfg, VOCAB, [MASK_ID]).state_dict().items()
+               if isinstance(v, Dev)}
+    loaded = gpt.build_model(cfg, VOCAB, [MASK_ID])
+    checkpoint.load(checkpoint.latest(str(root)), [loaded], None, None)
+    torch.manual_seed(0)
+    host = gpt.build_model(cfg, VOCAB, [MASK_ID]).state_dict()
+    assert tp1.keys() == {k for k in loaded.state_dict() if not k.endswith("_extra_state")}
+    for name, weight in tp1.items():
+        assert torch.equal(weight, loaded.state_dict()[name]), name
+        assert torch.equal(weight, host[name]), name
+    monkeypatch.setattr(device, "on_gpu", lambda: True)
+    assert gpt.transformer_config(cfg, torch.bfloat16).use_cpu_initialization

@@ -93,7 +93,12 @@ def transformer_config(cfg: CascadeConfig, dtype: torch.dtype) -> TransformerCon
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.init_std,
-        use_cpu_initialization=not on_gpu,  # also makes weights identical across TP sizes
+        # on every device: each weight is drawn whole on the host from the layer's seed
+        # (`model/layers.py`), split for this rank and moved to the device. A seed then gives the
+        # same initial weights on CPU and GPU at any TP / PP / EP (megatron's device path draws
+        # each tensor-parallel shard from its own CUDA stream), at the cost of host time at
+        # start-up (the whole of each weight, once per rank)
+        use_cpu_initialization=True,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -376,8 +381,8 @@ def build_model(cfg: CascadeConfig, vocab_size: int, forbidden_ids=(), *, pre_pr
         banned = (vocab_ids >= vocab_size) | torch.isin(vocab_ids, forbidden)
         bias = torch.zeros(per_rank, device=dev).masked_fill(banned, float("-inf"))
         model.output_layer.register_buffer("logit_bias", bias, persistent=False)
-    # megatron places its layers on the current device unless `use_cpu_initialization` (the CPU
-    # case); anything built elsewhere (e.g. a norm of the local spec) follows here
+    # megatron builds its layers on the host (`use_cpu_initialization`, above): the whole model
+    # moves to the process's device here, once
     return model.to(device.current())
 
 

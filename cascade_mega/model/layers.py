@@ -2,8 +2,9 @@
 
 - `SeededTransformerLayer`: reseeds the CPU generator from (seed, global layer number) before
   building its weights, so initial weights do not depend on the pipeline layout (megatron draws
-  them from one stream in build order, which differs per stage). With `use_cpu_initialization`
-  megatron already makes them independent of the tensor-parallel size. `model.recompute=full`
+  them from one stream in build order, which differs per stage). Weights are drawn on the host
+  on every device (`use_cpu_initialization`, `model/gpt.py`), whole and then split, so they do
+  not depend on the device or the tensor-parallel size either. `model.recompute=full`
   keeps only each layer's input and recomputes the layer in backward (through Transformer
   Engine's checkpoint under FP8, which replays the forward's FP8 scaling state).
 - `SeededExperts`: megatron-core's `SequentialMLP` whose expert e draws its initial weights from
@@ -11,8 +12,8 @@
   r's local experts from the stream rank 0 uses for its own).
 - `routing_scale`: the loss tokens per routed row of the micro-batch in flight, which an MoE
   layer's router reads (`moe.py`) and a recomputed layer restores.
-- `RMSNorm`: torch's RMSNorm that marks its weight for megatron's sequence-parallel gradient
-  all-reduce (megatron's torch-norm wrapper refuses sequence parallel).
+- `RMSNorm`: torch's RMSNorm in the model's dtype that marks its weight for megatron's
+  sequence-parallel gradient all-reduce (megatron's torch-norm wrapper refuses sequence parallel).
 """
 
 from __future__ import annotations
