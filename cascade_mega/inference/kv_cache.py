@@ -53,6 +53,7 @@ class DecodeStep:
         self.cache, self.kinds, self.blocks = cache, kinds, blocks
         self.used = int(cache.lengths.max())
         self.mask = None  # on the device of the first layer's queries, made once per forward
+        self.flex_mask = None  # the same for FlexAttention
         self.pending = {}
 
     def _mask(self) -> torch.Tensor:
@@ -75,9 +76,14 @@ class DecodeStep:
         cached = cached & (kinds != IDLE)[:, :, None]
         return torch.cat([cached, rows], dim=2)[:, None]
 
-    def attend(self, layer: int, q, k, v, scale=None):
-        """q: [b, h, n, d]; k, v: [b, g, n, d] of this forward's rows."""
+    def attend(self, layer: int, q, k, v, scale=None, kernel: str = "tiled"):
+        """q: [b, h, n, d]; k, v: [b, g, n, d] of this forward's rows. kernel: the layer's
+        (resolved); `flex` attends through FlexAttention at fixed shapes (`_attend_flex`),
+        any other through SDPA under the dense mask."""
         cache_k, cache_v = self.cache.layer(layer, k)
+        if kernel == "flex":
+            self.pending[layer] = (k, v)
+            return self._attend_flex(cache_k, cache_v, q, k, v, scale)
         keys = torch.cat([cache_k[:, :, :self.used], k], dim=2)
         values = torch.cat([cache_v[:, :, :self.used], v], dim=2)
         self.pending[layer] = (k, v)
@@ -85,6 +91,41 @@ class DecodeStep:
             self.mask = to_device(self._mask(), q.device)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, scale=scale,
                                               enable_gqa=k.shape[1] != q.shape[1])
+
+    def _attend_flex(self, cache_k, cache_v, q, k, v, scale):
+        """FlexAttention over the whole preallocated cache and this forward's rows padded to
+        `flex.decode_rows(n)`: the shapes are the same at every step of a generation (one
+        compiled signature per row bucket, `kernels/flex.py`), and the block mask skips the
+        cache's unused tiles and the padding. Padded rows attend nothing and are dropped."""
+        from cascade_kernels import flex
+
+        n = q.shape[2]
+        m = flex.decode_rows(n)
+        if self.flex_mask is None:  # once per forward, not once per layer
+            self.flex_mask = self._flex_mask(n, m, q.device)
+        pad = lambda x: F.pad(x, (0, 0, 0, m - n))  # noqa: E731
+        out = flex.run(pad(q), torch.cat([cache_k, pad(k)], dim=2),
+                       torch.cat([cache_v, pad(v)], dim=2), self.flex_mask, scale)
+        return out[:, :, :n]
+
+    def _flex_mask(self, n: int, m: int, device):
+        """The block mask of `_mask()` over [cache (max_len) ; rows padded to m]: a cached key
+        counts below its sequence's length, for an active row; this forward's keys follow the
+        rows' own mask. Built on the host from the host-side bookkeeping, copied once."""
+        from cascade_kernels import flex
+
+        b, cached = len(self.cache.lengths), self.cache.max_len
+        rows = torch.zeros(b, m, m, dtype=torch.bool)
+        rows[:, :n, :n] = self._mask()[:, 0, :, self.used:]
+        active = torch.zeros(b, m, dtype=torch.bool)
+        active[:, :n] = self.kinds != IDLE
+        lengths, active, rows = (to_device(x, device) for x in (self.cache.lengths, active, rows))
+
+        def allowed(s, h, qi, kv):
+            own = rows[s, qi, (kv - cached).clamp(min=0)]
+            return torch.where(kv < cached, (kv < lengths[s]) & active[s, qi], own)
+
+        return flex.create(allowed, b, m, cached + m, device)
 
     def commit(self) -> None:
         """Append every sequence's clean rows (in row order) to its cache."""

@@ -38,13 +38,37 @@ from cascade_mega.runtime.device import current as current_device
 KERNELS = ("auto", "tiled", "flex", "dense")
 
 
-def resolve_kernel(kernel: str, device: Optional[torch.device] = None) -> str:
+def resolve_kernel(kernel: str, device: Optional[torch.device] = None,
+                   grad: bool = False) -> str:
     """`auto`: FlexAttention on CUDA, the tiled kernel elsewhere (the device of the queries, or
-    the process's device)."""
+    the process's device). FlexAttention has no backward off CUDA: a forward that needs
+    gradients there (training on the CPU) runs the tiled kernel, with one warning saying so;
+    evaluation and decoding run FlexAttention (compiled, `kernels/flex.py`)."""
+    dev = device if device is not None else current_device()
     if kernel == "auto":
-        dev = device if device is not None else current_device()
         return "flex" if dev.type == "cuda" else "tiled"
+    if kernel == "flex" and grad and dev.type != "cuda":
+        _warn_once(f"model.attention_kernel=flex: FlexAttention has no backward on {dev.type}; "
+                   "training forwards there run the tiled kernel (evaluation and decoding run "
+                   "FlexAttention)")
+        return "tiled"
     return kernel
+
+
+class KernelWarning(RuntimeWarning):
+    """A layer runs another kernel than the one configured (not among the library warnings the
+    command line silences)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, KernelWarning, stacklevel=3)
+
+
+def _needs_grad(query) -> bool:
+    return torch.is_grad_enabled() and query.requires_grad
 
 
 @functools.lru_cache(maxsize=16)
@@ -106,7 +130,7 @@ def attend(query, key, value, layout: AttentionLayout, kernel: str = "auto",
                                            value[:, :, i * L:(i + 1) * L], scale=scale,
                                            enable_gqa=gqa)
             for i in range(layout.views)], dim=2)
-    kernel = resolve_kernel(kernel, query.device)
+    kernel = resolve_kernel(kernel, query.device, _needs_grad(query))
     if kernel == "tiled":
         from cascade_kernels import tiled
 
@@ -126,7 +150,7 @@ def _attend_within_documents(query, key, value, layout, kernel, scale, gqa):
     for every kind of layout (AR too). FlexAttention takes it as a mask function (GPU); elsewhere
     SDPA under the dense mask. Either is built once per micro-batch (the layout object is the
     same in every layer) and reused by the other layers."""
-    if resolve_kernel(kernel, query.device) == "flex":
+    if resolve_kernel(kernel, query.device, _needs_grad(query)) == "flex":
         from cascade_kernels import flex
 
         return flex.attention(query, key, value, layout, scale)
@@ -161,7 +185,8 @@ class BlockDiffusionAttention(MegatronModule):
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         s, b = query.shape[0], query.shape[1]
         if hasattr(attention_mask, "attend"):  # a mask that attends itself (kv_cache.DecodeStep)
-            out = attention_mask.attend(self.layer_number, q, k, v, self.softmax_scale)
+            out = attention_mask.attend(self.layer_number, q, k, v, self.softmax_scale,
+                                        resolve_kernel(self.kernel, q.device))
             return out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)
         if not isinstance(attention_mask, AttentionLayout):
             raise TypeError("BlockDiffusionAttention expects an AttentionLayout as attention_mask")

@@ -33,7 +33,7 @@ from cascade_mega.config import CascadeConfig, ConfigError
 from cascade_mega.model.attention import BlockDiffusionAttention
 from cascade_mega.model import moe
 from cascade_mega.model.layers import RMSNorm, SeededTransformerLayer
-from cascade_mega.runtime import device, te_support
+from cascade_mega.runtime import compilation, device, te_support
 
 
 def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
@@ -350,6 +350,7 @@ def build_model(cfg: CascadeConfig, vocab_size: int, forbidden_ids=(), *, pre_pr
     """One model chunk for this rank. `forbidden_ids` (e.g. [MASK]) can never be predicted."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     padded = vocab_rows(cfg, vocab_size, tp)
+    compilation.configure()  # its compiled callables: a deliberate limit, no silent fallback
     model = CascadeGPTModel(
         config=transformer_config(cfg, dtype),
         transformer_layer_spec=layer_spec(cfg, vp_stage),
