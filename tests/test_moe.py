@@ -84,7 +84,7 @@ def test_expert_parallel_matches_one_process_and_resumes_at_ep1(tmp_path):
       its checkpoint resumes at EP = 1 on one process (the distributed optimizer's Adam state
       resharded);
     - EP = 2 x TP = 2 (sequence parallel; the experts carved out of the tensor ranks) x PP = 2.
-    (EP = 2 x CP = 2 matched too, run by hand: README.)"""
+    (EP = 2 x CP = 2 matched too, run by hand: docs/parallel.md.)"""
     single = _run(tmp_path, "single")
     assert {"moe/aux_loss", "moe/z_loss", "moe/load_max", "expert_load/5"} <= set(single[1])
     distopt = "parallel.distributed_optimizer=true"
@@ -100,13 +100,15 @@ def test_expert_parallel_matches_one_process_and_resumes_at_ep1(tmp_path):
                               "parallel.pipeline=2"))
     # bf16 at EP = 2 (two ranks, the distributed optimizer over dense and expert parameters):
     # stopped after step 2 and resumed, it equals the uninterrupted run exactly
-    bf16 = ["--nproc-per-node", "2", "parallel.expert=2", distopt, "train.precision=bf16"]
+    # (a second run directory resumed from the first's step-2 checkpoint)
+    bf16 = ["--nproc-per-node", "2", "parallel.expert=2", distopt, "train.precision=bf16",
+            "checkpoint.interval=2"]
     straight = _run(tmp_path, "ep2_bf16", *bf16)
-    _run(tmp_path, "ep2_bf16_resumed", *bf16, "train.exit_interval=2")
-    resumed = _run(tmp_path, "ep2_bf16_resumed", *bf16)
-    keys = ("loss", "grad_norm", "moe/aux_loss", "moe/z_loss", "expert_load/0")
+    resumed = _run(tmp_path, "ep2_bf16_resumed", *bf16,
+                   f"train.resume={tmp_path}/ep2_bf16/checkpoints/iter_0000002")
+    keys = ("step", "loss", "grad_norm", "moe/aux_loss", "moe/z_loss", "expert_load/0")
     assert [[r.get(k) for k in keys] for r in resumed] == [[r.get(k) for k in keys]
-                                                           for r in straight]
+                                                           for r in straight if r["step"] > 2]
     # an MoE checkpoint as the start of a dense run: refused, naming the key, before building
     dense = [a for a in ARGS if not a.startswith("model.moe.")]
     proc = cascade(*dense, f"run_dir={tmp_path}/dense", f"train.init_from={tmp_path}/single")
