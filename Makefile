@@ -51,7 +51,7 @@ slurm-deps:
 test: test-setup slurm-deps
 	$(BIN)/python -m pytest -q --durations=15 tests
 
-# A GPU cluster without containers: a venv on a node with an NVIDIA driver (README, "Install on a
+# A GPU cluster without containers: a venv on a node with an NVIDIA driver (docs/gpus.md, "Install on a
 # GPU cluster"). torch's default Linux wheel brings its own CUDA runtime (nvidia-* wheels); the
 # driver must be new enough for it. Transformer Engine (the [gpu] extra) compiles against torch
 # and needs the CUDA toolkit (nvcc, e.g. `module load cuda`). GPU_PYTHON: Python >= 3.12.

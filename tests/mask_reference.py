@@ -1,4 +1,4 @@
-"""Who may attend to whom, written from the definitions in MISSION.md with explicit loops, and
+"""Who may attend to whom, written from the definitions in docs/training.md with explicit loops, and
 BD3-LM's published `block_diff_mask`. Deliberately shares nothing with
 `cascade_mega.diffusion.masks`: it is what every mask the project derives is checked against.
 

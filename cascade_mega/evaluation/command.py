@@ -8,7 +8,7 @@ folder (a task's `dataset_kwargs.data_files` are resolved relative to its YAML f
 lm-eval's own tasks. Machines without internet access cannot download a standard task's dataset:
 copy the task's YAML into a folder of your own, set `dataset_path: json` (or parquet, csv) and
 `dataset_kwargs: {data_files: {test: PATH}}` to the local copy, and pass that folder as
-`--include-path` (README, "Evaluation"). Everything is checked (lm-eval installed, every task
+`--include-path` (docs/evaluation.md). Everything is checked (lm-eval installed, every task
 known, every data file present) before a model loads.
 
 Diffusion runs report bounds: their log-likelihoods are minus the NELBO (a lower bound), so a

@@ -5,8 +5,8 @@ token is drawn, picks the positions to decide from those distributions, then dra
 position's token from its full distribution, so a decided token's law is the model's
 distribution at that position (`decide`). Ranking positions by the probability of a token drawn
 at every position first (`order="drawn"`, the selection the project used before) keeps the draws
-that happened to land on likely tokens: on the quickstart model it lowered the samples' unigram
-entropy by ~28 % against AR at equal speed.
+that happened to land on likely tokens, so frequent tokens win and the samples lose diversity
+(unigram entropy, repetition) against AR at equal speed (measured: docs/results.md).
 
 Which positions (`order`): `confidence` (the distribution's largest probability), `margin` (the
 two largest apart), `entropy` (lowest first), `random` (uniformly random: MDLM's ancestral
@@ -41,10 +41,11 @@ block decided earlier whose probability when decided was below p go back to [MAS
 likely first, fewer than the step decides), to be decided again with more of the block known;
 the last step remasks nothing and decides everything, so the budget always ends decided.
 
-Defaults, by `cascade bench generate` on the quickstart models (README, "Benchmarks"): `adaptive`
-with `confidence` order. Greedy decoding (`cascade generate`'s default) only ranks positions; when
-sampling, confidence-first order has the lowest generative perplexity at few positions per
-forward, and random order at many (3 steps per block of 16: 882 against 1123).
+Defaults: `adaptive` with `confidence` order, chosen by `cascade bench generate` on the
+quickstart models (docs/benchmarks.md; the measured figures, dated, are in docs/results.md,
+"Decoding policies against AR"). Greedy decoding (`cascade generate`'s default) only ranks
+positions; when sampling, the measurements favour confidence-first order at few positions per
+forward and random order at many.
 """
 
 from __future__ import annotations
