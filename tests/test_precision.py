@@ -1,5 +1,6 @@
 """bf16 as a GPU trains: every objective trains, saves, resumes exactly and decodes in bf16 on this
-CPU (torch's CPU kernels run bf16), and a bf16 model holds no fp32 parameter by accident.
+CPU (torch's CPU kernels run bf16; block and AR checkpoints evaluate in bf16 too), and a bf16
+model holds no fp32 parameter by accident.
 
 megatron-core's mixed-precision optimizer keeps fp32 main copies of the `params_dtype` (bf16)
 parameters and checkpoints them; a parameter left in fp32 is filed apart and its checkpoint
@@ -78,6 +79,14 @@ def test_bf16_trains_saves_resumes_exactly_and_decodes(megatron, tmp_path, varia
     assert proc.returncode == 0, proc.stderr
     out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
     assert 1 <= len(out["tokens"]) <= 12, out
+    if variant in ("block", "ar"):  # and evaluates in bf16 (lm-eval over the project's scorer)
+        proc = cascade("eval", tmp_path / "stopped", "--tasks", "shakespeare_next_line",
+                       "--limit", "2", "--mc-samples", "2", "--precision", "bf16", "--json")
+        assert proc.returncode == 0, proc.stderr
+        runs = json.loads(proc.stdout.splitlines()[-1])["runs"]
+        values = [v for run in runs.values() for task in run.values() for v in task.values()
+                  if isinstance(v, float)]
+        assert values and all(v == v for v in values), runs  # numbers, none NaN
 
 
 def test_a_bf16_checkpoint_exports_and_converts_back_bit_exact(megatron, tmp_path):
