@@ -85,6 +85,36 @@ def exact_block_nelbo(model, block: int, context, continuation, score_entropy=Fa
     return total
 
 
+def records(run_dir) -> list:
+    """The run's `metrics.jsonl` records (none yet: [])."""
+    import json
+
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def train(cfg, callbacks=()):
+    """Train `cfg` in this process (its metrics file written); (trainer, its records)."""
+    from cascade_mega.train.callbacks import MetricsFile
+    from cascade_mega.train.trainer import Trainer
+
+    trainer = Trainer(cfg, [MetricsFile(cfg.run_dir), *callbacks]).setup()
+    trainer.fit()
+    return trainer, records(cfg.run_dir)
+
+
+def assert_same_records(a, b, keys=("loss", "grad_norm"), tol=1e-5):
+    """The same steps and splits, and each of `keys` a record has within `tol`."""
+    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+    for ra, rb in zip(a, b):
+        for key in keys:
+            if key in ra or key in rb:
+                assert abs(ra[key] - rb[key]) < tol, (key, ra, rb)
+
+
 def random_tokens(b, L, generator=None):
     return torch.randint(0, MASK_ID, (b, L), generator=generator)
 

@@ -2,17 +2,16 @@
 data-parallel rank, and resumes from its own pipeline checkpoint on the exact next batch."""
 
 import json
-import os
 
 import pytest
 import torch
+
+from helpers import train
 
 from cascade_mega.config import load_config
 from cascade_mega.data import loader
 from cascade_mega.data.dali_loader import DaliReader
 from cascade_mega.data.indexed import DataError
-from cascade_mega.train.callbacks import MetricsFile
-from cascade_mega.train.trainer import Trainer
 
 
 def _cfg(run_dir, *extra):
@@ -50,10 +49,8 @@ def test_same_samples_as_the_default_backend(splits, dp_rank):
 
 
 def _run(cfg):
-    trainer = Trainer(cfg, [MetricsFile(cfg.run_dir)]).setup()
-    trainer.fit()
-    with open(os.path.join(cfg.run_dir, "metrics.jsonl")) as f:
-        return trainer, [(r["step"], r["loss"]) for r in map(json.loads, f)]
+    trainer, records = train(cfg)
+    return trainer, [(r["step"], r["loss"]) for r in records]
 
 
 def test_resume_from_the_dali_checkpoint_is_exact(megatron, tmp_path):

@@ -2,12 +2,10 @@
 reference written from the Switch Transformer's definition, expert parallel against one process
 (torchrun, gloo), an EP = 2 checkpoint resumed at EP = 1, and the refusals."""
 
-import json
-
 import pytest
 import torch
 
-from helpers import cascade, random_tokens, tiny_cfg, tiny_model
+from helpers import assert_same_records, cascade, random_tokens, records, tiny_cfg, tiny_model
 
 MOE = ["model.moe.num_experts=6", "model.moe.top_k=3", "model.moe.ffn_hidden_size=48"]
 
@@ -65,15 +63,12 @@ ARGS = ["train", "configs/base.yaml", "model.num_layers=2", "model.hidden_size=6
 def _run(tmp_path, name, *extra):
     proc = cascade(*ARGS, *extra, f"run_dir={tmp_path}/{name}", process=True, timeout=400)
     assert proc.returncode == 0, proc.stderr
-    return [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+    return records(tmp_path / name)
 
 
 def _assert_same(a, b):
-    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
-    for ra, rb in zip(a, b):
-        for key in ("loss", "grad_norm", "moe/aux_loss", "moe/z_loss", "expert_load/0"):
-            if key in ra:
-                assert abs(ra[key] - rb[key]) < 1e-5, (key, ra, rb)
+    assert_same_records(a, b, ("loss", "grad_norm", "moe/aux_loss", "moe/z_loss",
+                               "expert_load/0"))
 
 
 def test_expert_parallel_matches_one_process_and_resumes_at_ep1(tmp_path):

@@ -10,15 +10,13 @@ did, before they took the config's dtype). Layouts across processes in bf16: tes
 """
 
 import json
-import os
 
 import pytest
 import torch
 
-from helpers import cascade
+from helpers import cascade, train
 
 from cascade_mega.config import load_config
-from cascade_mega.train.callbacks import MetricsFile
 from cascade_mega.train.trainer import Trainer
 
 BASE = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
@@ -44,10 +42,7 @@ VARIANTS = {
 
 
 def _run(run_dir, extra):
-    cfg = load_config(None, [f"run_dir={run_dir}", *BASE, *extra])
-    Trainer(cfg, [MetricsFile(cfg.run_dir)]).setup().fit()
-    with open(os.path.join(cfg.run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return train(load_config(None, [f"run_dir={run_dir}", *BASE, *extra]))[1]
 
 
 def _losses(records):

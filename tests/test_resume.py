@@ -5,6 +5,8 @@ import os
 
 import pytest
 
+from helpers import train
+
 from cascade_mega.config import load_config
 from cascade_mega.train.callbacks import MetricsFile
 from cascade_mega.train.trainer import Trainer
@@ -23,9 +25,7 @@ def _cfg(run_dir, *extra):
 
 
 def _run(cfg):
-    Trainer(cfg, [MetricsFile(cfg.run_dir)]).setup().fit()
-    with open(os.path.join(cfg.run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return train(cfg)[1]
 
 
 def test_stop_and_resume_is_exact(megatron, tmp_path):

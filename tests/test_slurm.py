@@ -14,6 +14,7 @@ import time
 import pytest
 
 import helpers
+from helpers import assert_same_records, records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["configs/base.yaml", "model.num_layers=2", "model.hidden_size=64",
@@ -68,12 +69,8 @@ def wait_until(condition, timeout=420, what="the job"):
     raise AssertionError(f"{what} did not happen within {timeout} s")
 
 
-def records(run_dir):
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def assert_same_losses(a, b):
+    assert_same_records(a, b, ("loss",))
 
 
 def train_steps(run_dir) -> int:
@@ -89,12 +86,6 @@ def jobs_report(run_dir) -> dict:
 
 def endings(run_dir) -> list:
     return jobs_report(run_dir)["endings"] if (run_dir / "slurm" / "jobs.jsonl").exists() else []
-
-
-def assert_same_losses(a, b):
-    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
-    for ra, rb in zip(a, b):
-        assert abs(ra["loss"] - rb["loss"]) < 1e-5, (ra, rb)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from helpers import cascade
+from helpers import assert_same_records as _assert_same
+from helpers import cascade, records as _records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["train", "configs/base.yaml", "model.num_layers=2", "model.hidden_size=64",
@@ -14,10 +15,6 @@ ARGS = ["train", "configs/base.yaml", "model.num_layers=2", "model.hidden_size=6
         "train.global_batch_size=4", "optimizer.warmup_steps=2", "train.steps=4",
         "train.log_interval=1", "train.eval_interval=2", "train.eval_batches=1",
         "tracking.enabled=false"]
-
-
-def _records(run_dir):
-    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
 
 def _run(tmp_path, name, *extra, printed=None):
@@ -41,14 +38,6 @@ def _alive(pid: int) -> bool:
 
 def _line(printed: str, start: str) -> str:
     return next(line for line in printed.splitlines() if line.startswith(start))
-
-
-def _assert_same(a, b):
-    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
-    for ra, rb in zip(a, b):
-        assert abs(ra["loss"] - rb["loss"]) < 1e-5, (ra, rb)
-        if ra["split"] == "train":
-            assert abs(ra["grad_norm"] - rb["grad_norm"]) < 1e-5, (ra, rb)
 
 
 def test_data_parallel_matches_single_process(tmp_path):
