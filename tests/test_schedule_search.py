@@ -64,11 +64,13 @@ def test_search_picks_the_least_varying_range_and_training_follows_it(megatron, 
 
     path = tmp_path / "run" / schedule_search.FILE
     assert json.loads(path.read_text())["chosen"] == [lo, hi]
+    trainer.objective.use_noise_range(None)  # as a resumed run's objective starts
     resumed = SimpleNamespace(run_dir=str(tmp_path / "run"), start_step=2,
-                              objective=SimpleNamespace(clip=None))
+                              objective=trainer.objective)
     schedule_search.restore(resumed)
-    assert resumed.objective.clip == (lo, hi)
+    assert trainer.objective.clip == (lo, hi)
+    trainer.objective.use_noise_range(None)
     earlier = SimpleNamespace(run_dir=str(tmp_path / "run"), start_step=1,
-                              objective=SimpleNamespace(clip=None))
+                              objective=trainer.objective)
     schedule_search.restore(earlier)  # a resume from before the search: the configured range
-    assert earlier.objective.clip is None and path.read_text() == ""
+    assert trainer.objective.clip is None and path.read_text() == ""

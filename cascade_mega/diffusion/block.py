@@ -20,7 +20,12 @@ from cascade_mega.model.moe import routing_scale
 class BlockDiffusion(Objective):
     Sums = objective.LossSums
     common_targets = True  # a validation pass on `objective.common_targets` (split "common")
-    clip = None  # the [t_min, t_max] a schedule search chose (`train/schedule_search.py`)
+    clip = None  # the [t_min, t_max] a schedule search chose: `use_noise_range`
+
+    def use_noise_range(self, t_range) -> None:
+        """Training draws t in `t_range` from now on (the choice of a schedule search,
+        `train/schedule_search.py`; None: the config's range); validation keeps (0, 1]."""
+        self.clip = None if t_range is None else tuple(t_range)
 
     def config_at(self, step: int):
         return objective.at_step(self.cfg, step)

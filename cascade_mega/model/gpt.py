@@ -174,31 +174,28 @@ def layer_spec(cfg: CascadeConfig, vp_stage=None):
 
 
 class CascadeGPTModel(GPTModel):
-    """GPTModel whose RoPE follows position_ids, with the noise level of each row added to its
-    embedding when time-conditioned (`noise_levels` [b, S], `model/noise_level.py`)."""
+    """GPTModel whose RoPE follows position_ids. Time-conditioned (`noise_levels` [b, S],
+    `model/noise_level.py`), its first stage adds each row's noise-level embedding to the word
+    embeddings and hands the sum to megatron-core as the decoder input: the levels travel in the
+    forward's arguments, nothing of a call is kept on the model."""
 
-    _noise_levels = None  # set for the duration of one forward
-
-    def forward(self, *args, noise_levels=None, **kwargs):
-        self._noise_levels = noise_levels
-        try:
-            return super().forward(*args, **kwargs)
-        finally:
-            self._noise_levels = None
+    def forward(self, input_ids, position_ids, attention_mask, *args, noise_levels=None,
+                **kwargs):
+        embed = getattr(self, "noise_embedding", None)  # first stage, time-conditioned only
+        if embed is not None and not args and kwargs.get("decoder_input") is None:
+            if noise_levels is None:
+                raise ValueError("a time-conditioned model (model.time_conditioning) needs the "
+                                 "noise level of every row (noise_levels)")
+            hidden = self.embedding(input_ids=input_ids, position_ids=position_ids)
+            if self.config.sequence_parallel:  # this rank's rows only (its grads are partial:
+                n = hidden.shape[0]  # summed over the ranks, `model/noise_level.py`)
+                start = parallel_state.get_tensor_model_parallel_rank() * n
+                noise_levels = noise_levels[:, start:start + n]
+            kwargs["decoder_input"] = hidden + embed(noise_levels).to(hidden.dtype)
+        return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
 
     def _preprocess(self, input_ids, position_ids, *args, **kwargs):
         out = list(super()._preprocess(input_ids, position_ids, *args, **kwargs))
-        embed = getattr(self, "noise_embedding", None)  # first stage, time-conditioned only
-        if embed is not None and out[0] is not None:
-            if self._noise_levels is None:
-                raise ValueError("a time-conditioned model (model.time_conditioning) needs the "
-                                 "noise level of every row (noise_levels)")
-            levels = self._noise_levels
-            if self.config.sequence_parallel:  # this rank's rows only (its grads are partial:
-                n = out[0].shape[0]  # summed over the ranks, `model/noise_level.py`)
-                start = parallel_state.get_tensor_model_parallel_rank() * n
-                levels = levels[:, start:start + n]
-            out[0] = out[0] + embed(levels).to(out[0].dtype)
         if self.position_embedding_type == "rope" and position_ids is not None:
             # get_emb: the table before megatron's own context-parallel slicing (our position ids
             # are already this rank's). The table covers the model's context, so its length is

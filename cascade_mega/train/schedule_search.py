@@ -54,7 +54,7 @@ def search(trainer, step: int) -> dict:
                     cfg.train.seed, "schedule-search", step, i, k), t_range)
                 batch = trainer.objective.batch(trainer.valid_data, i, "valid", draw=noise,
                                                 cfg=cfg)
-                sums.append(trainer._run_schedule(batch, forward_only=True)[:2])
+                sums.append(trainer.run_schedule(batch, forward_only=True)[:2])
         s = torch.stack(sums).double()  # [batches x draws, (loss, tokens)]
         loss = (s[:, 0] / s[:, 1].clamp(min=1)).view(ss.batches, ss.draws)
         variances.append(loss.var(dim=1, unbiased=ss.draws > 1).mean())
@@ -66,7 +66,7 @@ def search(trainer, step: int) -> dict:
     values = var.cpu().tolist()  # one read-back per search
     best = min(range(len(values)), key=values.__getitem__)
     chosen = [float(x) for x in ss.candidates[best]]
-    trainer.objective.clip = tuple(chosen)
+    trainer.objective.use_noise_range(chosen)
     record = {"step": step, "chosen": chosen,
               "variances": {_name(c): v for c, v in zip(ss.candidates, values)}}
     if torch.distributed.get_rank() == 0:
@@ -92,7 +92,7 @@ def restore(trainer) -> None:
             if record.get("step", 0) <= trainer.start_step:
                 keep.append(record)
     if keep:
-        trainer.objective.clip = tuple(keep[-1]["chosen"])
+        trainer.objective.use_noise_range(keep[-1]["chosen"])
     if torch.distributed.get_rank() == 0:
         with open(path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in keep)

@@ -182,9 +182,10 @@ class Trainer:
         schedule_search.restore(self)  # the range the last search before this step chose
 
     # ---------------------------------------------------------------- steps
-    def _run_schedule(self, batch, forward_only: bool):
+    def run_schedule(self, batch, forward_only: bool):
         """One step's micro-batches (`StepBatch`) through megatron-core's schedule; returns the
-        objective's packed sums, added over micro-batches and ranks (on the device)."""
+        objective's packed sums, added over micro-batches and ranks (on the device). Public:
+        what measures the model between steps (evaluation, the schedule search) runs it too."""
         chunks = len(self.chunks)
         outs = get_forward_backward_func()(
             forward_step_func=self.objective.forward_step,
@@ -220,7 +221,7 @@ class Trainer:
         self.optimizer.zero_grad()
         start = time.perf_counter()
         batch = self.objective.batch(self.train_data, step, "train")
-        sums = self._run_schedule(batch, forward_only=False)
+        sums = self.run_schedule(batch, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
         if ok:  # a refused update (non-finite gradients) leaves the LR schedule where it was
             self.scheduler.step(increment=1)
@@ -256,7 +257,7 @@ class Trainer:
         def run(split):
             sums = self.objective.zero_sums(device.current())
             for i in range(self.cfg.train.eval_batches):
-                sums += self._run_schedule(self.objective.batch(self.valid_data, i, split),
+                sums += self.run_schedule(self.objective.batch(self.valid_data, i, split),
                                            forward_only=True)
             return self._metrics(sums, train=False)
 
