@@ -161,15 +161,14 @@ def cascade(*args, env=None, process=False, background=False, timeout=600, cwd=R
 
 def source_checkout(dest) -> str:
     """A copy of the repository's sources at `dest` (a source checkout, nothing installed from
-    it): the library, kernels/, launchers/, tools/, configs/, the job templates and the links
-    that name them."""
+    it): the library, kernels/, launchers/, tools/, configs/, the job templates and
+    pyproject.toml (whose package-dir mapping names kernels/ and launchers/ for imports)."""
     import shutil
 
     for name in ("cascade_mega", "kernels", "launchers", "tools", "configs", "slurm"):
         shutil.copytree(os.path.join(ROOT, name), os.path.join(dest, name),
                         ignore=shutil.ignore_patterns("__pycache__"))
-    for link in ("cascade_kernels", "cascade_launchers"):
-        os.symlink(os.readlink(os.path.join(ROOT, link)), os.path.join(dest, link))
+    shutil.copy2(os.path.join(ROOT, "pyproject.toml"), dest)
     return str(dest)
 
 

@@ -12,10 +12,11 @@ import subprocess
 from cascade_mega.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# what a job imports or reads: the library, its kernels and launchers (and their import names,
-# links at the top level), the configs, the job templates and the thin tools; not the tests
-PACKAGED = ("cascade_mega", "kernels", "launchers", "cascade_kernels", "cascade_launchers",
-            "configs", "tools", "slurm", "pyproject.toml")
+# what a job imports or reads: the library, its kernels and launchers, the configs, the job
+# templates, the thin tools and pyproject.toml (whose package-dir mapping gives kernels/ and
+# launchers/ their import names, `cascade_mega/__init__.py`); not the tests
+PACKAGED = ("cascade_mega", "kernels", "launchers", "configs", "tools", "slurm",
+            "pyproject.toml")
 ENV = "CASCADE_CODE"  # set in a job: where its code must come from
 
 

@@ -30,10 +30,8 @@ def _files(root: str) -> list:
         names = []
         for top in PACKAGED:
             path = os.path.join(root, top)
-            if os.path.isfile(path) or os.path.islink(path):
+            if os.path.isfile(path):
                 names.append(top)
-            if os.path.islink(path):  # a link (cascade_kernels -> kernels) is copied as one
-                continue
             for folder, dirs, files in os.walk(path):
                 dirs[:] = [d for d in dirs if d != "__pycache__"]
                 names += [os.path.relpath(os.path.join(folder, f), root) for f in files]
@@ -51,10 +49,7 @@ def freeze(dest: str, root: str = ROOT) -> dict:
     for name in files:
         src, dst = os.path.join(root, name), os.path.join(tmp, name)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        if os.path.islink(src):
-            os.symlink(os.readlink(src), dst)
-        else:
-            shutil.copy2(src, dst)
+        shutil.copy2(src, dst)
     record.update(files=len(files), time=time.time())
     if record["dirty"]:
         diff = git("diff", "HEAD", "--binary", "--", *PACKAGED, root=root) or b""
