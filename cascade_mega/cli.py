@@ -150,11 +150,21 @@ def main(argv=None) -> int:
         user_errors += (CheckpointError, RunDirInUse)
         return args.func(args)
     except user_errors as err:
+        _ended_on_error()
         print(f"cascade: error: {redact_uri(str(err))}", file=sys.stderr)
         return 2
     except NonFiniteError as err:  # a run that stopped itself, with its reason
+        _ended_on_error()
         print(f"cascade: error: {redact_uri(str(err))}", file=sys.stderr)
         return 1
+
+
+def _ended_on_error() -> None:
+    """A failed command leaves any process group it started to the interpreter's teardown
+    (`runtime/distributed.py`: groups are destroyed at exit only after a success)."""
+    distributed = sys.modules.get("cascade_mega.runtime.distributed")
+    if distributed is not None:  # not imported: no group was started
+        distributed.ended_on_error()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """`cascade train` end to end on a tiny model, and the benchmarks' `--json` reports."""
 
 import json
+import re
 
 import pytest
 
@@ -13,6 +14,37 @@ def run(*args):
     """The command line in this process (`helpers.cascade`); the first test below starts it as
     its own process, as users do."""
     return cascade(*args)
+
+
+SUMMARY = re.compile(r"\[(\d+) prompt\(s\) (?:in one batch|one after the other): (\d+) tokens, "
+                     r"(\d+) forwards \(([\d.]+) tokens/forward\), ([\d.]+) tokens/s, policy \S+\]")
+
+
+def summary(proc):
+    """`cascade generate`'s closing line on stderr: prompts, tokens, forwards, its figures
+    consistent (tokens/forward as the two counts give it)."""
+    m = SUMMARY.search(proc.stderr)
+    assert m, proc.stderr
+    prompts, tokens, forwards = int(m[1]), int(m[2]), int(m[3])
+    assert m[4] == f"{tokens / max(forwards, 1):.2f}" and (float(m[5]) > 0) == (tokens > 0), m[0]
+    return prompts, tokens, forwards
+
+
+def generations(proc, max_new: int) -> list:
+    """`cascade generate --json`'s objects, one per prompt, each of exactly `max_new` tokens
+    unless it stopped at end-of-text (whose token, and anything its block decided after it, is
+    not output); the summary counts their tokens."""
+    assert proc.returncode == 0, proc.stderr
+    outs = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    for out in outs:
+        decided = sum(b["tokens"] for b in out["blocks"])
+        if out["stopped"] == "length":
+            assert len(out["tokens"]) == decided == max_new, out
+        else:
+            assert out["stopped"] == "eod" and len(out["tokens"]) < decided <= max_new, out
+    prompts, tokens, _ = summary(proc)
+    assert (prompts, tokens) == (len(outs), sum(len(o["tokens"]) for o in outs))
+    return outs
 
 
 def test_train_writes_run_directory_and_its_mlflow_store_opens_in_the_ui(tmp_path):
@@ -63,7 +95,14 @@ def test_train_writes_run_directory_and_its_mlflow_store_opens_in_the_ui(tmp_pat
         ui.stop()
     out = run("generate", "--ckpt", str(run_dir), "--prompt", "ROMEO:", "--max-new-tokens", "16")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip()
+    again = run("generate", "--ckpt", str(run_dir), "--prompt", "ROMEO:", "--max-new-tokens", "16",
+                "--json")
+    [gen] = generations(again, 16)
+    # greedy: the same tokens streamed after the prompt as the JSON's; one prompt: each forward
+    # is one step of its block
+    assert out.stdout == "ROMEO:" + gen["text"] + "\n"
+    assert summary(out) == summary(again) == (1, len(gen["tokens"]),
+                                              sum(b["steps"] for b in gen["blocks"]))
 
 
 def test_bench_train_json(tmp_path):
@@ -75,15 +114,21 @@ def test_bench_train_json(tmp_path):
     assert "experts=4 top_k=2" in proc.stdout
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["experts"] == 4 and result["top_k"] == 2
-    # Times are for the benchmark to report, not for a test to judge; memory is deterministic.
-    assert result["time_ratio"] > 0 and result["bd_step_s"] > 0 and result["ar_step_s"] > 0
+    # Times are for the benchmark to report, not for a test to judge (only that its ratios are
+    # of the times it reports); memory is deterministic.
+    assert result["bd_step_s"] > 0 and result["ar_step_s"] > 0 and result["dense_step_s"] > 0
+    assert result["time_ratio"] == result["bd_step_s"] / result["ar_step_s"]
     assert result["memory_ratio"] > 1.0  # the 2L layout holds more activations than L
+    assert result["memory_ratio"] == pytest.approx(result["bd_peak_mb"] / result["ar_peak_mb"])
     assert result["seq_len"] == 64 and result["block_size"] == 8
-    assert result["dense_time_ratio"] > 0 and result["dense_memory_ratio"] > 0
+    assert result["dense_time_ratio"] == result["dense_step_s"] / result["ar_step_s"]
+    assert result["dense_memory_ratio"] == pytest.approx(
+        result["dense_peak_mb"] / result["ar_peak_mb"])
     # tracking on vs off, as a fraction of the untracked step (noise may make it negative)
     assert result["tracking_overhead"] == pytest.approx(
         result["tracked_step_s"] / result["untracked_step_s"] - 1)
-    assert result["parallel_time_ratio"] > 0 and result["parallel_step_s"] > 0
+    assert result["parallel_step_s"] > 0 and result["single_step_s"] > 0
+    assert result["parallel_time_ratio"] == result["parallel_step_s"] / result["single_step_s"]
 
 
 def test_bench_attention_json():
@@ -91,8 +136,11 @@ def test_bench_attention_json():
                "--repeats", "1", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("time_ratio", "memory_ratio", "shared_stream_time_ratio", "dense_time_ratio"):
-        assert result[key] > 0, key
+    assert all(result[f"{k}_s"] > 0 for k in ("ar", "tiled", "dense", "shared_3L", "two_2L"))
+    assert result["time_ratio"] == result["tiled_s"] / result["ar_s"]
+    assert result["dense_time_ratio"] == result["dense_s"] / result["ar_s"]
+    assert result["shared_stream_time_ratio"] == result["shared_3L_s"] / result["two_2L_s"]
+    assert result["memory_ratio"] > 0 and result["dense_memory_ratio"] > 0
 
 
 def test_bench_generate_json(tmp_path):
@@ -120,6 +168,7 @@ def test_bench_generate_json(tmp_path):
         assert set(row) == quality | {"policy", "tokens_per_s", "forwards_per_token",
                                       "speedup_vs_ar"}
         assert row["tokens_per_s"] > 0 and row["gen_ppl"] > 1 and 0 <= row["entropy"] <= 14
+        assert row["speedup_vs_ar"] == row["tokens_per_s"] / report["rows"][0]["tokens_per_s"]
         assert 0 <= row["repetition"] < 1 and row["sample_entropy"] <= row["entropy"] + 1e-9
     assert set(report["data"]) == quality | {"policy"} and report["data"]["gen_ppl"] > 1
     ar_row = report["rows"][0]
@@ -130,7 +179,9 @@ def test_bench_generate_json(tmp_path):
     assert report["rows"][2]["forwards_per_token"] < report["rows"][1]["forwards_per_token"]
     assert [(r["policy"], r["batch"]) for r in report["batched"]] == \
         [(n, b) for b in (1, 3) for n in names]
-    assert all(r["tokens_per_s"] > 0 for r in report["batched"])
+    ar_at = {r["batch"]: r["tokens_per_s"] for r in report["batched"] if r["policy"] == "ar"}
+    assert all(r["tokens_per_s"] > 0 and r["speedup_vs_ar"] == r["tokens_per_s"] /
+               ar_at[r["batch"]] for r in report["batched"])
     wrong = run("bench", "generate", "--bd", str(runs["bd"]), "--policies", "threshold:random")
     assert wrong.returncode != 0 and "'threshold:random'" in wrong.stderr
     half = run("bench", "generate", "--bd", str(runs["bd"]), "--ar", str(runs["ar"]),
@@ -139,11 +190,12 @@ def test_bench_generate_json(tmp_path):
     assert half.returncode == 0, half.stderr
     report = json.loads(half.stdout.strip().splitlines()[-1])
     assert report["dtype"] == "bfloat16" and all(1 < r["gen_ppl"] < 1e6 for r in report["rows"])
-    gen = run("generate", "--ckpt", str(runs["bd"]), "--prompt", "ROMEO:", "--max-new-tokens",
-              "8", "--precision", "bf16", "--json")
-    assert gen.returncode == 0, gen.stderr
-    out = json.loads(gen.stdout.strip().splitlines()[-1])
-    assert out["stopped"] in ("eod", "length") and len(out["tokens"]) <= 8
+    gen = ("generate", "--ckpt", str(runs["bd"]), "--max-new-tokens", "8", "--precision", "bf16",
+           "--json")
+    [out] = generations(run(*gen, "--prompt", "ROMEO:"), 8)
+    assert generations(run(*gen, "--prompt", "ROMEO:"), 8) == [out]  # greedy: the same again
+    both = generations(run(*gen, "--prompts-file", str(prompts)), 8)  # one batch of two
+    assert both[0]["prompt"] == out["prompt"] != both[1]["prompt"]  # in the file's order
     bad = run("bench", "generate", "--bd", str(runs["bd"]), "--ar", str(runs["ar"]),
               "--judge", str(runs["bd"]), "--prompts-file", str(prompts))
     assert bad.returncode != 0 and "--judge" in bad.stderr and "not an AR checkpoint" in bad.stderr

@@ -32,16 +32,28 @@ def test_current_device_and_literal_cuda_tensors(megatron):
     assert mt.empty(2, device=mt.cuda.current_device()).device.type == "cpu"
 
 
-def test_streams_events_and_synchronize_are_noops(megatron):
+def test_streams_events_and_synchronize_run_for_megatron_only(megatron):
+    """megatron-core's stream calls (DDP's communication stream, the grad buffer's wait_stream,
+    stream context and wait_event) run on the stand-ins, the work in order; the project's own
+    torch.cuda is untouched: on this CUDA-less host it still refuses each of them."""
     mt = _megatron_torch()
+    side = mt.cuda.Stream(device=mt.cuda.current_device())  # as megatron's DDP builds it
+    current = mt.cuda.current_stream()
+    x = torch.arange(4.0)
+    side.wait_stream(current)
+    with mt.cuda.stream(side):
+        y = x * 2
+    current.wait_stream(side)
+    event = side.record_event()
+    current.wait_event(event)
+    event.synchronize()
     mt.cuda.synchronize()
-    stream = mt.cuda.current_stream()
-    stream.wait_stream(mt.cuda.Stream())
-    event = mt.cuda.Event()
-    event.record()
-    assert event.query()
-    with mt.cuda.stream(stream):
-        pass
+    assert y.tolist() == [0.0, 2.0, 4.0, 6.0]
+    assert not hasattr(event, "elapsed_time")  # no made-up timings
+    with pytest.raises((AssertionError, RuntimeError)):  # no CUDA: real torch.cuda refuses
+        torch.cuda.synchronize()
+    with pytest.raises(RuntimeError):
+        torch.cuda.Stream()
 
 
 def test_tensor_cuda_and_type(megatron):

@@ -82,7 +82,11 @@ def _cpu_device(device):
 
 
 class _FakeStream:
-    """Stands in for a CUDA stream/event: every operation is already complete on the CPU."""
+    """Stands in for a CUDA stream/event: on the CPU every operation has completed when its call
+    returns, so ordering (`wait_stream`, `wait_event`, `wait`) and waiting (`synchronize`) have
+    nothing to do. It has what megatron-core calls on streams and events and no more: no
+    `query()` or `elapsed_time()` (nothing in megatron-core calls them; a made-up answer, such as
+    a zero timing, would be worse than an AttributeError)."""
 
     def __init__(self, *args, **kwargs):
         pass
@@ -101,12 +105,6 @@ class _FakeStream:
 
     def synchronize(self):
         pass
-
-    def query(self):
-        return True
-
-    def elapsed_time(self, other):
-        return 0.0
 
     def wait(self, *args, **kwargs):
         pass
