@@ -4,7 +4,8 @@
 FlexAttention skips fully masked tiles in forward and backward. The block mask is built once per
 (layout, device); with documents it changes with every micro-batch, so it is built once per
 micro-batch and kept on the layout object, which every layer of the forward receives (not once
-per layer). Decoding (`inference/kv_cache.py`) builds one per forward.
+per layer). Decoding (`inference/kv_cache.py`, when `model.attention_kernel=flex` names it)
+builds one per forward.
 
 Compilation. One compiled callable, `torch.compile(flex_attention, dynamic=False)` (uncompiled,
 flex materialises the whole score matrix in fp32), whose compiles are counted (`compiles()`)

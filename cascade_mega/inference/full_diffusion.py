@@ -48,7 +48,7 @@ class CanvasStep:
     def __init__(self, cache: dict, start: int, end: int, total: int, fill: bool):
         self.cache, self.start, self.end, self.total, self.fill = cache, start, end, total, fill
 
-    def attend(self, layer: int, q, k, v, scale=None, kernel: str = "tiled"):
+    def attend(self, layer: int, q, k, v, scale=None, kernel: str = "sdpa"):
         """SDPA whatever the layer's kernel (the canvas is unmasked)."""
         if self.fill:
             self.cache[layer] = (k, v)

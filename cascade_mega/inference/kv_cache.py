@@ -76,10 +76,10 @@ class DecodeStep:
         cached = cached & (kinds != IDLE)[:, :, None]
         return torch.cat([cached, rows], dim=2)[:, None]
 
-    def attend(self, layer: int, q, k, v, scale=None, kernel: str = "tiled"):
-        """q: [b, h, n, d]; k, v: [b, g, n, d] of this forward's rows. kernel: the layer's
-        (resolved); `flex` attends through FlexAttention at fixed shapes (`_attend_flex`),
-        any other through SDPA under the dense mask."""
+    def attend(self, layer: int, q, k, v, scale=None, kernel: str = "sdpa"):
+        """q: [b, h, n, d]; k, v: [b, g, n, d] of this forward's rows. kernel: `flex`
+        (`model.attention_kernel=flex`) attends through FlexAttention at fixed shapes
+        (`_attend_flex`), `sdpa` through SDPA under the dense mask."""
         cache_k, cache_v = self.cache.layer(layer, k)
         if kernel == "flex":
             self.pending[layer] = (k, v)

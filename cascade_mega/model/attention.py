@@ -185,8 +185,10 @@ class BlockDiffusionAttention(MegatronModule):
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         s, b = query.shape[0], query.shape[1]
         if hasattr(attention_mask, "attend"):  # a mask that attends itself (kv_cache.DecodeStep)
+            # decoding runs FlexAttention when it is asked for by name (`auto` decodes with SDPA
+            # under the dense decoding mask, on a GPU too)
             out = attention_mask.attend(self.layer_number, q, k, v, self.softmax_scale,
-                                        resolve_kernel(self.kernel, q.device))
+                                        "flex" if self.kernel == "flex" else "sdpa")
             return out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)
         if not isinstance(attention_mask, AttentionLayout):
             raise TypeError("BlockDiffusionAttention expects an AttentionLayout as attention_mask")
