@@ -70,7 +70,7 @@ def test_compiles_per_callable_of_a_run(megatron, tmp_path):
     assert torch._dynamo.config.fail_on_recompile_limit_hit
 
 
-def test_past_the_limit_is_an_error_naming_the_cause(megatron, monkeypatch):
+def test_past_the_limit_is_an_error_naming_the_cause(megatron):
     """A signature past Dynamo's recompile limit stops with one message, instead of running
     flex uncompiled (a limit of 1 here; the run's is `compilation.RECOMPILE_LIMIT`)."""
     from cascade_kernels import flex
@@ -78,8 +78,7 @@ def test_past_the_limit_is_an_error_naming_the_cause(megatron, monkeypatch):
 
     torch._dynamo.reset()
     flex._compiled()  # configured first, then the limit lowered for the test
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    with torch.no_grad():
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1):
         for L in (16, 32):
             layout = AttentionLayout("block_diffusion", L, 4)
             q = torch.randn(1, 2, layout.total_len, 16)
