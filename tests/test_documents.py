@@ -35,7 +35,7 @@ class ExplicitMask:
     def __init__(self, mask):
         self.mask = mask
 
-    def attend(self, layer, q, k, v, scale=None):
+    def attend(self, layer, q, k, v, scale=None, kernel="sdpa"):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=scale)
 
 
