@@ -115,7 +115,7 @@ class DecodeStep:
         from cascade_kernels import flex
 
         b, cached = len(self.cache.lengths), self.cache.max_len
-        rows = torch.zeros(b, m, m, dtype=torch.bool)
+        rows = torch.zeros(b, m, m, dtype=torch.bool)  # host-side on purpose: copied below
         rows[:, :n, :n] = self._mask()[:, 0, :, self.used:]
         active = torch.zeros(b, m, dtype=torch.bool)
         active[:, :n] = self.kinds != IDLE
