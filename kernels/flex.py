@@ -110,9 +110,7 @@ def run(q, k, v, mask, scale: float | None = None):
     try:
         return _compiled()(q, k, v, block_mask=mask, scale=scale,
                            enable_gqa=k.shape[1] != q.shape[1])
-    except Exception as err:  # noqa: BLE001  only the recompile limit is translated
-        if "recompile" not in type(err).__name__.lower() + str(err).lower():
-            raise
+    except torch._dynamo.exc.FailOnRecompileLimitHit as err:
         raise RecompileLimit(
             f"FlexAttention compiled {compiles()} signatures, past its limit of "
             f"{torch._dynamo.config.recompile_limit} (a new one: q {tuple(q.shape)} "

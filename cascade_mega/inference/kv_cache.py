@@ -36,11 +36,17 @@ class KVCache:
         self.k: dict = {}
         self.v: dict = {}
 
-    def layer(self, number: int, like: torch.Tensor):
-        if number not in self.k:
-            shape = (len(self.lengths), like.shape[1], self.max_len, like.shape[3])
-            self.k[number] = like.new_zeros(shape)
-            self.v[number] = like.new_zeros(shape)
+    def layer(self, number: int, like: torch.Tensor, tail: int = 0):
+        """Layer `number`'s cache [b, g, max_len + room, d]; `tail`: rows it must hold past
+        max_len (FlexAttention decoding writes a forward's rows there, `DecodeStep`)."""
+        have = self.k[number].shape[2] - self.max_len if number in self.k else -1
+        if have < tail:
+            shape = (len(self.lengths), like.shape[1], self.max_len + tail, like.shape[3])
+            k, v = like.new_zeros(shape), like.new_zeros(shape)
+            if number in self.k:  # a longer prefill than before: keep what is cached
+                k[:, :, :self.max_len] = self.k[number][:, :, :self.max_len]
+                v[:, :, :self.max_len] = self.v[number][:, :, :self.max_len]
+            self.k[number], self.v[number] = k, v
         return self.k[number], self.v[number]
 
 
@@ -80,10 +86,10 @@ class DecodeStep:
         """q: [b, h, n, d]; k, v: [b, g, n, d] of this forward's rows. kernel: `flex`
         (`model.attention_kernel=flex`) attends through FlexAttention at fixed shapes
         (`_attend_flex`), `sdpa` through SDPA under the dense mask."""
-        cache_k, cache_v = self.cache.layer(layer, k)
         if kernel == "flex":
             self.pending[layer] = (k, v)
-            return self._attend_flex(cache_k, cache_v, q, k, v, scale)
+            return self._attend_flex(layer, q, k, v, scale)
+        cache_k, cache_v = self.cache.layer(layer, k)
         keys = torch.cat([cache_k[:, :, :self.used], k], dim=2)
         values = torch.cat([cache_v[:, :, :self.used], v], dim=2)
         self.pending[layer] = (k, v)
@@ -92,20 +98,25 @@ class DecodeStep:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, scale=scale,
                                               enable_gqa=k.shape[1] != q.shape[1])
 
-    def _attend_flex(self, cache_k, cache_v, q, k, v, scale):
+    def _attend_flex(self, layer: int, q, k, v, scale):
         """FlexAttention over the whole preallocated cache and this forward's rows padded to
         `flex.decode_rows(n)`: the shapes are the same at every step of a generation (one
         compiled signature per row bucket, `kernels/flex.py`), and the block mask skips the
-        cache's unused tiles and the padding. Padded rows attend nothing and are dropped."""
+        cache's unused tiles and the padding. The rows' K/V are written into the cache's room
+        past max_len (the keys are a view of it, nothing of the cache is copied); padded rows
+        attend nothing and are dropped."""
         from cascade_kernels import flex
 
         n = q.shape[2]
         m = flex.decode_rows(n)
         if self.flex_mask is None:  # once per forward, not once per layer
             self.flex_mask = self._flex_mask(n, m, q.device)
-        pad = lambda x: F.pad(x, (0, 0, 0, m - n))  # noqa: E731
-        out = flex.run(pad(q), torch.cat([cache_k, pad(k)], dim=2),
-                       torch.cat([cache_v, pad(v)], dim=2), self.flex_mask, scale)
+        cache_k, cache_v = self.cache.layer(layer, k, tail=m)
+        end = self.cache.max_len + m
+        cache_k[:, :, self.cache.max_len:self.cache.max_len + n] = k
+        cache_v[:, :, self.cache.max_len:self.cache.max_len + n] = v
+        out = flex.run(F.pad(q, (0, 0, 0, m - n)), cache_k[:, :, :end], cache_v[:, :, :end],
+                       self.flex_mask, scale)
         return out[:, :, :n]
 
     def _flex_mask(self, n: int, m: int, device):
@@ -117,7 +128,7 @@ class DecodeStep:
         b, cached = len(self.cache.lengths), self.cache.max_len
         rows = torch.zeros(b, m, m, dtype=torch.bool)  # host-side on purpose: copied below
         rows[:, :n, :n] = self._mask()[:, 0, :, self.used:]
-        active = torch.zeros(b, m, dtype=torch.bool)
+        active = torch.zeros(b, m, dtype=torch.bool)  # host-side too
         active[:, :n] = self.kinds != IDLE
         lengths, active, rows = (to_device(x, device) for x in (self.cache.lengths, active, rows))
 
