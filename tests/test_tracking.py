@@ -285,3 +285,50 @@ def test_kill_9_three_times_loses_no_metric_and_sends_none_twice(tmp_path):
     assert int(client.get_run(run_id).data.tags["cascade.restarts"]) <= 3, seed
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
     assert {"config.yaml", "checkpoints/manifest.json"} <= set(_artifacts(client, run_id))
+
+
+@pytest.mark.parametrize("death", ["before_state", "before_cut"])
+def test_journal_killed_inside_an_ack_sends_no_step_twice(tmp_path, monkeypatch, death):
+    """The random kills above rarely land inside an acknowledgement: this one dies there on purpose
+    (before the state file is replaced, or between that and cutting the journal back). The next
+    start resends only records identical to the ones sent (the store ignores those), and the steps
+    a resume runs again, with new timestamps, are not journaled again."""
+    import random
+
+    from cascade_mega.tracking import journal as journal_mod
+
+    class Death(Exception):
+        pass
+
+    rng = random.Random()
+    sent = [("loss", rng.random(), 1000 + s, s) for s in range(1, 8)]
+    journal = journal_mod.Journal(str(tmp_path), max_pending=100)
+    journal.open(fresh=True)
+    journal.append(sent)
+    records, end = journal.next_chunk()
+    assert records == sent
+    if death == "before_state":
+        monkeypatch.setattr(journal_mod.os, "replace", lambda *a: (_ for _ in ()).throw(Death()))
+    else:
+        real = journal.writer
+
+        class Dying:
+            def __getattr__(self, name):
+                if name == "truncate":
+                    raise Death()
+                return getattr(real, name)
+        journal.writer = Dying()
+    with pytest.raises(Death):
+        journal.ack(records, end)
+    monkeypatch.undo()
+    real_writer = journal.writer if death == "before_state" else real
+    real_writer.close()  # the process is gone
+
+    again = journal_mod.Journal(str(tmp_path), max_pending=100)
+    again.open(fresh=False)
+    resent, _ = again.next_chunk()
+    assert set(resent) <= set(sent)
+    again.append([("loss", rng.random(), 2000 + s, s) for s in range(5, 8)])  # the re-run steps
+    again.append([("loss", 0.5, 3000, 8)])
+    assert [r for r in again.next_chunk()[0] if r not in sent] == [("loss", 0.5, 3000, 8)]
+    again.close()

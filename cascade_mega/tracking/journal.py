@@ -178,20 +178,25 @@ class Journal:
         return records, stop
 
     def ack(self, records, end: int) -> None:
-        """The store took `records`, which end at byte `end` of the journal."""
+        """The store took `records`, which end at byte `end` of the journal.
+
+        The state is replaced before the journal is cut back, and both under the lock (no line
+        is journaled in between): a kill between the two leaves the whole journal with offset 0,
+        which resends lines the store ignores as identical, never an empty journal beside an
+        older `upto` (the steps a resume runs again would then be sent twice)."""
         with self.lock:
             self.offset = end
             self.pending = max(0, self.pending - len(records))
-            if self.writer is not None and self.offset == os.path.getsize(self.path):
-                # all of it sent: cut it back
+            cut = self.writer is not None and self.offset == os.path.getsize(self.path)
+            if cut:  # all of it sent: cut it back
+                self.offset = 0
+            tmp = self.acked_path + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(json.dumps({"offset": self.offset, "upto": self.upto}))
+            os.replace(tmp, self.acked_path)
+            if cut:
                 self.writer.truncate(0)
                 self.writer.seek(0)
-                self.offset = 0
-            state = json.dumps({"offset": self.offset, "upto": self.upto})
-        tmp = self.acked_path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(state)
-        os.replace(tmp, self.acked_path)
 
     def close(self) -> None:
         with self.lock:
