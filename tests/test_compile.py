@@ -56,7 +56,7 @@ def test_compiles_per_callable_of_a_run(megatron, tmp_path):
         assert flex.compiles() - before == 1, precision
         tokens[precision] = [r.tokens for r in out]
         if precision == "fp32":  # the same tokens as SDPA under the dense decoding mask
-            for m in decoder.model.modules():
+            for m in decoder.net.model.modules():
                 if isinstance(m, BlockDiffusionAttention):
                     m.kernel = "tiled"
             again = decoder.generate(prompts, 20, Policy("fixed", steps=4), Sampling())

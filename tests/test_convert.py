@@ -112,7 +112,7 @@ def megatron_logits(run, ids):
     from cascade_mega.inference.load import load_decoder
     from cascade_mega.model.gpt import read_out_logits
 
-    model = load_decoder(str(run), precision="fp32").model
+    model = load_decoder(str(run), precision="fp32").net.model
     L = ids.shape[1]
 
     def logits(*, hidden_states, output_layer, output_weight, **_):
@@ -241,7 +241,7 @@ def test_megatron_hf_megatron_round_trip_is_bit_exact(converted, exported):
         assert torch.equal(first[name], second[name]), name
     hf = json.loads((back / "config.json").read_text())
     assert hf["vocab_size"] == padded(model.config.vocab_size, kind) and hf["cascade"] == {
-        "objective": "ar", "block_size": 1, "shifted_prediction": False}
+        "objective": "ar", "block_size": 1, "shifted_prediction": False, "loss": "ce"}
 
 
 @pytest.mark.parametrize("converted", ["qwen2_moe"], indirect=True)
@@ -277,7 +277,7 @@ def test_the_fused_expert_layout_converts_to_the_same_weights(converted, tmp_pat
 def _weights(run):
     from cascade_mega.inference.load import load_decoder
 
-    model = load_decoder(str(run), precision="fp32").model
+    model = load_decoder(str(run), precision="fp32").net.model
     return {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
 

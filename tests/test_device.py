@@ -126,8 +126,7 @@ def _decoder_model(cfg):
     ("block", ["diffusion.shifted_prediction=true"]), ("ar", ["diffusion.objective=ar"]),
     ("full", ["diffusion.block_size=32"])])
 def test_decoders_on_the_device(megatron, tmp_path, name, extra):
-    from cascade_mega.inference.decode import Decoder
-    from cascade_mega.inference.full_diffusion import FullDiffusionDecoder
+    from cascade_mega.inference.load import decoder_for
     from cascade_mega.inference.policies import Policy
     from cascade_mega.inference.sampling import Sampling
 
@@ -139,9 +138,9 @@ def test_decoders_on_the_device(megatron, tmp_path, name, extra):
     def run(options):
         model = _decoder_model(cfg)
         if name == "full":
-            return [FullDiffusionDecoder(model, cfg, tok, **options).generate(
+            return [decoder_for(model, cfg, tok, **options).generate(
                 prompts, 12, Policy("entropy", 3, order="entropy", remask=0.3), sampling)]
-        return [Decoder(model, cfg, tok).generate(
+        return [decoder_for(model, cfg, tok).generate(
             prompts, 12, Policy("adaptive", steps=2, order="margin", remask=0.5), sampling)]
 
     options = [{"cache": "dual", "guidance": 0.5}, {"cache": "prefix"}] if name == "full" \

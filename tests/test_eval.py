@@ -38,7 +38,7 @@ def _lm(run, **kwargs):
     from cascade_mega.inference.load import load_decoder
 
     d = load_decoder(str(run), precision="fp32")
-    return CascadeLM(d.cfg, d.tok, d.model, d, **kwargs), d
+    return CascadeLM(d.net.cfg, d.net.tok, d.net.model, d, **kwargs), d
 
 
 def _requests(*args):
@@ -58,6 +58,7 @@ def test_ar_loglikelihoods_are_the_model_s_own(runs):
     from cascade_mega.model.gpt import read_out_logits
 
     lm, d = _lm(runs["ar"])
+    d = d.net  # the run's model, config and tokenizer
     got = lm.loglikelihood(_requests(*PAIRS))
 
     def logits(*, hidden_states, output_layer, output_weight, **_):

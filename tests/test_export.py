@@ -4,10 +4,13 @@ interpreter where cascade_mega cannot be imported (`hf_remote.py`), against the 
 Runs (made by `hf-to-mcore` from small random Hugging Face models, fp32): a block-diffusion Qwen2
 (B = 4, tied embeddings, QKV biases), a block-diffusion Qwen3-MoE with shifted prediction (query /
 key norms, a head dimension other than hidden / heads, experts with a dense first layer), a
-full-diffusion Llama (B = L) and an AR Llama. Each export's logits on a fixed `[x_t ; x_0]` layout
-(x_t alone for full diffusion, causal for AR) equal the megatron model's, and its greedy
-`generate` of 3 prompts of different lengths in one batch gives `cascade generate`'s tokens
-(fixed and adaptive policies; the AR export through transformers' own Llama and `generate`)."""
+full-diffusion Llama (B = L) and an AR Llama; the Qwen3-MoE run is a score-entropy one (its
+logits are scores, which the `tweedie` policy reads). Each export's logits on a fixed
+`[x_t ; x_0]` layout (x_t alone for full diffusion, causal for AR) equal the megatron model's,
+and its `generate` of 3 prompts of different lengths in one batch gives `cascade generate`'s
+tokens for every policy, every order, remasking, and sampled as well as greedy (the exported
+model runs the library's decoding core, copied; the AR export runs transformers' own Llama and
+`generate`)."""
 
 import json
 import os
@@ -17,12 +20,25 @@ import sys
 import pytest
 import torch
 
+from cascade_mega.inference.load import decoder_for
+from cascade_mega.inference.policies import Policy
+from cascade_mega.inference.sampling import Sampling
 from helpers import ROOT, cascade
 from test_convert import hf_model
 
 PROMPTS = ["ROMEO: But soft", "JULIET: O Romeo, Romeo, wherefore art thou", "To"]
-RUNS = [{"policy": "fixed", "steps": 2, "max_new_tokens": 20},
-        {"policy": "adaptive", "steps": 3, "max_new_tokens": 20}]
+# `generate` keyword arguments: every policy and order, remasking, greedy and sampled; the first
+# also through `cascade generate` itself, the others through its decoder factory in this process
+RUNS = [{"policy": "fixed", "steps": 2},
+        {"policy": "adaptive", "steps": 3, "order": "margin", "remask": 0.3},
+        {"policy": "threshold", "tau": 0.5, "order": "entropy", "do_sample": True, "seed": 1},
+        {"policy": "entropy", "steps": 3, "bound": 1.0, "order": "drawn", "do_sample": True,
+         "temperature": 0.8, "top_k": 20, "seed": 2},
+        {"policy": "fixed", "steps": 4, "order": "random", "do_sample": True, "top_p": 0.9,
+         "seed": 3},
+        {"policy": "tweedie", "steps": 3, "do_sample": True, "seed": 4}]
+FULL = {"cache": "prefix", "decode_block": 16, "guidance": 0.5}  # the full-diffusion export's
+NEW = 20  # new tokens per prompt
 CASES = {"block": ("qwen2", ["--objective", "block_diffusion", "--block-size", "4"]),
          "shifted_moe": ("qwen3_moe", ["--objective", "block_diffusion", "--block-size", "4"]),
          "full": ("llama", ["--objective", "block_diffusion", "--block-size", "64"]),
@@ -35,7 +51,8 @@ def _reference_logits(run, x_t, x_0):
     from cascade_mega.model.gpt import allowed_logits
 
     decoder = load_decoder(str(run), precision="fp32")
-    cfg, L = decoder.cfg, x_t.shape[1]
+    net, L = decoder.net, x_t.shape[1]
+    cfg = net.cfg
     if cfg.diffusion.objective == "ar":
         ids, pos, layout = x_t, torch.arange(L)[None], AttentionLayout("causal", L)
     elif cfg.attention_kind == "full":
@@ -48,8 +65,8 @@ def _reference_logits(run, x_t, x_0):
         return allowed_logits(hidden_states, output_layer, output_weight, None, True)
 
     with torch.no_grad():
-        out = decoder.model(ids, pos, layout, output_processor=logits)
-    return out.transpose(0, 1)[:, :L].double(), decoder.tok
+        out = net.model(ids, pos, layout, output_processor=logits)
+    return out.transpose(0, 1)[:, :L].double(), net.tok, decoder
 
 
 @pytest.fixture(scope="module")
@@ -63,27 +80,42 @@ def exports(tmp_path_factory):
         hf_model(kind, hf)
         proc = cascade("convert", "hf-to-mcore", hf, run, "--seq-len", "64", *options)
         assert proc.returncode == 0, proc.stderr
-        if name == "shifted_moe":  # as a run trained with shifted prediction records it
+        if name == "shifted_moe":  # as a score-entropy run with shifted prediction records it
             text = (run / "config.yaml").read_text()
-            (run / "config.yaml").write_text(text.replace("shifted_prediction: false",
-                                                          "shifted_prediction: true"))
+            (run / "config.yaml").write_text(text.replace(
+                "shifted_prediction: false", "shifted_prediction: true").replace(
+                "loss: ce", "loss: score_entropy"))
         proc = cascade("convert", "mcore-to-hf", run, out)
         assert proc.returncode == 0, proc.stderr
         g = torch.Generator().manual_seed(len(name))
         x_0 = torch.randint(0, 300, (2, 64), generator=g)
         x_t = torch.where(torch.rand(2, 64, generator=g) < 0.5, 300, x_0)  # 300: [MASK]
-        logits, tok = _reference_logits(run, x_0 if name == "ar" else x_t, x_0)
+        logits, tok, decoder = _reference_logits(run, x_0 if name == "ar" else x_t, x_0)
         assert tok.mask_id == 300
-        ours = []
-        for r in RUNS[:1] if name == "ar" else RUNS:
-            proc = cascade("generate", "--ckpt", run, "--prompts-file", prompts_file,
-                           "--max-new-tokens", r["max_new_tokens"], "--policy", r["policy"],
-                           "--steps", r["steps"], "--precision", "fp32", "--json")
-            assert proc.returncode == 0, proc.stderr
-            ours.append([json.loads(line)["tokens"] for line in proc.stdout.splitlines()])
+        full = FULL if name == "full" else {}
+        options = [f"--{k.replace('_', '-')}={v}" for k, v in full.items()]
+        proc = cascade("generate", "--ckpt", run, "--prompts-file", prompts_file,
+                       "--max-new-tokens", NEW, "--policy", RUNS[0]["policy"],
+                       "--steps", RUNS[0]["steps"], "--precision", "fp32", "--json", *options)
+        assert proc.returncode == 0, proc.stderr
+        ours = [[json.loads(line)["tokens"] for line in proc.stdout.splitlines()]]
+        if full:
+            decoder = decoder_for(decoder.net.model, decoder.net.cfg, decoder.net.tok,
+                                  cache=full["cache"], block=full["decode_block"],
+                                  guidance=full["guidance"])
+        prompts = [tok.encode(p) for p in PROMPTS]
+        for r in RUNS[1:] if name != "ar" else []:
+            policy = Policy(r["policy"], r.get("steps", 4), r.get("tau", 0.9),
+                            r.get("order", "confidence"), r.get("bound", 1.0), r.get("remask", 0))
+            sampling = Sampling(greedy=not r.get("do_sample"), temperature=r.get(
+                "temperature", 1.0), top_k=r.get("top_k", 0), top_p=r.get("top_p", 1.0),
+                seed=r.get("seed", 0))
+            ours.append([g.tokens for g in decoder.generate(prompts, NEW, policy, sampling)])
         request = root / f"{name}.request"
         torch.save({"x_t": x_0 if name == "ar" else x_t, "x_0": None if name == "full" else x_0,
-                    "prompts": [tok.encode(p) for p in PROMPTS], "runs": RUNS}, request)
+                    "prompts": prompts,
+                    "runs": [{**r, **full, "max_new_tokens": NEW}
+                             for r in (RUNS[:1] if name == "ar" else RUNS)]}, request)
         triples += [out, request, root / f"{name}.result"]
         found[name] = {"logits": logits, "ours": ours, "out": out, "tok": tok}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -108,9 +140,9 @@ def test_the_export_in_transformers_alone_equals_the_run(exports, name):
     else:
         assert torch.equal(finite, torch.isfinite(got))
     assert (got[finite] - ref[finite]).abs().max() <= 1e-4
-    tokens = case["hf"]["tokens"][:len(case["ours"])]
-    assert all(len(t) > 0 for run in case["ours"] for t in run)
-    assert tokens == case["ours"]
+    assert all(len(t) > 0 for t in case["ours"][0])
+    assert len(case["ours"]) == (1 if name == "ar" else len(RUNS))
+    assert case["hf"]["tokens"] == case["ours"]
 
 
 def test_the_export_is_self_contained_and_says_one_end_of_text(exports):
@@ -122,6 +154,7 @@ def test_the_export_is_self_contained_and_says_one_end_of_text(exports):
             case["hf"]["eos"] == case["hf"]["config_eos"]
         assert case["hf"]["mask_token"] == "[MASK]" and case["hf"]["mask_id"] == tok.mask_id
         assert ("auto_map" in config) == (name != "ar")
+        assert config.get("loss", "ce") == ("score_entropy" if name == "shifted_moe" else "ce")
         assert config["architectures"] == (["LlamaForCausalLM"] if name == "ar" else
                                            ["CascadeForCausalLM"])
         for path in out.iterdir():  # nothing from the machine it was exported on
@@ -141,7 +174,8 @@ def test_a_diffusion_export_converts_back_bit_exact(exports, tmp_path):
                    "--seq-len", "64")
     assert proc.returncode == 0, proc.stderr
     d = load_config(str(back / "config.yaml"), [], world_size=0).diffusion
-    assert (d.objective, d.block_size, d.shifted_prediction) == ("block_diffusion", 4, True)
+    assert (d.objective, d.block_size, d.shifted_prediction, d.loss) == \
+        ("block_diffusion", 4, True, "score_entropy")
     first, second = _weights(exports["shifted_moe"]["out"].parent / "shifted_moe_run"), \
         _weights(back)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

@@ -11,7 +11,7 @@ import torch
 
 from cascade_mega.diffusion.masks import AttentionLayout
 from cascade_mega.inference.decode import GenerationError
-from cascade_mega.inference.full_diffusion import FullDiffusionDecoder
+from cascade_mega.inference.load import decoder_for
 from cascade_mega.inference.policies import Policy
 from cascade_mega.inference.sampling import Sampling, sample
 from helpers import MASK_ID, tiny_cfg, tiny_model
@@ -71,7 +71,7 @@ def test_uncached_decoding_and_guidance_equal_the_reference(megatron, shifted, g
     cfg, model = _setup(shifted)
     policy = Policy("threshold", tau=0.3)
     prompt = torch.randint(0, MASK_ID, (5,), generator=torch.Generator().manual_seed(1)).tolist()
-    dec = FullDiffusionDecoder(model, cfg, _tok(), cache="none", block=6, guidance=guidance)
+    dec = decoder_for(model, cfg, _tok(), cache="none", block=6, guidance=guidance)
     got = dec.generate([prompt], 20, policy)[0]
     want, forwards = _reference(model, prompt, 20, 6, policy, shifted, guidance)
     assert got.tokens == want and dec.forwards == forwards
@@ -91,7 +91,7 @@ def test_cached_forward_equals_the_full_forward_while_the_canvas_is_unchanged(me
     cfg, model = _setup(shifted)
     canvas = torch.randint(0, MASK_ID, (1, 24), generator=torch.Generator().manual_seed(2))
     canvas[0, 14:] = MASK_ID
-    dec = FullDiffusionDecoder(model, cfg, _tok(), cache=mode, block=4)
+    dec = decoder_for(model, cfg, _tok(), cache=mode, block=4)
     dec.kv = {}
     first = dec._block_logits(canvas, 10, 14, True, None)
     rows = dec.rows
@@ -115,16 +115,16 @@ def test_cached_forward_equals_the_full_forward_while_the_canvas_is_unchanged(me
 def test_cached_decoding_runs_fewer_rows_and_stops_at_end_of_document(megatron):
     cfg, model = _setup()
     prompt = [1, 2, 3, 4]
-    exact = FullDiffusionDecoder(model, cfg, _tok(), cache="none", block=4)
+    exact = decoder_for(model, cfg, _tok(), cache="none", block=4)
     tokens = exact.generate([prompt], 24, Policy("threshold", tau=1.1))[0].tokens
     assert len(tokens) == 24
-    dual = FullDiffusionDecoder(model, cfg, _tok(), cache="dual", block=4)
+    dual = decoder_for(model, cfg, _tok(), cache="dual", block=4)
     out = dual.generate([prompt], 24, Policy("threshold", tau=1.1))[0]
     assert dual.forwards == 24 and len(out.blocks) == 6 and all(b.steps == 4 for b in out.blocks)
     # rows run: the whole canvas (28) once a block, then the block's 4 rows (none: 28 each time)
     assert exact.rows == 24 * 28 and dual.rows == 6 * 28 + 18 * 4
     eod = tokens[9]  # a token the exact decoder puts at position 9: make it end-of-document
-    stop = FullDiffusionDecoder(model, cfg, _tok(eod), cache="none", block=4)
+    stop = decoder_for(model, cfg, _tok(eod), cache="none", block=4)
     got = stop.generate([prompt], 24, Policy("threshold", tau=1.1))[0]
     assert got.stopped == "eod" and got.tokens == tokens[:tokens.index(eod)]
 
@@ -134,8 +134,8 @@ def test_bad_options_give_one_message(megatron):
     for kwargs, needle in [({"cache": "full"}, "cache must be"), ({"block": 0}, "block"),
                            ({"guidance": -1.0}, "guidance")]:
         with pytest.raises(GenerationError, match=needle):
-            FullDiffusionDecoder(model, cfg, _tok(), **kwargs)
-    dec = FullDiffusionDecoder(model, cfg, _tok())
+            decoder_for(model, cfg, _tok(), **kwargs)
+    dec = decoder_for(model, cfg, _tok())
     with pytest.raises(GenerationError, match="context"):
         dec.generate([list(range(1, L + 1))])
 

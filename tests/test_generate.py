@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cascade_mega.diffusion.masks import AttentionLayout
-from cascade_mega.inference.decode import Decoder
+from cascade_mega.inference.load import decoder_for
 from cascade_mega.inference.policies import Policy, decide
 from cascade_mega.inference.sampling import Sampling, sample
 from helpers import MASK_ID, VOCAB, tiny_cfg, tiny_model
@@ -91,7 +91,7 @@ def test_cached_decoding_equals_recomputing_the_prefix(megatron, policy, extra):
         with torch.no_grad():
             for p in model.noise_embedding.parameters():
                 p.normal_(0, 0.3)
-    decoder = Decoder(model, cfg, _tokenizer())
+    decoder = decoder_for(model, cfg, _tokenizer())
     for prompt in _prompts(5, 8, seed=2):
         [got] = decoder.generate([prompt], max_new_tokens=20, policy=policy)
         assert got.tokens == _uncached(model, cfg, prompt, 20, policy)
@@ -104,8 +104,8 @@ def test_block_size_one_equals_ar_decoding_of_the_same_weights(megatron):
     ar = tiny_cfg(f"data.seq_len={L}", "diffusion.objective=ar", WIDE)
     model = tiny_model(bd, seed=3)
     prompts = _prompts(3, 6, seed=4)
-    blockwise = Decoder(model, bd, _tokenizer()).generate(prompts, max_new_tokens=16)
-    autoregressive = Decoder(model, ar, _tokenizer()).generate(prompts, max_new_tokens=16)
+    blockwise = decoder_for(model, bd, _tokenizer()).generate(prompts, max_new_tokens=16)
+    autoregressive = decoder_for(model, ar, _tokenizer()).generate(prompts, max_new_tokens=16)
     assert [g.tokens for g in blockwise] == [g.tokens for g in autoregressive]
     assert all(len(g.tokens) == 16 for g in blockwise)
 
@@ -114,7 +114,7 @@ def test_block_size_one_equals_ar_decoding_of_the_same_weights(megatron):
 def test_batched_generation_equals_one_by_one(megatron, objective):
     cfg = tiny_cfg(f"data.seq_len={L}", f"diffusion.block_size={B}",
                    f"diffusion.objective={objective}", "diffusion.shifted_prediction=true", WIDE)
-    decoder = Decoder(tiny_model(cfg, seed=5), cfg, _tokenizer())
+    decoder = decoder_for(tiny_model(cfg, seed=5), cfg, _tokenizer())
     prompts = _prompts(3, 9, 12, 4, seed=6)  # different lengths, inside and on block edges
     policy = Policy("adaptive", steps=3, tau=0.3)
     batched = decoder.generate(prompts, max_new_tokens=18, policy=policy)
@@ -127,10 +127,10 @@ def test_each_sequence_stops_at_its_own_end_of_document(megatron):
     cfg = tiny_cfg(f"data.seq_len={L}", f"diffusion.block_size={B}", WIDE)
     model = tiny_model(cfg, seed=7)
     prompts = _prompts(5, 7, seed=8)
-    free = Decoder(model, cfg, _tokenizer()).generate(prompts, max_new_tokens=24)
+    free = decoder_for(model, cfg, _tokenizer()).generate(prompts, max_new_tokens=24)
     first, second = free[0].tokens, free[1].tokens
     eod = next(t for t in first[3:] if t not in second)  # a token only the first sequence emits
-    stopped = Decoder(model, cfg, _tokenizer(eod)).generate(prompts, max_new_tokens=24)
+    stopped = decoder_for(model, cfg, _tokenizer(eod)).generate(prompts, max_new_tokens=24)
     assert stopped[0].stopped == "eod" and stopped[0].tokens == first[:first.index(eod)]
     assert stopped[1].stopped == "length" and stopped[1].tokens == second
 
@@ -139,7 +139,7 @@ def test_threshold_above_one_decides_one_token_per_step(megatron):
     cfg = tiny_cfg(f"data.seq_len={L}", f"diffusion.block_size={B}", WIDE)
     model = tiny_model(cfg, seed=9)
     [prompt] = _prompts(6, seed=10)
-    decoder = Decoder(model, cfg, _tokenizer())
+    decoder = decoder_for(model, cfg, _tokenizer())
     [one] = decoder.generate([prompt], max_new_tokens=12, policy=Policy("threshold", tau=1.5))
     assert all(b.steps == b.tokens for b in one.blocks)
     assert decoder.forwards == sum(b.steps for b in one.blocks)  # the commits ride along
@@ -152,7 +152,7 @@ def test_adaptive_cap_follows_the_positions_a_block_decides(megatron):
     ceil(3 k / 4) = 1 and 2 steps, a whole block the cap of 3; the rest of the last block stays
     undecided."""
     cfg = tiny_cfg(f"data.seq_len={L}", f"diffusion.block_size={B}", WIDE)
-    decoder = Decoder(tiny_model(cfg, seed=11), cfg, _tokenizer())
+    decoder = decoder_for(tiny_model(cfg, seed=11), cfg, _tokenizer())
     [prompt] = _prompts(7, seed=12)
     [out] = decoder.generate([prompt], max_new_tokens=7, policy=Policy("adaptive", 3, tau=2.0))
     assert [(b.steps, b.tokens) for b in out.blocks] == [(1, 1), (3, 4), (2, 2)]
@@ -240,7 +240,7 @@ def test_random_order_one_position_per_step_is_ancestral_sampling(megatron):
 
     walk(torch.full((b,), MASK_ID), 1.0)
     assert abs(sum(exact.values()) - 1) < 1e-6  # float32 conditionals
-    decoder = Decoder(model, cfg, _tokenizer())
+    decoder = decoder_for(model, cfg, _tokenizer())
     outs = decoder.generate([prompt] * draws, b, Policy("fixed", b, order="random"), sampling)
     counts = Counter(tuple(o.tokens) for o in outs)
     assert set(counts) <= set(exact)
@@ -286,7 +286,7 @@ def test_entropy_bound_decides_the_positions_it_allows(steps, bound, per_step):
     everything at the cap's last step."""
     cfg = tiny_cfg("data.seq_len=16", "diffusion.block_size=4")
     model = _ChosenLogits([1, 2, 4, 8])
-    decoder = Decoder(model, cfg, _tokenizer())
+    decoder = decoder_for(model, cfg, _tokenizer())
     [out] = decoder.generate([[5, 6, 7, 8]], 8, Policy("entropy", steps, bound=bound))
     block = [[0, 0, 0, 0]] + per_step
     assert model.seen == block + block
@@ -301,7 +301,7 @@ def test_remasking_ends_every_block_decided_within_its_budget(policy):
     ones (fewer than it decides); the last step remasks nothing and decides the rest."""
     cfg = tiny_cfg("data.seq_len=32", "diffusion.block_size=8")
     model = _ChosenLogits([8] * 8)
-    [out] = Decoder(model, cfg, _tokenizer()).generate([[5] * 8], 16, policy)
+    [out] = decoder_for(model, cfg, _tokenizer()).generate([[5] * 8], 16, policy)
     assert [b.steps for b in out.blocks] == [3, 3] and len(out.tokens) == 16
     assert MASK_ID not in out.tokens
     went_back = any(before[r] and not after[r] for before, after in zip(model.seen, model.seen[1:])

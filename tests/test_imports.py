@@ -38,3 +38,16 @@ def test_the_check_sees_imports_inside_functions(tmp_path):
     graph = _tool()
     assert graph.circles(graph.edges(str(tmp_path))) == [
         ["cascade_mega.a", "cascade_mega.c", "cascade_mega.sub.b"]]
+
+
+def test_the_decoding_core_imports_only_itself():
+    """The files an export copies (`convert/export.py: CORE`) import no other module of the
+    project, at any level (kernels, too, come through the network: `Network.flex`)."""
+    from cascade_mega.convert.export import CORE
+
+    graph = _tool().edges(ROOT)
+    outside = {m: sorted(set(graph.get(m, ())) - set(CORE)) for m in CORE}
+    assert outside == {m: [] for m in CORE}
+    for module in CORE:  # nor the kernel packages, which the graph of cascade_mega leaves out
+        text = open(os.path.join(ROOT, *module.split(".")) + ".py").read()
+        assert "cascade_kernels" not in text and "cascade_launchers" not in text, module

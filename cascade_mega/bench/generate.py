@@ -122,12 +122,12 @@ def generative_nll(ar_decoder, prompt, tokens) -> float:
 
     seq = torch.tensor(prompt + tokens)
     ids, labels = seq[:-1][None], seq[1:][None]
-    prep = to_device(objective.prepare(ids, labels, torch.ones_like(ids), ar_decoder.cfg,
-                                       ar_decoder.tok.mask_id, None, eod_id=ar_decoder.tok.eod))
-    ce, _ = ar_decoder.model(prep.input_ids, prep.position_ids, prep.layout,
-                             output_processor=predict_and_score,
-                             output_processor_context=prep.readout,
-                             noise_levels=prep.noise_levels)
+    net = ar_decoder.net
+    prep = to_device(objective.prepare(ids, labels, torch.ones_like(ids), net.cfg,
+                                       net.tok.mask_id, None, eod_id=net.tok.eod))
+    ce, _ = net.model(prep.input_ids, prep.position_ids, prep.layout,
+                      output_processor=predict_and_score, output_processor_context=prep.readout,
+                      noise_levels=prep.noise_levels)
     return float(ce[0, len(prompt) - 1:].double().sum())
 
 
@@ -162,8 +162,8 @@ def held_out(decoder, count: int, prompt_len: int, length: int):
     approach, judged like the samples."""
     from cascade_mega.data import loader
 
-    cfg = decoder.cfg
-    valid = loader.build_splits(cfg, decoder.tok, loader.resolve_path(cfg.data.path), 1)[1]
+    cfg = decoder.net.cfg
+    valid = loader.build_splits(cfg, decoder.net.tok, loader.resolve_path(cfg.data.path), 1)[1]
     need = prompt_len + length
     if need > cfg.data.seq_len:
         prompt_len = max(1, cfg.data.seq_len - length)
@@ -208,18 +208,18 @@ def run(args) -> dict:
             _ensure_trained(*RUNS[which])
     bd = load_decoder(args.bd, precision=args.precision)
     ar = load_decoder(args.ar, precision=args.precision)
-    dtypes = [next(d.model.parameters()).dtype for d in (bd, ar)]
+    dtypes = [next(d.net.model.parameters()).dtype for d in (bd, ar)]
     judge = ar if dtypes[1] == torch.float32 and not args.judge else \
         load_decoder(args.judge or args.ar, precision="fp32")
     for flag, dec in (("--ar", ar), ("--judge", judge)):
-        if dec.cfg.diffusion.objective != "ar":
+        if dec.net.cfg.diffusion.objective != "ar":
             raise CheckpointError(f"{flag} {getattr(args, flag[2:])} is not an AR checkpoint")
-        if not same_tokenizer(dec.tok, bd.tok):
+        if not same_tokenizer(dec.net.tok, bd.net.tok):
             raise CheckpointError(f"{flag} {getattr(args, flag[2:])} uses another tokenizer "
                                   f"than --bd {args.bd}")
     decoders = {name: (ar if name == "ar" else bd) for name in rows}
     for name, policy in rows.items():  # warm-up: caches, allocator
-        decoders[name].generate([decoders[name].tok.encode(texts[0])], 16, policy,
+        decoders[name].generate([decoders[name].net.tok.encode(texts[0])], 16, policy,
                                 Sampling(greedy=args.greedy))
     draws = [(text, Sampling(greedy=args.greedy, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, seed=args.seed + k))
@@ -231,7 +231,7 @@ def run(args) -> dict:
         for text, sampling in draws:  # batch 1: every row in turn per draw (noise hits all)
             for name, policy in rows.items():
                 dec = decoders[name]
-                prompt = dec.tok.encode(text)
+                prompt = dec.net.tok.encode(text)
                 dec.forwards = 0
                 start = time.perf_counter()
                 [out] = dec.generate([prompt], args.max_new_tokens, policy, sampling)
@@ -256,7 +256,7 @@ def run(args) -> dict:
         row["speedup_vs_ar"] = row["tokens_per_s"] / base["tokens_per_s"]
         for key in ("gen_ppl", "entropy", "repetition"):
             row[f"{key}_vs_ar"] = row[key] / base[key] if base[key] else float("nan")
-    prompt_len = round(sum(len(bd.tok.encode(t)) for t in texts) / len(texts))
+    prompt_len = round(sum(len(bd.net.tok.encode(t)) for t in texts) / len(texts))
     data = {"policy": "data"}
     pairs = held_out(bd, len(draws), prompt_len, args.max_new_tokens)
     data.update(quality([c for _, c in pairs], sum(generative_nll(judge, p, c) for p, c in pairs)))
@@ -302,7 +302,7 @@ def _batched(dec, policy, draws, size: int, args) -> float:
     tokens, spent = 0, 0.0
     for first in range(0, len(draws), size):
         group = [draws[(first + i) % len(draws)] for i in range(size)]
-        prompts = [dec.tok.encode(text) for text, _ in group]
+        prompts = [dec.net.tok.encode(text) for text, _ in group]
         start = time.perf_counter()
         outs = dec.generate(prompts, args.max_new_tokens, policy, group[0][1])
         spent += time.perf_counter() - start

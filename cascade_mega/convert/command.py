@@ -116,6 +116,8 @@ def hf_to_mcore(args) -> str:
         overrides.append(f"diffusion.block_size={block}")
         if known and hf["cascade"].get("shifted_prediction"):
             overrides.append("diffusion.shifted_prediction=true")
+    if known and hf["cascade"].get("loss"):  # score-entropy logits are scores
+        overrides.append(f"diffusion.loss={hf['cascade']['loss']}")
     cfg, one = _target(overrides, args.tensor, args.pipeline, args.expert)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     with staged(out) as partial:

@@ -6,9 +6,10 @@ AR runs export as the plain architecture that holds them (Llama, Qwen2, Qwen3, Q
 weights under `CascadeForCausalLM`, the project's own modeling code written into the directory
 (`convert/remote/`: plain torch + transformers, no import of cascade_mega), which
 `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` loads: its attention follows
-the block-diffusion layouts and its `generate()` decodes block by block with the project's
-policies. The policies and sampling knobs are copies of `inference/policies.py` and
-`inference/sampling.py` made at export (one source: they cannot drift from `cascade generate`).
+the block-diffusion layouts and its `generate()` runs the project's decoding core: the decoders,
+KV cache, policies, sampling and mask source are copied from the library at export, their imports
+made relative (`CORE`; `inference/network.py` says what the core asks of a network), so they
+cannot drift from `cascade generate`.
 
 Every export holds: safetensors shards (at most --max-shard-gb each), `config.json` and
 `generation_config.json` with one end-of-text id (the tokenizer's end of document) and nothing
@@ -29,8 +30,17 @@ import shutil
 from cascade_mega.config import ConfigError
 from cascade_mega.convert import hf as hfmap
 from cascade_mega.convert.staging import progress, staged
+from cascade_mega.inference.policies import ORDERS, POLICIES
 
 REMOTE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote")
+# the decoding core, copied into a diffusion export: library module -> module in the export
+CORE = {"cascade_mega.errors": "cascade_errors",
+        "cascade_mega.diffusion.masks": "cascade_masks",
+        "cascade_mega.inference.sampling": "cascade_sampling",
+        "cascade_mega.inference.policies": "cascade_policies",
+        "cascade_mega.inference.kv_cache": "cascade_kv_cache",
+        "cascade_mega.inference.decode": "cascade_decode",
+        "cascade_mega.inference.full_diffusion": "cascade_full_diffusion"}
 AUTO_MAP = {"AutoConfig": "configuration_cascade.CascadeConfig",
             "AutoModelForCausalLM": "modeling_cascade.CascadeForCausalLM"}
 # keys a config must not carry out of this machine (transformers writes the folder it read from)
@@ -52,7 +62,8 @@ def _hf_config(cfg, run_dir: str, rows: int, tokenizer) -> dict:
     d = cfg.diffusion
     hf["cascade"] = {"objective": d.objective,
                      "block_size": d.block_size if d.objective != "ar" else 1,
-                     "shifted_prediction": bool(d.shifted_prediction and d.objective != "ar")}
+                     "shifted_prediction": bool(d.shifted_prediction and d.objective != "ar"),
+                     "loss": d.loss}
     return hf
 
 
@@ -69,7 +80,7 @@ def _remote_config(hf: dict, cfg, tokenizer) -> dict:
         architectures=["CascadeForCausalLM"], model_type="cascade", auto_map=AUTO_MAP,
         backbone=hfmap.family(hf), objective="block_diffusion",
         block_size=cfg.data.seq_len if cfg.attention_kind == "full" else cfg.diffusion.block_size,
-        shifted_prediction=bool(cfg.diffusion.shifted_prediction),
+        shifted_prediction=bool(cfg.diffusion.shifted_prediction), loss=cfg.diffusion.loss,
         mask_token_id=tokenizer.mask_id, tokenizer_vocab_size=tokenizer.vocab_size,
         max_position_embeddings=cfg.data.seq_len, rope_theta=m.rotary_base, rope_scaling=scaling,
         head_dim=m.kv_channels or m.hidden_size // m.num_attention_heads,
@@ -83,19 +94,20 @@ def _remote_config(hf: dict, cfg, tokenizer) -> dict:
 
 
 def _write_remote_code(partial: str) -> None:
-    """The modeling code, and the project's policies and sampling as they are now."""
-    from cascade_mega.inference import policies, sampling
+    """The modeling code, and the project's decoding core as it is now."""
+    import importlib
 
     for name in ("configuration_cascade.py", "modeling_cascade.py"):
         shutil.copy(os.path.join(REMOTE, name), os.path.join(partial, name))
-    texts = {"cascade_sampling.py": open(sampling.__file__).read(),
-             "cascade_policies.py": open(policies.__file__).read().replace(
-                 "from cascade_mega.inference.sampling import", "from .cascade_sampling import")}
-    for name, text in texts.items():
-        if re.search(r"^\s*(from|import)\s+cascade_mega", text, re.M):
-            raise ConfigError(f"{name} would import cascade_mega: the exported code must stand "
-                              "alone")
-        with open(os.path.join(partial, name), "w") as f:
+    for module, local in CORE.items():
+        text = open(importlib.import_module(module).__file__).read()
+        for other, there in CORE.items():
+            text = re.sub(rf"^(\s*)from {re.escape(other)} import", rf"\1from .{there} import",
+                          text, flags=re.M)
+        if re.search(r"^\s*(from|import)\s+cascade_(mega|kernels|launchers)\b", text, re.M):
+            raise ConfigError(f"{local}.py would import the project: the decoding core must "
+                              "import only itself, the mask source and the error base")
+        with open(os.path.join(partial, local + ".py"), "w") as f:
             f.write(text)
 
 
@@ -182,6 +194,7 @@ def _model_card(cfg, config: dict, tokenizer) -> str:
 An autoregressive {name} trained with cascade_mega: `transformers` runs it as it is
 (`AutoModelForCausalLM.from_pretrained(DIR)`); end of text is id {tokenizer.eod}.
 """
+    policies, orders = ", ".join(POLICIES), ", ".join(ORDERS)
     kind = "full-diffusion" if cfg.attention_kind == "full" else \
         f"block-diffusion (block size {config['block_size']})"
     return f"""# {cfg.name}
@@ -198,8 +211,8 @@ out = model.generate(**batch, max_new_tokens=64)         # greedy, adaptive poli
 print(tok.batch_decode(out[:, batch["input_ids"].shape[1]:]))
 ```
 
-`generate` knobs (as `cascade generate`): `policy` (fixed, threshold, adaptive, entropy), `steps`,
-`tau`, `order`, `bound`, `remask`, `do_sample`, `temperature`, `top_k`, `top_p`, `seed`; for
+`generate` knobs (as `cascade generate`): `policy` ({policies}), `steps`,
+`tau`, `order` ({orders}), `bound`, `remask`, `do_sample`, `temperature`, `top_k`, `top_p`, `seed`; for
 full-diffusion models `cache` (none, prefix, dual), `decode_block`, `guidance`. `forward` scores
 one stream under the block-causal mask; `block_diffusion_inputs(x_t, x_0)` builds the training
 layout. `[MASK]` is id {tokenizer.mask_id}, end of text id {tokenizer.eod}.

@@ -201,8 +201,9 @@ def run(args) -> int:
     columns, bounds, notes = {}, {}, {}
     for path in args.runs:
         decoder = load_decoder(path, precision=args.precision)
-        lm = CascadeLM(decoder.cfg, decoder.tok, decoder.model, decoder, args.mc_samples,
-                       args.seed, policy, args.batch)
+        net = decoder.net
+        lm = CascadeLM(net.cfg, net.tok, net.model, decoder, args.mc_samples, args.seed, policy,
+                       args.batch)
         results = simple_evaluate(model=lm, tasks=tasks, limit=args.limit, bootstrap_iters=100,
                                   random_seed=args.seed, numpy_random_seed=args.seed,
                                   torch_random_seed=args.seed, fewshot_random_seed=args.seed)

@@ -94,14 +94,14 @@ def run(args) -> int:
     given = {"cache": args.cache, "block": args.decode_block, "guidance": args.guidance}
     decoder = load_decoder(args.ckpt, args.threads, args.precision,
                            **{k: v for k, v in given.items() if v is not None})
-    prompts = [decoder.tok.encode(t) for t in texts]
+    prompts = [decoder.net.tok.encode(t) for t in texts]
     check_request(prompts, decoder.max_len, args.max_new_tokens)  # before the prompt is echoed
     streaming = len(prompts) == 1 and not args.json
     shown = {"ids": [], "text": ""}
 
     def stream(i, tokens):  # print the text a decided block adds, as soon as it is decided
         shown["ids"] += tokens
-        text = decoder.tok.decode(shown["ids"])
+        text = decoder.net.tok.decode(shown["ids"])
         sys.stdout.write(text[len(shown["text"]):])
         sys.stdout.flush()
         shown["text"] = text

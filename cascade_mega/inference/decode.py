@@ -20,6 +20,9 @@ the previous block's last clean row) uses the logits of that row, kept from its 
 Batches: every sequence has its own cache length, position ids and state; sequences that are done
 or have nothing to commit fill their rows with IDLE padding, and stop independently at
 end-of-document or at the length limit.
+
+Part of the decoding core: the model is a `Network` (`inference/network.py`), and an exported
+model runs this file as it is.
 """
 
 from __future__ import annotations
@@ -29,14 +32,13 @@ from typing import Callable, List, Optional
 
 import torch
 
-from cascade_mega.inference.kv_cache import CLEAN, IDLE, NOISY, DecodeStep, KVCache
+from cascade_mega.errors import UserError
+from cascade_mega.inference.kv_cache import CLEAN, IDLE, NOISY, DecodeStep, KVCache, to_device
 from cascade_mega.inference.policies import Policy, decide
 from cascade_mega.inference.sampling import Sampling, sample
-from cascade_mega.model.gpt import allowed_logits, without_fp8
-from cascade_mega.runtime.device import to_device
 
 
-class GenerationError(ValueError):
+class GenerationError(UserError, ValueError):
     pass
 
 
@@ -54,11 +56,6 @@ class Generation:
     blocks: List[BlockStats] = field(default_factory=list)
     stopped: str = ""  # "eod" | "length"
     text: str = ""
-
-
-def logits_of_rows(*, hidden_states, output_layer, output_weight, context, **_unused):
-    return allowed_logits(hidden_states, output_layer, output_weight, context,
-                          True).transpose(0, 1)  # [b, rows, V]
 
 
 def check_request(prompts: List[List[int]], max_len: int, max_new_tokens: int) -> None:
@@ -92,22 +89,20 @@ class _Sequence:
 
 
 class Decoder:
-    def __init__(self, model, cfg, tokenizer):
-        d = cfg.diffusion
-        self.model, self.cfg, self.tok = model, cfg, tokenizer
-        self.ar = d.objective == "ar"
-        self.B = 1 if self.ar else d.block_size
-        self.shifted = self.ar or d.shifted_prediction
-        self.max_len = cfg.data.seq_len
-        if cfg.attention_kind == "full":
-            raise GenerationError("full-diffusion checkpoints (block_size = seq_len) decode with "
+    def __init__(self, net):
+        if net.full:
+            raise GenerationError("full-diffusion models (block size = context) decode with "
                                   "FullDiffusionDecoder (inference/full_diffusion.py)")
-        self.scores = d.loss == "score_entropy"  # the logits are scores (policy `tweedie`)
+        self.net = net
+        self.ar = net.causal
+        self.B = 1 if self.ar else net.block_size
+        self.shifted = self.ar or net.shifted
+        self.max_len = net.max_len
         self.forwards = 0
 
     # ------------------------------------------------------------------ one forward
     def _forward(self, seqs: List[_Sequence]):
-        B, mask_id = self.B, self.tok.mask_id
+        B, mask_id = self.B, self.net.mask_id
         width = max(len(s.commit) for s in seqs)
         noisy = 0 if self.ar else B
         b, n = len(seqs), width + noisy
@@ -133,15 +128,15 @@ class Decoder:
         needed = set()
         for s in seqs:
             if noisy and not s.done:
-                masked = (s.x[:s.end] == self.tok.mask_id).nonzero().squeeze(1) - int(self.shifted)
+                masked = (s.x[:s.end] == mask_id).nonzero().squeeze(1) - int(self.shifted)
                 needed |= {width + int(r) for r in masked if r >= 0}
         cols = sorted(set(last) | needed)
-        step = DecodeStep(self.cache, kinds, blocks)
+        step = DecodeStep(self.cache, kinds, blocks, self.net.flex)
         # the rows are laid out on the host (per-sequence bookkeeping) and cross in one go
-        levels = levels if self.cfg.model.time_conditioning else None
-        ids, pos, cols_t, levels = to_device((ids, pos, torch.tensor(cols), levels))
-        logits = self.model(ids, pos, step, output_processor=logits_of_rows,
-                            output_processor_context=cols_t, noise_levels=levels)
+        levels = levels if self.net.time_conditioning else None
+        ids, pos, cols_t, levels = to_device((ids, pos, torch.tensor(cols), levels),
+                                             self.net.device)
+        logits = self.net.logits(ids, pos, step, cols_t, levels)
         step.commit()
         self.forwards += 1
         where = {c: j for j, c in enumerate(cols)}
@@ -161,7 +156,7 @@ class Decoder:
     # ------------------------------------------------------------------ decisions
     def _finish(self, s: _Sequence, new: List[int], stream, i):
         """Append decided tokens; stop at end-of-document or the limits."""
-        eod = self.tok.eod
+        eod = self.net.eod
         if eod in new:
             new, s.done, s.out.stopped = new[:new.index(eod)], True, "eod"
         room = self.max_new - len(s.out.tokens)
@@ -184,14 +179,14 @@ class Decoder:
             s.commit = [t]
 
     def _block_step(self, s: _Sequence, logits, index, i, stream):
-        mask_id = self.tok.mask_id
+        mask_id = self.net.mask_id
         masked = (s.x[:s.end] == mask_id).nonzero().squeeze(1)
         rows = logits[index[masked].clamp(min=0).to(logits.device)]
         if self.shifted and int(masked[0]) == 0 and s.last_clean is not None:
             rows[0] = s.last_clean  # the block's first position: from the clean row before it
             # (a prompt shorter than a block has no clean row yet, but gives position 0)
         chosen, tokens, confidence = decide(self.policy, rows, self.sampling, self.gen,
-                                            s.steps, s.cap, self.scores)
+                                            s.steps, s.cap, self.net.scores)
         # remasking: this block's earlier decisions (not the prompt's tail), least likely first
         mine = torch.arange(len(s.given), s.end)
         mine = mine[s.x[mine] != mask_id]
@@ -217,7 +212,7 @@ class Decoder:
         if (s.block + 1) * self.B > self.max_len:
             s.done, s.out.stopped = True, "length"
             return
-        s.x = torch.full((self.B,), self.tok.mask_id, dtype=torch.long)
+        s.x = torch.full((self.B,), self.net.mask_id, dtype=torch.long)
         s.x[:len(s.given)] = torch.tensor(s.given, dtype=torch.long)
         s.confidence = torch.ones(self.B)  # each decided position's probability when decided
         s.end = min(self.B, len(s.given) + self.max_new - len(s.out.tokens))
@@ -230,13 +225,12 @@ class Decoder:
                  stream: Optional[Callable[[int, List[int]], None]] = None) -> List[Generation]:
         """Token-id prompts -> one Generation each. stream(i, tokens) gets each decided block."""
         check_request(prompts, self.max_len, max_new_tokens)
-        with without_fp8(self.model):
+        with self.net.decoding():
             return self._generate(prompts, max_new_tokens, policy, sampling, stream)
 
     def _generate(self, prompts, max_new_tokens, policy, sampling, stream):
         self.max_new, self.policy, self.sampling = max_new_tokens, policy, sampling
         self.gen = torch.Generator().manual_seed(sampling.seed)
-        self.model.eval()
         self.cache = KVCache(len(prompts), self.max_len)
         seqs = [_Sequence(p, self.B, self.ar) for p in prompts]
         if not self.ar:
@@ -255,5 +249,5 @@ class Decoder:
                 else:
                     self._block_step(s, logits[i], index, i, stream)
         for s in seqs:
-            s.out.text = self.tok.decode(s.out.tokens)
+            s.out.text = self.net.detokenize(s.out.tokens)
         return [s.out for s in seqs]

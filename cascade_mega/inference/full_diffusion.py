@@ -20,6 +20,9 @@ are decided from (1 + g) logits_cond - g logits_uncond.
 
 Prompts are decoded one after the other (a canvas per prompt); stopping is per prompt, at the
 first end-of-document of a decided block.
+
+Part of the decoding core: the model is a `Network` (`inference/network.py`), and an exported
+full-diffusion model runs this file as it is.
 """
 
 from __future__ import annotations
@@ -29,12 +32,10 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
-from cascade_mega.inference.decode import (BlockStats, Generation, GenerationError,
-                                            check_request, logits_of_rows)
+from cascade_mega.inference.decode import BlockStats, Generation, GenerationError, check_request
+from cascade_mega.inference.kv_cache import to_device
 from cascade_mega.inference.policies import Policy, decide
 from cascade_mega.inference.sampling import Sampling
-from cascade_mega.model.gpt import without_fp8
-from cascade_mega.runtime.device import to_device
 
 CACHES = ("none", "prefix", "dual")
 
@@ -63,18 +64,15 @@ class CanvasStep:
 
 
 class FullDiffusionDecoder:
-    def __init__(self, model, cfg, tokenizer, cache: str = "dual", block: int = 32,
-                 guidance: float = 0.0):
+    def __init__(self, net, cache: str = "dual", block: int = 32, guidance: float = 0.0):
         if cache not in CACHES:
             raise GenerationError(f"cache must be one of {', '.join(CACHES)}, got {cache!r}")
         if block < 1:
             raise GenerationError(f"the decoding block must be >= 1 token, got {block}")
         if guidance < 0:
             raise GenerationError(f"guidance must be >= 0, got {guidance}")
-        self.model, self.cfg, self.tok = model, cfg, tokenizer
-        self.cache_mode, self.block, self.guidance = cache, block, guidance
-        self.shifted = cfg.diffusion.shifted_prediction
-        self.max_len = cfg.data.seq_len
+        self.net, self.cache_mode, self.block, self.guidance = net, cache, block, guidance
+        self.shifted, self.max_len = net.shifted, net.max_len
         self.forwards = 0
         self.rows = 0  # canvas rows run through the model (what the cache saves)
 
@@ -89,13 +87,12 @@ class FullDiffusionDecoder:
         self.rows += (hi - lo) * canvas.shape[0]
         # the canvas lives on the host (the decisions are made there); its rows cross per forward
         levels = None  # time conditioning: the canvas's masked share (model/noise_level.py)
-        if self.cfg.model.time_conditioning:
-            share = (canvas == self.tok.mask_id).float().mean(1, keepdim=True)
+        if self.net.time_conditioning:
+            share = (canvas == self.net.mask_id).float().mean(1, keepdim=True)
             levels = share.expand(canvas.shape[0], hi - lo)
         ids, pos, rows, levels = to_device((canvas[:, lo:hi], pos, torch.as_tensor(rows) - lo,
-                                            levels))
-        return self.model(ids, pos, step, output_processor=logits_of_rows,
-                          output_processor_context=rows, noise_levels=levels)
+                                            levels), self.net.device)
+        return self.net.logits(ids, pos, step, rows, levels)
 
     def _block_logits(self, canvas, start, end, first: bool, stale_first):
         """Logits [b, end - start, V] predicting the block's positions."""
@@ -116,15 +113,14 @@ class FullDiffusionDecoder:
                  policy: Policy = Policy("threshold"), sampling: Sampling = Sampling(),
                  stream: Optional[Callable[[int, List[int]], None]] = None) -> List[Generation]:
         check_request(prompts, self.max_len, max_new_tokens)
-        self.model.eval()
         gen = torch.Generator().manual_seed(sampling.seed)
-        with without_fp8(self.model):
+        with self.net.decoding():
             return [self._one(p, min(max_new_tokens, self.max_len - len(p)), policy, sampling,
                               gen, (lambda toks, i=i: stream(i, toks)) if stream else None)
                     for i, p in enumerate(prompts)]
 
     def _one(self, prompt, max_new, policy, sampling, gen, stream) -> Generation:
-        mask_id, P = self.tok.mask_id, len(prompt)
+        mask_id, eod, P = self.net.mask_id, self.net.eod, len(prompt)
         out = Generation(prompt=list(prompt))
         canvas = torch.tensor(prompt + [mask_id] * max_new)[None]
         if self.guidance > 0:  # the unconditional canvas: the prompt masked out
@@ -146,8 +142,7 @@ class FullDiffusionDecoder:
                     logits = torch.where(cond.isinf(), cond, (1 + g) * cond - g * logits[1:])
                 masked = (canvas[0, start:end] == mask_id).nonzero().squeeze(1)
                 chosen, tokens, confidence = decide(policy, logits[0, masked.to(logits.device)],
-                                                    sampling, gen, steps, cap,
-                                                    self.cfg.diffusion.loss == "score_entropy")
+                                                    sampling, gen, steps, cap, self.net.scores)
                 mine = torch.arange(start, end)
                 mine = mine[canvas[0, start:end] != mask_id]
                 back = mine[policy.to_remask(conf[mine - start], len(chosen), steps, cap)]
@@ -157,14 +152,14 @@ class FullDiffusionDecoder:
                 steps += 1
             decided = canvas[0, start:end].tolist()
             out.blocks.append(BlockStats(index=len(out.blocks), steps=steps, tokens=end - start))
-            eod = self.tok.eod in decided
-            new = decided[:decided.index(self.tok.eod)] if eod else decided
+            ended = eod in decided
+            new = decided[:decided.index(eod)] if ended else decided
             out.tokens += new
             if stream and new:
                 stream(new)
-            if eod:
+            if ended:
                 out.stopped = "eod"
                 break
         out.stopped = out.stopped or "length"
-        out.text = self.tok.decode(out.tokens)
+        out.text = self.net.detokenize(out.tokens)
         return out

@@ -16,6 +16,10 @@ strictly before any row of the forward) followed by the forward's own rows, so t
 mask beyond each sequence's length. With block size 1 the clean rows are causal: AR decoding is the
 same machinery. Noisy rows never enter the cache: a block's clean K/V are computed once, by the
 forward that commits it (fused with the first denoising step of the next block).
+
+Part of the decoding core (`inference/network.py`): no import of the project beyond the core and
+the mask source, so `cascade convert mcore-to-hf` copies it into an exported model. The flex
+kernel comes from the network (`Network.flex`), never imported here.
 """
 
 from __future__ import annotations
@@ -24,9 +28,20 @@ import torch
 import torch.nn.functional as F
 
 from cascade_mega.diffusion.masks import AttentionLayout
-from cascade_mega.runtime.device import to_device
 
 IDLE, CLEAN, NOISY = 0, 1, 2
+
+
+def to_device(x, device):
+    """A host tensor (or a tuple of them, None kept) on `device`: pinned and non-blocking on CUDA.
+    The decoders lay their rows out on the host and cross once per forward with this."""
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(t, device) for t in x)
+    if x is None or x.device == device:
+        return x
+    if device.type == "cuda" and x.device.type == "cpu":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=device.type != "cpu")
 
 
 class KVCache:
@@ -55,8 +70,8 @@ class DecodeStep:
 
     kind = "decode"
 
-    def __init__(self, cache: KVCache, kinds: torch.Tensor, blocks: torch.Tensor):
-        self.cache, self.kinds, self.blocks = cache, kinds, blocks
+    def __init__(self, cache: KVCache, kinds: torch.Tensor, blocks: torch.Tensor, flex=None):
+        self.cache, self.kinds, self.blocks, self.flex = cache, kinds, blocks, flex
         self.used = int(cache.lengths.max())
         self.mask = None  # on the device of the first layer's queries, made once per forward
         self.flex_mask = None  # the same for FlexAttention
@@ -87,6 +102,9 @@ class DecodeStep:
         (`model.attention_kernel=flex`) attends through FlexAttention at fixed shapes
         (`_attend_flex`), `sdpa` through SDPA under the dense mask."""
         if kernel == "flex":
+            if self.flex is None:
+                raise RuntimeError("a layer attends through FlexAttention, but the network gave "
+                                   "the decoder no flex kernel (Network.flex)")
             self.pending[layer] = (k, v)
             return self._attend_flex(layer, q, k, v, scale)
         cache_k, cache_v = self.cache.layer(layer, k)
@@ -105,9 +123,7 @@ class DecodeStep:
         cache's unused tiles and the padding. The rows' K/V are written into the cache's room
         past max_len (the keys are a view of it, nothing of the cache is copied); padded rows
         attend nothing and are dropped."""
-        from cascade_kernels import flex
-
-        n = q.shape[2]
+        flex, n = self.flex, q.shape[2]
         m = flex.decode_rows(n)
         if self.flex_mask is None:  # once per forward, not once per layer
             self.flex_mask = self._flex_mask(n, m, q.device)
@@ -123,8 +139,6 @@ class DecodeStep:
         """The block mask of `_mask()` over [cache (max_len) ; rows padded to m]: a cached key
         counts below its sequence's length, for an active row; this forward's keys follow the
         rows' own mask. Built on the host from the host-side bookkeeping, copied once."""
-        from cascade_kernels import flex
-
         b, cached = len(self.cache.lengths), self.cache.max_len
         rows = torch.zeros(b, m, m, dtype=torch.bool)  # host-side on purpose: copied below
         rows[:, :n, :n] = self._mask()[:, 0, :, self.used:]
@@ -136,7 +150,7 @@ class DecodeStep:
             own = rows[s, qi, (kv - cached).clamp(min=0)]
             return torch.where(kv < cached, (kv < lengths[s]) & active[s, qi], own)
 
-        return flex.create(allowed, b, m, cached + m, device)
+        return self.flex.create(allowed, b, m, cached + m, device)
 
     def commit(self) -> None:
         """Append every sequence's clean rows (in row order) to its cache."""

@@ -57,15 +57,16 @@ def decoder_for(model, cfg, tokenizer, source: str = "the model", **full_diffusi
     """The one decoder factory (`cascade generate`, the samples logged during training): block /
     AR decoding, or for full diffusion (B = L) `FullDiffusionDecoder` with its options."""
     from cascade_mega.inference.decode import Decoder, GenerationError
+    from cascade_mega.inference.megatron import MegatronNetwork
 
-    d = cfg.diffusion
-    if cfg.attention_kind == "full":
+    d, net = cfg.diffusion, MegatronNetwork(model, cfg, tokenizer)
+    if net.full:
         from cascade_mega.inference.full_diffusion import FullDiffusionDecoder
 
-        return FullDiffusionDecoder(model, cfg, tokenizer, **full_diffusion)
+        return FullDiffusionDecoder(net, **full_diffusion)
     if full_diffusion:
         options = ", ".join(f"--{'decode-block' if k == 'block' else k}" for k in full_diffusion)
         raise GenerationError(f"{options} applies to full-diffusion checkpoints (block_size = "
                               f"seq_len); {source} is a {d.objective} checkpoint with block size "
                               f"{1 if d.objective == 'ar' else d.block_size}")
-    return Decoder(model, cfg, tokenizer)
+    return Decoder(net)

@@ -17,7 +17,7 @@ class CascadeConfig(PretrainedConfig):
                  head_dim=None, rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None,
                  attention_bias=False, qk_norm=False, max_position_embeddings=2048,
                  tie_word_embeddings=False, backbone="llama", objective="block_diffusion",
-                 block_size=16, shifted_prediction=False, mask_token_id=None,
+                 block_size=16, shifted_prediction=False, loss="ce", mask_token_id=None,
                  tokenizer_vocab_size=None, num_experts=0, num_experts_per_tok=1,
                  moe_intermediate_size=None, norm_topk_prob=False, mlp_only_layers=None,
                  decoder_sparse_step=1, shared_expert_intermediate_size=0, **kwargs):
@@ -41,6 +41,8 @@ class CascadeConfig(PretrainedConfig):
         self.block_size = block_size
         # position i predicted from row i - 1 (a block's first from the clean row before it)
         self.shifted_prediction = shifted_prediction
+        # "score_entropy": the logits are SEDD's scores (read by the `tweedie` policy)
+        self.loss = loss
         self.mask_token_id = mask_token_id  # the absorbing state; never predicted
         # ids at or above this are embedding padding; never predicted
         self.tokenizer_vocab_size = tokenizer_vocab_size or vocab_size

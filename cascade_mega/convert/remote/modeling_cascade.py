@@ -1,9 +1,10 @@
-"""A cascade_mega block-diffusion model in `transformers`: the network, its attention layouts and
-its decoding, in plain torch (no import of cascade_mega).
+"""A cascade_mega block-diffusion model in `transformers`: the network in plain torch (no import of
+cascade_mega), and the project's own decoders.
 
 Written into the exported directory by `cascade convert mcore-to-hf`, with the configuration and
-the project's decoding policies (`cascade_policies.py`, `cascade_sampling.py`: copies of the
-project's own), and loaded with
+the project's decoding core copied beside it (`cascade_decode.py`, `cascade_full_diffusion.py`,
+`cascade_kv_cache.py`, `cascade_policies.py`, `cascade_sampling.py`, `cascade_masks.py`,
+`cascade_errors.py`: the library's files, their imports made relative), and loaded with
 
     model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
     tok = AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)  # tok.mask_token: [MASK]
@@ -11,7 +12,8 @@ project's own), and loaded with
     out = model.generate(**batch, max_new_tokens=64, policy="adaptive", steps=4, tau=0.9)
 
 The network is the Llama / Qwen2 / Qwen3 (and Qwen-MoE) architecture the training used, with its
-weight names; what differs from those models is who attends to whom:
+weight names; what differs from those models is who attends to whom, which the project's mask
+source (`cascade_masks.AttentionLayout`) says:
 - training layout `[x_t ; x_0]` (`block_diffusion_inputs`): x_t rows attend their own block of
   x_t and the clean blocks strictly before it; x_0 rows attend clean blocks up to their own.
   Both halves carry the same positions. A full-diffusion model (block = context) runs x_t alone
@@ -21,20 +23,15 @@ weight names; what differs from those models is who attends to whom:
   attend) replaces it; a 2-D one [b, n] marks padding keys.
 - logits of [MASK] and of the embedding's padding rows are -inf (never predicted).
 
-`generate` decodes block by block with an exact KV cache (the project's `cascade generate`): the
-prompt's whole blocks are committed in one forward; each block is denoised by forwards over its B
-rows attending the cache, a policy deciding some masked positions per forward (`fixed`,
-`threshold`, `adaptive`, `entropy`; orders; remasking; greedy or sampled); the decided block is
-committed by the next forward, which is also the next block's first denoising step. Sequences of
-a batch stop independently at end-of-text or at the token budget. Full-diffusion models decode a
-canvas of prompt + [MASK]s semi-autoregressively with Fast-dLLM's prefix / dual cache.
-
-The decoders follow `inference/decode.py` and `inference/full_diffusion.py` step for step, on
-purpose: this file may not import the project, and `tests/test_export.py` holds both to the same
-tokens (the policies and sampling are not rewritten: they are the project's own files, copied).
+Each attention layer hands its queries, keys and values to a *step* object: `MaskedStep` (a
+forward under a mask) or a decoding step of the core (the KV cache and its masks). `generate`
+runs the core's decoders on this network through `_Network`, the decoding core's interface
+(`inference/network.py` in the project): every policy, order, remasking and sampling knob of
+`cascade generate`, with the same tokens (`tests/test_export.py`).
 """
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -42,11 +39,12 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from .cascade_policies import Policy, decide
+from .cascade_decode import Decoder
+from .cascade_full_diffusion import FullDiffusionDecoder
+from .cascade_masks import AttentionLayout
+from .cascade_policies import Policy
 from .cascade_sampling import Sampling
 from .configuration_cascade import CascadeConfig
-
-IDLE, CLEAN, NOISY = 0, 1, 2
 
 
 # ---------------------------------------------------------------------------------- the network
@@ -145,7 +143,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, n, self.groups, self.d).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        out = step.attend(self.index, rotate(q, cos, sin), rotate(k, cos, sin), v)
+        out = step.attend(self.index, rotate(q, cos, sin), rotate(k, cos, sin), v, None, "sdpa")
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.heads * self.d))
 
 
@@ -182,38 +180,15 @@ class CascadeModel(nn.Module):
         return self.norm(x)
 
 
-def _sdpa(q, k, v, mask):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                          enable_gqa=k.shape[1] != q.shape[1])
-
-
 class MaskedStep:
     """A forward under one boolean mask [b, 1, n, n] (True = may attend)."""
 
     def __init__(self, mask):
         self.mask = mask
 
-    def attend(self, layer, q, k, v):
-        return _sdpa(q, k, v, self.mask)
-
-
-# ------------------------------------------------------------------------------ the layouts
-def block_causal_mask(position_ids, block: int):
-    """[b, 1, n, n]: key k visible from query q when its block (position // block) is not
-    later than q's."""
-    blocks = position_ids // block
-    return (blocks[:, None, :] <= blocks[:, :, None])[:, None]
-
-
-def block_diffusion_mask(L: int, B: int, device=None):
-    """[2L, 2L] for `[x_t ; x_0]`, written from its definition: an x_t row attends x_t of its own
-    block and x_0 of blocks strictly before it; an x_0 row attends x_0 of blocks up to its own."""
-    i = torch.arange(2 * L, device=device)
-    noisy, block = i < L, (i % L) // B
-    q_noisy, k_noisy = noisy[:, None], noisy[None, :]
-    qb, kb = block[:, None], block[None, :]
-    return (q_noisy & k_noisy & (qb == kb)) | (q_noisy & ~k_noisy & (kb < qb)) | \
-        (~q_noisy & ~k_noisy & (kb <= qb))
+    def attend(self, layer, q, k, v, scale=None, kernel="sdpa"):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=scale,
+                                              enable_gqa=k.shape[1] != q.shape[1])
 
 
 class CascadeForCausalLM(PreTrainedModel):
@@ -251,14 +226,20 @@ class CascadeForCausalLM(PreTrainedModel):
             out[..., c.mask_token_id] = float("-inf")
         return out
 
+    def layout(self, seq_len: int, views: int = 0) -> AttentionLayout:
+        """The project's layout of this model over `seq_len` positions: full attention for full
+        diffusion; else the clean stream alone (views = 0: block-causal by position) or the
+        training layout `[x_t ; x_0]` (views = 1)."""
+        c = self.config
+        if c.full_diffusion:
+            return AttentionLayout("full", seq_len, seq_len)
+        return AttentionLayout("block_diffusion", seq_len, c.block_size, views=views)
+
     def _mask(self, input_ids, position_ids, attention_mask):
         if attention_mask is not None and attention_mask.dim() == 4:
             return attention_mask.bool()
-        if self.config.full_diffusion:
-            mask = torch.ones(1, 1, input_ids.shape[1], input_ids.shape[1], dtype=torch.bool,
-                              device=input_ids.device)
-        else:
-            mask = block_causal_mask(position_ids, self.config.block_size)
+        fn = self.layout(self.config.max_position_embeddings).mask_fn()
+        mask = fn(position_ids[:, :, None], position_ids[:, None, :])[:, None]
         if attention_mask is not None:  # [b, n]: 0 marks a padding key
             keys = attention_mask.bool()[:, None, None, :]
             mask = mask & keys | torch.eye(input_ids.shape[1], dtype=torch.bool,
@@ -279,9 +260,10 @@ class CascadeForCausalLM(PreTrainedModel):
         b, L = x_t.shape
         pos = torch.arange(L, device=x_t.device)[None].expand(b, L)
         if self.config.full_diffusion:
+            mask = self.layout(L).dense(x_t.device)
             return {"input_ids": x_t, "position_ids": pos,
-                    "attention_mask": torch.ones(b, 1, L, L, dtype=torch.bool, device=x_t.device)}
-        mask = block_diffusion_mask(L, self.config.block_size, x_t.device)
+                    "attention_mask": mask[None, None].expand(b, 1, L, L)}
+        mask = self.layout(L, views=1).dense(x_t.device)
         return {"input_ids": torch.cat([x_t, x_0], 1), "position_ids": torch.cat([pos, pos], 1),
                 "attention_mask": mask[None, None].expand(b, 1, 2 * L, 2 * L)}
 
@@ -304,21 +286,15 @@ class CascadeForCausalLM(PreTrainedModel):
         sampling = Sampling(greedy=not do_sample, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed)
         eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
-        for i, p in enumerate(prompts):
-            if not p or len(p) >= self.config.max_position_embeddings:
-                raise ValueError(f"prompt {i} has {len(p)} tokens; the context is "
-                                 f"{self.config.max_position_embeddings}")
-        self.eval()
-        if self.config.full_diffusion:
-            decoder = _CanvasDecoder(self, cache, decode_block, guidance)
-        else:
-            decoder = _BlockDecoder(self)
-        new = decoder.generate(prompts, max_new_tokens, chosen, sampling, eos)
+        net = _Network(self, eos)
+        decoder = FullDiffusionDecoder(net, cache, decode_block, guidance) if net.full else \
+            Decoder(net)
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else eos
         # assembled on the host (the decoders' bookkeeping lives there), moved once at the end
         out = torch.full((len(rows), rows.shape[1] + max_new_tokens), pad, dtype=torch.long)
         out[:, :rows.shape[1]] = rows
-        for i, tokens in enumerate(new):
+        for i, g in enumerate(decoder.generate(prompts, max_new_tokens, chosen, sampling)):
+            tokens = (g.tokens + [eos] * (g.stopped == "eod"))[:max_new_tokens]
             out[i, rows.shape[1]:rows.shape[1] + len(tokens)] = torch.tensor(tokens,
                                                                              dtype=torch.long)
         return out.to(self.device)
@@ -338,261 +314,27 @@ class CascadeForCausalLM(PreTrainedModel):
         return rows, [r[k].tolist() for r, k in zip(rows, keep)]
 
 
-# -------------------------------------------------------------------------- block decoding
-class _BlockCache:
-    """K/V per layer (made on the device of the first keys); `lengths` is host bookkeeping."""
+class _Network:
+    """This model as the decoding core's network: its facts from the config, one forward that
+    returns the logits of the rows asked for (the decoding step in each attention layer)."""
 
-    def __init__(self, batch: int, max_len: int):
-        self.max_len, self.lengths = max_len, torch.zeros(batch, dtype=torch.long)
-        self.k, self.v = {}, {}
+    causal, time_conditioning, flex = False, False, None
 
-
-class _DecodeStep:
-    """One decoding forward: each row CLEAN (a committed token: attends the cache and the clean
-    rows of blocks up to its own; its K/V join the cache), NOISY (the block being denoised:
-    attends the cache, clean rows of earlier blocks and its own block's noisy rows) or IDLE
-    (padding: itself only). The cache holds earlier blocks only, so it needs no mask beyond each
-    sequence's length."""
-
-    def __init__(self, cache: _BlockCache, kinds, blocks):
-        self.cache, self.kinds, self.blocks = cache, kinds, blocks.clamp(min=0)
-        self.used = int(cache.lengths.max())
-        self.mask, self.pending = None, {}
-
-    def _build_mask(self, device):
-        kinds, blocks, n = self.kinds, self.blocks, self.kinds.shape[1]
-        qk, kk = kinds[:, :, None], kinds[:, None, :]
-        qb, kb = blocks[:, :, None], blocks[:, None, :]
-        rows = ((qk == NOISY) & (kk == NOISY) & (qb == kb)) | \
-            ((qk == NOISY) & (kk == CLEAN) & (kb < qb)) | ((qk == CLEAN) & (kk == CLEAN) & (kb <= qb))
-        rows |= (qk == IDLE) & torch.eye(n, dtype=torch.bool)[None]
-        cached = torch.arange(self.used)[None, None, :] < self.cache.lengths[:, None, None]
-        cached = cached & (kinds != IDLE)[:, :, None]
-        return torch.cat([cached, rows], dim=2)[:, None].to(device)
-
-    def attend(self, layer, q, k, v):
-        c = self.cache
-        if layer not in c.k:
-            shape = (len(c.lengths), k.shape[1], c.max_len, k.shape[3])
-            c.k[layer], c.v[layer] = k.new_zeros(shape), v.new_zeros(shape)
-        keys = torch.cat([c.k[layer][:, :, :self.used], k], dim=2)
-        values = torch.cat([c.v[layer][:, :, :self.used], v], dim=2)
-        self.pending[layer] = (k, v)
-        if self.mask is None:
-            self.mask = self._build_mask(q.device)
-        return _sdpa(q, keys, values, self.mask)
-
-    def commit(self):
-        clean = self.kinds == CLEAN
-        counts = clean.sum(dim=1)
-        for layer, (k, v) in self.pending.items():
-            for i in range(len(counts)):
-                if counts[i]:
-                    start, rows = int(self.cache.lengths[i]), clean[i].nonzero().squeeze(1)
-                    rows = rows.to(k.device)
-                    self.cache.k[layer][i, :, start:start + len(rows)] = k[i, :, rows]
-                    self.cache.v[layer][i, :, start:start + len(rows)] = v[i, :, rows]
-        self.cache.lengths += counts
-        self.pending = {}
-
-
-class _Sequence:
-    def __init__(self, prompt, B: int):
-        P = len(prompt)
-        self.tokens, self.done = [], False
-        self.commit, self.commit_start = list(prompt[:P // B * B]), 0
-        self.block, self.given = P // B, list(prompt[P // B * B:])
-        self.x = self.confidence = self.last_clean = None
-        self.end = self.steps = self.cap = 0
-
-
-class _BlockDecoder:
-    def __init__(self, model: CascadeForCausalLM):
+    def __init__(self, model: CascadeForCausalLM, eos: int):
         c = model.config
-        self.model, self.B, self.mask_id = model, c.block_size, c.mask_token_id
-        self.shifted, self.max_len = c.shifted_prediction, c.max_position_embeddings
+        self.model, self.eod, self.mask_id = model, eos, c.mask_token_id
+        self.max_len, self.block_size = c.max_position_embeddings, c.block_size
+        self.full, self.shifted = c.full_diffusion, bool(c.shifted_prediction)
+        self.scores = c.loss == "score_entropy"
+        self.device = model.device
 
-    def _forward(self, seqs):
-        """The rows are laid out on the host (per-sequence state) and cross to the model's
-        device in one copy each; the mask likewise (`_DecodeStep._build_mask`)."""
-        B, mask_id, dev = self.B, self.mask_id, self.model.device
-        width = max(len(s.commit) for s in seqs)
-        b, n = len(seqs), width + B
-        ids = torch.full((b, n), mask_id, dtype=torch.long)
-        pos = torch.zeros((b, n), dtype=torch.long)
-        kinds = torch.full((b, n), IDLE, dtype=torch.long)
-        blocks = torch.zeros((b, n), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            c = len(s.commit)
-            if c:
-                p = torch.arange(s.commit_start, s.commit_start + c)
-                ids[i, :c], pos[i, :c], kinds[i, :c], blocks[i, :c] = \
-                    torch.tensor(s.commit), p, CLEAN, p // B
-            if not s.done:
-                p = torch.arange(s.block * B, (s.block + 1) * B)
-                ids[i, width:], pos[i, width:], kinds[i, width:], blocks[i, width:] = \
-                    s.x, p, NOISY, s.block
-        step = _DecodeStep(self.cache, kinds, blocks)
-        logits = self.model.logits(self.model.model(ids.to(dev), pos.to(dev), step))
-        step.commit()
-        for i, s in enumerate(seqs):
-            if s.commit:
-                s.last_clean = logits[i, len(s.commit) - 1]
-                s.commit_start += len(s.commit)
-                s.commit = []
-        # position r of the block reads row width + r (shifted: the row before it; the block's
-        # first position then reads the clean row kept in last_clean)
-        index = torch.arange(B) + width - int(self.shifted)
-        index[index < width] = -1
-        return logits, index
+    def logits(self, ids, pos, step, rows, levels):
+        return self.model.logits(self.model.model(ids, pos, step)[:, rows])
 
-    def _finish(self, s, new):
-        if self.eos in new:
-            new, s.done = new[:new.index(self.eos) + 1], True  # end-of-text kept in the output
-        room = self.max_new - len(s.tokens)
-        if len(new) >= room:
-            new, s.done = new[:room], True
-        s.tokens += new
+    @contextmanager
+    def decoding(self):
+        self.model.eval()
+        yield
 
-    def _block_step(self, s, logits, index):
-        masked = (s.x[:s.end] == self.mask_id).nonzero().squeeze(1)
-        rows = logits[index[masked].clamp(min=0).to(logits.device)]
-        if self.shifted and int(masked[0]) == 0 and s.last_clean is not None:
-            rows[0] = s.last_clean  # a block's first position: the clean row before it
-        chosen, tokens, confidence = decide(self.policy, rows, self.sampling, self.gen,
-                                            s.steps, s.cap)
-        mine = torch.arange(len(s.given), s.end)
-        mine = mine[s.x[mine] != self.mask_id]
-        back = mine[self.policy.to_remask(s.confidence[mine], len(chosen), s.steps, s.cap)]
-        s.x[masked[chosen]], s.confidence[masked[chosen]] = tokens, confidence
-        s.x[back] = self.mask_id
-        s.steps += 1
-        if bool((s.x[:s.end] == self.mask_id).any()):
-            return
-        decided = s.x[:s.end].tolist()
-        self._finish(s, decided[len(s.given):])
-        s.given = []
-        if not s.done:
-            s.commit, s.block = decided, s.block + 1
-            self._start_block(s)
-
-    def _start_block(self, s):
-        if s.done:
-            return
-        if (s.block + 1) * self.B > self.max_len:
-            s.done = True
-            return
-        s.x = torch.full((self.B,), self.mask_id, dtype=torch.long)
-        s.x[:len(s.given)] = torch.tensor(s.given, dtype=torch.long)
-        s.confidence = torch.ones(self.B)
-        s.end = min(self.B, len(s.given) + self.max_new - len(s.tokens))
-        s.steps, s.cap = 0, self.policy.steps_for(s.end - len(s.given), self.B)
-
-    def generate(self, prompts, max_new, policy, sampling, eos):
-        self.max_new, self.policy, self.sampling, self.eos = max_new, policy, sampling, eos
-        self.gen = torch.Generator().manual_seed(sampling.seed)
-        self.cache = _BlockCache(len(prompts), self.max_len)
-        seqs = [_Sequence(p, self.B) for p in prompts]
-        for s in seqs:
-            self._start_block(s)
-        while not all(s.done for s in seqs):
-            logits, index = self._forward(seqs)
-            for i, s in enumerate(seqs):
-                if not s.done:
-                    self._block_step(s, logits[i], index)
-        return [s.tokens for s in seqs]
-
-
-# ------------------------------------------------------------------- full-diffusion decoding
-class _CanvasStep:
-    """A forward over canvas rows [start, end) of `total`: the keys are the cache with those rows
-    replaced by this forward's K/V; `fill` (a forward over the whole canvas) refills the cache."""
-
-    def __init__(self, cache, start, end, total, fill):
-        self.cache, self.start, self.end, self.total, self.fill = cache, start, end, total, fill
-
-    def attend(self, layer, q, k, v):
-        if self.fill:
-            self.cache[layer] = (k, v)
-            return _sdpa(q, k, v, None)
-        ck, cv = self.cache[layer]
-        s, e, t = self.start, self.end, self.total
-        return _sdpa(q, torch.cat([ck[:, :, :s], k, ck[:, :, e:t]], dim=2),
-                     torch.cat([cv[:, :, :s], v, cv[:, :, e:t]], dim=2), None)
-
-
-class _CanvasDecoder:
-    """Prompt + [MASK]s, decided left to right in blocks of `block` tokens; cache: none (a whole
-    canvas every forward), prefix (the block and what follows it, attending the cached prefix)
-    or dual (the block alone, attending the cached prefix and suffix)."""
-
-    def __init__(self, model, cache, block, guidance):
-        if cache not in ("none", "prefix", "dual") or block < 1 or guidance < 0:
-            raise ValueError(f"cache must be none, prefix or dual ({cache!r}), decode_block >= 1 "
-                             f"({block}), guidance >= 0 ({guidance})")
-        self.model, self.cache_mode, self.block, self.guidance = model, cache, block, guidance
-        c = model.config
-        self.mask_id, self.shifted, self.max_len = (c.mask_token_id, c.shifted_prediction,
-                                                    c.max_position_embeddings)
-
-    def _forward(self, canvas, start, end, fill, rows):
-        total = canvas.shape[1]
-        lo, hi = (0, total) if fill else (start, end)
-        dev = self.model.device
-        pos = torch.arange(lo, hi).expand(canvas.shape[0], hi - lo)
-        hidden = self.model.model(canvas[:, lo:hi].to(dev), pos.to(dev),
-                                  _CanvasStep(self.kv, lo, hi, total, fill))
-        return self.model.logits(hidden[:, torch.as_tensor(rows).to(dev) - lo])
-
-    def _block_logits(self, canvas, start, end, first, stale_first):
-        shift = int(self.shifted)
-        rows = list(range(start - shift, end - shift))
-        if first or self.cache_mode == "none":
-            return self._forward(canvas, 0, 0, True, rows)
-        hi = end if self.cache_mode == "dual" else canvas.shape[1]
-        if not shift:
-            return self._forward(canvas, start, hi, False, rows)
-        rest = self._forward(canvas, start, hi, False, rows[1:]) if rows[1:] else \
-            stale_first[:, :0]
-        return torch.cat([stale_first, rest], dim=1)
-
-    def generate(self, prompts, max_new, policy, sampling, eos):
-        gen = torch.Generator().manual_seed(sampling.seed)
-        return [self._one(p, min(max_new, self.max_len - len(p)), policy, sampling, gen, eos)
-                for p in prompts]
-
-    def _one(self, prompt, max_new, policy, sampling, gen, eos):
-        mask_id, P = self.mask_id, len(prompt)
-        canvas = torch.tensor(list(prompt) + [mask_id] * max_new)[None]
-        if self.guidance > 0:  # the unconditional canvas: the prompt masked out
-            uncond = canvas.clone()
-            uncond[0, :P] = mask_id
-            canvas = torch.cat([canvas, uncond])
-        self.kv, tokens = {}, []
-        for start in range(P, P + max_new, self.block):
-            end = min(start + self.block, P + max_new)
-            steps, stale_first = 0, None
-            conf = torch.ones(end - start)
-            cap = policy.steps_for(end - start, self.block)
-            while bool((canvas[0, start:end] == mask_id).any()):
-                logits = self._block_logits(canvas, start, end, steps == 0, stale_first)
-                if self.shifted and steps == 0:
-                    stale_first = logits[:, :1]
-                if self.guidance > 0:
-                    g, cond = self.guidance, logits[:1]
-                    logits = torch.where(cond.isinf(), cond, (1 + g) * cond - g * logits[1:])
-                masked = (canvas[0, start:end] == mask_id).nonzero().squeeze(1)
-                chosen, new, confidence = decide(policy, logits[0, masked.to(logits.device)],
-                                                 sampling, gen, steps, cap)
-                mine = torch.arange(start, end)
-                mine = mine[canvas[0, start:end] != mask_id]
-                back = mine[policy.to_remask(conf[mine - start], len(chosen), steps, cap)]
-                canvas[:, start + masked[chosen]] = new
-                conf[masked[chosen]] = confidence
-                canvas[:, back] = mask_id
-                steps += 1
-            decided = canvas[0, start:end].tolist()
-            if eos in decided:
-                return tokens + decided[:decided.index(eos) + 1]
-            tokens += decided
-        return tokens
+    def detokenize(self, tokens):
+        return ""
