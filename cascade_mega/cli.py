@@ -1,7 +1,8 @@
 """`cascade`: the one console command. Subcommands stay thin; the work lives in the library.
 
-Errors a user can fix (config, data, checkpoint) print one `cascade: error: ...` line and exit 2,
-before any model is built.
+Errors a user can fix (config, data, checkpoint, device, a busy run directory, a decoding
+request: every `errors.UserError`, and a missing file) print one `cascade: error: ...` line and
+exit 2, before any model is built.
 """
 
 from __future__ import annotations
@@ -134,22 +135,13 @@ def main(argv=None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     args.command_parser = parser  # commands that check a cascade command line (chain stages)
-    from cascade_mega.config import ConfigError, redact_uri
-    from cascade_mega.data.indexed import DataError
-
-    from cascade_mega.inference.decode import GenerationError
-
-    from cascade_mega.runtime.device import DeviceError
+    from cascade_mega.config import redact_uri
+    from cascade_mega.errors import UserError
     from cascade_mega.train.errors import NonFiniteError
 
-    user_errors = (ConfigError, DataError, FileNotFoundError, GenerationError, DeviceError)
     try:
-        from cascade_mega.train.checkpoint import CheckpointError
-        from cascade_mega.train.run_lock import RunDirInUse
-
-        user_errors += (CheckpointError, RunDirInUse)
         return args.func(args)
-    except user_errors as err:
+    except (UserError, FileNotFoundError) as err:  # a path that is not there: the stdlib's own
         _ended_on_error()
         print(f"cascade: error: {redact_uri(str(err))}", file=sys.stderr)
         return 2

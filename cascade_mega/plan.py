@@ -45,6 +45,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 from cascade_mega.config import CascadeConfig, ConfigError, validate
+from cascade_mega.model.dims import model_dims
 
 GiB = 1024 ** 3
 CONTEXT_BYTES = GiB  # CUDA context, cuBLAS / cuDNN workspaces, the allocator's reserve
@@ -82,17 +83,6 @@ class Plan:
 
     def peak(self) -> int:
         return max(s.total(self.recompute) for s in self.stages) + self.headroom_bytes
-
-
-def model_dims(cfg: CascadeConfig, vocab: int) -> dict:
-    """h, a (heads), g (query groups), d (head dim), f (FFN), V (padded vocabulary, per the
-    tensor-parallel size)."""
-    from cascade_mega.model.gpt import ffn_size, vocab_rows
-
-    m = cfg.model
-    return dict(h=m.hidden_size, a=m.num_attention_heads, g=m.num_query_groups or
-                m.num_attention_heads, d=m.kv_channels or m.hidden_size // m.num_attention_heads,
-                f=ffn_size(cfg), V=vocab_rows(cfg, vocab))
 
 
 def layer_parameters(cfg: CascadeConfig, vocab: int, experts: bool = False) -> tuple:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cascade_mega.bench.flops import attention_pairs, forward_flops
+from cascade_mega.diffusion.flops import attention_pairs, forward_flops
 from cascade_mega.diffusion import objective
 from cascade_mega.diffusion.masks import dense_mask
 from helpers import MASK_ID, VOCAB, random_tokens, score, tiny_cfg, tiny_model

@@ -25,7 +25,7 @@ def test_balancing_loss_is_per_loss_token_whatever_the_rows(megatron, rows_per_t
     2 rows per token). After megatron-core divides the gradients by T (`calculate_per_token_
     loss`), the router's gradient is coeff x d(balancing loss)/dW whatever R is; without the
     routing scale it is R / T times that."""
-    from cascade_mega.model.moe import CascadeRouter, routing_scale
+    from cascade_mega.model.moe import CascadeRouter, Routing
 
     coeff, z_coeff = 0.1, 0.01
     cfg = tiny_cfg(*MOE, f"model.moe.aux_loss_coeff={coeff}", f"model.moe.z_loss_coeff={z_coeff}")
@@ -41,8 +41,7 @@ def test_balancing_loss_is_per_loss_token_whatever_the_rows(megatron, rows_per_t
 
     def router_grad(scale):
         router.weight.grad = None
-        with routing_scale(scale):
-            probs, _ = router(x)
+        probs, _ = router(x, Routing(scale))
         (probs * 0).sum().backward()  # only the balancing losses' gradients flow
         return router.weight.grad.double() / T  # megatron-core's division by the loss tokens
 
@@ -50,6 +49,43 @@ def test_balancing_loss_is_per_loss_token_whatever_the_rows(megatron, rows_per_t
     torch.testing.assert_close(router_grad(None), expected * rows_per_token, rtol=1e-5,
                                atol=1e-7)
     assert router.load.sum() == 2 * 3 * x.shape[0]  # two counted forwards of R rows, k each
+
+
+def test_the_layout_carries_the_routing_scale_to_every_router(megatron):
+    """`objective.prepare` puts the micro-batch's loss tokens per routed row in the layout, the
+    forward's `attention_mask`, and every MoE layer hands it to its router: with only the
+    balancing losses' gradients flowing, the routers' gradients are that scale times those of the
+    same layout without it. A recomputed layer (`model.recompute=full`) counts its load once."""
+    from dataclasses import replace
+
+    from cascade_mega.diffusion.objective import prepare
+    from cascade_mega.model.gpt import predict_and_score
+    from cascade_mega.model.moe import CascadeRouter
+    from helpers import MASK_ID
+
+    cfg = tiny_cfg(*MOE, "model.moe.aux_loss_coeff=0.1", "model.moe.z_loss_coeff=0.01",
+                   "model.recompute=full", "diffusion.views=2")
+    model = tiny_model(cfg)
+    model.train()
+    routers = [m for m in model.modules() if isinstance(m, CascadeRouter)]
+    tokens = random_tokens(2, 16, torch.Generator().manual_seed(3))
+    prep = prepare(tokens, tokens, torch.ones_like(tokens), cfg, MASK_ID,
+                   torch.Generator().manual_seed(4))
+    scale = prep.layout.routing_scale
+    assert scale == prep.num_tokens / prep.input_ids.numel() < 1  # 3 streams, 16 rows each
+
+    def grads(layout):
+        model.zero_grad()
+        ce = model(prep.input_ids, prep.position_ids, layout, output_processor=predict_and_score,
+                   output_processor_context=prep.readout)[0]
+        (ce * 0).sum().backward()
+        return torch.cat([r.weight.grad.flatten() for r in routers])
+
+    scaled, unscaled = grads(prep.layout), grads(replace(prep.layout, routing_scale=None))
+    assert unscaled.abs().sum() > 0
+    torch.testing.assert_close(scaled, unscaled * scale, rtol=1e-5, atol=1e-8)
+    for router in routers:  # two forwards of 2 x 48 rows, 3 experts each, the reruns uncounted
+        assert router.load.sum() == 2 * 3 * prep.input_ids.numel()
 
 
 ARGS = ["train", "configs/base.yaml", "model.num_layers=2", "model.hidden_size=64",

@@ -214,7 +214,7 @@ def test_gpu_sweep_files_report_their_device_hours():
 def test_an_expert_axis_expands_into_moe_runs_counted_by_their_active_parameters(tmp_path):
     """`experts` / `top_k` axes: the dense point (0 experts) and each MoE point are runs of
     their own, labelled apart for the fit; an MoE run's N counts the dense weights and top-k / E
-    of the experts', its compute the active experts (`bench/flops.py`)."""
+    of the experts', its compute the active experts (`diffusion/flops.py`)."""
     from cascade_mega.plan import layer_parameters
     from cascade_mega.sweep.spec import expand, load_sweep
 

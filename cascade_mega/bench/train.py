@@ -4,7 +4,7 @@
 Both trainers are built side by side; timed steps alternate between them (so machine noise hits
 both alike) and the median is reported. Peak memory is what one step allocates (activations,
 gradients, temporaries; `bench/memory.py`). Printed as ratios block-diffusion / AR, with the model
-TFLOP/s of each (`bench/flops.py`) and, on a GPU, MFU.
+TFLOP/s of each (`diffusion/flops.py`) and, on a GPU, MFU.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import statistics
 import tempfile
 import time
 
-from cascade_mega.bench import flops
+from cascade_mega.diffusion import flops
 from cascade_mega.bench.memory import peak_bytes
 from cascade_mega.config import ONE_PROCESS, load_config
 from cascade_mega.runtime import device

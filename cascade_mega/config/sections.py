@@ -8,8 +8,10 @@ from typing import Dict, List, Optional
 
 from omegaconf import MISSING
 
+from cascade_mega.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration the run cannot use; the message names the offending key."""
 
 

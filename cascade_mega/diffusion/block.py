@@ -2,7 +2,9 @@
 baseline, as the trainer's `Objective` (`base.py`). The math lives in `objective.py` as plain
 functions (`prepare`, `reduce`), testable without a trainer; this class strings them together
 for a step: the block size in force (`at_step`), one noise draw per global batch, the
-distillation targets and the teacher's forward, and the metrics by name.
+distillation targets and the teacher's forward, and the metrics by name. Everything a forward needs
+travels in its arguments: the noise levels as `noise_levels`, an MoE router's scale (loss tokens
+per routed row) in the layout (`AttentionLayout.routing_scale`, `model/layers.py`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from functools import partial
 from cascade_mega.diffusion import distill, objective
 from cascade_mega.diffusion.base import Objective, noise_generator, register
 from cascade_mega.model.gpt import predict_and_score
-from cascade_mega.model.moe import routing_scale
 
 
 @register("block_diffusion", "ar")
@@ -54,13 +55,12 @@ class BlockDiffusion(Objective):
 
     def forward_step(self, data_iterator, model):
         prep = next(data_iterator)
-        with routing_scale(prep.routing_scale):  # an MoE layer's balancing loss per loss token
-            if prep.distill_weight is not None:
-                return distill.forward(model, self.teacher, prep), partial(self.loss, prep)
-            out = model(prep.input_ids, prep.position_ids, prep.layout,
-                        output_processor=predict_and_score,
-                        output_processor_context=prep.readout,
-                        noise_levels=prep.noise_levels)
+        # the layout carries the micro-batch's routing scale to the MoE layers (`model/layers.py`)
+        if prep.distill_weight is not None:
+            return distill.forward(model, self.teacher, prep), partial(self.loss, prep)
+        out = model(prep.input_ids, prep.position_ids, prep.layout,
+                    output_processor=predict_and_score, output_processor_context=prep.readout,
+                    noise_levels=prep.noise_levels)
         return out, partial(self.loss, prep)
 
     def loss_sums(self, prep, output):

@@ -89,6 +89,12 @@ class AttentionLayout:
 
     causal_stream: one more stream after the others, the clean sequence under a causal mask that
     attends only to itself (the auxiliary AR loss, `diffusion.ar_loss_weight`).
+
+    routing_scale: the micro-batch's loss tokens per row (`objective.prepare`), by which an MoE
+    layer's router scales its balancing losses (`model/moe.py`); None (decoding, a teacher):
+    megatron-core's scaling. Not the attention's: it rides here because the layout is the one
+    per-forward argument megatron-core hands every layer (`model/layers.py`). Not part of
+    equality or hashing.
     """
 
     kind: str
@@ -99,6 +105,7 @@ class AttentionLayout:
     num_chunks: int = 1
     documents: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
     causal_stream: bool = False
+    routing_scale: Optional[float] = field(default=None, compare=False)
     # what the kernels derive from this layout for one forward (a per-batch block mask, a dense
     # mask): built by the first layer, reused by the others; not copied by `replace`
     _cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)

@@ -81,9 +81,6 @@ class Prepared:
     # num_tokens as a 0-dim int32 tensor (megatron's schedule sums it on the device): made on the
     # host by `prepare` and moved with the batch, so no step copies a Python number to the device
     count: Optional[torch.Tensor] = None
-    # loss tokens per row that passes through the model, over the whole micro-batch (every
-    # context-parallel rank): how an MoE router scales its balancing loss (`model/moe.py`)
-    routing_scale: Optional[float] = None
     # [b, S] float32 noise level of each row's block (clean rows 0), for a time-conditioned
     # model (`model.time_conditioning`, `model/noise_level.py`); None otherwise
     noise_levels: Optional[torch.Tensor] = None
@@ -233,7 +230,10 @@ def prepare(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
         prep.readout = replace(prep.readout, score_entropy=True,
                                score_cols=prep.readout.labels.shape[1] - prep.aux_cols)
     prep.count = torch.tensor(prep.num_tokens, dtype=torch.int)  # host: moved with the batch
-    prep.routing_scale = routing
+    # loss tokens per row that passes through the model, over the whole micro-batch (every
+    # context-parallel rank): how an MoE router scales its balancing loss (`model/moe.py`); it
+    # travels in the layout, the forward's argument that reaches every layer
+    prep.layout = replace(prep.layout, routing_scale=routing)
     return prep
 
 

@@ -7,21 +7,25 @@
   not depend on the device or the tensor-parallel size either. `model.recompute=full`
   keeps only each layer's input and recomputes the layer in backward (through Transformer
   Engine's checkpoint under FP8, which replays the forward's FP8 scaling state).
+- `Routing`: how an MoE layer's router treats the micro-batch in flight (`moe.py`): its loss
+  tokens per routed row, and whether its expert load is counted. It travels in arguments only,
+  never on a module or in a process-wide context: the scale rides in the micro-batch's layout
+  (`AttentionLayout.routing_scale`, set by `objective.prepare`), the one per-forward argument
+  (`attention_mask`) megatron-core's block hands every layer unchanged; an MoE layer of
+  `SeededTransformerLayer` reads it there and calls its MLP (`moe.CascadeMoELayer`) with the
+  `Routing`, which hands it to the router. `count` is false for the rerun of a recomputed layer
+  in backward, which routes the same rows again.
 - `SeededExperts`: megatron-core's `SequentialMLP` whose expert e draws its initial weights from
   (the layer's seed, e), whichever expert-parallel rank holds it (megatron-core would draw rank
   r's local experts from the stream rank 0 uses for its own).
-- `routing_scale`: the loss tokens per routed row of the micro-batch in flight, which an MoE
-  layer's router reads (`moe.py`) and a recomputed layer restores.
 - `RMSNorm`: torch's RMSNorm in the model's dtype that marks its weight for megatron's
   sequence-parallel gradient all-reduce (megatron's torch-norm wrapper refuses sequence parallel).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
@@ -35,23 +39,11 @@ from torch.utils.checkpoint import checkpoint
 from cascade_mega.runtime import device
 
 
-# (loss tokens per routed row of the micro-batch in flight, whether its load is counted)
-_ROUTING: contextvars.ContextVar = contextvars.ContextVar("cascade_routing", default=(None, True))
+class Routing(NamedTuple):
+    """How an MoE layer routes one micro-batch (`moe.py`)."""
 
-
-@contextlib.contextmanager
-def routing_scale(scale: Optional[float], count: bool = True):
-    """The forward inside routes a micro-batch with `scale` loss tokens per routed row;
-    count=False: its expert load is not counted again (a recomputation)."""
-    token = _ROUTING.set((scale, count))
-    try:
-        yield
-    finally:
-        _ROUTING.reset(token)
-
-
-def current_routing():
-    return _ROUTING.get()
+    scale: Optional[float] = None  # loss tokens per routed row; None: megatron-core's scaling
+    count: bool = True  # count its expert load and losses (false: a recomputation's rerun)
 
 
 def layer_seed(seed: int, layer_number: int) -> int:
@@ -78,25 +70,37 @@ class SeededTransformerLayer(TransformerLayer):
                 from megatron.core.extensions.transformer_engine import te_checkpoint
                 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-                return te_checkpoint(self._rerun_routed(), False, get_cuda_rng_tracker,
+                return te_checkpoint(self._counted_once(), False, get_cuda_rng_tracker,
                                      parallel_state.get_tensor_model_parallel_group(),
                                      *args, use_reentrant=False, **kwargs)
             # torch's non-reentrant checkpoint, since megatron's own saves its arguments as
             # tensors and the attention layout is not one
-            return checkpoint(self._rerun_routed(), *args, use_reentrant=False, **kwargs)
-        return super().forward(*args, **kwargs)
+            return checkpoint(self._counted_once(), *args, use_reentrant=False, **kwargs)
+        return self._layer(*args, **kwargs)
 
-    def _rerun_routed(self):
-        """The layer's forward, rerun in backward under the micro-batch's routing scale (an MoE
-        layer's balancing loss, `model/moe.py`), without counting its expert load again."""
-        scale, count = current_routing()
-        calls = []
+    def _counted_once(self):
+        """The layer's forward for a checkpoint: the first run (the forward) counts an MoE
+        layer's expert load, the rerun in backward does not count it again."""
+        runs = []
 
         def run(*args, **kwargs):
-            with routing_scale(scale, count and not calls):
-                calls.append(1)
-                return TransformerLayer.forward(self, *args, **kwargs)
+            runs.append(1)
+            return self._layer(*args, count=len(runs) == 1, **kwargs)
         return run
+
+    def _layer(self, *args, count: bool = True, **kwargs):
+        """megatron-core's layer forward. An MoE layer calls its MLP itself, with the
+        micro-batch's `Routing` (megatron-core's `_forward_mlp` passes its MLP nothing but the
+        rows), on the path the project's layers take: no MLP recomputation, chunking,
+        packed-sequence reshaping or CUDA graphs."""
+        if not self.is_moe_layer:
+            return TransformerLayer.forward(self, *args, **kwargs)
+        hidden_states, context = self._forward_attention(*args, **kwargs)
+        layout = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        routing = Routing(getattr(layout, "routing_scale", None), count)
+        output = self.mlp(self._forward_pre_mlp_layernorm(hidden_states),
+                          padding_mask=kwargs.get("padding_mask"), routing=routing)
+        return self._forward_post_mlp(output, hidden_states), context
 
 
 class SeededExperts(SequentialMLP):

@@ -9,31 +9,46 @@ Design choices:
   loss per routed row, assuming the rows that are routed are the rows the loss counts; under
   `calculate_per_token_loss` its gradient ends up multiplied by (rows routed) / (loss tokens),
   which here is V + 1 (+1 with the AR stream), and changes with the block-size schedule. The
-  objective says, for each micro-batch, its loss tokens per routed row (`routing_scale`, a
-  context around the forward); `CascadeRouter` multiplies megatron-core's factor by it, so the
-  loss is `NELBO per token + coeff x (the token-weighted mean over micro-batches of the
-  micro-batch's balancing loss)` whatever the views, streams, block size or parallel layout
-  (`tests/test_moe.py`). A forward outside any context keeps megatron-core's scaling.
+  objective says, for each micro-batch, its loss tokens per routed row; `CascadeRouter`
+  multiplies megatron-core's factor by it, so the loss is `NELBO per token + coeff x (the
+  token-weighted mean over micro-batches of the micro-batch's balancing loss)` whatever the views,
+  streams, block size or parallel layout (`tests/test_moe.py`). A forward without a scale
+  (decoding, a distillation teacher) keeps megatron-core's scaling.
+- The scale travels in arguments only, never on a module or in a process-wide context: in the
+  micro-batch's layout (`AttentionLayout.routing_scale`, the forward's `attention_mask`, which
+  megatron-core hands every layer), read by the layer (`SeededTransformerLayer`,
+  `model/layers.py`), which calls its `CascadeMoELayer` with a `Routing`, which calls the
+  router with it. megatron-core passes its MoE layer and router nothing but the rows, and its
+  router attaches its losses inside `routing` from the logits alone: `CascadeRouter.forward`
+  attaches them itself (megatron-core's formulas), with the `Routing` in hand.
 - Initial expert weights do not depend on the expert-parallel layout: each expert's weights come
   from a generator seeded by (the layer's seed, the expert's global index); megatron-core would
   draw rank r's local experts from the stream rank 0 uses for its own (CPU initialisation; with
   Transformer Engine's grouped experts on a GPU, megatron-core's own GPU initialisation).
-- Per-expert load (training forwards, recomputation not counted twice) is kept per router and
-  read, all-reduced over the world, at each logged step (`step_metrics`).
+- Per-expert load and the balancing and z-losses (training forwards; the rerun of a recomputed
+  layer, `Routing.count` false, not counted twice) are kept per router and read, all-reduced over
+  the world, at each logged step (`step_metrics`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
 
 import torch
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, z_loss_func
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    compute_routing_scores_for_aux_loss,
+    get_tokens_per_expert_and_token_count,
+    switch_load_balancing_loss_func,
+    z_loss_func,
+)
 from megatron.core.transformer.moe.router import TopKRouter
 
-from cascade_mega.model.layers import SeededExperts, current_routing, routing_scale  # noqa: F401
+from cascade_mega.model.layers import Routing, SeededExperts
 from cascade_mega.runtime import device
+
 
 def transformer_kwargs(cfg, ffn_hidden_size: int) -> dict:
     """megatron-core's TransformerConfig fields for `model.moe` (none for a dense model)."""
@@ -69,9 +84,33 @@ def transformer_kwargs(cfg, ffn_hidden_size: int) -> dict:
     )
 
 
+class CascadeMoELayer(MoELayer):
+    """megatron-core's `MoELayer`, its steps in its order (megatron-core's `custom_forward` less
+    partial CUDA graphs and layer recomputation), whose router gets the micro-batch's `Routing`
+    (from `SeededTransformerLayer`, `model/layers.py`)."""
+
+    def forward(self, hidden_states, padding_mask=None, routing: Routing = Routing()):
+        if padding_mask is not None:
+            raise ValueError("an MoE layer routes every row of the layout (model/moe.py): a "
+                             "padding mask is not supported")
+        if self.training and self.attn_tp_group.size() > 1 and not self.config.sequence_parallel:
+            raise ValueError("MoE layers under tensor parallel need sequence parallel")
+        shared_output = self.shared_experts_compute(hidden_states)
+        probs, routing_map = self.router(hidden_states, routing)
+        hidden_states, probs = self.preprocess(hidden_states, probs, routing_map)
+        dispatched, probs = self.dispatch(hidden_states, probs)
+        output, mlp_bias = self.routed_experts_compute(dispatched, probs)
+        return self.postprocess(self.combine(output), shared_output), mlp_bias
+
+
 class CascadeRouter(TopKRouter):
     """megatron-core's top-k router, with the balancing losses scaled per loss token (module
-    docstring) and the per-expert load, the balancing loss and the z-loss kept for metrics."""
+    docstring) and the per-expert load, the balancing loss and the z-loss kept for metrics.
+
+    megatron-core's `routing` attaches its balancing and z-losses from the logits alone; here
+    `forward`, which holds the micro-batch's `Routing`, attaches them (`apply_z_loss` and
+    `is_aux_loss_enabled` keep megatron-core's own out) and counts them here, not in
+    megatron-core's metrics tracker (a process-wide table sized by the first model it sees)."""
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -83,12 +122,20 @@ class CascadeRouter(TopKRouter):
         self.register_buffer("tally", torch.zeros(5, dtype=torch.float64, device=dev),
                              persistent=False)
 
-    def _counting(self) -> bool:
-        return self.training and torch.is_grad_enabled() and current_routing()[1]
-
-    def routing(self, logits, padding_mask=None):
-        probs, routing_map = super().routing(logits, padding_mask=padding_mask)
-        if self._counting():
+    def forward(self, input, routing: Routing = Routing()):
+        """megatron-core's forward (gating, top-k, capacity, expert bias) with the z-loss and
+        the balancing loss attached at `routing.scale`; a training forward with `routing.count`
+        adds its load and losses to the metrics."""
+        self._maintain_float32_expert_bias()
+        logits = self.gating(self.apply_input_jitter(input))
+        train = self.training and torch.is_grad_enabled()
+        count = train and routing.count
+        if train and self.config.moe_z_loss_coeff is not None:
+            logits = self._z_loss(logits, routing.scale, count)
+        probs, routing_map = self.routing(logits)
+        if train and self.get_aux_loss_coeff(self.routing_type) > 0:
+            probs = self._balancing_loss(probs, logits, routing.scale, count)
+        if count:
             with torch.no_grad():
                 kept = routing_map.sum(0)
                 self.load += kept
@@ -96,44 +143,60 @@ class CascadeRouter(TopKRouter):
                 self.tally[1] += kept.sum()
         return probs, routing_map
 
-    def attach_and_log_load_balancing_loss(self, activation, aux_loss_coeff, aux_loss,
-                                           aux_loss_name, reduce_group, needs_dp_avg=True,
-                                           valid_token_count=None):
-        """megatron-core's attachment of a balancing loss to the router's output, its factor
-        times the loss tokens per routed row; kept here, not in megatron-core's metrics tracker
-        (a process-wide table sized by the first model it sees)."""
-        if self._counting():
-            with torch.no_grad():
-                self.tally[2] += aux_loss.detach().double() / aux_loss_coeff
-                self.tally[3] += 1
-        return MoEAuxLossAutoScaler.apply(activation, aux_loss * self._factor(
-            activation.shape[0] if valid_token_count is None else valid_token_count))
+    def apply_z_loss(self, logits, padding_mask=None):
+        return logits  # attached by `forward`
 
-    def _factor(self, rows):
+    def is_aux_loss_enabled(self) -> bool:
+        return False  # attached by `forward`
+
+    def _z_loss(self, logits, scale, count):
+        """The ST-MoE z-loss of the logits, averaged over the tensor x context group as
+        megatron-core does (`TopKRouter.apply_z_loss`), attached to them."""
+        coeff, group = self.config.moe_z_loss_coeff, self.tp_cp_group.size()
+        flat = logits.view(-1, self.config.num_moe_experts)
+        z = z_loss_func(flat, coeff / group)
+        if count:
+            with torch.no_grad():
+                self.tally[4] += z.detach().double() * group / coeff * flat.shape[0]
+        return MoEAuxLossAutoScaler.apply(logits, z * self._factor(flat.shape[0], scale))
+
+    def _balancing_loss(self, probs, logits, scale, count):
+        """megatron-core's Switch balancing loss over the micro-batch (`aux_loss`, its
+        `TopKRouter._apply_aux_loss`) or per sequence (`seq_aux_loss`, `_apply_seq_aux_loss`),
+        attached to the routing probabilities."""
+        coeff, E = self.get_aux_loss_coeff(self.routing_type), self.config.num_moe_experts
+        seq_len, bsz = logits.shape[:2]
+        routing_map, scores = compute_routing_scores_for_aux_loss(
+            logits.view(-1, E), self.topk, self.score_function,
+            fused=self.config.moe_router_fusion)
+        sequences = 1
+        if self.routing_type == "seq_aux_loss":  # each sequence's experts as experts of their own
+            sequences = bsz
+            scores, routing_map = scores.reshape(seq_len, -1), routing_map.reshape(seq_len, -1)
+        tokens_per_expert, rows, total = get_tokens_per_expert_and_token_count(
+            routing_map=routing_map, reduce_group=self.tp_cp_group, topk=self.topk * sequences)
+        aux = switch_load_balancing_loss_func(
+            probs=scores, tokens_per_expert=tokens_per_expert, total_num_tokens=total,
+            topk=self.topk, num_experts=E, moe_aux_loss_coeff=coeff,
+            fused=self.config.moe_router_fusion) / sequences
+        if count:
+            with torch.no_grad():
+                self.tally[2] += aux.detach().double() / coeff
+                self.tally[3] += 1
+        return MoEAuxLossAutoScaler.apply(probs, aux * self._factor(rows * sequences, scale))
+
+    def _factor(self, rows, scale):
         """megatron-core's per-token-loss factor (routed rows x the tensor x context group, see
         its `attach_and_log_load_balancing_loss`) times the micro-batch's loss tokens per routed
-        row (1 outside a routing context)."""
+        row (None: 1, megatron-core's own)."""
         if not self.calculate_per_token_loss:
             return 1.0
-        scale = current_routing()[0]
         return rows * self.tp_cp_group.size() * (1.0 if scale is None else scale)
-
-    def apply_z_loss(self, logits, padding_mask=None):
-        coeff = self.config.moe_z_loss_coeff
-        if coeff is None or padding_mask is not None or \
-                not (self.training and torch.is_grad_enabled()):
-            return super().apply_z_loss(logits, padding_mask)  # megatron-core's: nothing to add
-        group = self.tp_cp_group.size()
-        z = z_loss_func(logits, coeff / group)  # averaged over the group, as megatron-core does
-        if self._counting():
-            with torch.no_grad():
-                self.tally[4] += z.detach().double() * group / coeff * logits.shape[0]
-        return MoEAuxLossAutoScaler.apply(logits, z * self._factor(logits.shape[0]))
 
 
 def mlp_spec(cfg, te: bool):
-    """The MoE MLP spec: megatron-core's `MoELayer` with the project's router (and seeded
-    experts on the local spec)."""
+    """The MoE MLP spec: megatron-core's `MoELayer` (as `CascadeMoELayer`) with the project's
+    router (and seeded experts on the local spec)."""
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 
     grouped = transformer_kwargs(cfg, 1)["moe_grouped_gemm"]
@@ -144,7 +207,7 @@ def mlp_spec(cfg, te: bool):
     if not te:  # SequentialMLP: one MLP per local expert
         experts = functools.partial(SeededExperts, **experts.keywords)
     submodules = dataclasses.replace(submodules, router=CascadeRouter, experts=experts)
-    return functools.partial(spec.func, submodules=submodules)
+    return functools.partial(CascadeMoELayer, submodules=submodules)
 
 
 def mark_experts(model) -> None:

@@ -22,10 +22,12 @@ from typing import Optional
 
 import torch
 
+from cascade_mega.errors import UserError
+
 _DEVICE: Optional[torch.device] = None
 
 
-class DeviceError(RuntimeError):
+class DeviceError(UserError, RuntimeError):
     """A rank cannot use the device its job asked for (a GPU job on a rank that sees none)."""
 
 

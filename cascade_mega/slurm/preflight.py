@@ -32,7 +32,7 @@ def dataset_vocab(cfg) -> int:
 
 
 def step_seconds(cfg, vocab: int, profile: ClusterProfile, devices: int) -> float:
-    from cascade_mega.bench.flops import step_flops
+    from cascade_mega.diffusion.flops import step_flops
 
     return step_flops(cfg, vocab) / (devices * profile.device_tflops * 1e12 * profile.assumed_mfu)
 

@@ -7,7 +7,7 @@ bad run does not drag the curve. Confidence intervals come from the bootstrap: r
 with replacement, refitted (starting from the full fit and two of the grid's starts), 2.5 and 97.5
 percentiles.
 
-Compute: a run's FLOPs are counted by `bench/flops.py` (honest for the 2L layout); per objective,
+Compute: a run's FLOPs are counted by `diffusion/flops.py` (honest for the 2L layout); per objective,
 FLOPs per training token are fitted as c(N) = k1 N + k0 (the read-out and attention do not scale
 with N), so a budget C buys D = C / c(N) tokens. The compute-optimal frontier is
 L*(C) = min_N L(N, C / c(N)); the compute multiplier of an objective at AR's loss l is

@@ -20,7 +20,7 @@ is per label (an MoE point's label names its experts and top-k: `bd4_e8k2`). Par
 count the non-embedding weights (Kaplan et al.: at small scale the embedding table would
 dominate the count without adding compute per token), of an MoE model the active ones (the
 dense weights and top-k / E of the experts'); compute C is
-`bench/flops.py`'s honest count of a training step (the [x_t ; x_0] rows of block diffusion cost
+`diffusion/flops.py`'s honest count of a training step (the [x_t ; x_0] rows of block diffusion cost
 their 2L rows) times the steps.
 """
 
@@ -185,7 +185,7 @@ def _resolve(sweep: Sweep, point: dict, base: CascadeConfig) -> tuple:
 def expand(sweep: Sweep, overrides: Optional[List[str]] = None,
            world_size: int = 1) -> List[Run]:
     """Every run of the sweep, configs loaded and checked (at `world_size`), with N, D and C."""
-    from cascade_mega.bench.flops import step_flops
+    from cascade_mega.diffusion.flops import step_flops
     from cascade_mega.plan import layer_parameters
     from cascade_mega.slurm.preflight import dataset_vocab
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
+from cascade_mega.errors import UserError
 from cascade_mega.train import distopt_state
 from cascade_mega.train import manifest as manifest_file
 from cascade_mega.train import safe_unpickle
@@ -33,8 +34,8 @@ LATEST = "latest"
 INFO = "cascade.json"  # step, consumed samples and the layout a checkpoint was saved at
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint the run cannot use (missing, incomplete or damaged, of another model)."""
 
 
 class RefusedCheckpoint(CheckpointError):

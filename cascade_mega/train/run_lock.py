@@ -20,10 +20,12 @@ import sys
 import threading
 import time
 
+from cascade_mega.errors import UserError
+
 NAME = "LOCK"
 
 
-class RunDirInUse(RuntimeError):
+class RunDirInUse(UserError, RuntimeError):
     """Another live trainer holds the run directory."""
 
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from cascade_mega.bench import flops
+from cascade_mega.diffusion import flops
 from cascade_mega.config import (CascadeConfig, config_changes, record_yaml, run_dtype,
                                  validate)
 from cascade_mega.data import loader
@@ -240,7 +240,7 @@ class Trainer:
             "tokens_per_s": self.cfg.train.global_batch_size * self.cfg.data.seq_len / elapsed,
             "memory_gb": memory_gb(),
         })
-        if self.peak_flops:  # GPU: model FLOPs utilisation per GPU (bench/flops.py counting)
+        if self.peak_flops:  # GPU: model FLOPs utilisation per GPU (diffusion/flops.py counting)
             step_flops = flops.step_flops(batch.cfg,
                                           self.tokenizer.vocab_size, self.teacher_cfg)
             metrics["mfu"] = step_flops / elapsed / self.world_size / self.peak_flops

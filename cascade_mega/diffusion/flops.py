@@ -18,11 +18,19 @@ stream (`diffusion.ar_loss_weight`) adds L (L + 1) / 2 (its L rows are in S).
 A step is 3 forwards' worth (forward + backward), times the global batch; full recompute reruns
 the forward but MFU counts model FLOPs, as Megatron does. A distillation teacher adds one forward
 of its own (an AR model of the teacher's size) per sequence.
+
+It lives with the objectives because the count is the model's dimensions (`model/dims.py`) run
+over the objective's layout (its rows, `objective.sequence_rows` / `readout_rows`, and its mask's
+non-zeros): the trainer (MFU), `cascade submit`'s time-limit check, sweep planning and
+`cascade bench` all read it from here.
 """
 
 from __future__ import annotations
 
 import torch
+
+from cascade_mega.diffusion.objective import readout_rows, sequence_rows
+from cascade_mega.model.dims import model_dims
 
 # dense bf16 tensor-core peak per GPU, FLOP/s (vendor datasheets)
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
@@ -41,9 +49,6 @@ def attention_pairs(cfg) -> int:
 
 def forward_flops(cfg, vocab: int) -> tuple[float, float]:
     """(matmul FLOPs of the linear layers and the read-out, attention FLOPs) of one sequence."""
-    from cascade_mega.diffusion.objective import readout_rows, sequence_rows
-    from cascade_mega.plan import model_dims
-
     x, S = model_dims(cfg, vocab), sequence_rows(cfg)
     h, a, g, dh, f = x["h"], x["a"], x["g"], x["d"], x["f"]
     attention = 2 * S * h * (a + 2 * g) * dh + 2 * S * a * dh * h
