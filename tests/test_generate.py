@@ -82,7 +82,7 @@ SCORED = ("diffusion.loss=score_entropy", "model.time_conditioning=true")
 @pytest.mark.parametrize("policy,extra", [
     (Policy("fixed", steps=2), ()), (Policy("threshold", tau=0.05), ()),
     (Policy("adaptive", steps=3, tau=0.05), ()),
-    # a time-conditioned score-entropy model under SEDD's Tweedie step
+    # a time-conditioned score-entropy model under the `tweedie` step (the scores' exact step)
     (Policy("tweedie", steps=3), SCORED)])
 def test_cached_decoding_equals_recomputing_the_prefix(megatron, policy, extra):
     cfg = tiny_cfg(f"data.seq_len={L}", f"diffusion.block_size={B}", WIDE, *extra)
@@ -275,15 +275,15 @@ class _ChosenLogits(torch.nn.Module):
 
 
 @pytest.mark.parametrize("steps, bound, per_step", [
-    (4, 1.0, [[1, 1, 0, 0], [1, 1, 1, 0]]),  # H = 0, .69 fit in 1.0; then one at a time
-    (4, 2.1, [[1, 1, 1, 0]]),  # 0 + .69 + 1.39 <= 2.1
-    (2, 1.0, [[1, 1, 0, 0]]),  # the cap: the second step decides the rest
-    (4, 0.5, [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]]),  # always at least one
+    (4, 1.0, [[1, 1, 1, 0]]),  # 0 + .69 (log 4 the largest) <= 1.0, 0 + .69 + 1.39 not
+    (4, 2.1, []),  # 0 + .69 + 1.39 <= 2.1: the whole block in one step
+    (2, 0.5, [[1, 1, 0, 0]]),  # 0 <= 0.5, .69 not; the cap: the second step decides the rest
+    (4, 0.5, [[1, 1, 0, 0], [1, 1, 1, 0]]),  # then log 4, log 8: 1.39 > 0.5, one at a time
 ])
 def test_entropy_bound_decides_the_positions_it_allows(steps, bound, per_step):
     """Block positions of entropy 0, log 2, log 4, log 8 nats: each step decides, most confident
-    first, the longest run whose summed entropy is within the bound, at least one position, and
-    everything at the cap's last step."""
+    first, EB-sampler's longest run whose summed entropy less its largest is within the bound (so
+    at least one position), and everything at the cap's last step."""
     cfg = tiny_cfg("data.seq_len=16", "diffusion.block_size=4")
     model = _ChosenLogits([1, 2, 4, 8])
     decoder = decoder_for(model, cfg, _tokenizer())
@@ -295,7 +295,7 @@ def test_entropy_bound_decides_the_positions_it_allows(steps, bound, per_step):
 
 @pytest.mark.parametrize("policy", [Policy("fixed", 3, remask=0.3),
                                     Policy("adaptive", 3, remask=0.3),
-                                    Policy("entropy", 3, bound=4.2, remask=0.3)])
+                                    Policy("entropy", 3, bound=2.1, remask=0.3)])
 def test_remasking_ends_every_block_decided_within_its_budget(policy):
     """Every decision has probability 1/8 < 0.3, so each step before the last remasks earlier
     ones (fewer than it decides); the last step remasks nothing and decides the rest."""

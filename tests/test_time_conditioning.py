@@ -1,10 +1,10 @@
-"""Time conditioning (model/noise_level.py) and SEDD's Tweedie step (inference/policies.py).
+"""Time conditioning (model/noise_level.py).
 
 The embedder is checked against the formula written out again here in float64 and fed to the
 same model as its first layer's input; the rows' noise levels against the noise the objective
-drew; the Tweedie step against its definition through the scores. (Cached decoding of a
-time-conditioned score-entropy model equals the uncached one: tests/test_generate.py. TP = 2
-with sequence parallel and CP = 2: tests/test_torchrun.py.)
+drew. (The `tweedie` step a score-entropy model decodes with: tests/test_sampling.py. Cached
+decoding of a time-conditioned score-entropy model equals the uncached one:
+tests/test_generate.py. TP = 2 with sequence parallel and CP = 2: tests/test_torchrun.py.)
 """
 
 import math
@@ -14,9 +14,8 @@ import torch
 
 from cascade_mega.diffusion import objective
 from cascade_mega.diffusion.base import noise_generator
-from cascade_mega.inference.policies import tweedie_unmask
 from cascade_mega.model.gpt import predict_and_score
-from helpers import MASK_ID, VOCAB, score, tiny_cfg, tiny_model
+from helpers import MASK_ID, score, tiny_cfg, tiny_model
 
 TC = "model.time_conditioning=true"
 
@@ -95,28 +94,3 @@ def test_rows_carry_their_blocks_noise_level_and_clean_rows_zero(extra):
     assert objective.prepare(prep.input_ids[:, :L], prep.input_ids[:, :L],
                              torch.ones_like(prep.input_ids[:, :L]), tiny_cfg(), MASK_ID,
                              noise_generator(3, "tc")).noise_levels is None
-
-
-def test_tweedie_step_follows_the_scores():
-    """P(unmask) from t to s: sum_y (alpha_s - alpha_t) / alpha_t score_y against the stay weight
-    (1 - alpha_s) / (1 - alpha_t), with SEDD's absorbing scores a exp(logit) / (V - 1), in float64;
-    normalised scores (a cross-entropy model) give MDLM's (t - s) / t; the last step unmasks all."""
-    g = torch.Generator().manual_seed(5)
-    logits = torch.randn(6, VOCAB, generator=g, dtype=torch.float64) * 2
-    logits[:, MASK_ID] = float("-inf")
-    steps = 4
-    for step in range(steps):
-        t, s = 1 - step / steps, 1 - (step + 1) / steps
-        a_t, a_s = 1 - t, 1 - s
-        scores = (1 - t) / t * logits.exp() / (VOCAB - 1) if t < 1 else None
-        if scores is None:  # t = 1: a = 0 and alpha_t = 0; the ratio's limit is (t - s) R / t
-            move = (t - s) / t * (logits.exp().sum(1) / (VOCAB - 1))
-        else:
-            move = (a_s - a_t) / a_t * scores.sum(1)
-        stay = (1 - a_s) / (1 - a_t)
-        want = move / (move + stay)
-        torch.testing.assert_close(tweedie_unmask(logits, step, steps, True), want)
-        torch.testing.assert_close(tweedie_unmask(logits, step, steps, False),
-                                   torch.full((6,), (t - s) / t))
-    assert torch.equal(tweedie_unmask(logits, steps - 1, steps, True), torch.ones(6,
-                                                                                 dtype=torch.float64))

@@ -21,18 +21,22 @@ def add_arguments(p) -> None:
     p.add_argument("--policy", choices=POLICIES, default=Policy.name,
                    help="how many positions a step decides (inference/policies.py): fixed: "
                         "--steps per block; threshold: --tau; adaptive: --tau with at most "
-                        "--steps per block; entropy: within --bound, at most --steps per block; "
-                        "tweedie: SEDD's Tweedie step, --steps per block (score-entropy "
-                        "checkpoints; MDLM's ancestral sampler on others)")
+                        "--steps per block; entropy: EB-sampler's rule with --bound, at most "
+                        "--steps per block; tweedie: the score model's exact reverse step, "
+                        "--steps per block (score-entropy checkpoints; MDLM's ancestral step on "
+                        "others)")
     p.add_argument("--order", choices=ORDERS, default=Policy.order,
                    help="which positions, from their distributions before any draw "
-                        "(random: MDLM's ancestral order, with --policy fixed)")
+                        "(random: MDLM's ancestral order, with --policy fixed; a fixed count "
+                        "per step where MDLM draws a Binomial one)")
     p.add_argument("--steps", type=int, default=Policy.steps)
     p.add_argument("--tau", type=float, default=Policy.tau)
     p.add_argument("--bound", type=float, default=Policy.bound,
-                   help="entropy: summed entropy (nats) of the positions one step decides")
+                   help="entropy: EB-sampler's gamma, the most the summed entropy (nats) of the "
+                   "positions one step decides may exceed their largest")
     p.add_argument("--remask", type=float, default=0.0, help="remask decisions made below this "
-                   "probability while the block's step budget lasts (ReMDM-style; 0: off)")
+                   "probability while the block's step budget lasts (deterministic threshold "
+                   "remasking, not ReMDM's posterior remasking; 0: off)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)

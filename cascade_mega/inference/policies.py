@@ -9,8 +9,11 @@ that happened to land on likely tokens, so frequent tokens win and the samples l
 (unigram entropy, repetition) against AR at equal speed (measured: docs/results.md).
 
 Which positions (`order`): `confidence` (the distribution's largest probability), `margin` (the
-two largest apart), `entropy` (lowest first), `random` (uniformly random: MDLM's ancestral
-sampling; with `fixed` and steps = B, one position per step) or `drawn`.
+two largest apart), `entropy` (lowest first), `random` (uniformly random) or `drawn`. `random`
+with `fixed` is MDLM's ancestral sampling only in its order: MDLM's step unmasks each masked
+position independently with probability (t - s) / t (a Binomial count), ours decides a fixed
+count, ceil(remaining / steps left), at uniformly random positions. At steps = B (one position
+per step) ours is exactly the model's own law, which MDLM's reaches only as its steps grow.
 
 How many (`name`):
 - `fixed`: K steps per block, ceil(remaining / steps left) each step (BD3-LM).
@@ -20,26 +23,36 @@ How many (`name`):
   at least what MaskGIT's cosine schedule asks (a fraction cos(pi/2 s/S) of the block still masked
   after step s), so confident blocks finish in a step or two and hard ones never take more than S
   (CASCADE's per-block step count); at S = 3 a block of 16 goes 3, 6, 7.
-- `entropy`: in `order`, the longest run of positions whose summed entropy (nats) stays within
-  `bound`, at least one (the entropy-bounded rule of EB-sampler): the step count follows the
-  model's uncertainty, capped at S steps like `adaptive`.
-- `tweedie`: SEDD's analytic (Tweedie tau-leaping) step for score-entropy models (`diffusion.loss
-  = score_entropy`), K steps per block on the grid t_k = 1 - k / K: from t to s < t a masked
-  position is unmasked to y with weight (alpha_s - alpha_t) / alpha_t x score_y and stays masked
-  with weight (1 - alpha_s) / (1 - alpha_t) (alpha = 1 - t). With SEDD's absorbing scores
-  score_y = a exp(logit_y) / (V - 1), a = (1 - t) / t (`model/scores.py`), the position is
-  unmasked with probability (t - s) R / ((t - s) R + s), R = sum_y exp(logit_y) / (V - 1) the
-  scores' total mass over a, then y is drawn from the normalised scores (the sampling knobs
-  applied). A cross-entropy model's normalised prediction is its score (R = 1): the step is then
-  MDLM's ancestral sampler. At s = 0 every remaining position is decided.
+- `entropy`: EB-sampler's rule (entropy-bounded unmasking, Ben-Hamu et al. 2025): the longest
+  prefix of the positions in `order` whose summed entropy (nats) less its largest stays within
+  `bound` (their gamma). The joint entropy of the positions is at least their largest, so
+  sum H - max H bounds their total correlation, the dependence that drawing them together from
+  their marginals ignores; a single position always passes, and the step count follows the
+  model's uncertainty, capped at S steps like `adaptive`. (With H >= 0 the left side only grows
+  along `order`, so the admitted positions are a prefix.)
+- `tweedie`: the exact reverse step of a score-entropy model (`diffusion.loss = score_entropy`),
+  K steps per block on the grid t_k = 1 - k / K, alpha = 1 - t. SEDD's absorbing scores are
+  score_y = a exp(logit_y) / (V - 1), a = (1 - t) / t (`model/scores.py`), so the reverse rate
+  out of [MASK] at time u is sigma'(u) sum_y score_y = R / u, R = sum_y exp(logit_y) / (V - 1)
+  the scores' mass over a. Holding the logits fixed over the step (one forward), a masked
+  position survives from t to s with probability exp(-int_s^t R / u du) = (s / t)^R, so it is
+  unmasked with probability 1 - (s / t)^R, then y is drawn from the normalised scores (the
+  sampling knobs applied). SEDD's analytic sampler (the absorbing process's staggered score)
+  unmasks with min(1, R (t - s) / t), the first-order expansion of this step: too often for
+  R > 1, too rarely for R < 1 (at t = 1, s = 0.75, R = 2: 0.5 against the exact 0.4375), the
+  same at R = 1. A cross-entropy model's normalised prediction is its score (R = 1): the step is
+  then (t - s) / t, MDLM's ancestral step. At s = 0 every remaining position is decided.
 A block with fewer positions to decide (a prompt's tail given in it, or the token budget ending
 inside it) gets a proportionally lower cap, ceil(S k / B) for k of B positions. At a capped
 policy's last step every remaining position is decided.
 
-Remasking (`remask` = p > 0, ReMDM-style): before the last step of a capped block, positions this
-block decided earlier whose probability when decided was below p go back to [MASK] (the least
-likely first, fewer than the step decides), to be decided again with more of the block known;
-the last step remasks nothing and decides everything, so the budget always ends decided.
+Remasking (`remask` = p > 0) is deterministic threshold remasking, not ReMDM's posterior
+remasking (which sends each decided token back to [MASK] at random, with its schedule's
+probability, in a posterior that keeps the forward process's marginals): before the last step of
+a capped block, positions this block decided earlier whose probability when decided was below p
+go back to [MASK] (the least likely first, fewer than the step decides), to be decided again with
+more of the block known; the last step remasks nothing and decides everything, so the budget
+always ends decided.
 
 Defaults: `adaptive` with `confidence` order, chosen by `cascade bench generate` on the
 quickstart models (docs/benchmarks.md; the measured figures, dated, are in docs/results.md,
@@ -67,7 +80,7 @@ class Policy:
     steps: int = 4  # fixed: steps per block; adaptive / entropy: the cap
     tau: float = 0.9
     order: str = "confidence"
-    bound: float = 1.0  # entropy: summed entropy (nats) a step may decide
+    bound: float = 1.0  # entropy: EB's gamma, sum H - max H (nats) a step may decide
     remask: float = 0.0  # decided positions below this probability may be remasked (0: off)
 
     def __post_init__(self):
@@ -108,9 +121,10 @@ class Policy:
             return order
         if self.name == "fixed":
             return order[:math.ceil(m / max(steps - step, 1))]
-        if self.name == "entropy":
-            within = entropy[order].double().cumsum(0) <= self.bound
-            return order[:max(int(within.sum()), 1)]  # cumsum grows: `within` is a prefix
+        if self.name == "entropy":  # EB-sampler: sum H - max H <= bound along the order
+            h = entropy[order].double()
+            within = h.cumsum(0) - h.cummax(0).values <= self.bound  # true at the first
+            return order[:int(within.int().cumprod(0).sum())]  # its leading run
         count = int((confidence >= self.tau).sum())
         if self.name == "adaptive":
             count = max(count, cosine_floor(m, step, steps))
@@ -137,16 +151,18 @@ def cosine_floor(m: int, step: int, steps: int) -> int:
 
 
 def tweedie_unmask(logits: torch.Tensor, step: int, steps: int, scores: bool) -> torch.Tensor:
-    """[m] probability that SEDD's Tweedie step from t = 1 - step / steps to s = t - 1 / steps
-    unmasks each of m masked positions (logits [m, V] with -inf on ids never predicted)."""
+    """[m] probability that the exact reverse step of a score model from t = 1 - step / steps to
+    s = t - 1 / steps unmasks each of m masked positions, 1 - (s / t)^R (logits [m, V] with -inf
+    on ids never predicted)."""
     t, s = 1.0 - step / steps, max(1.0 - (step + 1) / steps, 0.0)
     if not scores:  # a cross-entropy model: R = 1, MDLM's ancestral step (host, as returned)
         return torch.full((logits.shape[0],), (t - s) / t)
+    if s == 0:  # (0 / t)^R = 0: everything is decided, even where R underflows
+        return torch.ones(logits.shape[0], dtype=torch.float64)
     logits = logits.double()
     allowed = torch.isfinite(logits).sum(-1).double()
-    log_mass = torch.logsumexp(logits, -1) - allowed.log()  # log R
-    unmask = (t - s) * log_mass.exp()
-    return (unmask / (unmask + s)).cpu()
+    mass = (torch.logsumexp(logits, -1) - allowed.log()).exp()  # R
+    return (-torch.expm1(mass * math.log(s / t))).cpu()
 
 
 def decide(policy: Policy, logits: torch.Tensor, sampling: Sampling, generator, step: int,
