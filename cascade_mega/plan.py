@@ -45,6 +45,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 from cascade_mega.config import CascadeConfig, ConfigError, validate
+from cascade_mega.config.objectives import layout_of
 from cascade_mega.model.dims import model_dims
 
 GiB = 1024 ** 3
@@ -80,6 +81,9 @@ class Plan:
     headroom_bytes: int = 0  # CUDA context and communication buffers, per GPU
     expert: int = 1  # expert-parallel size
     expert_parameters: int = 0  # of them, expert weights on one GPU of the first stage
+    sequence: str = ""  # the objective's layout (`layout_of`): kind
+    rows: int = 0  # rows one sample occupies
+    readout: int = 0  # of them, rows that carry a prediction
 
     def peak(self) -> int:
         return max(s.total(self.recompute) for s in self.stages) + self.headroom_bytes
@@ -130,11 +134,10 @@ def stage_parameters(cfg: CascadeConfig, vocab: int, first: bool, last: bool) ->
 def layer_activation_bytes(cfg: CascadeConfig, vocab: int, e: int,
                            experts: bool = False) -> tuple[int, int]:
     """(saved bytes of one layer, one micro-batch; bytes kept under full recompute)."""
-    from cascade_mega.diffusion.objective import sequence_rows
 
     x, p, b = model_dims(cfg, vocab), cfg.parallel, cfg.train.micro_batch_size
     t = p.tensor
-    S = sequence_rows(cfg) // p.context
+    S = layout_of(cfg).rows // p.context
     sp = t if p.sequence_parallel else 1
     h, g, d, f, a = x["h"], x["g"], x["d"], x["f"], x["a"]
     norms = 2 * (3 * S * b * h * e + 4 * S * b) // sp
@@ -168,25 +171,23 @@ def moe_activation_bytes(cfg: CascadeConfig, S: int, b: int, x: dict, e: int) ->
 def dispatch_bytes(cfg: CascadeConfig, vocab: int, e: int) -> int:
     """The all-to-all buffers of the MoE layer running (sent and received rows, k R each, times
     expert-TP for the gathered ones): transient, one layer at a time."""
-    from cascade_mega.diffusion.objective import sequence_rows
 
     p, moe = cfg.parallel, cfg.model.moe
     if not moe.enabled:
         return 0
     t = p.tensor
-    R = sequence_rows(cfg) // p.context * cfg.train.micro_batch_size // (
+    R = layout_of(cfg).rows // p.context * cfg.train.micro_batch_size // (
         t if p.sequence_parallel else 1)
     return 2 * moe.top_k * R * (p.expert_tensor or t) * model_dims(cfg, vocab)["h"] * e
 
 
 def head_activation_bytes(cfg: CascadeConfig, vocab: int, e: int) -> int:
     """Last stage: final norm, read-out hidden states, fp32 logits (per micro-batch)."""
-    from cascade_mega.diffusion.objective import readout_rows, sequence_rows
 
     x, p, b = model_dims(cfg, vocab), cfg.parallel, cfg.train.micro_batch_size
-    S = sequence_rows(cfg) // p.context
+    S = layout_of(cfg).rows // p.context
     sp = p.tensor if p.sequence_parallel else 1
-    n = readout_rows(cfg) // p.context
+    n = layout_of(cfg).readout // p.context
     return (2 * S * b * x["h"] * e + 4 * S * b) // sp + n * b * x["h"] * e + \
         n * b * x["V"] // p.tensor * 4
 
@@ -210,9 +211,8 @@ def plan(cfg: CascadeConfig, gpus: int, vocab: int) -> Plan:
     else:
         in_flight = layers * min(p.pipeline, micro)
     head = head_activation_bytes(cfg, vocab, e)
-    from cascade_mega.diffusion.objective import sequence_rows
-
-    ids = 8 * t.micro_batch_size * sequence_rows(cfg) // p.context  # token ids the embedding keeps
+    layout = layout_of(cfg)  # the objective's rows (config/objectives.py)
+    ids = 8 * t.micro_batch_size * layout.rows // p.context  # token ids the embedding keeps
     stages = []
     names = [("first", True, p.pipeline == 1)] + ([("last", False, True)] if p.pipeline > 1
                                                     else [])
@@ -240,7 +240,8 @@ def plan(cfg: CascadeConfig, gpus: int, vocab: int) -> Plan:
                 precision="bf16" if bf16 else "fp32", recompute=cfg.model.recompute == "full",
                 stages=stages, headroom_bytes=CONTEXT_BYTES + groups * NCCL_BYTES_PER_GROUP,
                 expert=p.expert, expert_parameters=sum(
-                    stage_parameters(cfg, vocab, True, p.pipeline == 1)[1:]))
+                    stage_parameters(cfg, vocab, True, p.pipeline == 1)[1:]),
+                sequence=layout.kind, rows=layout.rows, readout=layout.readout)
 
 
 def _changes(cfg: CascadeConfig):
@@ -282,7 +283,9 @@ def _gib(n: int) -> str:
 def render(pl: Plan) -> str:
     experts = f" EP={pl.expert}" if pl.expert > 1 or pl.expert_parameters else ""
     lines = [f"layout: TP={pl.tensor} PP={pl.pipeline} CP={pl.context} DP={pl.data}{experts} "
-             f"on {pl.gpus} GPUs, {pl.precision}"]
+             f"on {pl.gpus} GPUs, {pl.precision}",
+             f"sequence: {pl.sequence}, {pl.rows} rows per sample ({pl.readout} read out), "
+             "the objective's layout"]
     for s in pl.stages:
         lines += [f"per GPU of the {s.stage} stage:" if s.stage != "only" else "per GPU:",
                   f"  parameters      {s.parameters / 1e9:8.3f} B  {_gib(s.parameter_bytes)}",

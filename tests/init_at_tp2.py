@@ -10,7 +10,7 @@ from standin_device import Dev, standin
 
 from cascade_mega.model.gpt import build_model
 from cascade_mega.runtime import distributed
-from cascade_mega.train import checkpoint
+from cascade_mega import checkpoint
 
 root = sys.argv[1]
 cfg = tiny_cfg("parallel.tensor=2", "model.num_query_groups=2", "model.qk_norm=true",

@@ -164,7 +164,7 @@ def _crafted(tiny_run, tmp_path, where):
     import pickle
     import shutil
 
-    from cascade_mega.train import manifest
+    from cascade_mega.checkpoint import manifest
 
     run, marker = tmp_path / where, tmp_path / f"{where}.created"
     shutil.copytree(tiny_run, run)

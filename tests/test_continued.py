@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from cascade_mega.config import ConfigError
+from cascade_mega.config.objectives import layout_of
 from cascade_mega.diffusion import objective
 from cascade_mega.diffusion.masks import AttentionLayout
 from cascade_mega.model.gpt import logits_at_rows, vocab_parallel_kl
@@ -50,8 +51,8 @@ def test_auxiliary_ar_loss_is_the_ar_loss_of_the_same_weights(megatron, extra):
     plain = objective.prepare(tokens, labels, mask, cfg, MASK_ID, noise)
     aux = objective.prepare(tokens, labels, mask, cfg_aux, MASK_ID, noise)
     ar = objective.prepare(tokens, labels, mask, cfg_ar, MASK_ID, None)
-    assert aux.input_ids.shape[1] == objective.sequence_rows(cfg_aux)
-    assert aux.readout.labels.shape[1] == objective.readout_rows(cfg_aux)
+    assert aux.input_ids.shape[1] == layout_of(cfg_aux).rows
+    assert aux.readout.labels.shape[1] == layout_of(cfg_aux).readout
     loss_p, stats_p = objective.reduce(*score(model, plain), plain)
     loss_a, stats_a = objective.reduce(*score(model, aux), aux)
     _, stats_r = objective.reduce(*score(model, ar), ar)
@@ -76,8 +77,8 @@ def test_block_size_schedule(megatron):
     # block size 1 is an AR phase: the ar objective on L rows; it needs shifted prediction
     ar = tiny_cfg("diffusion.block_size=8", "diffusion.shifted_prediction=true",
                   "diffusion.block_size_schedule={0: 1, 5: 8}", "diffusion.ar_loss_weight=0.5")
-    assert [(objective.at_step(ar, s).diffusion.objective, objective.sequence_rows(
-        objective.at_step(ar, s))) for s in (4, 5)] == [("ar", 16), ("block_diffusion", 48)]
+    assert [(objective.at_step(ar, s).diffusion.objective, layout_of(
+        objective.at_step(ar, s)).rows) for s in (4, 5)] == [("ar", 16), ("block_diffusion", 48)]
     for extra, what in [((), "needs 'diffusion.shifted_prediction'"),
                         (("diffusion.shifted_prediction=true", "distill.teacher=runs/ar"),
                          "cannot be distilled")]:

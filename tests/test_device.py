@@ -78,7 +78,7 @@ def test_training_step_and_evaluation_on_the_device(megatron, tmp_path, name):
 
 
 def test_distillation_step_on_the_device(megatron, tmp_path, monkeypatch):
-    from cascade_mega.train import checkpoint
+    from cascade_mega import checkpoint
     from cascade_mega.train.trainer import Trainer
 
     teacher = _cfg(tmp_path, "teacher", ["diffusion.objective=ar", "train.steps=2"])
@@ -280,7 +280,7 @@ def test_tiled_kernel_on_the_device_backend(case, dtype):
 def test_schedule_search_on_the_device(megatron, tmp_path):
     """The search's forwards, variances and single read-back on the stand-in device: the same
     variances and choice as on the host."""
-    from cascade_mega.train import schedule_search
+    from cascade_mega.train.callbacks import schedule_search
     from cascade_mega.train.trainer import Trainer
 
     extra = ["diffusion.schedule_search.interval=1", "diffusion.schedule_search.batches=1",
@@ -304,7 +304,7 @@ def test_initial_weights_are_the_same_at_tp1_and_tp2_on_the_device(megatron, tmp
 
     from cascade_mega.model import gpt
     from cascade_mega.runtime import device
-    from cascade_mega.train import checkpoint
+    from cascade_mega import checkpoint
 
     root = tmp_path / "tp2"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",

@@ -55,7 +55,7 @@ def _reference_logits(run, x_t, x_0):
     cfg = net.cfg
     if cfg.diffusion.objective == "ar":
         ids, pos, layout = x_t, torch.arange(L)[None], AttentionLayout("causal", L)
-    elif cfg.attention_kind == "full":
+    elif cfg.diffusion.block_size == cfg.data.seq_len:
         ids, pos, layout = x_t, torch.arange(L)[None], AttentionLayout("full", L, L)
     else:
         ids, pos = torch.cat([x_t, x_0], 1), torch.arange(L).repeat(2)[None]

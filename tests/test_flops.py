@@ -1,11 +1,13 @@
-"""The FLOP formula behind MFU: matmuls against torch's FLOP counter on the real model, attention
-pairs against the dense mask's non-zeros."""
+"""The FLOP formula behind MFU: matmuls against torch's FLOP counter on the real model, the
+objective's layout (its rows, read-out rows and attention pairs) against what `prepare` lays out
+and the dense mask's non-zeros."""
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cascade_mega.diffusion.flops import attention_pairs, forward_flops
+from cascade_mega.config.objectives import layout_of
+from cascade_mega.diffusion.flops import forward_flops
 from cascade_mega.diffusion import objective
 from cascade_mega.diffusion.masks import dense_mask
 from helpers import MASK_ID, VOCAB, random_tokens, score, tiny_cfg, tiny_model
@@ -20,14 +22,16 @@ CASES = [[], ["diffusion.objective=ar"], ["diffusion.block_size=16"],
 
 
 @pytest.mark.parametrize("overrides", CASES)
-def test_attention_pairs_are_the_masks_non_zeros(overrides):
+def test_the_objectives_layout_is_what_it_lays_out(overrides):
     cfg = tiny_cfg(*overrides)
     L = cfg.data.seq_len
     tokens = torch.zeros(1, L, dtype=torch.long)
     prep = objective.prepare(tokens, tokens, torch.ones(1, L), cfg, MASK_ID,
                              torch.Generator().manual_seed(0))
-    n = prep.layout.total_len
-    assert attention_pairs(cfg) == int(dense_mask(prep.layout.mask_fn(), n, n).sum())
+    n, layout = prep.layout.total_len, layout_of(cfg)
+    assert (layout.rows, layout.readout, layout.kind) == (
+        prep.input_ids.shape[1], prep.readout.labels.shape[1], prep.layout.kind)
+    assert layout.pairs == int(dense_mask(prep.layout.mask_fn(), n, n).sum())
 
 
 @pytest.mark.parametrize("overrides", CASES)

@@ -51,3 +51,20 @@ def test_the_decoding_core_imports_only_itself():
     for module in CORE:  # nor the kernel packages, which the graph of cascade_mega leaves out
         text = open(os.path.join(ROOT, *module.split(".")) + ".py").read()
         assert "cascade_kernels" not in text and "cascade_launchers" not in text, module
+
+
+def test_checkpoints_sit_below_the_trainer():
+    """`cascade_mega/checkpoint/` reaches no module of train/ (imports point down: the trainer
+    and the commands that read checkpoints use it, not the reverse), nor any command."""
+    graph = _tool().edges(ROOT)
+    seen = set()
+    todo = [m for m in graph if m == "cascade_mega.checkpoint" or
+            m.startswith("cascade_mega.checkpoint.")]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(graph[module])
+    above = ("cascade_mega.train", "cascade_mega.inference", "cascade_mega.convert",
+             "cascade_mega.evaluation", "cascade_mega.bench", "cascade_mega.cli")
+    assert sorted(m for m in seen if m.startswith(above)) == []

@@ -102,80 +102,30 @@ def test_common_target_bound_matches_exact_conditional_nelbo(megatron):
     assert (ar.weight[0] > 0).tolist() == keep[1:].tolist() + [False]  # label j: token j + 1
 
 
-def test_a_new_objective_touches_the_objective_package_and_the_config_only(
-        megatron, tmp_path, monkeypatch):
-    """A toy objective (BERT-style masked LM: a fixed share of tokens masked, weight 1, full
-    attention) added the way a new objective is: a registered `Objective` subclass and its name
-    among the config's choices. The real trainer trains it and reports its own named metrics."""
+def test_a_new_objective_is_one_module_that_trains_plans_and_counts_its_flops(megatron, tmp_path):
+    """The toy masked LM of `toy_objective.py` (one module: a registered `Objective` subclass and
+    its layout; nothing of the project edited) named by a run with `imports`: the real trainer
+    trains it and reports its own metrics, `cascade plan` plans its layout (one stream of L rows,
+    not block diffusion's 2L) and the FLOP count runs over its rows and attention pairs."""
     import json
-    from dataclasses import dataclass, fields
 
     from cascade_mega import config
-    from cascade_mega.diffusion.base import Objective, noise_generator, register
-    from cascade_mega.diffusion.masks import AttentionLayout
-    from cascade_mega.diffusion.objective import ReadOut
-    from cascade_mega.model.gpt import predict_and_score
+    from cascade_mega.config.objectives import REGISTRY
+    from cascade_mega.diffusion import flops
+    from cascade_mega.model.dims import model_dims
+    from cascade_mega.train.callbacks import MetricsFile
     from cascade_mega.train.trainer import Trainer
+    from helpers import cascade
 
-    @dataclass
-    class MlmSums:
-        loss: torch.Tensor
-        masked: torch.Tensor
-        correct: torch.Tensor
-
-        def pack(self):
-            return torch.stack([getattr(self, f.name).double() for f in fields(self)])
-
-        @classmethod
-        def unpack(cls, values):
-            return cls(*values)
-
-    class MaskedLM(Objective):
-        Sums = MlmSums
-        rate = 0.25
-
-        def rows(self, cfg, train):
-            return cfg.data.seq_len
-
-        def prepare_micro_batch(self, batch, rows, cfg, split, step, noise):
-            tokens = batch.tokens
-            b, L = tokens.shape
-            gen = noise_generator(cfg.train.seed, split, step, rows.start)
-            masked = torch.rand(b, L, generator=gen) < self.rate
-            ids = torch.where(masked, self.tokenizer.mask_id, tokens)
-            return objective.Prepared(
-                ids, torch.arange(L)[None], AttentionLayout("full", L, L),
-                ReadOut(None, tokens), masked.double(), masked, int(masked.sum()),
-                count=masked.sum().int())
-
-        def forward_step(self, data_iterator, model):
-            prep = next(data_iterator)
-            out = model(prep.input_ids, prep.position_ids, prep.layout,
-                        output_processor=predict_and_score, output_processor_context=prep.readout)
-            return out, lambda output: self.loss(prep, output)
-
-        def loss_sums(self, prep, output):
-            ce, correct = output[:2]
-            loss = (ce * prep.weight.to(ce.dtype)).sum()
-            return loss, MlmSums(loss.detach(), prep.count.double(),
-                                 (correct & prep.scored).sum())
-
-        def metrics(self, s, train):
-            return {"loss": s.loss / max(s.masked, 1), "mlm_acc": s.correct / max(s.masked, 1)}
-
-    monkeypatch.setitem(config._CHOICES, "diffusion.objective",
-                        config._CHOICES["diffusion.objective"] + ("toy_mlm",))
-    register("toy_mlm")(MaskedLM)
+    L, mine = 32, ["diffusion.objective=toy_mlm", "imports=[toy_objective]"]
     cfg = config.load_config(None, [
-        f"run_dir={tmp_path}", "diffusion.objective=toy_mlm", "model.num_layers=2",
-        "model.hidden_size=64", "data.seq_len=32", "diffusion.block_size=32", "train.steps=12",
+        f"run_dir={tmp_path}", *mine, "model.num_layers=2", "model.hidden_size=64",
+        f"data.seq_len={L}", f"diffusion.block_size={L}", "train.steps=12",
         "train.micro_batch_size=4", "train.global_batch_size=8", "optimizer.warmup_steps=1",
         "optimizer.lr=3e-3", "train.log_interval=1", "train.eval_interval=12",
         "train.eval_batches=1", "tracking.enabled=false"], world_size=1)
-    from cascade_mega.train.callbacks import MetricsFile
-
     trainer = Trainer(cfg, [MetricsFile(cfg.run_dir)]).setup()
-    assert isinstance(trainer.objective, MaskedLM)
+    assert isinstance(trainer.objective, REGISTRY["toy_mlm"])
     trainer.fit()
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     steps = [r for r in lines if r["split"] == "train" and "mlm_acc" in r]
@@ -183,6 +133,28 @@ def test_a_new_objective_touches_the_objective_package_and_the_config_only(
     first, last = steps[0]["loss"], sum(r["loss"] for r in steps[-3:]) / 3
     assert last < first - 0.5, (first, last)  # it learns: the unigram statistics at least
     assert any("mlm_acc" in r and r["split"] == "valid" for r in lines)
+
+    plans = {}
+    for name, extra in (("toy", mine), ("bd", [])):
+        proc = cascade("plan", "configs/base.yaml", "model.vocab_size=512", f"data.seq_len={L}",
+                       "diffusion.block_size=8", *extra, "--gpus", "1", "--json")
+        assert proc.returncode == 0, proc.stderr
+        plans[name] = json.loads(proc.stdout.splitlines()[-1])
+    assert (plans["toy"]["sequence"], plans["toy"]["rows"], plans["toy"]["readout"]) == \
+        ("full", L, L)
+    assert (plans["bd"]["sequence"], plans["bd"]["rows"]) == ("block_diffusion", 2 * L)
+    assert plans["toy"]["stages"][0]["activation_bytes"] < \
+        plans["bd"]["stages"][0]["activation_bytes"]
+
+    x, V = model_dims(cfg, 512), 512
+    h, a, g, d, f = x["h"], x["a"], x["g"], x["d"], x["f"]
+    per_layer = 2 * L * h * (a + 2 * g) * d + 2 * L * a * d * h + 6 * L * h * f
+    assert flops.forward_flops(cfg, V) == (2 * per_layer + 2 * L * h * x["V"],
+                                           2 * 4 * a * d * L * L)
+    with pytest.raises(config.ConfigError, match="'imports' names module 'nowhere_objective'"):
+        config.load_config(None, [f"run_dir={tmp_path}", "imports=[nowhere_objective]"])
+    with pytest.raises(config.ConfigError, match="not a registered objective; registered: ar, "):
+        config.load_config(None, [f"run_dir={tmp_path}", "diffusion.objective=bert"])
 
 
 def test_padded_samples_score_every_real_token_and_no_padding():

@@ -63,7 +63,7 @@ def test_run_directory_layout(megatron, tmp_path):
 # shards or after they are written, before the commit
 KILLED_SAVE = """
 import glob, os, signal, sys, threading
-from cascade_mega.train import checkpoint
+from cascade_mega import checkpoint
 from cascade_mega.train.callbacks import MetricsFile
 from cascade_mega.train.trainer import Trainer
 sys.path.insert(0, "tests")
@@ -99,7 +99,7 @@ def test_a_process_killed_during_a_save_keeps_the_last_checkpoint(megatron, tmp_
 
     from helpers import ROOT
 
-    from cascade_mega.train import checkpoint
+    from cascade_mega import checkpoint
 
     run = tmp_path / "run"
     with open(tmp_path / "log", "w+") as log:
@@ -214,7 +214,7 @@ def test_a_damaged_checkpoint_resumes_from_the_newest_one_that_verifies(megatron
     stops with one message instead."""
     import shutil
 
-    from cascade_mega.train.checkpoint import CheckpointError
+    from cascade_mega.checkpoint import CheckpointError
 
     straight = _by_step(_run(_cfg(tmp_path / "straight")))
     base = tmp_path / "base"

@@ -1,7 +1,7 @@
-"""The data-driven clipped schedule (`diffusion.schedule_search`, train/schedule_search.py) in a
-real Trainer: its variances against the same held-out batches and draws scored here, one
-forward each; the range it picks is the argmin, training then draws inside it, and a resume reads
-back the choice made before its step."""
+"""The data-driven clipped schedule (`diffusion.schedule_search`,
+train/callbacks/schedule_search.py) in a real Trainer: its variances against the same held-out
+batches and draws scored here, one forward each; the range it picks is the argmin, training then
+draws inside it, and a resume reads back the choice made before its step."""
 
 import json
 import math
@@ -18,7 +18,7 @@ CANDIDATES = [[0.0, 1.0], [0.2, 0.8], [0.5, 0.55]]
 
 
 def test_search_picks_the_least_varying_range_and_training_follows_it(megatron, tmp_path):
-    from cascade_mega.train import schedule_search
+    from cascade_mega.train.callbacks import schedule_search
     from cascade_mega.train.trainer import Trainer
 
     cfg = load_config(None, [

@@ -52,7 +52,8 @@ def test_data_parallel_matches_single_process(tmp_path):
     assert (tmp_path / "dp2_distopt" / "checkpoints" / "latest").exists()
     # bf16, as on a GPU: stopped after step 2 and resumed, the run equals the uninterrupted one,
     # exactly. The state of the second gradient bucket on is what a resume once got wrong
-    # (`train/distopt_state.py`); bf16 runs once died at their first save (tests/test_precision.py)
+    # (`checkpoint/distopt_state.py`); bf16 runs once died at their first save
+    # (tests/test_precision.py)
     # (a second run directory resumed from the first's step-2 checkpoint: `train.resume=PATH`)
     bf16 = ["--nproc-per-node", "2", "train.precision=bf16", "parallel.distributed_optimizer=true",
             "parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true",

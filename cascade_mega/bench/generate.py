@@ -58,7 +58,8 @@ def add_arguments(p) -> None:
     p.add_argument("--tau", type=float, default=0.9)
     p.add_argument("--steps", type=int, default=3, help="fixed: steps per block; adaptive and "
                    "entropy: cap (3 for B = 16: ~5 tokens a forward)")
-    p.add_argument("--bound", type=float, default=Policy.bound, help="entropy: nats per step")
+    p.add_argument("--bound", type=float, default=Policy.bound,
+                   help="entropy: EB-sampler's gamma (nats)")
     p.add_argument("--remask", type=float, default=0.3, help="+remask rows: remask decisions "
                    "made below this probability")
     p.add_argument("--greedy", action="store_true", help="greedy instead of sampling")
@@ -102,7 +103,7 @@ def parse_rows(spec: str, args) -> dict:
 
 def _ensure_trained(path: str, config: str) -> None:
     """Train the default run when it has no checkpoint (so the bench runs on a fresh clone)."""
-    from cascade_mega.train import checkpoint
+    from cascade_mega import checkpoint
 
     if os.path.isdir(path) and checkpoint.latest(os.path.join(path, "checkpoints")):
         return
@@ -178,7 +179,7 @@ def run(args) -> dict:
     from cascade_mega.inference.command import read_prompts
     from cascade_mega.inference.decode import GenerationError
     from cascade_mega.inference.load import load_decoder
-    from cascade_mega.train.checkpoint import CheckpointError
+    from cascade_mega.checkpoint import CheckpointError
 
     if args.samples < 1:  # before anything is trained or loaded
         raise GenerationError(f"--samples must be >= 1, got {args.samples}")
@@ -197,7 +198,7 @@ def run(args) -> dict:
     except ValueError as err:
         raise GenerationError(str(err)) from None
     texts = read_prompts(args.prompts_file)
-    from cascade_mega.train.checkpoint import locate
+    from cascade_mega.checkpoint import locate
 
     given = [(w, p) for w, p in (("bd", args.bd), ("ar", args.ar), ("judge", args.judge))
              if p and p != RUNS.get(w, (None,))[0]]
@@ -212,7 +213,7 @@ def run(args) -> dict:
     judge = ar if dtypes[1] == torch.float32 and not args.judge else \
         load_decoder(args.judge or args.ar, precision="fp32")
     for flag, dec in (("--ar", ar), ("--judge", judge)):
-        if dec.net.cfg.diffusion.objective != "ar":
+        if not dec.net.causal:
             raise CheckpointError(f"{flag} {getattr(args, flag[2:])} is not an AR checkpoint")
         if not same_tokenizer(dec.net.tok, bd.net.tok):
             raise CheckpointError(f"{flag} {getattr(args, flag[2:])} uses another tokenizer "

@@ -8,10 +8,10 @@ from cascade_mega.config.rules import validate
 from cascade_mega.config.sections import (
     _CHOICES, ONE_PROCESS, PRECISIONS, CascadeConfig, CheckpointConfig, ConfigError,
     DataConfig, DiffusionConfig, DistillConfig, ModelConfig, OptimizerConfig, ParallelConfig,
-    Section, TrackingConfig, TrainConfig)
+    Section, TrackingConfig, TrainConfig, weight_keys)
 
 __all__ = ["_CHOICES", "ONE_PROCESS", "PRECISIONS", "CascadeConfig", "CheckpointConfig",
            "ConfigError", "DataConfig", "DiffusionConfig", "DistillConfig", "ModelConfig",
            "OptimizerConfig", "ParallelConfig", "Section", "TrackingConfig", "TrainConfig",
            "config_changes", "load_config", "record_yaml", "redact_uri", "run_dtype", "to_yaml",
-           "validate"]
+           "validate", "weight_keys"]

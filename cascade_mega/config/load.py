@@ -101,7 +101,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         if not value:
             raise ConfigError(f"override '{item}' gives '{key}' no value (write {key}=null "
                               "for none)")
-        if key in cfg and OmegaConf.is_config(cfg[key]):
+        if key in cfg and OmegaConf.is_dict(cfg[key]):
             raise ConfigError(f"override '{item}': '{key}' is a section; set its keys "
                               f"({key}.NAME=VALUE)")
         try:

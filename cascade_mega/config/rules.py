@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+from cascade_mega.config.objectives import layout_of
 from cascade_mega.config.sections import CascadeConfig, Section, need
 
 
@@ -28,10 +29,9 @@ def validate(cfg: CascadeConfig, world_size: int = 1) -> None:
 def _check_model_layout(cfg: CascadeConfig) -> None:
     """The model and its sequence against the parallel layout."""
     m, d, p, t = cfg.model, cfg.diffusion, cfg.parallel, cfg.train
-    L = cfg.data.seq_len
-    if d.objective == "block_diffusion":
-        need(L % d.block_size == 0, f"'diffusion.block_size' = {d.block_size} does not divide "
-             f"'data.seq_len' = {L}")
+    L, layout = cfg.data.seq_len, layout_of(cfg)  # the objective's answer (config/objectives.py)
+    need(L % layout.block == 0, f"'diffusion.block_size' = {layout.block} does not divide "
+         f"'data.seq_len' = {L}")
     need(not m.time_conditioning or d.objective == "block_diffusion",
          f"'model.time_conditioning' embeds the noise level of a block; 'diffusion.objective' = "
          f"{d.objective} has no noise (use block_diffusion)")
@@ -56,8 +56,8 @@ def _check_model_layout(cfg: CascadeConfig) -> None:
     need(0 <= cfg.optimizer.warmup_steps < t.steps, f"'optimizer.warmup_steps' = "
          f"{cfg.optimizer.warmup_steps} must be smaller than 'train.steps' = {t.steps}")
     if p.context > 1:
-        B = 1 if d.objective == "ar" else d.block_size
-        need(cfg.attention_kind != "full", "'parallel.context' > 1 needs 'diffusion.block_size' "
+        B = layout.block
+        need(layout.kind != "full", "'parallel.context' > 1 needs 'diffusion.block_size' "
              "< 'data.seq_len' (full-sequence diffusion attends across the whole sequence)")
         need(L % (2 * p.context * B) == 0,
              f"'parallel.context' = {p.context} cuts 'data.seq_len' = {L} into 2 x {p.context} "
@@ -67,9 +67,7 @@ def _check_model_layout(cfg: CascadeConfig) -> None:
              f"attention kernel; 'model.attention_kernel' = {m.attention_kernel} has no "
              "context-parallel path")
     if p.sequence_parallel:
-        streams = 1 if d.objective == "ar" else \
-            d.views + (cfg.attention_kind == "block_diffusion") + (d.ar_loss_weight > 0)
-        rows = streams * L // p.context
+        rows = layout.rows // p.context
         need(rows % p.tensor == 0, f"'parallel.sequence_parallel' splits this rank's {rows} "
              f"sequence rows across 'parallel.tensor' = {p.tensor} ranks: they must divide evenly")
 
@@ -154,7 +152,7 @@ def _check_continued(cfg: CascadeConfig) -> None:
         for step, B in schedule.items():
             need(B > 0 and L % B == 0, f"'diffusion.block_size_schedule' block size {B} (from "
                  f"step {step}) does not divide 'data.seq_len' = {L}")
-            need((B < L) == (cfg.attention_kind == "block_diffusion"),
+            need((B < L) == (layout_of(cfg).kind == "block_diffusion"),
                  "'diffusion.block_size_schedule' mixes B = L with B < L (they lay out a "
                  "different number of rows)")
             need(p.context == 1 or L % (2 * p.context * B) == 0,

@@ -20,6 +20,26 @@ def need(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def weights(default):
+    """A field that shapes the weights: a checkpoint saved under another value does not load
+    into this config (`checkpoint: check_architecture`, which reads `weight_keys`)."""
+    return field(default=default, metadata={"shapes_weights": True})
+
+
+def weight_keys(cls=None, prefix: str = "") -> tuple:
+    """The dotted keys of every field marked by `weights`, e.g. 'model.num_layers'."""
+    import dataclasses
+
+    out = []
+    for f in dataclasses.fields(cls or CascadeConfig):
+        if f.metadata.get("shapes_weights"):
+            out.append(prefix + f.name)
+        elif f.default_factory is not dataclasses.MISSING and \
+                dataclasses.is_dataclass(f.default_factory):
+            out += weight_keys(f.default_factory, f"{prefix}{f.name}.")
+    return tuple(out)
+
+
 class Section:
     """A config section that checks its own fields (`check`): its choices (`_CHOICES`), then the
     rules of `_check`. Rules between sections live in `validate`."""
@@ -50,11 +70,12 @@ class MoEConfig(Section):
 
     NAME, POSITIVE = "model.moe", ("top_k",)
 
-    num_experts: Optional[int] = None
+    num_experts: Optional[int] = weights(None)
     top_k: int = 2
-    ffn_hidden_size: Optional[int] = None  # each expert's FFN; None: model.ffn_hidden_size
-    shared_expert_size: int = 0  # FFN size of an always-on shared expert (Qwen2-MoE); 0: none
-    shared_expert_gate: bool = False  # the shared expert's output scaled by a sigmoid gate
+    ffn_hidden_size: Optional[int] = weights(None)  # each expert's FFN; None: model.ffn_hidden_size
+    # FFN size of an always-on shared expert (Qwen2-MoE); 0: none
+    shared_expert_size: int = weights(0)
+    shared_expert_gate: bool = weights(False)  # the shared expert's output scaled by a sigmoid gate
     score_function: str = "softmax"  # softmax | sigmoid
     # renormalise the top-k probabilities to sum to 1 (Qwen3-MoE: true; Qwen2-MoE: false, the
     # softmax over every expert, then the top k kept as they are). Sigmoid scores always are.
@@ -70,8 +91,10 @@ class MoEConfig(Section):
     bias_update_rate: float = 1e-3
     capacity_factor: Optional[float] = None  # None: dropless; else tokens over capacity drop
     grouped_gemm: Optional[bool] = None  # None: with Transformer Engine's layers (a GPU)
-    first_dense_layers: int = 0  # the first k layers keep a dense MLP (LLaDA-MoE, DeepSeek)
-    pattern: Optional[List[int]] = None  # per layer 1 (MoE) or 0 (dense); overrides the above
+    # the first k layers keep a dense MLP (LLaDA-MoE, DeepSeek)
+    first_dense_layers: int = weights(0)
+    # per layer 1 (MoE) or 0 (dense); overrides the above
+    pattern: Optional[List[int]] = weights(None)
 
     def _check(self):
         if self.num_experts is None:
@@ -100,21 +123,23 @@ class MoEConfig(Section):
 class ModelConfig(Section):
     NAME, POSITIVE = "model", ("num_layers", "hidden_size", "num_attention_heads")
 
-    num_layers: int = 4
-    hidden_size: int = 256
-    num_attention_heads: int = 4
-    num_query_groups: Optional[int] = None  # None: multi-head attention; fewer: grouped-query
-    ffn_hidden_size: Optional[int] = None  # None: SwiGLU default 8/3 * hidden, rounded up to 64
+    num_layers: int = weights(4)
+    hidden_size: int = weights(256)
+    num_attention_heads: int = weights(4)
+    # None: multi-head attention; fewer: grouped-query
+    num_query_groups: Optional[int] = weights(None)
+    # None: SwiGLU default 8/3 * hidden, rounded up to 64
+    ffn_hidden_size: Optional[int] = weights(None)
     vocab_size: Optional[int] = None  # None: taken from the tokenizer (plus padding)
     make_vocab_size_divisible_by: int = 128
-    tie_embeddings: bool = False
+    tie_embeddings: bool = weights(False)
     rotary_base: float = 10000.0
     rope_scaling: Optional[str] = None  # None | llama3 (Llama 3.1's long-context frequencies)
     rope_scaling_factor: float = 8.0
     norm_epsilon: float = 1e-5
-    qkv_bias: bool = False  # Qwen2 has QKV biases; Llama has none
-    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3)
-    kv_channels: Optional[int] = None  # the head dimension; None: hidden_size / heads
+    qkv_bias: bool = weights(False)  # Qwen2 has QKV biases; Llama has none
+    qk_norm: bool = weights(False)  # RMSNorm of each query and key head before RoPE (Qwen3)
+    kv_channels: Optional[int] = weights(None)  # the head dimension; None: hidden_size / heads
     init_std: float = 0.02
     attention_backend: str = "auto"  # auto | local | te  (te needs Transformer Engine and a GPU)
     attention_kernel: str = "auto"  # auto (flex on GPU, tiled on CPU) | tiled | flex | dense
@@ -125,7 +150,7 @@ class ModelConfig(Section):
     # the noise level of each row's block embedded and added to its embedding (SEDD's time
     # conditioning, `model/noise_level.py`); off: RADD's argument that the absorbing process
     # needs none
-    time_conditioning: bool = False
+    time_conditioning: bool = weights(False)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def _check(self):
@@ -164,7 +189,7 @@ class ScheduleSearchConfig(Section):
     """`diffusion.schedule_search`: BD3-LM's data-driven clipped schedule. Every `interval`
     training steps (0: off) the variance of the loss estimate is measured on `batches` held-out
     validation batches, `draws` noise draws each, for every [t_min, t_max] of `candidates`, and
-    training switches to the range with the lowest (`train/schedule_search.py`)."""
+    training switches to the range with the lowest (`train/callbacks/schedule_search.py`)."""
 
     NAME, POSITIVE = "diffusion.schedule_search", ("batches", "draws")
 
@@ -189,7 +214,8 @@ class ScheduleSearchConfig(Section):
 class DiffusionConfig(Section):
     NAME, POSITIVE = "diffusion", ("block_size",)
 
-    objective: str = "block_diffusion"  # block_diffusion | ar
+    # a registered objective (`config/objectives.py`): block_diffusion | ar | one of your own
+    objective: str = "block_diffusion"
     block_size: int = 16
     shifted_prediction: bool = False
     # the diffusion loss: ce (the cross-entropy NELBO: MDLM / BD3-LM / RADD) | score_entropy
@@ -477,16 +503,9 @@ class CascadeConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
-    @property
-    def attention_kind(self) -> str:
-        """The sequence layout the objective lays out, decided here once (the `AttentionLayout`
-        kinds): 'causal' (the AR objective), 'full' (B = L: masked diffusion over the whole
-        sequence, no clean stream) or 'block_diffusion' (B < L: noisy views and a clean stream)."""
-        d = self.diffusion
-        if d.objective == "ar":
-            return "causal"
-        return "full" if d.block_size >= self.data.seq_len else "block_diffusion"
+    # modules imported before the config is checked: an objective of your own registers itself
+    # in one (`config/objectives.py`); they must be importable where the run starts
+    imports: List[str] = field(default_factory=list)
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -495,7 +514,6 @@ ONE_PROCESS = [f"parallel.{k}=1" for k in ("tensor", "pipeline", "context", "exp
     ["parallel.sequence_parallel=false", "parallel.virtual_pipeline=null",
      "parallel.expert_tensor=null"]
 _CHOICES = {
-    "diffusion.objective": ("block_diffusion", "ar"),
     "diffusion.noise_sampling": ("stratified", "uniform"),
     "diffusion.loss": ("ce", "score_entropy"),
     "optimizer.decay_style": ("cosine", "linear", "constant"),

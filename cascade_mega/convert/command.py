@@ -95,7 +95,7 @@ def padded_rows(vocab: int, hf: dict, tensor: int) -> int:
 
 def hf_to_mcore(args) -> str:
     from cascade_mega.data.tokenizer import open_tokenizer
-    from cascade_mega.train import checkpoint
+    from cascade_mega import checkpoint
 
     hf = hfmap.read_config(args.source)
     tok_path = os.path.join(args.source, "tokenizer.json")
@@ -156,7 +156,7 @@ def hf_to_mcore(args) -> str:
 def mcore_to_mcore(args) -> str:
     """The distributed checkpoint loads at any layout; this checks the target layout against the
     model and writes a run directory whose config asks for it."""
-    from cascade_mega.train.checkpoint import locate
+    from cascade_mega.checkpoint import locate
 
     config, ckpt = locate(args.source)
     out = os.path.abspath(args.out)

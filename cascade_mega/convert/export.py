@@ -28,6 +28,7 @@ import re
 import shutil
 
 from cascade_mega.config import ConfigError
+from cascade_mega.config.objectives import layout_of
 from cascade_mega.convert import hf as hfmap
 from cascade_mega.convert.staging import progress, staged
 from cascade_mega.inference.policies import ORDERS, POLICIES
@@ -59,10 +60,9 @@ def _hf_config(cfg, run_dir: str, rows: int, tokenizer) -> dict:
     hf = {k: v for k, v in hf.items() if k not in LOCAL_KEYS}
     hf.update(vocab_size=rows, torch_dtype="float32", dtype="float32",
               eos_token_id=tokenizer.eod, pad_token_id=tokenizer.eod)
-    d = cfg.diffusion
-    hf["cascade"] = {"objective": d.objective,
-                     "block_size": d.block_size if d.objective != "ar" else 1,
-                     "shifted_prediction": bool(d.shifted_prediction and d.objective != "ar"),
+    d, layout = cfg.diffusion, layout_of(cfg)
+    hf["cascade"] = {"objective": d.objective, "block_size": layout.block,
+                     "shifted_prediction": bool(d.shifted_prediction and not layout.causal),
                      "loss": d.loss}
     return hf
 
@@ -79,7 +79,7 @@ def _remote_config(hf: dict, cfg, tokenizer) -> dict:
     out.update(
         architectures=["CascadeForCausalLM"], model_type="cascade", auto_map=AUTO_MAP,
         backbone=hfmap.family(hf), objective="block_diffusion",
-        block_size=cfg.data.seq_len if cfg.attention_kind == "full" else cfg.diffusion.block_size,
+        block_size=layout_of(cfg).block,
         shifted_prediction=bool(cfg.diffusion.shifted_prediction), loss=cfg.diffusion.loss,
         mask_token_id=tokenizer.mask_id, tokenizer_vocab_size=tokenizer.vocab_size,
         max_position_embeddings=cfg.data.seq_len, rope_theta=m.rotary_base, rope_scaling=scaling,
@@ -134,7 +134,7 @@ def mcore_to_hf(args) -> str:
     from safetensors.torch import save_file
 
     from cascade_mega.inference.load import load_model
-    from cascade_mega.train.checkpoint import locate
+    from cascade_mega.checkpoint import locate
 
     cfg, tokenizer, model = load_model(args.source)
     run_dir = os.path.dirname(locate(args.source)[0])
@@ -143,7 +143,7 @@ def mcore_to_hf(args) -> str:
              if not k.endswith("_extra_state")}
     rows = state["embedding.word_embeddings.weight"].shape[0]
     hf = _hf_config(cfg, run_dir, rows, tokenizer)
-    diffusion = cfg.diffusion.objective != "ar"
+    diffusion = not layout_of(cfg).causal
     config = _remote_config(hf, cfg, tokenizer) if diffusion else hf
     tensors = list(hfmap.megatron_to_hf(state, hf))
     limit = args.max_shard_gb * 1024 ** 3
@@ -188,14 +188,14 @@ def mcore_to_hf(args) -> str:
 
 def _model_card(cfg, config: dict, tokenizer) -> str:
     name = config["architectures"][0]
-    if cfg.diffusion.objective == "ar":
+    if layout_of(cfg).causal:
         return f"""# {cfg.name}
 
 An autoregressive {name} trained with cascade_mega: `transformers` runs it as it is
 (`AutoModelForCausalLM.from_pretrained(DIR)`); end of text is id {tokenizer.eod}.
 """
     policies, orders = ", ".join(POLICIES), ", ".join(ORDERS)
-    kind = "full-diffusion" if cfg.attention_kind == "full" else \
+    kind = "full-diffusion" if layout_of(cfg).kind == "full" else \
         f"block-diffusion (block size {config['block_size']})"
     return f"""# {cfg.name}
 

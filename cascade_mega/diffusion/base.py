@@ -7,10 +7,13 @@ becomes model inputs and loss weights (`prepare`), the forward step (a teacher's
 it), the loss reduction and what its sums are called.
 
 An objective is built once per run, from the config, the tokenizer and the optional teacher, by
-the name in `diffusion.objective` (`register` here, `objectives.build`). Adding one touches this
-package and the config only: a subclass that implements `rows`, `prepare_micro_batch`,
-`forward_step`, `loss_sums` and `metrics` (with its own `Sums` dataclass), registered under a
-name the config accepts (`tests/test_objective.py` adds a toy masked LM that way).
+the name in `diffusion.objective` (`register`, `config/objectives.py`; `objectives.build`). It
+also answers, from a config alone, the sequence layout it lays out (`layout`: rows per sample,
+read-out rows, attention pairs, causal / full / block diffusion), which the config rules,
+`cascade plan`, the FLOP count and the decoders ask (`config/objectives.py: layout_of`). A new
+objective is one module: a subclass that implements `layout`, `prepare_micro_batch`,
+`forward_step`, `loss_sums` and `metrics` (with its own `Sums` dataclass), registered under its
+name (`tests/toy_objective.py` is a toy masked LM written that way).
 
 Each micro-batch is made on the host (a pure function of seed, split and step: resumable
 without saved RNG state, the same on every device) and crosses once, pinned and non-blocking;
@@ -26,18 +29,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from cascade_mega.config.objectives import REGISTRY, SequenceLayout, register  # noqa: F401
 from cascade_mega.runtime.device import to_device
-
-REGISTRY: dict = {}  # name -> Objective subclass
-
-
-def register(*names: str):
-    """Class decorator: the objective that `diffusion.objective = NAME` builds."""
-    def add(cls):
-        for name in names:
-            REGISTRY[name] = cls
-        return cls
-    return add
 
 
 def noise_generator(seed: int, *key) -> torch.Generator:
@@ -79,9 +72,14 @@ class Objective(ABC):
         """The config in force at a training step (a schedule changes it); default: fixed."""
         return self.cfg
 
+    @classmethod
     @abstractmethod
+    def layout(cls, cfg) -> SequenceLayout:
+        """The sequence layout this objective lays out under `cfg` (from the config alone)."""
+
     def rows(self, cfg, train: bool) -> int:
         """Rows one sample occupies in the model (what the pipeline sends between stages)."""
+        return self.layout(cfg).rows
 
     @abstractmethod
     def prepare_micro_batch(self, batch, rows: slice, cfg, split: str, step: int, noise):

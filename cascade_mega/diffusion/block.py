@@ -1,5 +1,6 @@
-"""Block diffusion (B = 1 .. L, V views, the auxiliary AR stream, distillation) and the AR
-baseline, as the trainer's `Objective` (`base.py`). The math lives in `objective.py` as plain
+"""Block diffusion (B = 1 .. L, V views, the auxiliary AR stream, distillation) as the trainer's
+`Objective` (`base.py`); the AR baseline (`ar.py`) is its subclass. The math lives in
+`objective.py` as plain
 functions (`prepare`, `reduce`), testable without a trainer; this class strings them together
 for a step: the block size in force (`at_step`), one noise draw per global batch, the
 distillation targets and the teacher's forward, and the metrics by name. Everything a forward needs
@@ -12,27 +13,46 @@ from __future__ import annotations
 import math
 from functools import partial
 
+from cascade_mega.config.objectives import layout_of
 from cascade_mega.diffusion import distill, objective
-from cascade_mega.diffusion.base import Objective, noise_generator, register
+from cascade_mega.diffusion.base import Objective, SequenceLayout, noise_generator, register
 from cascade_mega.model.gpt import predict_and_score
 
 
-@register("block_diffusion", "ar")
+@register("block_diffusion")
 class BlockDiffusion(Objective):
     Sums = objective.LossSums
     common_targets = True  # a validation pass on `objective.common_targets` (split "common")
     clip = None  # the [t_min, t_max] a schedule search chose: `use_noise_range`
+    accuracy = "masked_acc"  # the name of the accuracy metric (of the masked targets)
 
     def use_noise_range(self, t_range) -> None:
         """Training draws t in `t_range` from now on (the choice of a schedule search,
-        `train/schedule_search.py`; None: the config's range); validation keeps (0, 1]."""
+        `train/callbacks/schedule_search.py`; None: the config's range); validation keeps (0, 1]."""
         self.clip = None if t_range is None else tuple(t_range)
 
     def config_at(self, step: int):
         return objective.at_step(self.cfg, step)
 
+    @classmethod
+    def layout(cls, cfg) -> SequenceLayout:
+        """V noisy views and, for B < L, the clean stream (full diffusion at B = L has none),
+        plus the auxiliary causal stream. Attention pairs (the mask's non-zeros): each view's
+        rows see their block and the earlier clean blocks, the clean rows theirs and the earlier
+        ones, (V + 1) L (L + B) / 2; full diffusion V L^2; the causal stream L (L + 1) / 2."""
+        d, L = cfg.diffusion, cfg.data.seq_len
+        kind = "full" if d.block_size >= L else "block_diffusion"
+        aux = d.ar_loss_weight > 0
+        streams = d.views + int(kind == "block_diffusion") + int(aux)
+        pairs = d.views * L * L if kind == "full" else \
+            (d.views + 1) * L * (L + d.block_size) // 2
+        return SequenceLayout(kind, streams * L, d.views * (L - int(d.shifted_prediction)) +
+                              L * int(aux), pairs + (L * (L + 1) // 2 if aux else 0),
+                              d.block_size)
+
     def rows(self, cfg, train: bool) -> int:
-        return objective.sequence_rows(cfg) + (distill.extra_rows(cfg) if train else 0)
+        # the layout in force (an AR phase of a block-size schedule lays out AR's)
+        return layout_of(cfg).rows + (distill.extra_rows(cfg) if train else 0)
 
     def draw(self, cfg, split: str, step: int):
         if cfg.diffusion.objective == "ar":
@@ -75,7 +95,7 @@ class BlockDiffusion(Objective):
         if not train or tuple(self.clip or (d.t_min, d.t_max)) == (0.0, 1.0):
             out["nelbo"] = loss
             out["ppl_bound"] = math.exp(min(loss, 50.0))
-        out["masked_acc" if d.objective != "ar" else "acc"] = s.correct / max(s.scored, 1)
+        out[self.accuracy] = s.correct / max(s.scored, 1)
         if s.ar_targets > 0:
             out["ar_loss"] = s.ar_loss / s.ar_targets
         if s.distill_targets > 0:

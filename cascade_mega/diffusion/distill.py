@@ -39,7 +39,7 @@ def teacher_config(cfg, tokenizer):
     """The teacher's run config at the student's layout, checked against the student (its
     tokenizer, vocabulary, hidden size) before any model is built."""
     from cascade_mega.config import load_config
-    from cascade_mega.train.checkpoint import CheckpointError, locate
+    from cascade_mega.checkpoint import CheckpointError, locate
 
     path = cfg.distill.teacher
     try:
@@ -93,7 +93,7 @@ def _same_tokenizer(teacher, tokenizer, path: str) -> None:
 def build_teacher(tcfg, ckpt: str, tokenizer, dtype):
     """The frozen teacher (config and checkpoint from `teacher_config`): this rank's tensor-parallel
     share of this pipeline stage's layers."""
-    from cascade_mega.train import checkpoint
+    from cascade_mega import checkpoint
 
     teacher, = build_chunks(tcfg, tokenizer, dtype)  # the teacher has no virtual stages
     try:

@@ -12,49 +12,37 @@ An MoE layer (`model.moe`) counts its active parameters: each row through top-k 
 f_e and the shared expert f_s, 6 S h (k f_e + f_s), plus the router 2 S h E (and the shared
 expert's gate 2 S h); the dense layers of the pattern count 6 S h f.
 
-nnz: AR L (L + 1) / 2; block diffusion (V + 1) L (L + B) / 2 (clean rows block-causal, each view's
-rows their block plus the earlier clean blocks); full diffusion (B = L) V L^2; the auxiliary AR
-stream (`diffusion.ar_loss_weight`) adds L (L + 1) / 2 (its L rows are in S).
+S, n and nnz are the objective's own answers (`SequenceLayout`: rows, readout, pairs; e.g. AR
+L (L + 1) / 2, block diffusion (V + 1) L (L + B) / 2, `diffusion/block.py`).
 A step is 3 forwards' worth (forward + backward), times the global batch; full recompute reruns
 the forward but MFU counts model FLOPs, as Megatron does. A distillation teacher adds one forward
 of its own (an AR model of the teacher's size) per sequence.
 
 It lives with the objectives because the count is the model's dimensions (`model/dims.py`) run
-over the objective's layout (its rows, `objective.sequence_rows` / `readout_rows`, and its mask's
-non-zeros): the trainer (MFU), `cascade submit`'s time-limit check, sweep planning and
-`cascade bench` all read it from here.
+over the objective's layout (`config/objectives.py: layout_of`): the trainer (MFU), `cascade
+submit`'s time-limit check, sweep planning and `cascade bench` all read it from here.
 """
 
 from __future__ import annotations
 
 import torch
 
-from cascade_mega.diffusion.objective import readout_rows, sequence_rows
+from cascade_mega.config.objectives import layout_of
 from cascade_mega.model.dims import model_dims
 
 # dense bf16 tensor-core peak per GPU, FLOP/s (vendor datasheets)
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 
 
-def attention_pairs(cfg) -> int:
-    d, L = cfg.diffusion, cfg.data.seq_len
-    causal = L * (L + 1) // 2
-    if d.objective == "ar":
-        return causal
-    aux = causal if d.ar_loss_weight > 0 else 0
-    if cfg.attention_kind == "full":
-        return d.views * L * L + aux
-    return (d.views + 1) * L * (L + d.block_size) // 2 + aux
-
-
 def forward_flops(cfg, vocab: int) -> tuple[float, float]:
     """(matmul FLOPs of the linear layers and the read-out, attention FLOPs) of one sequence."""
-    x, S = model_dims(cfg, vocab), sequence_rows(cfg)
+    x, layout = model_dims(cfg, vocab), layout_of(cfg)
+    S = layout.rows
     h, a, g, dh, f = x["h"], x["a"], x["g"], x["d"], x["f"]
     attention = 2 * S * h * (a + 2 * g) * dh + 2 * S * a * dh * h
     linear = cfg.model.num_layers * attention + sum(mlp_flops(cfg, S, h, f))
-    return (linear + 2 * readout_rows(cfg) * h * x["V"],
-            cfg.model.num_layers * 4 * a * dh * attention_pairs(cfg))
+    return (linear + 2 * layout.readout * h * x["V"],
+            cfg.model.num_layers * 4 * a * dh * layout.pairs)
 
 
 def mlp_flops(cfg, S: int, h: int, f: int) -> list:

@@ -135,23 +135,6 @@ def shifted_rows(L: int, B: int, clean_offset: int | None, view_offset: int = 0)
     return rows
 
 
-def sequence_rows(cfg) -> int:
-    """Rows one sample occupies in the model (what the pipeline schedule sends between stages)."""
-    d, L = cfg.diffusion, cfg.data.seq_len
-    if d.objective == "ar":
-        return L
-    streams = d.views + int(cfg.attention_kind == "block_diffusion") + int(d.ar_loss_weight > 0)
-    return streams * L
-
-
-def readout_rows(cfg) -> int:
-    """Rows of one sample that carry a prediction (what reaches the output layer)."""
-    d, L = cfg.diffusion, cfg.data.seq_len
-    if d.objective == "ar":
-        return L
-    return d.views * (L - int(d.shifted_prediction)) + L * int(d.ar_loss_weight > 0)
-
-
 def train_range(cfg, clip=None) -> tuple:
     """The noise levels training draws: the clipped range (`clip`, e.g. the one a schedule
     search chose, else [t_min, t_max]) above `diffusion.t_floor` (and, for complementary views,
@@ -304,7 +287,7 @@ def _prepare(tokens, labels, loss_mask, cfg, mask_id, noise, t_range) -> Prepare
     x_t, masked = corrupt(tokens, noise, mask_id)  # [b, V, L]
     # 1/t on masked tokens, averaged over the views (each view is an unbiased NELBO estimate)
     weight = torch.where(masked, 1.0 / noise.t, 0.0) / V
-    clean_stream = cfg.attention_kind == "block_diffusion"
+    clean_stream = B < L  # B = L: full diffusion, no clean stream
     streams = [x_t[:, v] for v in range(V)]
     # host (moved with the batch): each view's block levels, the clean stream's 0
     levels = [noise.t[:, v].float() for v in range(V)] + [torch.zeros(b, L)] * clean_stream

@@ -127,7 +127,7 @@ def log_to_mlflow(run_path: str, metrics: dict) -> str:
     from cascade_mega.config import load_config
     from cascade_mega.tracking import store
     from cascade_mega.train.callbacks.tracking import RUN_ID_FILE
-    from cascade_mega.train.checkpoint import locate
+    from cascade_mega.checkpoint import locate
 
     config, _ = locate(run_path)
     run_dir = os.path.dirname(config)

@@ -23,6 +23,7 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from cascade_mega.config.objectives import layout_of
 from cascade_mega.evaluation.likelihood import ar_scores, fit, nelbo_bounds
 from cascade_mega.inference.policies import Policy
 from cascade_mega.inference.sampling import Sampling
@@ -33,7 +34,7 @@ class CascadeLM(LM):
                  policy: Policy = Policy(), batch: int = 64):
         super().__init__()
         self.cfg, self.tok, self.model, self.decoder = cfg, tokenizer, model, decoder
-        self.ar = cfg.diffusion.objective == "ar"
+        self.ar = layout_of(cfg).causal  # exact log-likelihoods, no bound
         self.samples, self.seed, self.policy, self.batch = mc_samples, seed, policy, batch
         self.max_len = cfg.data.seq_len
         if torch.distributed.is_initialized():

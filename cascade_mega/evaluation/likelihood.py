@@ -30,6 +30,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from cascade_mega.config.objectives import layout_of
 from cascade_mega.diffusion.noise import Noise
 from cascade_mega.diffusion.objective import prepare
 from cascade_mega.model.gpt import logits_at_rows, predict_and_score
@@ -98,7 +99,7 @@ def nelbo_bounds(model, cfg, mask_id: int, context: List[int], continuations: Li
     """(NELBO estimate, its standard error) of each continuation of one context, in nats."""
     cfg = scoring_config(cfg)
     L, B = cfg.data.seq_len, cfg.diffusion.block_size
-    full = cfg.attention_kind == "full"
+    full = layout_of(cfg).kind == "full"
     fitted = [fit(context, x, L) for x in continuations]
     P = L if full else math.ceil(max(len(c) + len(x) for c, x in fitted) / B) * B
     t, u = _noise(cfg, samples, question_seed(context, seed))

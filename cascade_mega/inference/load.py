@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from cascade_mega.train.checkpoint import locate
+from cascade_mega.checkpoint import locate
 
 
 def load_model(path: str, threads: int = 0):
@@ -20,7 +20,7 @@ def load_model(path: str, threads: int = 0):
     from cascade_mega.data import loader
     from cascade_mega.model.gpt import build_chunks
     from cascade_mega.runtime import distributed
-    from cascade_mega.train import checkpoint
+    from cascade_mega import checkpoint
 
     config, ckpt = locate(path)
     cfg = load_config(config, ONE_PROCESS + ["model.recompute=none", "train.fp8=null"],
@@ -68,5 +68,5 @@ def decoder_for(model, cfg, tokenizer, source: str = "the model", **full_diffusi
         options = ", ".join(f"--{'decode-block' if k == 'block' else k}" for k in full_diffusion)
         raise GenerationError(f"{options} applies to full-diffusion checkpoints (block_size = "
                               f"seq_len); {source} is a {d.objective} checkpoint with block size "
-                              f"{1 if d.objective == 'ar' else d.block_size}")
+                              f"{net.block_size}")
     return Decoder(net)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+from cascade_mega.config.objectives import layout_of
 from cascade_mega.model.gpt import allowed_logits, without_fp8
 from cascade_mega.runtime.device import current
 
@@ -25,9 +26,9 @@ class MegatronNetwork:
         d = cfg.diffusion
         self.model, self.cfg, self.tok = model, cfg, tokenizer
         self.max_len = cfg.data.seq_len
-        self.causal = d.objective == "ar"
-        self.full = cfg.attention_kind == "full"
-        self.block_size = 1 if self.causal else d.block_size
+        layout = layout_of(cfg)  # the objective's answer
+        self.causal, self.full = layout.causal, layout.kind == "full"
+        self.block_size = layout.block
         self.shifted = bool(d.shifted_prediction) and not self.causal
         self.scores = d.loss == "score_entropy"
         self.time_conditioning = bool(cfg.model.time_conditioning)

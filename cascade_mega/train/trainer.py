@@ -10,11 +10,17 @@ forward-backward schedule over them (gradient accumulation, pipeline schedules) 
 step (clipping inside) and the LR schedule -> the objective's metrics. The loss is a
 sum over tokens; megatron divides the gradients by the global token count
 (`calculate_per_token_loss`), so the update does not depend on how the batch is split.
+
+`fit` reads top to bottom: the loop steps, logs, evaluates and decides when to leave; everything
+else around it is a callback (`callbacks/base.py`: the hooks, when they run, on which ranks). The
+trainer's own components are installed first, always (`callbacks.builtin`: the exit record,
+heartbeats, the schedule search, the profiler, the memory report, checkpoints), then the
+callbacks the caller passes. The reader training draws from is the data layer's choice
+(`data/train_reader.py`); checkpoints are `cascade_mega/checkpoint/`'s.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -23,25 +29,21 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from cascade_mega import checkpoint
 from cascade_mega.diffusion import flops
 from cascade_mega.config import (CascadeConfig, config_changes, record_yaml, run_dtype,
                                  validate)
-from cascade_mega.data import loader
+from cascade_mega.data import loader, train_reader
 from cascade_mega.diffusion import distill, objectives
 from cascade_mega.diffusion.base import Shard
 from cascade_mega.model import moe
 from cascade_mega.model.gpt import build_chunks, parameter_counts
-from cascade_mega.runtime import (device, distributed, heartbeat, machine, provenance,
-                                  te_support)
-from cascade_mega.train.run_lock import RunLock
-from cascade_mega.train import checkpoint, schedule_search
+from cascade_mega.runtime import device, distributed, machine, provenance, te_support
+from cascade_mega.train.callbacks import builtin
 from cascade_mega.train.errors import NonFiniteError
-from cascade_mega.train.optim import build_optimizer, param_gather_paused, wrap_ddp
-from cascade_mega.train.profiler import StepProfiler
+from cascade_mega.train.optim import build_optimizer, wrap_ddp
+from cascade_mega.train.run_lock import RunLock
 from cascade_mega.train.signals import StopSignals
-
-
-MEMORY_AFTER = 3  # steps of this job after which every rank's peak memory is reported
 
 
 def memory_gb() -> float:
@@ -55,9 +57,10 @@ def memory_gb() -> float:
 
 class Trainer:
     def __init__(self, cfg: CascadeConfig, callbacks=None):
+        """callbacks: run after the trainer's own components (`callbacks.builtin`)."""
         self.cfg = cfg
         self.run_dir = cfg.run_dir
-        self.callbacks = list(callbacks or [])
+        self.callbacks = builtin() + list(callbacks or [])
         self.start_step = 0
         self.step = 0
 
@@ -124,13 +127,9 @@ class Trainer:
         self.peak_flops = flops.peak_flops()
         self.teacher_cfg = teacher[0] if teacher else None
         self._resume()
-        if cfg.data.backend == "dali":
-            from cascade_mega.data.dali_loader import DaliReader
-
-            self.train_data = DaliReader(
-                self.train_data.dataset, cfg, self.tokenizer.vocab_size, self.dp_rank,
-                self.dp_size, self.num_micro, self.start_step, rank=dist.get_rank(),
-                state_dir=os.path.join(self.resumed_from, "dali") if self.resumed_from else None)
+        self.train_data = train_reader.build(cfg, self.train_data, self.dp_rank, self.dp_size,
+                                             self.num_micro, self.start_step, dist.get_rank(),
+                                             self.resumed_from)
         if dist.get_rank() == 0:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
@@ -179,7 +178,7 @@ class Trainer:
             checkpoint.load(self.init_path, self.chunks, None, None)  # refresh them
             self.optimizer.reload_model_params()
         self.step = self.start_step
-        schedule_search.restore(self)  # the range the last search before this step chose
+        self.emit("on_resume")  # e.g. the schedule search's last choice before this step
 
     # ---------------------------------------------------------------- steps
     def run_schedule(self, batch, forward_only: bool):
@@ -267,81 +266,79 @@ class Trainer:
             metrics.update({f"{k}_common": common[k] for k in ("nelbo", "ppl_bound")})
         return metrics
 
-    def _emit(self, hook: str, *args):
-        if self.is_logger:
-            for cb in self.callbacks:
-                fn = getattr(cb, hook, None)
-                if fn:
-                    fn(self, *args)
-
-    def _save_loader_state(self, folder: str) -> None:
-        if hasattr(self.train_data, "save_state"):  # the DALI pipeline's own checkpoint
-            self.train_data.save_state(os.path.join(folder, "dali"))
-
     # ---------------------------------------------------------------- loop
     def fit(self):
         """Train to `train.steps` (or `train.exit_interval` steps of this job, or until the
         scheduler signals: `signals.py`). `self.outcome` is 'finished', 'stopped' (left early,
         to be resumed; `self.stop_signal` names the signal) or 'failed' when the callbacks see
-        the end. Every rank keeps its heartbeat file; `train.profile` profiles a window."""
-        cfg = self.cfg
-        t = cfg.train
-        self.outcome, self.stop_signal = "failed", None
+        the end; whatever happens, they all close, and the run lock is released."""
+        t = self.cfg.train
+        self.outcome, self.stop_signal, self.leaving = "failed", None, False
         signals = StopSignals().install()
-        self._record_exit("running")
-        beat = heartbeat.Heartbeat(self.run_dir, dist.get_rank(), t.heartbeat_s, self.world_size)
-        prof = StepProfiler(t.profile, self.run_dir, dist.get_rank(), device.on_gpu(),
-                            self.is_logger) if t.profile else None
-        self._emit("on_train_start")
         try:
-            if t.eval_batches and t.eval_interval and self.step == 0 < t.steps:
-                self._emit("on_eval_end", self.step, self.evaluate(self.step))
-            while self.step < t.steps:
-                log = (self.step + 1) % t.log_interval == 0 or self.step + 1 == t.steps
-                searched = schedule_search.search(self, self.step) \
-                    if schedule_search.due(cfg, self.step) else {}
-                log = log or bool(searched)  # the search's choice goes with this step's metrics
-                if prof:
-                    prof.before_step(self.step)
-                metrics = {**self.train_step(self.step, log), **searched}
-                self.step += 1
-                beat.step(self.step, metrics["memory_gb"])
-                if prof and (line := prof.after_step(self.step)):
-                    print(line, flush=True)
-                if self.step == min(self.start_step + MEMORY_AFTER, t.steps):
-                    self._report_memory(metrics["memory_gb"])
-                self._check_finite(metrics)
-                if log:
-                    self._emit("on_step_end", self.step, metrics)
-                if t.eval_batches and t.eval_interval and (
-                        self.step % t.eval_interval == 0 or self.step == t.steps):
-                    self._emit("on_eval_end", self.step, self.evaluate(self.step))
-                self.stop_signal = signals.agreed()  # the scheduler's warning or preemption
-                leaving = bool(self.stop_signal) or bool(t.exit_interval) and \
-                    (self.step - self.start_step) % t.exit_interval == 0
-                if self.step % cfg.checkpoint.interval == 0 or self.step == t.steps or leaving:
-                    with param_gather_paused(self.chunks):
-                        path = checkpoint.save(self.ckpt_root, self.chunks, self.optimizer,
-                                               self.scheduler, self.step,
-                                               self.step * t.global_batch_size,
-                                               cfg.checkpoint.keep_last, self._save_loader_state,
-                                               self.layout(), record_yaml(cfg),
-                                               keep=(self.resumed_from,))
-                    self._emit("on_checkpoint_end", self.step, path)
-                if leaving:
-                    break
+            self.emit("on_train_start")
+            if self.step == 0 < t.steps and self._eval_due():
+                self.emit("on_eval_end", self.step, self.evaluate(self.step))
+            while self.step < t.steps and not self.leaving:
+                self._fit_step(signals)
             self.outcome = "finished" if self.step >= t.steps else "stopped"
         finally:
             try:
-                if prof:
-                    prof.close()
-            finally:  # a failed trace export never leaves the run looking alive
-                beat.close()
-                self._record_exit(self.outcome)
-                self._emit("on_train_end")  # a late signal (the tracking flush) is ignored
+                self._end()  # a late signal (the tracking flush) is ignored
+            finally:
                 signals.restore()
                 self.release_lock()
         return self
+
+    def _fit_step(self, signals) -> None:
+        """One step of `fit`, with its hooks: pre_step (what it returns is logged with the
+        step), the step, post_step, the finiteness check, on_step_end when logged, an evaluation
+        when due, the stop decision every rank agrees on, on_step_boundary (checkpoints)."""
+        t = self.cfg.train
+        extra = {}
+        for got in self.emit("pre_step", self.step):  # the schedule search's choice
+            extra.update(got or {})
+        log = (self.step + 1) % t.log_interval == 0 or self.step + 1 == t.steps or bool(extra)
+        metrics = {**self.train_step(self.step, log), **extra}
+        self.step += 1
+        self.emit("post_step", self.step, metrics)
+        self._check_finite(metrics)
+        if log:
+            self.emit("on_step_end", self.step, metrics)
+        if self._eval_due():
+            self.emit("on_eval_end", self.step, self.evaluate(self.step))
+        self.stop_signal = signals.agreed()  # the scheduler's warning or preemption
+        self.leaving = bool(self.stop_signal) or bool(t.exit_interval) and \
+            (self.step - self.start_step) % t.exit_interval == 0
+        self.emit("on_step_boundary", self.step)
+
+    def _eval_due(self) -> bool:
+        t = self.cfg.train
+        return bool(t.eval_batches and t.eval_interval) and (
+            self.step % t.eval_interval == 0 or self.step == t.steps)
+
+    def _here(self) -> list:
+        """The callbacks that run on this rank (`callbacks/base.py`), in list order."""
+        return [cb for cb in self.callbacks if getattr(cb, "every_rank", False) or self.is_logger]
+
+    def emit(self, hook: str, *args) -> list:
+        """Call `hook` of every callback that runs on this rank, in list order; what they
+        return. Public: a callback emits what it completes (the checkpointer,
+        `on_checkpoint_end`)."""
+        return [fn(self, *args) for cb in self._here() if (fn := getattr(cb, hook, None))]
+
+    def _end(self) -> None:
+        """Every callback's `close`, last installed first, then every `on_train_end`, in list
+        order; each runs even when one before it raised, and the first error is raised after."""
+        here, first = self._here(), None
+        calls = [(cb, "close") for cb in reversed(here)] + [(cb, "on_train_end") for cb in here]
+        for cb, hook in calls:
+            try:
+                getattr(cb, hook, lambda trainer: None)(self)
+            except BaseException as err:  # noqa: BLE001  raised below, once all have run
+                first = first or err
+        if first is not None:
+            raise first
 
     def _check_finite(self, metrics: dict) -> None:
         """A step whose update was refused (NaN / Inf gradients, `optim.py`; every rank sees the
@@ -360,32 +357,6 @@ class Trainer:
         raise NonFiniteError(f"{what}; the update was not applied and the run stops. The last "
                              f"good checkpoint is {last or 'none (no checkpoint yet)'}; "
                              "train.nonfinite=skip steps over such steps")
-
-    def _report_memory(self, mine: float) -> None:
-        """Once per job, early (or at the end of a shorter run): every rank's peak memory,
-        gathered, in one line on the logging rank and in `<run_dir>/memory.json`."""
-        peaks = [torch.zeros(1, dtype=torch.float64, device=device.current())
-                 for _ in range(self.world_size)]
-        dist.all_gather(peaks, torch.tensor([mine], dtype=torch.float64, device=device.current()))
-        peaks = torch.cat(peaks).tolist()  # one copy to the host
-        top = max(range(len(peaks)), key=peaks.__getitem__)
-        if dist.get_rank() == 0:
-            with open(os.path.join(self.run_dir, "memory.json"), "w") as f:
-                json.dump({"step": self.step, "peak_gb": peaks}, f)
-        if self.is_logger:
-            kind = "GPU memory" if device.on_gpu() else "resident memory"
-            print(f"peak {kind} after step {self.step}: max {peaks[top]:.2f} GiB (rank {top}), "
-                  f"min {min(peaks):.2f} GiB over {len(peaks)} ranks; per rank in "
-                  f"{self.run_dir}/memory.json", flush=True)
-
-    def _record_exit(self, outcome: str) -> None:
-        """`<run_dir>/exit.json`: how this job's training ended (read by the Slurm job script's
-        requeue decision and `cascade jobs`); 'running' while it runs, so a killed job shows."""
-        if dist.get_rank() == 0:
-            os.makedirs(self.run_dir, exist_ok=True)
-            with open(os.path.join(self.run_dir, "exit.json"), "w") as f:
-                json.dump({"outcome": outcome, "signal": self.stop_signal, "step": self.step,
-                           "time": time.time()}, f)
 
     def layout(self) -> dict:
         ps = parallel_state

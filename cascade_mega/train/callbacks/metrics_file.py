@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 
+from cascade_mega.train.callbacks.base import Callback
 
-class MetricsFile:
+
+class MetricsFile(Callback):
     def __init__(self, run_dir: str):
         self.path = os.path.join(run_dir, "metrics.jsonl")
 

@@ -91,9 +91,9 @@ class MlflowTracker(Callback):
         self.journal.put_artifact(name, body)
 
     def on_checkpoint_end(self, trainer, step, path):
-        from cascade_mega.train import checkpoint
+        from cascade_mega import checkpoint
 
-        body = json.dumps(checkpoint.manifest(os.path.dirname(path)), indent=1).encode()
+        body = json.dumps(checkpoint.listing(os.path.dirname(path)), indent=1).encode()
         self.artifact("checkpoints/manifest.json", body)
 
     def on_train_end(self, trainer):

@@ -3,8 +3,10 @@
 Every rank records its own trace, `<run_dir>/profile/rank<R>.pt.trace.json` (Chrome trace format:
 chrome://tracing, Perfetto, TensorBoard's profiler plugin, Holistic Trace Analysis), with CPU
 and, on a GPU, CUDA activity, shapes and memory. The logging rank prints one line of the top
-kernels by self time (device time on a GPU, host time on the CPU). Outside the window the
-profiler does not exist, so it costs nothing.
+kernels by self time (device time on a GPU, host time on the CPU) when the window closes. Outside
+the window the profiler does not exist, so it costs nothing; without `train.profile` the hooks
+do nothing. A run that stops inside the window ends it in `close` (the trace is written, no line
+is printed).
 """
 
 from __future__ import annotations
@@ -12,19 +14,30 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile, schedule
 
+from cascade_mega.runtime import device
+from cascade_mega.train.callbacks.base import Callback
 
-class StepProfiler:
-    def __init__(self, window, run_dir: str, rank: int, on_gpu: bool, reports: bool):
-        """`reports`: this rank returns the summary line (the logging rank)."""
-        self.start, self.stop = window
-        self.path = os.path.join(run_dir, "profile", f"rank{rank}.pt.trace.json")
-        self.reports, self.on_gpu, self.prof = reports, on_gpu, None
 
-    def before_step(self, step: int) -> None:
+class StepProfiler(Callback):
+    every_rank = True
+
+    def __init__(self):
+        self.window, self.prof = None, None
+
+    def on_train_start(self, trainer):
+        self.window = trainer.cfg.train.profile
+        if self.window:
+            self.start, self.stop = self.window
+            self.path = os.path.join(trainer.run_dir, "profile",
+                                     f"rank{dist.get_rank()}.pt.trace.json")
+            self.reports, self.on_gpu = trainer.is_logger, device.on_gpu()
+
+    def pre_step(self, trainer, step):
         """`step` is the number of steps done; profiling covers steps start+1 .. stop."""
-        if step == self.start and self.prof is None:
+        if self.window and step == self.start and self.prof is None:
             import warnings
 
             if os.path.isfile(self.path):  # an earlier job's trace of the same window
@@ -37,28 +50,31 @@ class StepProfiler:
                 self.prof = profile(activities=activities, schedule=window, record_shapes=True,
                                     profile_memory=True, on_trace_ready=self._export)
             self.prof.__enter__()
+        return None
 
     def _export(self, prof) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         prof.export_chrome_trace(self.path)
 
-    def after_step(self, step: int) -> str | None:
-        """The summary line once the window closed (on the reporting rank), else None."""
+    def post_step(self, trainer, step, metrics):
+        """Mark the step; once the window closed, the summary line (on the reporting rank)."""
         if self.prof is None:
-            return None
+            return
         if self.on_gpu:
             torch.cuda.synchronize()
         self.prof.step()
-        if step < self.stop:
-            return None
-        return self.close()
+        if step >= self.stop and (line := self.end()):
+            print(line, flush=True)
 
-    def close(self) -> str | None:
-        """End the window (early, if the run stops inside it) and return the summary line."""
+    def close(self, trainer):
+        self.end()  # inside the window (a stop signal, an error): traced here
+
+    def end(self) -> str | None:
+        """End the window and return the summary line (the reporting rank's), else None."""
         if self.prof is None:
             return None
         prof, self.prof = self.prof, None
-        prof.__exit__(None, None, None)  # inside the window (a stop signal): traced here
+        prof.__exit__(None, None, None)
         if not self.reports:
             return None
         key = "self_device_time_total" if self.on_gpu else "self_cpu_time_total"

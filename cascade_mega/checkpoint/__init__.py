@@ -1,4 +1,5 @@
-"""Checkpoints with megatron-core `dist_checkpointing`, crash-safe.
+"""Checkpoints with megatron-core `dist_checkpointing`, crash-safe, verified, and loaded without
+running code. Everything a caller needs is importable from here.
 
 Layout under `<run_dir>/checkpoints/`: one folder per saved iteration (`iter_0000200/`) and a
 `latest` file naming the newest complete one. A save writes into `iter_XXXXXXX.partial/`, all ranks
@@ -9,6 +10,12 @@ file, fsync, `os.replace`). A crash at any point leaves the previous `latest` va
 The model and optimizer are sharded state (loadable at another parallel layout); the step, the
 learning-rate schedule and the consumed-sample count are common state. Noise and data order are
 functions of (seed, step), so nothing else is needed for an exact resume.
+
+The package's other modules: `manifest.py` (each checkpoint lists its files' sizes and checksums;
+every reader verifies them), `safe_unpickle.py` (a load unpickles nothing that runs code) and
+`distopt_state.py` (megatron-core's distributed optimizer state at its parameters' own offsets).
+It sits below the trainer (which saves and resumes through it) and the commands that read a
+checkpoint (generate, convert, eval, a distillation teacher): it imports none of them.
 """
 
 from __future__ import annotations
@@ -25,10 +32,10 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
+from cascade_mega.checkpoint import distopt_state
+from cascade_mega.checkpoint import manifest as manifest_file
+from cascade_mega.checkpoint import safe_unpickle
 from cascade_mega.errors import UserError
-from cascade_mega.train import distopt_state
-from cascade_mega.train import manifest as manifest_file
-from cascade_mega.train import safe_unpickle
 
 LATEST = "latest"
 INFO = "cascade.json"  # step, consumed samples and the layout a checkpoint was saved at
@@ -112,7 +119,7 @@ def save(ckpt_root: str, chunks, optimizer, scheduler, step: int, consumed: int,
          config_yaml: Optional[str] = None, keep: tuple = ()) -> str:
     """write_extra(folder): every rank's own files (e.g. the DALI pipeline state), written into
     the checkpoint before it is declared complete. layout: the parallel layout it was saved at,
-    recorded in `cascade.json` with the step (what `manifest` lists). config_yaml: the run's
+    recorded in `cascade.json` with the step (what `listing` returns). config_yaml: the run's
     config, kept as `config.yaml` (a resume names what changed since). keep: checkpoint folders
     `keep_last` never deletes (the one this run resumed from)."""
     final = os.path.join(ckpt_root, iter_name(step))
@@ -152,7 +159,7 @@ def save(ckpt_root: str, chunks, optimizer, scheduler, step: int, consumed: int,
     return final
 
 
-def manifest(ckpt_root: str) -> list:
+def listing(ckpt_root: str) -> list:
     """The complete checkpoints of a run, oldest first: path, step, layout, time saved."""
     out = []
     if not os.path.isdir(ckpt_root):
@@ -293,24 +300,17 @@ def load(path: str, chunks, optimizer, scheduler):
     return int(state["step"]), int(state["consumed_samples"])
 
 
-# the settings that shape the weights: a checkpoint saved under others does not load
-ARCHITECTURE = tuple(f"model.{k}" for k in (
-    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-    "qkv_bias", "qk_norm", "kv_channels", "tie_embeddings", "moe.num_experts", "moe.ffn_hidden_size",
-    "moe.shared_expert_size", "moe.shared_expert_gate", "moe.first_dense_layers", "moe.pattern",
-    "time_conditioning"))
-
-
 def check_architecture(path: str, cfg, what: str) -> None:
     """Refuse, before any model is built, a checkpoint whose saved config (`config.yaml` in the
     checkpoint) shapes the weights differently from `cfg` (an MoE checkpoint into a dense
     model, other sizes): one message naming each differing key."""
-    from cascade_mega.config import config_changes
+    from cascade_mega.config import config_changes, weight_keys
 
     saved = os.path.join(path, "config.yaml")
     if not os.path.isfile(saved):
         return
-    changes = [c for c in config_changes(open(saved).read(), cfg) if c[0] in ARCHITECTURE]
+    shaping = weight_keys()  # the fields marked `weights` in config/sections.py
+    changes = [c for c in config_changes(open(saved).read(), cfg) if c[0] in shaping]
     if changes:
         def show(v):
             return "null" if v is None else v

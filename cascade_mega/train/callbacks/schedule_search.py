@@ -13,8 +13,11 @@ Design choices:
 - Every rank takes part (the forwards are collective); the last pipeline stage holds the losses,
   and one sum over the pipeline group gives every rank the same variances and the same choice.
 - The choice is logged with the step's metrics (`schedule_t_min`, `schedule_t_max`,
-  `schedule_var/<t_min>-<t_max>`) and kept in `<run_dir>/schedule_search.jsonl` (step, chosen
-  range, variances), which a resume reads back (lines after the resumed step dropped).
+  `schedule_var/<t_min>-<t_max>`: what `pre_step` returns, which also has that step logged) and
+  kept in `<run_dir>/schedule_search.jsonl` (step, chosen range, variances), which a resume reads
+  back (`on_resume`: lines after the resumed step dropped).
+- A component of the trainer (`ScheduleSearch`, installed on every rank: `callbacks/base.py`),
+  before the step's profiling window opens (the search is not part of the step).
 """
 
 from __future__ import annotations
@@ -27,8 +30,19 @@ from megatron.core import parallel_state
 
 from cascade_mega.diffusion import objective
 from cascade_mega.diffusion.base import noise_generator
+from cascade_mega.train.callbacks.base import Callback
 
 FILE = "schedule_search.jsonl"
+
+
+class ScheduleSearch(Callback):
+    every_rank = True  # the search's forwards are collective
+
+    def on_resume(self, trainer):
+        restore(trainer)  # the range the last search before the resumed step chose
+
+    def pre_step(self, trainer, step):
+        return search(trainer, step) if due(trainer.cfg, step) else None
 
 
 def due(cfg, step: int) -> bool:
