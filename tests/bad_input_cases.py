@@ -12,12 +12,10 @@ import shutil
 
 import torch
 
-from helpers import h100_profile
+from helpers import ONE_STEP, h100_profile
 
 S = "configs/base.yaml"
-TINY = ["model.num_layers=1", "model.hidden_size=64", "data.seq_len=32", "train.steps=1",
-        "train.micro_batch_size=2", "train.global_batch_size=2", "train.eval_batches=0",
-        "optimizer.warmup_steps=0", "tracking.enabled=false"]
+TINY = ONE_STEP
 LLAMA = ('{"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128, '
          '"num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 1, '
          '"vocab_size": 300, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, '

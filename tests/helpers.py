@@ -15,6 +15,14 @@ from cascade_mega.model.gpt import build_model, predict_and_score
 
 VOCAB = 40
 MASK_ID = VOCAB - 1
+# the tiny model the command-line and trainer tests train on the embedded corpus (each test adds
+# the steps, batch and intervals it needs)
+TINY_MODEL = ["model.num_layers=2", "model.hidden_size=64", "data.seq_len=64",
+              "diffusion.block_size=8"]
+# one step of a one-layer model, nothing evaluated or tracked: the cheapest complete run
+ONE_STEP = ["model.num_layers=1", "model.hidden_size=64", "data.seq_len=32", "train.steps=1",
+            "train.micro_batch_size=2", "train.global_batch_size=2", "train.eval_batches=0",
+            "optimizer.warmup_steps=0", "tracking.enabled=false"]
 
 
 def tiny_cfg(*overrides, run_dir="/tmp/cascade-test"):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bad_input_cases import CASES, build_inputs
-from helpers import ROOT, cascade, h100_profile
+from helpers import ONE_STEP, ROOT, cascade, h100_profile
 
 
 def one_error(proc, *needles):
@@ -131,9 +131,7 @@ def test_a_broken_transformer_engine_is_named(tmp_path, monkeypatch, capsys):
         sys.modules.pop("transformer_engine.pytorch", None)
 
 
-TINY_RUN = ["configs/base.yaml", "model.num_layers=1", "model.hidden_size=64", "data.seq_len=32",
-            "train.steps=1", "train.micro_batch_size=2", "train.global_batch_size=2",
-            "train.eval_batches=0", "optimizer.warmup_steps=0", "tracking.enabled=false"]
+TINY_RUN = ["configs/base.yaml", *ONE_STEP]
 
 
 @pytest.fixture(scope="module")

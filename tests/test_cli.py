@@ -5,9 +5,9 @@ import re
 
 import pytest
 
-from helpers import cascade
-TINY = ["model.num_layers=2", "model.hidden_size=64", "data.seq_len=64", "diffusion.block_size=8",
-        "train.micro_batch_size=4", "train.global_batch_size=4", "optimizer.warmup_steps=2"]
+from helpers import TINY_MODEL, cascade
+TINY = [*TINY_MODEL, "train.micro_batch_size=4", "train.global_batch_size=4",
+        "optimizer.warmup_steps=2"]
 
 
 def run(*args):

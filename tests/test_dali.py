@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from helpers import train
+from helpers import TINY_MODEL, train
 
 from cascade_mega.config import load_config
 from cascade_mega.data import loader
@@ -16,8 +16,7 @@ from cascade_mega.data.indexed import DataError
 
 def _cfg(run_dir, *extra):
     return load_config(None, [
-        f"run_dir={run_dir}", "model.num_layers=2", "model.hidden_size=64", "data.seq_len=64",
-        "diffusion.block_size=8", "train.steps=6", "train.micro_batch_size=2",
+        f"run_dir={run_dir}", *TINY_MODEL, "train.steps=6", "train.micro_batch_size=2",
         "train.global_batch_size=8", "train.log_interval=1", "train.eval_interval=0",
         "optimizer.warmup_steps=2", "checkpoint.interval=100", "tracking.enabled=false", *extra])
 

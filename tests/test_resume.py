@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from helpers import train
+from helpers import TINY_MODEL, train
 
 from cascade_mega.config import load_config
 from cascade_mega.train.callbacks import MetricsFile
@@ -16,9 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _cfg(run_dir, *extra):
     return load_config(None, [
-        f"run_dir={run_dir}", "model.num_layers=2", "model.hidden_size=64",
-        "model.num_attention_heads=4", "model.num_query_groups=2", "data.seq_len=64",
-        "diffusion.block_size=8", "train.steps=6", "train.micro_batch_size=2",
+        f"run_dir={run_dir}", *TINY_MODEL, "model.num_attention_heads=4",
+        "model.num_query_groups=2", "train.steps=6", "train.micro_batch_size=2",
         "train.global_batch_size=4", "train.log_interval=1", "train.eval_interval=3",
         "train.eval_batches=1", "optimizer.warmup_steps=2", "checkpoint.interval=100",
         "tracking.enabled=false", *extra])

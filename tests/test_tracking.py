@@ -13,9 +13,8 @@ import helpers
 from mlflow_server import MlflowServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["model.num_layers=2", "model.hidden_size=64", "data.seq_len=64", "diffusion.block_size=8",
-        "train.micro_batch_size=4", "train.global_batch_size=4", "optimizer.warmup_steps=2",
-        "train.steps=20", "train.log_interval=5", "train.eval_interval=10",
+TINY = [*helpers.TINY_MODEL, "train.micro_batch_size=4", "train.global_batch_size=4",
+        "optimizer.warmup_steps=2", "train.steps=20", "train.log_interval=5", "train.eval_interval=10",
         "train.eval_batches=1", "checkpoint.interval=10"]
 
 
@@ -115,8 +114,8 @@ def test_server_killed_mid_run_loses_nothing(tmp_path):
     # the server dies after 20 logged steps and comes back 30 steps later; a run that ends
     # meanwhile waits for it (tracking.flush_timeout) before finishing
     proc = cascade("train", "configs/base.yaml", "model.num_layers=2",
-                   "model.hidden_size=64", "data.seq_len=128", "train.micro_batch_size=4",
-                   "train.global_batch_size=4", "train.steps=400", "train.log_interval=1",
+                   "model.hidden_size=64", "data.seq_len=64", "train.micro_batch_size=4",
+                   "train.global_batch_size=4", "train.steps=200", "train.log_interval=1",
                    "train.eval_interval=0", "checkpoint.interval=1000", "optimizer.warmup_steps=2",
                    f"run_dir={run_dir}", f"tracking.uri={server.uri}",
                    "tracking.flush_timeout=120", background=True)
@@ -148,7 +147,7 @@ def test_server_killed_mid_run_loses_nothing(tmp_path):
     assert client.get_run(run_id).info.status == "FINISHED"
     sent = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
     local = {r["step"]: r["loss"] for r in map(json.loads, open(run_dir / "metrics.jsonl"))}
-    assert sent == local and sorted(sent) == list(range(1, 401))
+    assert sent == local and sorted(sent) == list(range(1, 201))
     assert (run_dir / "mlflow_journal.jsonl").stat().st_size == 0  # all sent: cut back
 
 
