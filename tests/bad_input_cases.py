@@ -205,6 +205,15 @@ CASES = [
     ("train-time-conditioning-ar", ["train", S, "model.time_conditioning=true",
                                     "diffusion.objective=ar"],
      "'model.time_conditioning' embeds the noise level of a block; 'diffusion.objective' = ar"),
+    ("train-time-conditioning-clipped", ["train", S, "model.time_conditioning=true",
+                                         "diffusion.t_min=0.3"],
+     "'model.time_conditioning' embeds the noise level of a block, but training draws it in "
+     "[0.3, 1.0]"),
+    ("train-time-conditioning-search", ["train", S, "model.time_conditioning=true",
+                                        "diffusion.schedule_search.interval=100",
+                                        "diffusion.schedule_search.candidates=[[0.0,1.0],[0.2,0.8]]"],
+     "but training draws it in [0.2, 0.8] ('diffusion.t_min' / 't_max' or a range "
+     "'diffusion.schedule_search' may choose)"),
     # generate
     ("generate-missing", ["generate", "--ckpt", "{inp}/nowhere", "--prompt", "ROMEO:"],
      "{inp}/nowhere: no such run directory or checkpoint"),

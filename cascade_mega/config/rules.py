@@ -35,6 +35,15 @@ def _check_model_layout(cfg: CascadeConfig) -> None:
     need(not m.time_conditioning or d.objective == "block_diffusion",
          f"'model.time_conditioning' embeds the noise level of a block; 'diffusion.objective' = "
          f"{d.objective} has no noise (use block_diffusion)")
+    search = d.schedule_search
+    ranges = [(d.t_min, d.t_max)] + [tuple(c) for c in search.candidates if search.interval]
+    clipped = next((r for r in ranges if tuple(r) != (0.0, 1.0)), None)
+    need(not m.time_conditioning or clipped is None,
+         f"'model.time_conditioning' embeds the noise level of a block, but training draws it "
+         f"in {list(clipped or ())} ('diffusion.t_min' / 't_max' or a range "
+         "'diffusion.schedule_search' may choose), while validation reads levels over (0, 1] and "
+         "decoding the masked share of a block down to 1 / block size, levels the embedding "
+         "never learnt: train a time-conditioned model over [0, 1]")
     need(not (p.tp_comm_overlap and cfg.distill.teacher),
          "'parallel.tp_comm_overlap' sizes Transformer Engine's userbuffers for one row count; "
          "'distill.teacher' adds rows in training that evaluation does not have")
