@@ -338,6 +338,8 @@ CASES = [
      "cascade preprocess: one of the arguments --tokenizer"),
     ("preprocess-tokenizer-missing", ["preprocess", "{inp}/in.txt", "--output-prefix", "{tmp}/out", "--tokenizer", "{inp}/nowhere.json"],
      "tokenizer not found: {inp}/nowhere.json"),
+    ("preprocess-not-utf8", ["preprocess", "{inp}/random.txt", "--output-prefix", "{tmp}/out/ds", "--train-bpe", "300"],
+     "{inp}/random.txt: not UTF-8 text (8192 of its first 8192 bytes are not UTF-8); --allow-not-utf8"),
     ("preprocess-workers", ["preprocess", "{inp}/in.txt", "--output-prefix", "{tmp}/out", "--train-bpe", "300", "--workers", "0"],
      "--workers must be >= 1, got 0"),
     ("preprocess-shard-tokens", ["preprocess", "{inp}/in.txt", "--output-prefix", "{tmp}/out", "--train-bpe", "300", "--shard-tokens", "-5"],
@@ -492,7 +494,8 @@ def build_inputs(inp, run) -> None:
              "tok.txt": "not a tokenizer\n", "docs.jsonl": '{"text": "a document"}\n',
              "bad.jsonl": '{"text": "a document"}\n{"text": \n',
              "badprofile.yaml": "nodes: [1, 2]\nno_such_key: 3\n",
-             "prompts.bin": b"ROMEO:\n\xff\xfeJULIET\n", "bad.gguf": b"GGML" + os.urandom(100)}
+             "prompts.bin": b"ROMEO:\n\xff\xfeJULIET\n", "bad.gguf": b"GGML" + os.urandom(100),
+             "random.txt": bytes(range(128, 256)) * 64}
     sweep = open("configs/sweeps/cpu_demo.yaml").read().replace("base: ../base.yaml",
                                                                  f"base: {base}")
     texts.update({"sweep_badkey.yaml": sweep + "grid_typo: 3\n",

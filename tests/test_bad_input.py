@@ -5,6 +5,7 @@ way for each case; the cases below it need more than a command line (a crafted c
 Transformer Engine that fails to import, a machine without the GPU a job expects).
 """
 
+import json
 import os
 
 import pytest
@@ -64,6 +65,18 @@ def test_the_bad_input_table(case, inputs, tiny_run, tmp_path):
         assert proc.stdout == "", proc.stdout  # nothing echoed before the message
     assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
     assert _tree(inputs, tiny_run, os.path.join(ROOT, "runs")) == before
+
+
+def test_a_budget_past_the_context_is_said_before_decoding(tiny_run):
+    """A prompt whose new tokens would run past the context: one warning per prompt, before the
+    decoding, which then stops at the context."""
+    proc = cascade("generate", "--ckpt", tiny_run, "--prompt", "ROMEO: what light", "--json",
+                   "--max-new-tokens", "64", "--precision", "fp32")
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("cascade: warning")]
+    assert len(warnings) == 1 and "the context (32) leaves room for at most" in warnings[0]
+    room = int(warnings[0].split("at most ")[1].split()[0])
+    assert len(json.loads(proc.stdout.splitlines()[0])["tokens"]) <= room
 
 
 def test_preprocess_says_how_much_text_was_not_utf8(tmp_path):

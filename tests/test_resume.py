@@ -44,6 +44,68 @@ def test_stop_and_resume_is_exact(megatron, tmp_path):
     assert grad == [(r["step"], r["grad_norm"]) for r in resumed if r["split"] == "train"]
 
 
+def test_a_resume_continues_on_a_changed_learning_rate_schedule(megatron, tmp_path, capsys):
+    """A run resumed with `optimizer.lr` and `optimizer.min_lr` cut (LLaDA's answer to a loss
+    spike), through `cascade train`'s callbacks: its first resumed step computes the
+    uninterrupted run's loss (weights and Adam state restored), every resumed step logs the new
+    schedule's learning rate (that of a run trained at the new settings from the start), the
+    resume line names the change, and the MLflow run records it as a tag."""
+    from mlflow.tracking import MlflowClient
+
+    from cascade_mega.train.callbacks import standard
+    from helpers import records
+
+    straight = _run(_cfg(tmp_path / "straight"))
+    _run(_cfg(tmp_path / "run", "train.exit_interval=3"))
+    new = ["optimizer.lr=2.5e-4", "optimizer.min_lr=2e-5"]
+    cfg = _cfg(tmp_path / "run", *new, "tracking.enabled=true", "tracking.samples=0")
+    capsys.readouterr()
+    Trainer(cfg, standard(cfg)).setup().fit()
+    printed = capsys.readouterr().out
+    resumed, reference = records(tmp_path / "run"), _run(_cfg(tmp_path / "reference", *new))
+
+    def lrs(rows):
+        return [(r["step"], r["lr"]) for r in rows if r["split"] == "train" and r["step"] > 3]
+
+    assert lrs(resumed) == lrs(reference) and lrs(resumed) != lrs(straight)
+    first = [r["loss"] for r in resumed + straight if r["split"] == "train" and r["step"] == 4]
+    assert len(first) == 2 and first[0] == first[1]
+    assert "changed since that checkpoint: optimizer.lr 0.001 -> 0.00025; optimizer.min_lr " \
+        "0.0001 -> 2e-05" in printed, printed
+    client = MlflowClient(f"sqlite:///{tmp_path}/run/mlflow.db")
+    run_id = (tmp_path / "run" / "mlflow_run_id").read_text().strip()
+    assert client.get_run(run_id).data.tags["cascade.changed_at_step.3"].startswith(
+        "optimizer.lr 0.001 -> 0.00025")
+
+
+def test_a_decoder_takes_the_newest_checkpoint_when_its_choice_vanishes(megatron, tmp_path,
+                                                                        monkeypatch):
+    """`cascade generate` (and eval, convert) reading a run while it trains: the checkpoint it
+    chose is removed while it loads (the trainer's `keep_last`), and it loads the newest one
+    that verifies instead; a checkpoint folder named explicitly is not replaced."""
+    import shutil
+
+    from cascade_mega import checkpoint
+    from cascade_mega.inference import load
+
+    _run(_cfg(tmp_path / "run", "checkpoint.interval=3"))
+    real, seen = checkpoint.load, []
+
+    def racing(path, *args):
+        seen.append(os.path.basename(path))
+        if len(seen) == 1:
+            shutil.rmtree(path)
+        return real(path, *args)
+
+    monkeypatch.setattr(checkpoint, "load", racing)
+    load.load_model(str(tmp_path / "run"))
+    assert seen == ["iter_0000006", "iter_0000003"]
+    seen.clear()
+    with pytest.raises(checkpoint.CheckpointError, match="no metadata.json"):
+        load.load_model(str(tmp_path / "run" / "checkpoints" / "iter_0000003"))
+    assert seen == ["iter_0000003"]
+
+
 def test_run_directory_layout(megatron, tmp_path):
     records = _run(_cfg(tmp_path / "run", "checkpoint.interval=3"))
     run = tmp_path / "run"

@@ -274,6 +274,42 @@ def _unshare_steps(optimizer) -> None:
                     state["step"] = state["step"].clone()
 
 
+# what identifies a parameter group across a save and a load (megatron-core's structural keys;
+# its own identifier also holds the learning rates and weight decays, which a resume may change)
+GROUP_KEYS = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr", "optimizer")
+
+
+def _current_hyperparameters(saved, optimizer, path: str) -> None:
+    """The saved parameter groups take the live optimizer's hyperparameters (learning rates,
+    weight decay, Adam's betas and eps: the config in force), matched by their structural keys;
+    the saved state keeps its moments and steps. A saved group with no live counterpart is a
+    change of the optimizer's structure, which a resume cannot honour: one message."""
+    live = [g for part in getattr(optimizer, "chained_optimizers", [optimizer])
+            for g in getattr(getattr(part, "optimizer", None), "param_groups", [])]
+    by_key = {tuple(g.get(k) for k in GROUP_KEYS): g for g in live}
+
+    def visit(node):
+        if isinstance(node, dict):
+            groups = node.get("param_groups")
+            if isinstance(groups, list) and all(isinstance(g, dict) for g in groups):
+                for group in groups:
+                    key = tuple(group.get(k) for k in GROUP_KEYS)
+                    if key not in by_key:
+                        raise CheckpointError(
+                            f"cannot resume {path} with this optimizer: its parameter group "
+                            f"{dict(zip(GROUP_KEYS, key))} has no counterpart here (the "
+                            "optimizer or its parameter grouping changed; learning rates, "
+                            "weight decay, betas and clipping may change on resume)")
+                    group.update({k: v for k, v in by_key[key].items() if k != "params"})
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                visit(value)
+
+    visit(saved)
+
+
 def load(path: str, chunks, optimizer, scheduler):
     """Load into the live model/optimizer; returns (step, consumed_samples)."""
     if not os.path.isfile(os.path.join(path, "metadata.json")):
@@ -294,6 +330,7 @@ def load(path: str, chunks, optimizer, scheduler):
     for i, c in enumerate(chunks):
         _unwrap(c).load_state_dict(state[f"model{i}"])
     if optimizer is not None:
+        _current_hyperparameters(state["optimizer"], optimizer, path)
         optimizer.load_state_dict(state["optimizer"])
         _unshare_steps(optimizer)
         scheduler.load_state_dict(state["scheduler"])

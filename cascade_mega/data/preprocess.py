@@ -58,6 +58,21 @@ def _count_replacement(err: UnicodeDecodeError):
 
 codecs.register_error("cascade-count", _count_replacement)
 
+SNIFF_BYTES = 1 << 20  # what is read of each input to tell text from binary data
+MOSTLY_NOT_UTF8 = 0.2  # share of invalid bytes in it above which the input is refused
+
+
+def _check_text(path: str) -> None:
+    """An input whose first MiB is mostly not UTF-8 (binary data, another encoding) would become
+    one long document of U+FFFD tokens: refused, before anything is written (`--allow-not-utf8`
+    reads it anyway; a few bad bytes in real text only get the warning at the end)."""
+    with _open_binary(path) as f:
+        data = f.read(SNIFF_BYTES)
+    bad = len(data) - len(data.decode("utf-8", "ignore").encode("utf-8"))
+    if data and bad / len(data) > MOSTLY_NOT_UTF8:
+        raise DataError(f"{path}: not UTF-8 text ({bad} of its first {len(data)} bytes are not "
+                        "UTF-8); --allow-not-utf8 reads such bytes as U+FFFD")
+
 
 def _is_mediawiki(path: str) -> bool:
     """A MediaWiki XML export, whatever the file is called (dump names vary)."""
@@ -145,13 +160,15 @@ def resolve_tokenizer(spec: str) -> str:
 
 def preprocess(paths, prefix: str, tokenizer: str | None = None, train_bpe_size: int = 0,
                workers: int = 1, json_key: str = "text", lines: bool = False,
-               shard_tokens: int = 0, quiet: bool = False) -> dict:
+               shard_tokens: int = 0, quiet: bool = False, allow_not_utf8: bool = False) -> dict:
     """Write the indexed dataset(s); returns {documents, tokens, bytes, seconds, prefixes}."""
     NOT_UTF8[0] = 0
     for p in paths:
         _open(p).close()  # every input exists and opens, before any work
         if os.path.getsize(p) == 0:
             raise DataError(f"{p}: the input is empty")
+        if not allow_not_utf8:
+            _check_text(p)
     if not train_bpe_size:  # the tokenizer is checked before anything is written
         if not tokenizer:
             raise DataError("give --tokenizer PATH or --train-bpe N")
@@ -222,6 +239,8 @@ def add_arguments(p) -> None:
     p.add_argument("--lines", action="store_true", help=".txt: one document per line")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--shard-tokens", type=int, default=0, help="tokens per output shard")
+    p.add_argument("--allow-not-utf8", action="store_true", help="read an input that is mostly "
+                   "not UTF-8 text (its bad bytes as U+FFFD) instead of refusing it")
     p.add_argument("--json", action="store_true", help="end with one JSON line of statistics")
 
 
@@ -235,7 +254,8 @@ def run(args) -> int:
         raise DataError(f"--shard-tokens must be >= 0 (0: one output file), got "
                         f"{args.shard_tokens}")
     stats = preprocess(args.inputs, args.output_prefix, args.tokenizer, args.train_bpe or 0,
-                       args.workers, args.json_key, args.lines, args.shard_tokens)
+                       args.workers, args.json_key, args.lines, args.shard_tokens,
+                       allow_not_utf8=args.allow_not_utf8)
     print(f"wrote {', '.join(p + '.bin' for p in stats['prefixes'])}: {stats['documents']} "
           f"documents, {stats['tokens']} tokens, {stats['tokens_per_s']:,.0f} tokens/s with "
           f"{args.workers} worker(s)")

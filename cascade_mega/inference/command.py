@@ -100,6 +100,11 @@ def run(args) -> int:
                            **{k: v for k, v in given.items() if v is not None})
     prompts = [decoder.net.tok.encode(t) for t in texts]
     check_request(prompts, decoder.max_len, args.max_new_tokens)  # before the prompt is echoed
+    for i, p in enumerate(prompts):  # the context ends before the budget: said, not silent
+        if len(p) + args.max_new_tokens > decoder.max_len:
+            print(f"cascade: warning: prompt {i} has {len(p)} tokens: the context "
+                  f"({decoder.max_len}) leaves room for at most {decoder.max_len - len(p)} of the "
+                  f"{args.max_new_tokens} new tokens", file=sys.stderr)
     streaming = len(prompts) == 1 and not args.json
     shown = {"ids": [], "text": ""}
 

@@ -1,7 +1,9 @@
 """A decoder from a run directory or a checkpoint folder, on one process.
 
 The run's `config.yaml` describes the model; the checkpoint (any parallel layout: it is resharded
-on load) gives the weights; the dataset's tokenizer gives the vocabulary.
+on load) gives the weights; the dataset's tokenizer gives the vocabulary. A run directory read
+while it trains may lose the checkpoint being loaded to `checkpoint.keep_last`: the newest one
+that verifies is taken instead (a checkpoint folder named explicitly is not replaced).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ def load_model(path: str, threads: int = 0):
     from cascade_mega.config import ONE_PROCESS, load_config
     from cascade_mega.data import loader
     from cascade_mega.model.gpt import build_chunks
-    from cascade_mega.runtime import distributed
     from cascade_mega import checkpoint
+    from cascade_mega.runtime import distributed
 
     config, ckpt = locate(path)
     cfg = load_config(config, ONE_PROCESS + ["model.recompute=none", "train.fp8=null"],
@@ -30,8 +32,17 @@ def load_model(path: str, threads: int = 0):
     tokenizer = loader.run_tokenizer(cfg, os.path.dirname(config))
     distributed.init(cfg.parallel, cfg.train.seed)
     model, = build_chunks(cfg, tokenizer)
-    checkpoint.load(ckpt, [model], None, None)
-    return cfg, tokenizer, model
+    for attempt in range(RETRIES + 1):
+        try:
+            checkpoint.load(ckpt, [model], None, None)
+            return cfg, tokenizer, model
+        except (checkpoint.CheckpointError, FileNotFoundError):
+            if ckpt == path or os.path.isdir(ckpt) or attempt == RETRIES:
+                raise  # not a vanished choice: the checkpoint itself is the problem
+            ckpt = locate(path)[1]  # the trainer removed it (keep_last): the newest now
+
+
+RETRIES = 3  # checkpoints of a training run that vanish while they are read
 
 
 def load_decoder(path: str, threads: int = 0, precision: str = "", **full_diffusion):

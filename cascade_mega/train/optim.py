@@ -1,4 +1,12 @@
-"""megatron-core DDP wrapper, optimizer (AdamW) and warmup + decay schedule for one run."""
+"""megatron-core DDP wrapper, optimizer (AdamW) and warmup + decay schedule for one run.
+
+The config in force is the schedule's, also on resume (megatron-core's
+`override_opt_param_scheduler`, Megatron-LM's `--override-opt_param-scheduler`): a run resumed
+with another learning rate, minimum, warmup, decay style or length (`train.steps`), weight decay
+or clipping continues on the new schedule from the checkpoint's step (what LLaDA did to survive
+a loss spike: the learning rate cut on resume). The checkpoint's optimizer state keeps its
+moments; its parameter groups take the config's values (`checkpoint.load`).
+"""
 
 from __future__ import annotations
 
@@ -98,6 +106,8 @@ def build_optimizer(chunks, cfg, dtype):
         end_wd=o.weight_decay,
         wd_incr_steps=max(steps, 1),
         wd_incr_style="constant",
+        override_opt_param_scheduler=True,  # on resume, this config's values, not the saved
+        use_checkpoint_opt_param_scheduler=False,
     )
     return optimizer, scheduler
 

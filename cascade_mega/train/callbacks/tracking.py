@@ -63,6 +63,10 @@ class MlflowTracker(Callback):
         self.run_params = {**params.config_params(self.cfg), **params.code_version(),
                            **params.versions()}
         self.tags = {**params.layout_tags(trainer), **self.cfg.tracking.tags}
+        changes = getattr(trainer, "resume_changes", [])
+        if changes:  # params are immutable: a resume's changes (e.g. the learning rate) are tags
+            self.tags[f"cascade.changed_at_step.{trainer.start_step}"] = "; ".join(
+                f"{key} {old!r} -> {new!r}" for key, old, new in changes)[:5000]
         from cascade_mega.config import record_yaml
 
         self.artifact("config.yaml", record_yaml(self.cfg).encode())
