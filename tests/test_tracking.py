@@ -282,7 +282,13 @@ def test_kill_9_three_times_loses_no_metric_and_sends_none_twice(tmp_path):
     # every start that reached the store counts (one killed before its tracker opened the run
     # does not), the first created it: 0 to 3 restarts, and one MLflow run
     assert int(client.get_run(run_id).data.tags["cascade.restarts"]) <= 3, seed
-    assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
+    # a kill before the first checkpoint made the restart a new attempt (`train/attempts.py`):
+    # one MLflow run per attempt that reached the store, none left RUNNING
+    runs = client.search_runs([client.get_run(run_id).info.experiment_id])
+    archived = [p for p in (run_dir / "attempts").glob("*/mlflow_run_id")] \
+        if (run_dir / "attempts").exists() else []
+    assert len(runs) == 1 + len(archived), seed
+    assert all(r.info.status != "RUNNING" for r in runs), seed
     assert {"config.yaml", "checkpoints/manifest.json"} <= set(_artifacts(client, run_id))
 
 
@@ -331,3 +337,51 @@ def test_journal_killed_inside_an_ack_sends_no_step_twice(tmp_path, monkeypatch,
     again.append([("loss", 0.5, 3000, 8)])
     assert [r for r in again.next_chunk()[0] if r not in sent] == [("loss", 0.5, 3000, 8)]
     again.close()
+
+
+def test_a_start_from_step_0_is_a_new_attempt_with_a_history_of_its_own(tmp_path):
+    """A bf16 run killed (kill -9) before its first checkpoint, then the same run directory
+    restarted in fp32: the first attempt's outputs move to attempts/1 and its MLflow run is
+    marked KILLED, pointing at the new one; the new MLflow run holds exactly metrics.jsonl's
+    values and the fp32 config. Then `train.resume=none` over the finished run, and its `latest`
+    deleted: the fallback resumes the new attempt's checkpoint, never an archived one."""
+    import signal
+
+    run_dir = tmp_path / "run"
+    args = ["train", "configs/base.yaml", *TINY, "train.steps=6", "train.log_interval=1",
+            "train.eval_interval=0", "checkpoint.interval=100", f"run_dir={run_dir}"]
+    proc = cascade(*args, "train.precision=bf16", "train.steps=10000", background=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not (
+                (run_dir / "mlflow_run_id").exists() and len(helpers.records(run_dir)) >= 2):
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    first_id = _run_id(run_dir)
+    done = helpers.cascade(*args, "train.precision=fp32")
+    assert done.returncode == 0, done.stderr
+    assert "earlier attempt's checkpoints, metrics and MLflow run are kept in" in done.stdout
+    assert (run_dir / "attempts" / "1" / "mlflow_run_id").read_text().strip() == first_id
+    client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
+    run_id = _run_id(run_dir)
+    run, first = client.get_run(run_id), client.get_run(first_id)
+    assert run_id != first_id and run.data.params["train.precision"] == "fp32"
+    assert run.data.tags["cascade.previous_attempt"] == first_id
+    assert first.info.status == "KILLED" and first.data.tags["cascade.next_attempt"] == run_id
+    local = [r for r in helpers.records(run_dir) if r["split"] == "train"]
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(r["step"], r["loss"]) for r in local]
+    assert [r["step"] for r in local] == list(range(1, 7))
+
+    # resume=none over it (a checkpoint at 3), then that checkpoint's pointer lost
+    again = helpers.cascade(*args, "train.resume=none", "train.steps=3")
+    assert again.returncode == 0, again.stderr
+    assert sorted(os.listdir(run_dir / "attempts")) == ["1", "2"]
+    (run_dir / "checkpoints" / "latest").unlink()
+    last = helpers.cascade(*args, "train.steps=4")
+    assert last.returncode == 0, last.stderr
+    assert "iter_0000003" in last.stdout + last.stderr and "iter_0000006" not in last.stdout
+    assert [r["step"] for r in helpers.records(run_dir) if r["split"] == "train"] == [1, 2, 3, 4]

@@ -39,6 +39,7 @@ from cascade_mega.diffusion.base import Shard
 from cascade_mega.model import moe
 from cascade_mega.model.gpt import build_chunks, parameter_counts
 from cascade_mega.runtime import device, distributed, machine, provenance, te_support
+from cascade_mega.train import attempts
 from cascade_mega.train.callbacks import builtin
 from cascade_mega.train.errors import NonFiniteError
 from cascade_mega.train.optim import build_optimizer, wrap_ddp
@@ -144,6 +145,13 @@ class Trainer:
         path = self._verified_resume_point() if mode == "auto" else \
             None if mode == "none" else mode
         self.resumed_from, self.resume_changes, self.init_path = path, [], None
+        if not path:  # a start from step 0: a new attempt (`attempts.py`)
+            moved = attempts.archive(self.run_dir) if dist.get_rank() == 0 else None
+            if moved:
+                print(f"this run starts from step 0: the earlier attempt's checkpoints, metrics "
+                      f"and MLflow run are kept in {moved}", flush=True)
+            if self.world_size > 1:
+                dist.barrier()  # moved before any rank writes this attempt's files
         if path:
             if mode != "auto":  # a checkpoint named explicitly must verify itself
                 checkpoint.verify(path)

@@ -55,10 +55,9 @@ class MlflowTracker(Callback):
     def on_train_start(self, trainer):
         store.configure_http()
         self.start_step = trainer.start_step
-        # a run started over (train.resume=none) is a new MLflow run: nothing of the old counts
-        fresh = trainer.start_step == 0 and self.cfg.train.resume == "none"
-        if fresh and os.path.exists(os.path.join(self.run_dir, RUN_ID_FILE)):
-            os.remove(os.path.join(self.run_dir, RUN_ID_FILE))
+        # a start from step 0 is a new attempt, a new MLflow run: the trainer moved the earlier
+        # attempt's run id and journal aside (`train/attempts.py`)
+        fresh = trainer.start_step == 0
         self.journal.open(fresh)
         self.run_params = {**params.config_params(self.cfg), **params.code_version(),
                            **params.versions()}
@@ -147,9 +146,14 @@ class MlflowTracker(Callback):
                 tags["cascade.group"] = t.group
             if t.parent_run_id:
                 tags["mlflow.parentRunId"] = t.parent_run_id
+            previous = self._previous_attempt()
+            if previous:
+                tags["cascade.previous_attempt"] = previous
             run = client.create_run(store.experiment_id(client, t.experiment),
                                     run_name=t.run_name or self.cfg.name, tags=tags)
             self.run_id = run.info.run_id
+            if previous:
+                self._close_previous(client, previous)
             from mlflow.entities import Param
 
             items = [Param(k, str(v)[:6000]) for k, v in self.run_params.items()]
@@ -163,6 +167,23 @@ class MlflowTracker(Callback):
 
         client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in self.tags.items()])
         return client
+
+    def _previous_attempt(self):
+        """The MLflow run of the attempt this start from step 0 set aside, if it had one."""
+        from cascade_mega.train import attempts
+
+        folder = attempts.latest_archive(self.run_dir) if self.start_step == 0 else None
+        path = os.path.join(folder, RUN_ID_FILE) if folder else None
+        return open(path).read().strip() if path and os.path.isfile(path) else None
+
+    def _close_previous(self, client, run_id: str) -> None:
+        """The earlier attempt's run points at this one, and is KILLED if it was left RUNNING."""
+        try:
+            client.set_tag(run_id, "cascade.next_attempt", self.run_id)
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, "KILLED")
+        except Exception as err:  # another store, or the run deleted: this run goes on
+            store.warn(f"the earlier attempt's MLflow run {run_id} was not updated ({err})")
 
     def _existing_run(self, client, run_id: str):
         from mlflow.exceptions import RestException
