@@ -277,12 +277,16 @@ def _unshare_steps(optimizer) -> None:
 # what identifies a parameter group across a save and a load (megatron-core's structural keys;
 # its own identifier also holds the learning rates and weight decays, which a resume may change)
 GROUP_KEYS = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr", "optimizer")
+# what a resume may change in a group (never its state: the distributed optimizer keeps Adam's
+# step in the group itself)
+HYPERPARAMETERS = ("lr", "max_lr", "min_lr", "start_wd", "end_wd", "weight_decay", "betas",
+                   "eps")
 
 
 def _current_hyperparameters(saved, optimizer, path: str) -> None:
-    """The saved parameter groups take the live optimizer's hyperparameters (learning rates,
-    weight decay, Adam's betas and eps: the config in force), matched by their structural keys;
-    the saved state keeps its moments and steps. A saved group with no live counterpart is a
+    """The saved parameter groups take the live optimizer's hyperparameters (`HYPERPARAMETERS`:
+    learning rates, weight decay, Adam's betas and eps, the config in force), matched by their
+    structural keys; the saved state keeps its moments and steps (a group's own `step` too). A saved group with no live counterpart is a
     change of the optimizer's structure, which a resume cannot honour: one message."""
     live = [g for part in getattr(optimizer, "chained_optimizers", [optimizer])
             for g in getattr(getattr(part, "optimizer", None), "param_groups", [])]
@@ -300,7 +304,8 @@ def _current_hyperparameters(saved, optimizer, path: str) -> None:
                             f"{dict(zip(GROUP_KEYS, key))} has no counterpart here (the "
                             "optimizer or its parameter grouping changed; learning rates, "
                             "weight decay, betas and clipping may change on resume)")
-                    group.update({k: v for k, v in by_key[key].items() if k != "params"})
+                    group.update({k: by_key[key][k] for k in HYPERPARAMETERS
+                                  if k in by_key[key]})
             for value in node.values():
                 visit(value)
         elif isinstance(node, (list, tuple)):
