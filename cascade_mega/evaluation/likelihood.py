@@ -108,7 +108,7 @@ def _noise(cfg, samples: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """[samples, blocks] uniforms (where each draw's masked count sits in its stratum) and
     [samples, L] uniforms (which targets it masks), for the whole context."""
     L, B = cfg.data.seq_len, cfg.diffusion.block_size
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # host on purpose: the rows are laid out there
     offset = torch.rand(samples, math.ceil(L / B), generator=g, dtype=torch.float64)
     return offset, torch.rand(samples, L, generator=g, dtype=torch.float64)
 
@@ -146,11 +146,12 @@ def estimate(values: torch.Tensor) -> Tuple[float, float]:
     """(mean, standard error) of per-draw values [S] under `strata`: the strata's means averaged,
     the error from the spread within each stratum (module docstring)."""
     j, m = strata(values.numel())
-    count = torch.zeros(m, dtype=torch.float64).index_add_(0, j, torch.ones_like(values))
-    means = torch.zeros(m, dtype=torch.float64).index_add_(0, j, values) / count
+    j = j.to(values.device)
+    count = values.new_zeros(m).index_add_(0, j, torch.ones_like(values))
+    means = values.new_zeros(m).index_add_(0, j, values) / count
     if values.numel() < 2:
         return float(means.mean()), float("nan")
-    within = torch.zeros(m, dtype=torch.float64).index_add_(0, j, (values - means[j]) ** 2)
+    within = values.new_zeros(m).index_add_(0, j, (values - means[j]) ** 2)
     return float(means.mean()), float((within / (count - 1) / count).sum().sqrt() / m)
 
 
@@ -172,7 +173,9 @@ def nelbo_bounds(model, cfg, mask_id: int, context: List[int], continuations: Li
         target = torch.zeros(P, dtype=torch.bool)
         target[len(c):len(c) + len(x)] = True
         masked, t = draws(offset, u, target, B)
-        masked |= torch.arange(P) >= len(c) + len(x)  # after the continuation: always [MASK]
+        # host, like the rows it marks (they cross with the batch): after the continuation,
+        # always [MASK]
+        masked |= torch.arange(P) >= len(c) + len(x)
         rows.append((tokens, target, masked, t))
     per_row = []
     items = [(k, s) for k in range(len(rows)) for s in range(samples)]
@@ -199,5 +202,6 @@ def nelbo_bounds(model, cfg, mask_id: int, context: List[int], continuations: Li
         # the rows after the continuation are [MASK] targets of weight 0 (their CE is inf)
         ce = ce.double().cpu()
         per_row += torch.where(prep.weight > 0, ce * prep.weight, 0.0).sum(1).tolist()
+    # host floats (read back above): the estimate is a few host operations per question
     return [estimate(torch.tensor(per_row[k * samples:(k + 1) * samples], dtype=torch.float64))
             for k in range(len(rows))]

@@ -212,6 +212,7 @@ class Decoder:
         if (s.block + 1) * self.B > self.max_len:
             s.done, s.out.stopped = True, "length"
             return
+        # host on purpose: a sequence's bookkeeping lives there; its rows cross per forward
         s.x = torch.full((self.B,), self.net.mask_id, dtype=torch.long)
         s.x[:len(s.given)] = torch.tensor(s.given, dtype=torch.long)
         s.confidence = torch.ones(self.B)  # each decided position's probability when decided

@@ -158,7 +158,7 @@ def tweedie_unmask(logits: torch.Tensor, step: int, steps: int, scores: bool) ->
     if not scores:  # a cross-entropy model: R = 1, MDLM's ancestral step (host, as returned)
         return torch.full((logits.shape[0],), (t - s) / t)
     if s == 0:  # (0 / t)^R = 0: everything is decided, even where R underflows
-        return torch.ones(logits.shape[0], dtype=torch.float64)
+        return torch.ones(logits.shape[0], dtype=torch.float64)  # host, as returned below
     logits = logits.double()
     allowed = torch.isfinite(logits).sum(-1).double()
     mass = (torch.logsumexp(logits, -1) - allowed.log()).exp()  # R
