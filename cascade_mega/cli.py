@@ -34,6 +34,10 @@ def _quiet():
     # MLflow 3 reports usage to its vendor unless told not to; runs here stay private
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     logging.getLogger("megatron").setLevel(logging.ERROR)
+    # its checkpoint writer logs each worker's failure, which also reaches the save as its
+    # exception: the save names the cause once (a full disk: `checkpoint/space.py`)
+    logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async").setLevel(
+        logging.CRITICAL)
     # torch's checkpoint loader warns on the root logger, with a traceback, whenever it falls
     # back (to per-rank metadata these checkpoints never have); a load that fails still raises,
     # with its reason, which the command prints as its one message
@@ -136,8 +140,7 @@ def main(argv=None) -> int:
         args.overrides = list(args.overrides) + extra
     args.command_parser = parser  # commands that check a cascade command line (chain stages)
     from cascade_mega.config import redact_uri
-    from cascade_mega.errors import UserError
-    from cascade_mega.train.errors import NonFiniteError
+    from cascade_mega.errors import RunStopped, UserError
 
     try:
         return args.func(args)
@@ -145,10 +148,14 @@ def main(argv=None) -> int:
         _ended_on_error()
         print(f"cascade: error: {redact_uri(str(err))}", file=sys.stderr)
         return 2
-    except NonFiniteError as err:  # a run that stopped itself, with its reason
+    except RunStopped as err:  # a run that stopped itself, with its reason
         _ended_on_error()
         print(f"cascade: error: {redact_uri(str(err))}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C: at once, without a checkpoint
+        _ended_on_error()
+        print("cascade: interrupted", file=sys.stderr)
+        return 130
 
 
 def _ended_on_error() -> None:

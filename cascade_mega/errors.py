@@ -1,4 +1,5 @@
-"""The one base of the errors a user can fix: `cascade` prints them as one line and exits 2.
+"""The bases of the errors `cascade` prints as one line: what a user can fix (exit 2), and why a
+run stopped itself (exit 1).
 
 A wrong key or value, an impossible layout, a truncated dataset or checkpoint, a bad request to a
 decoder: each module raises its own subclass (so callers can tell them apart), and the command
@@ -9,3 +10,8 @@ project, and the decoding core an exported model copies, can raise one.
 
 class UserError(Exception):
     """A problem in what the user gave (config, data, checkpoint, request), said in one message."""
+
+
+class RunStopped(RuntimeError):
+    """A run that stopped itself, with its reason (a non-finite step, a full disk): one line,
+    exit 1; the run directory's `exit.json` says 'failed'."""

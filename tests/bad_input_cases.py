@@ -111,6 +111,8 @@ CASES = [
      "cascade: unrecognized arguments: --nprocs 2 run_dir={tmp}/run"),
     ("train-heartbeat", ["train", S, "train.heartbeat_s=0"],
      "'train.heartbeat_s' must be positive"),
+    ("train-stop-grace", ["train", S, "--nproc-per-node", "2", "train.stop_grace_s=0"],
+     "'train.stop_grace_s' must be positive (seconds)"),
     ("train-exit-interval", ["train", S, "train.exit_interval=-3"],
      "'train.exit_interval' must be >= 1 (null: never), got -3"),
     ("train-data-missing", ["train", S, "data.path={inp}/nowhere"],

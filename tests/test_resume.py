@@ -317,3 +317,71 @@ def test_a_damaged_checkpoint_resumes_from_the_newest_one_that_verifies(megatron
     truncate(run)
     with pytest.raises(CheckpointError, match="iter_0000004 is damaged: .* has [0-9]+ bytes"):
         _run(_cfg(run, "checkpoint.on_corrupt=stop"))
+
+
+def test_a_full_disk_stops_with_one_message_and_the_last_checkpoint_resumes(megatron, tmp_path,
+                                                                             monkeypatch):
+    """A run on a small tmpfs: the save of step 4 does not fit beside step 2's, which the check
+    before the write says in one line (exit 1); with room for it, another writer fills the disk
+    during the save: one line again, naming the checkpoint, the path and the free space. Neither
+    leaves a `.partial` folder, a LOCK or a temporary tracking store, and the plots spooled for
+    the tracking store are written. With the disk grown, the run resumes from step 2 and gives
+    the uninterrupted run's steps exactly."""
+    import subprocess
+
+    from helpers import cascade, records
+
+    from cascade_mega.checkpoint import space
+
+    args = ["train", "configs/base.yaml", *TINY_MODEL, "train.steps=6", "train.micro_batch_size=2",
+            "train.global_batch_size=2", "train.log_interval=1", "train.eval_interval=2",
+            "train.eval_batches=1", "optimizer.warmup_steps=1", "checkpoint.interval=2"]
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=22m", "tmpfs", str(disk)]).returncode:
+        pytest.skip("this machine lets no test mount a tmpfs")
+    run = disk / "run"
+
+    def attempt(expected_code):
+        out = cascade(*args, f"run_dir={run}")
+        assert out.returncode == expected_code, out.stderr
+        assert "No space left" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert not [n for n in os.listdir(run / "checkpoints") if n.endswith(".partial")]
+        assert not (run / "LOCK").exists() and not list(run.glob("mlflow.db.*"))
+        return [line for line in out.stderr.splitlines() if "error" in line]
+
+    try:
+        errors = attempt(1)  # 14 MB saved at step 2; about 6 MB left for step 4's 14 MB
+        assert len(errors) == 1 and errors[0].startswith(
+            "cascade: error: not enough space to save checkpoint iter_0000004 in "
+            f"{run}/checkpoints (free: ") and "iter_0000002, is intact" in errors[0], errors
+        subprocess.run(["mount", "-o", "remount,size=40m", str(disk)], check=True)
+        check = space.check
+
+        def check_then_fill(*a, **k):  # the check passes, then another writer leaves 4 MiB
+            got = check(*a, **k)
+            with open(disk / "other_writer", "wb") as f:
+                while space.free_bytes(str(disk)) > 5 << 20:
+                    f.write(b"\0" * (1 << 20))
+                    f.flush()
+            return got
+
+        monkeypatch.setattr(space, "check", check_then_fill)
+        errors = attempt(1)
+        assert len(errors) == 1 and errors[0].startswith(
+            "cascade: error: out of space while saving checkpoint iter_0000004 in "
+            f"{run}/checkpoints (free: "), errors
+        assert json.loads((run / "exit.json").read_text())["outcome"] == "failed"
+        stored = {p.name: p.read_bytes() for p in run.glob("mlartifacts/*/artifacts/plots/*")}
+        assert stored and stored == {p.name: p.read_bytes() for p in (run / "plots").iterdir()}
+        monkeypatch.setattr(space, "check", check)
+        os.remove(disk / "other_writer")
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        attempt(0)
+        out = cascade(*args, f"run_dir={tmp_path}/straight")
+        assert out.returncode == 0, out.stderr
+        resumed, straight = ([(r["step"], r["loss"]) for r in records(where)
+                              if r["split"] == "train"] for where in (run, tmp_path / "straight"))
+        assert resumed == straight and [s for s, _ in resumed] == [1, 2, 3, 4, 5, 6]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])

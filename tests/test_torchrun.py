@@ -244,3 +244,93 @@ def test_profile_memory_and_a_heartbeat_that_names_a_stopped_rank(tmp_path):
     again = cascade(*ARGS, f"run_dir={run_dir}")
     assert again.returncode == 0 and "taking over the lock of" in again.stderr, again.stderr
     assert not (run_dir / "LOCK").exists()
+
+
+SIGNAL_ARGS = ["train", "configs/base.yaml", "model.num_layers=1", "model.hidden_size=64",
+               "data.seq_len=32", "diffusion.block_size=8", "train.micro_batch_size=2",
+               "train.global_batch_size=4", "train.steps=1000", "optimizer.warmup_steps=0",
+               "optimizer.decay_style=constant", "train.log_interval=1", "train.eval_interval=0",
+               "checkpoint.interval=1000", "tracking.enabled=false"]
+
+
+def test_a_signal_to_the_launcher_alone_checkpoints_every_rank_and_resumes_exactly(tmp_path):
+    """`cascade train --nproc-per-node 2`, signalled at the launcher alone (not torchrun, not
+    the ranks) with TERM, then USR1 (the launcher as PID 1 of its own PID namespace, as in a
+    container), then INT: each time every rank checkpoints the step in flight, `exit.json` says
+    'stopped' with the signal, no LOCK or `.partial` is left, and nothing prints a traceback; the
+    three attempts together give the uninterrupted run's steps. A rank that does not stop within
+    `train.stop_grace_s` is killed with the rest: `exit.json` says 'killed', and nothing stale is
+    left. (A constant learning rate: the reference may end at any step.)"""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import ROOT, records
+
+    from cascade_mega.runtime import heartbeat
+
+    run = tmp_path / "run"
+
+    def start(*extra, pid1=False):
+        cmd = [sys.executable, "-m", "cascade_mega", *SIGNAL_ARGS, "--nproc-per-node", "2",
+               f"run_dir={run}", *extra]
+        if pid1:
+            cmd = ["unshare", "--pid", "--fork", "--mount-proc", *cmd]
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+
+    def launcher(proc, pid1):
+        if not pid1:
+            return proc.pid
+        for _ in range(100):  # unshare's child: the launcher, PID 1 inside
+            children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                      text=True).stdout.split()
+            if children:
+                return int(children[0])
+            time.sleep(0.1)
+        raise AssertionError("unshare started no launcher")
+
+    def step_after(steps_before):
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            done = [r["step"] for r in records(run) if r["split"] == "train"]
+            if done and done[-1] > steps_before:
+                return
+            time.sleep(0.1)
+        raise AssertionError("the run made no step")
+
+    stops = []
+    for sig, pid1 in ((signal.SIGTERM, False), (signal.SIGUSR1, True), (signal.SIGINT, False)):
+        proc = start(pid1=pid1)
+        step_after(stops[-1] if stops else 0)
+        os.kill(launcher(proc, pid1), sig)
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in out + err, err
+        exit_record = json.loads((run / "exit.json").read_text())
+        assert (exit_record["outcome"], exit_record["signal"]) == ("stopped", sig.name)
+        stops.append(exit_record["step"])
+        assert out.splitlines()[-1] == f"stopped after step {stops[-1]} on {sig.name}: " \
+            "checkpoint written, resume continues from it"
+        assert f"cascade: {sig.name}: the 2 ranks checkpoint the step in flight and stop " \
+            "(waiting up to 600 s" in err
+        assert (run / "checkpoints" / "latest").read_text().strip() == f"iter_{stops[-1]:07d}"
+        assert not (run / "LOCK").exists() and \
+            not list((run / "checkpoints").glob("*.partial"))
+    assert stops == sorted(stops) and len(set(stops)) == 3
+    last = stops[-1]
+    resumed = [r for r in records(run) if r["split"] == "train"]
+    _assert_same(_run(tmp_path, "single", *SIGNAL_ARGS[2:], f"train.steps={last}"), resumed)
+
+    # a rank that cannot stop (SIGSTOP): killed with the rest after the grace time
+    proc = start("train.stop_grace_s=2", "train.heartbeat_s=0.2")
+    step_after(last)
+    frozen = next(b["pid"] for b in heartbeat.read(run) if b["rank"] == 1)
+    os.kill(frozen, signal.SIGSTOP)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 137 and "were killed" in err, err
+    assert json.loads((run / "exit.json").read_text())["outcome"] == "killed"
+    assert not (run / "LOCK").exists() and not list((run / "checkpoints").glob("*.partial"))
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"iter_{last:07d}"

@@ -12,8 +12,9 @@ learning-rate schedule and the consumed-sample count are common state. Noise and
 functions of (seed, step), so nothing else is needed for an exact resume.
 
 The package's other modules: `manifest.py` (each checkpoint lists its files' sizes and checksums;
-every reader verifies them), `safe_unpickle.py` (a load unpickles nothing that runs code) and
-`distopt_state.py` (megatron-core's distributed optimizer state at its parameters' own offsets).
+every reader verifies them), `safe_unpickle.py` (a load unpickles nothing that runs code),
+`space.py` (the free space a save needs, checked before it writes; a disk that fills anyway is
+named in one message) and `distopt_state.py` (megatron-core's distributed optimizer state at its parameters' own offsets).
 It sits below the trainer (which saves and resumes through it) and the commands that read a
 checkpoint (generate, convert, eval, a distillation teacher): it imports none of them.
 """
@@ -34,7 +35,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from cascade_mega.checkpoint import distopt_state
 from cascade_mega.checkpoint import manifest as manifest_file
-from cascade_mega.checkpoint import safe_unpickle
+from cascade_mega.checkpoint import safe_unpickle, space
 from cascade_mega.errors import UserError
 
 LATEST = "latest"
@@ -129,10 +130,38 @@ def save(ckpt_root: str, chunks, optimizer, scheduler, step: int, consumed: int,
         for name in os.listdir(ckpt_root):
             if name.endswith(".partial"):
                 shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
+    state = sharded_state(chunks, optimizer, scheduler, step, consumed)
+    last = _newest(ckpt_root)
+    need, free = space.check(ckpt_root, iter_name(step), state, last)  # before any write
+    try:
+        _write(ckpt_root, partial, final, state, step, consumed, keep_last, write_extra, layout,
+               config_yaml, keep)
+    except BaseException as err:  # torch's CheckpointException is not an Exception
+        full = not isinstance(err, (KeyboardInterrupt, SystemExit)) and \
+            space.is_full(err, ckpt_root)  # every rank: the writer's failure reaches all
+        if _rank0():  # its space back: the run's closing writes still fit
+            shutil.rmtree(partial, ignore_errors=True)
+        if full:
+            raise space.OutOfSpace(space.message(iter_name(step), ckpt_root, free, need,
+                                                 last)) from None
+        raise
+    return final
+
+
+def _newest(ckpt_root: str) -> Optional[str]:
+    try:
+        return latest(ckpt_root)
+    except CheckpointError:
+        return None
+
+
+def _write(ckpt_root, partial, final, state, step, consumed, keep_last, write_extra, layout,
+           config_yaml, keep) -> None:
+    if _rank0():
         os.makedirs(partial)
     _barrier()
     start_writer()
-    dist_checkpointing.save(sharded_state(chunks, optimizer, scheduler, step, consumed), partial)
+    dist_checkpointing.save(state, partial)
     if write_extra is not None:
         write_extra(partial)
     _barrier()
@@ -156,7 +185,6 @@ def save(ckpt_root: str, chunks, optimizer, scheduler, step: int, consumed: int,
                 if old not in kept:
                     shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
     _barrier()
-    return final
 
 
 def listing(ckpt_root: str) -> list:

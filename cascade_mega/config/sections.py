@@ -432,6 +432,9 @@ class TrainConfig(Section):
     # the torch profiler over steps START+1 .. STOP: one trace per rank in <run_dir>/profile/
     profile: Optional[List[int]] = None
     heartbeat_s: float = 10.0  # how often each rank rewrites <run_dir>/heartbeat/rank<R>.json
+    # `--nproc-per-node`: how long the launcher, signalled, waits for its ranks' checkpoint-and-
+    # stop before it kills them (`launchers/torchrun.py`)
+    stop_grace_s: float = 600.0
 
     def _check(self):
         need(self.profile is None or (len(self.profile) == 2 and
@@ -439,6 +442,7 @@ class TrainConfig(Section):
              f"'train.profile' = {self.profile}: expected [START, STOP] with 0 <= START < STOP "
              f"<= 'train.steps' = {self.steps}")
         need(self.heartbeat_s > 0, "'train.heartbeat_s' must be positive")
+        need(self.stop_grace_s > 0, "'train.stop_grace_s' must be positive (seconds)")
         need(self.exit_interval is None or self.exit_interval >= 1,
              f"'train.exit_interval' must be >= 1 (null: never), got {self.exit_interval}")
         need(self.fp8 in (None, "e4m3", "hybrid"),

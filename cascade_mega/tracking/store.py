@@ -103,13 +103,15 @@ def ensure_sqlite(uri: str) -> None:
             except OSError:
                 pass
     tmp = f"{path}.init-{os.getpid()}"
-    MlflowClient(f"sqlite:///{tmp}").search_experiments()  # runs the schema migrations
     try:
+        MlflowClient(f"sqlite:///{tmp}").search_experiments()  # runs the schema migrations
         os.link(tmp, path)
     except FileExistsError:
         pass
-    finally:
-        os.remove(tmp)
+    finally:  # also after a failure (a full disk): no temporary store is left behind
+        for name in (tmp, tmp + "-journal"):
+            if os.path.exists(name):
+                os.remove(name)
 
 
 def experiment_id(client, name: str) -> str:

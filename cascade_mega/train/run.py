@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 
 from cascade_mega.train.callbacks import standard
 from cascade_mega.train.trainer import Trainer
@@ -35,10 +37,34 @@ def command(config: str, overrides, nproc_per_node: int = 0, nnodes: int = 1,
     if spawn:
         from cascade_launchers import torchrun
 
-        return torchrun.launch(config, overrides, nproc_per_node, nnodes, rdzv_endpoint)
+        code, received, killed = torchrun.launch(config, overrides, nproc_per_node, nnodes,
+                                                 rdzv_endpoint, cfg.train.stop_grace_s)
+        return after_ranks(cfg.run_dir, code, received, killed)
     if os.environ.get("CASCADE_CHILD"):  # a rank of our launcher: it ends with its torchrun
         from cascade_launchers import torchrun
 
         torchrun.die_with_parent()
     train(cfg)
     return 0
+
+
+def after_ranks(run_dir: str, code: int, received, killed: bool) -> int:
+    """What the launcher settles once its ranks have ended, however they ended: `exit.json` in a
+    terminal state (a rank 0 killed before it wrote one left 'running': 'killed' when the
+    launcher killed it or a signal did, else 'failed'), and no LOCK or `.partial` checkpoint
+    of a trainer that is gone. Returns the exit status."""
+    from cascade_mega.train.callbacks.exit_record import settle
+    from cascade_mega.train.run_lock import clear_dead
+
+    outcome = settle(run_dir, "killed" if killed or code < 0 or code > 128 else "failed",
+                     received)
+    if clear_dead(run_dir):  # rank 0 was of this node and is gone: nobody finishes its save
+        folder = os.path.join(run_dir, "checkpoints")
+        for name in os.listdir(folder) if os.path.isdir(folder) else ():
+            if name.endswith(".partial"):
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+    if killed:
+        print(f"cascade: the ranks did not stop within 'train.stop_grace_s' and were killed; "
+              f"the last complete checkpoint stays (exit.json: {outcome})", file=sys.stderr,
+              flush=True)
+    return 128 + (-code) if code < 0 else code

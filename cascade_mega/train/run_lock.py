@@ -62,9 +62,13 @@ class RunLock:
 
     def _write(self) -> None:
         tmp = f"{self.path}.{self.me['pid']}.tmp"
-        with open(tmp, "w") as f:
-            f.write(self._record())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w") as f:
+                f.write(self._record())
+            os.replace(tmp, self.path)
+        finally:  # a full disk: no temporary file left behind
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     def holder(self):
         """The lock's record, or None (no lock, or one being written)."""
@@ -147,3 +151,17 @@ class RunLock:
                 os.rmdir(self.run_dir)
             except OSError:
                 pass
+
+
+def clear_dead(run_dir: str) -> bool:
+    """Remove the lock of a trainer of this host that is gone (what a launcher does once its
+    ranks have ended: none of them holds it any more). True when one was removed."""
+    lock = RunLock(run_dir)
+    held = lock.holder()
+    if held and held.get("host") == lock.me["host"] and not _pid_alive(int(held.get("pid", -1))):
+        try:
+            os.remove(lock.path)
+            return True
+        except OSError:
+            pass
+    return False

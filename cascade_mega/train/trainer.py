@@ -22,6 +22,7 @@ callbacks the caller passes. The reader training draws from is the data layer's 
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import torch
@@ -283,6 +284,7 @@ class Trainer:
         t = self.cfg.train
         self.outcome, self.stop_signal, self.leaving = "failed", None, False
         signals = StopSignals().install()
+        ended = False
         try:
             self.emit("on_train_start")
             if self.step == 0 < t.steps and self._eval_due():
@@ -290,9 +292,10 @@ class Trainer:
             while self.step < t.steps and not self.leaving:
                 self._fit_step(signals)
             self.outcome = "finished" if self.step >= t.steps else "stopped"
+            ended = True
         finally:
-            try:
-                self._end()  # a late signal (the tracking flush) is ignored
+            try:  # a late signal (the tracking flush) is ignored; after a failure, what fails
+                self._end(raise_first=ended)  # in closing is a warning, not a new error
             finally:
                 signals.restore()
                 self.release_lock()
@@ -335,9 +338,11 @@ class Trainer:
         `on_checkpoint_end`)."""
         return [fn(self, *args) for cb in self._here() if (fn := getattr(cb, hook, None))]
 
-    def _end(self) -> None:
+    def _end(self, raise_first: bool = True) -> None:
         """Every callback's `close`, last installed first, then every `on_train_end`, in list
-        order; each runs even when one before it raised, and the first error is raised after."""
+        order; each runs even when one before it raised, and the first error is raised after.
+        After the run failed (`raise_first` false) each such error is one warning line: the
+        run's own error is the one to report."""
         here, first = self._here(), None
         calls = [(cb, "close") for cb in reversed(here)] + [(cb, "on_train_end") for cb in here]
         for cb, hook in calls:
@@ -345,7 +350,10 @@ class Trainer:
                 getattr(cb, hook, lambda trainer: None)(self)
             except BaseException as err:  # noqa: BLE001  raised below, once all have run
                 first = first or err
-        if first is not None:
+                if not raise_first:
+                    print(f"cascade: warning: {type(cb).__name__}.{hook} after the failure: "
+                          f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        if first is not None and raise_first:
             raise first
 
     def _check_finite(self, metrics: dict) -> None:
