@@ -1,5 +1,6 @@
 """`cascade preprocess`: text, JSONL and gzip inputs round-trip through the indexed dataset, with
-the same bytes for any number of workers."""
+the same bytes for any number of workers; a long line is tokenised in pieces, with the ids of the
+whole document."""
 
 import gzip
 import json
@@ -117,8 +118,8 @@ def test_qwen_vocabulary_writes_int32_ids_and_round_trips(corpus, tmp_path):
     root, docs, _ = corpus
     one = preprocess([str(root / "part.jsonl.gz")], str(tmp_path / "w1" / "ds"),
                      tokenizer="qwen", quiet=True)
-    two = preprocess([str(root / "part.jsonl.gz")], str(tmp_path / "w2" / "ds"),
-                     tokenizer="qwen", workers=2, quiet=True)
+    preprocess([str(root / "part.jsonl.gz")], str(tmp_path / "w2" / "ds"),
+               tokenizer="qwen", workers=2, quiet=True)
     assert (tmp_path / "w1" / "ds.bin").read_bytes() == (tmp_path / "w2" / "ds.bin").read_bytes()
     _round_trip(one["prefixes"][0], docs[20:], dtype="int32")
     tok = loader.load_tokenizer(SimpleNamespace(tokenizer=None), one["prefixes"][0])
@@ -202,3 +203,51 @@ def test_megatron_style_tool_runs_from_a_source_checkout(corpus, tmp_path):
                      "body", "--output-prefix", tmp_path / "bad", "--tokenizer-model",
                      tokenizer, cwd=src)
     assert bad.returncode == 2 and "no field 'body'" in bad.stderr
+
+
+@pytest.mark.parametrize("lines", [False, True])
+def test_a_long_line_is_tokenised_in_pieces_with_the_whole_documents_ids(corpus, tmp_path,
+                                                                         monkeypatch, capfd,
+                                                                         lines):
+    """One line of about 300 KB (tokenised whole, such a line once cost ~150x its size): read and
+    tokenised in pieces of at most `piece_chars` characters, cut where the ids stay the whole
+    text's, it gives exactly the ids of the whole document. The progress output, when stderr is
+    no terminal, is whole lines (no carriage return) ending with a newline; on a terminal, one
+    line rewritten in place, ended with a newline."""
+    import io
+    import sys
+
+    from cascade_mega.data import tokenize_worker
+
+    _, docs, _ = corpus
+    # between the plays: runs of spaces, a tab, digits, non-ASCII letters
+    mixed = " 1609  \u00e6\u00f8 caf\u00e9\t\u65e5\u672c\u8a9e, 12345.  "
+    line = mixed.join(" ".join(d.split()) for d in docs * 2)
+    assert len(line) > 300_000 and "\n" not in line
+    (tmp_path / "line.txt").write_text(line + "\n")
+    tokenizer = preprocess([str(tmp_path / "line.txt")], str(tmp_path / "tok" / "ds"),
+                           train_bpe_size=400, quiet=True)["prefixes"][0] + ".tokenizer.json"
+    tok = open_tokenizer(tokenizer)
+    sizes = []
+    real = tokenize_worker.encode
+    monkeypatch.setattr(tokenize_worker, "encode",
+                        lambda pieces: (sizes.extend(len(t) for t, _ in pieces), real(pieces))[1])
+    capfd.readouterr()
+    out = preprocess([str(tmp_path / "line.txt")], str(tmp_path / "ds"), tokenizer=tokenizer,
+                     lines=lines, piece_chars=500)
+    assert len(sizes) > 600 and max(sizes) <= 500  # in pieces, each at most piece_chars
+    whole = line if lines else line + "\n"
+    assert _read(out["prefixes"][0]) == [tok.encode(whole) + [tok.eod]]
+    err = capfd.readouterr().err
+    assert "tokens/s" in err and err.endswith("\n") and "\r" not in err
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    preprocess([str(tmp_path / "line.txt")], str(tmp_path / "tty"), tokenizer=tokenizer,
+               lines=lines, piece_chars=500)
+    shown = sys.stderr.getvalue()
+    assert shown.startswith("\rpreprocess: ") and shown.endswith(" tokens/s\n")
+    assert shown.count("\n") == 1

@@ -12,7 +12,6 @@ import os
 import shutil
 
 import numpy as np
-import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from cascade_mega.errors import UserError
@@ -27,15 +26,30 @@ def token_dtype(vocab_size: int):
 
 
 def write_indexed(prefix: str, documents, tokenizer) -> None:
+    """Each document a list of token ids."""
+    write_pieces(prefix, ((ids, True) for ids in documents), tokenizer)
+
+
+def write_pieces(prefix: str, pieces, tokenizer) -> None:
+    """Documents arriving in pieces, `(ids, last)`: a document's pieces in order, `last` on its
+    final one. Each document is one sequence of the index, as `add_document` writes it (the same
+    bytes), but its ids are written as they come: what is held is one piece, never a document
+    (the builder's own list of sequence lengths grows by one entry a document)."""
     dtype = token_dtype(tokenizer.vocab_size)
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
-    max_id, masked = -1, 0
+    max_id, masked, length = -1, 0, 0
     mask_id = getattr(tokenizer, "mask_id", None)
-    for ids in documents:
-        arr = torch.tensor(ids, dtype=torch.int64)
-        max_id = max(max_id, int(arr.max()))
-        masked += int((arr == mask_id).sum()) if mask_id is not None else 0
-        builder.add_document(arr, [len(ids)])
+    for ids, last in pieces:
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.size:
+            max_id = max(max_id, int(arr.max()))
+            masked += int((arr == mask_id).sum()) if mask_id is not None else 0
+            builder.data_file.write(arr.astype(dtype).tobytes(order="C"))
+        length += arr.size
+        if last:  # add_document's bookkeeping, for a document written piece by piece
+            builder.sequence_lengths.append(length)
+            builder.document_indices.append(len(builder.sequence_lengths))
+            length = 0
     builder.finalize(prefix + ".idx")
     tok_copy = prefix + (".tiktoken" if tokenizer.path.endswith(".tiktoken") else
                          ".tokenizer.json")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from typing import Iterable, List
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -123,6 +124,50 @@ def same_tokenizer(a, b) -> bool:
     """Whether two tokenizers give the same ids (vocabulary size, special ids, a probe text)."""
     return (a.vocab_size, a.mask_id, a.eod, a.encode(PROBE)) == \
         (b.vocab_size, b.mask_id, b.eod, b.encode(PROBE))
+
+
+# Where a long text may be cut so that its pieces tokenise to exactly the ids of the whole: right
+# before a space or tab that follows a non-space, or before a line break that follows a letter or
+# digit. The byte-level BPEs' pre-tokenisers (GPT-2's regex, which `train_bpe` uses, Qwen's and
+# Llama 3's) never put the characters on the two sides of such a point in one pre-token, their
+# matches look ahead at most one character (which stays on the same side), and BPE merges only
+# inside a pre-token. (A line break after punctuation is no such point: Qwen's pattern keeps it
+# with the punctuation.)
+SAFE_CUT = re.compile(r"(?<=\S)[ \t]|(?<=[^\W_])[\r\n]")
+CUT_WINDOW = 4096  # characters searched first, back from the limit, for a safe cut
+
+
+def cut_point(text: str, end: int, start: int = 0) -> int:
+    """The last safe cut (`SAFE_CUT`) p with start < p <= end < len(text); `end` itself when the
+    span holds none (text without spaces: the only cut that may change the ids)."""
+    for lo in (max(start + 1, end - CUT_WINDOW), start + 1):
+        last = None
+        for last in SAFE_CUT.finditer(text, lo, end + 1):
+            pass
+        if last is not None:
+            return last.start()
+        if lo == start + 1:
+            break
+    return end
+
+
+# texts whose every safe cut is tried by `cuts_keep_ids`: words, runs of spaces, tabs and line
+# breaks, punctuation before a line break, digits, non-ASCII letters
+CUT_PROBES = (PROBE, "Hello world.\nTo be,  or not\tto be:\n\n  that is 12345 the question!\r\n",
+              "caf\u00e9 na\u00efve \u65e5\u672c\u8a9e \u30c6\u30ad\u30b9\u30c8 "
+              "\u0440\u0443\u0441\u0441\u043a\u0438\u0439   \u00bd end\n")
+
+
+def cuts_keep_ids(tok) -> bool:
+    """Whether `tok` gives a text cut at its safe points the ids of the whole text. A tokenizer
+    that adds a token per call (a BOS post-processor) or prepends a space marker to every text
+    (SentencePiece's `Prepend` normaliser) does not: its documents are tokenised whole."""
+    for text in CUT_PROBES:
+        cuts = [0] + [m.start() for m in SAFE_CUT.finditer(text)] + [len(text)]
+        pieces = [tok.encode(text[a:b]) for a, b in zip(cuts, cuts[1:])]
+        if [i for ids in pieces for i in ids] != tok.encode(text):
+            return False
+    return True
 
 
 def open_tokenizer(path: str):
