@@ -8,8 +8,9 @@ tiles of T positions (T a multiple of B dividing L). The queries of tile i of ev
   (a) the clean prefix x_0[0 : iT]: every block there is strictly earlier than the tile's blocks,
       so all of it is visible to every query row: one unmasked attention, keys read in place;
   (b) the diagonal: x_0[tile i] ++ x_t^1[tile i] ++ ... ++ x_t^V[tile i], under one small
-      (V+1)T x (V+1)T mask (clean rows block-causal on x_0; view rows: strictly earlier clean
-      blocks and their own view's block). The mask is the same for every tile, built once.
+      (V+1)T x (V+1)T mask (clean rows block-causal on x_0, or causal with a causal clean
+      stream; view rows: strictly earlier clean blocks and their own view's block). The mask
+      is the same for every tile, built once.
 
 The two pieces are merged exactly through their log-sum-exp; the backward pass calls the fused
 attention backward of each piece with the merged output and log-sum-exp (the ring-attention
@@ -107,12 +108,13 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def diagonal_bias(block_size: int, views: int, tile: int, device: torch.device,
-                  dtype: torch.dtype) -> torch.Tensor:
+                  dtype: torch.dtype, clean: str = "block_causal") -> torch.Tensor:
     """Piece (b)'s mask as an additive bias, the same for every tile (no documents)."""
-    return _additive(diagonal_mask(block_size, views, tile, device), dtype)
+    return _additive(diagonal_mask(block_size, views, tile, device, clean), dtype)
 
 
-def tile_masks(B: int, V: int, T: int, g: int, documents, dtype, device):
+def tile_masks(B: int, V: int, T: int, g: int, documents, dtype, device,
+               clean: str = "block_causal"):
     """(piece (b)'s bias, piece (a)'s bias, rows of piece (a) with no key) of global tile g.
 
     Without documents: the shared diagonal bias and no prefix mask. With documents ([b, L]
@@ -121,9 +123,9 @@ def tile_masks(B: int, V: int, T: int, g: int, documents, dtype, device):
     the prefix (piece (a) then contributes nothing: the fused kernels return 0 and a finite
     log-sum-exp for such a row, so it is set to -inf before the merge)."""
     if documents is None:
-        return diagonal_bias(B, V, T, device, dtype), None, None
+        return diagonal_bias(B, V, T, device, dtype, clean), None, None
     d = documents[:, g * T:(g + 1) * T].repeat(1, V + 1)  # [b, R] rows of piece (b), in order
-    diag = diagonal_mask(B, V, T, device) & (d[:, :, None] == d[:, None, :])
+    diag = diagonal_mask(B, V, T, device, clean) & (d[:, :, None] == d[:, None, :])
     if not g:
         return _additive(diag[:, None], dtype), None, None
     prefix = d[:, :, None] == documents[:, None, :g * T]  # [b, R, gT]
@@ -132,17 +134,18 @@ def tile_masks(B: int, V: int, T: int, g: int, documents, dtype, device):
 
 
 @functools.lru_cache(maxsize=64)
-def diagonal_mask(block_size: int, views: int, tile: int, device: torch.device) -> torch.Tensor:
+def diagonal_mask(block_size: int, views: int, tile: int, device: torch.device,
+                  clean: str = "block_causal") -> torch.Tensor:
     """[(V+1)T, (V+1)T] mask of piece (b); rows and columns ordered clean tile, then the views.
 
-    The layout's own mask (`AttentionLayout.mask_fn`) over one tile of every stream: a tile
-    holds whole blocks, so the same mask holds at every tile position."""
+    The layout's own mask (`AttentionLayout.mask_fn`, clean stream `clean`) over one tile of
+    every stream: a tile holds whole blocks, so the same mask holds at every tile position."""
     from cascade_mega.diffusion.masks import AttentionLayout
 
     T, V = tile, views
     rows = torch.cat([torch.arange(V * T, (V + 1) * T), torch.arange(V * T)]).to(device)
-    return AttentionLayout("block_diffusion", T, block_size, V).mask_fn()(rows[:, None],
-                                                                          rows[None, :])
+    layout = AttentionLayout("block_diffusion", T, block_size, V, clean_stream=clean)
+    return layout.mask_fn()(rows[:, None], rows[None, :])
 
 
 def _tile_rows(L: int, V: int, T: int, i: int):
@@ -164,7 +167,7 @@ class _TiledBlockAttention(torch.autograd.Function):
     from the clean rows of k/v (all tiles are local)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, clean_k, clean_v, B, V, T, tiles, scale, documents):
+    def forward(ctx, q, k, v, clean_k, clean_v, B, V, T, tiles, scale, documents, rule):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         Ll = len(tiles) * T
         clean = V * Ll
@@ -180,7 +183,7 @@ class _TiledBlockAttention(torch.autograd.Function):
             qi = torch.cat([q[:, :, r] for r in rows], dim=2)
             kb = torch.cat([k[:, :, r] for r in rows], dim=2)
             vb = torch.cat([v[:, :, r] for r in rows], dim=2)
-            mask, prefix, empty = tile_masks(B, V, T, g, documents, q.dtype, q.device)
+            mask, prefix, empty = tile_masks(B, V, T, g, documents, q.dtype, q.device, rule)
             o, l, extra = fwd(qi, kb, vb, mask, scale)
             if g:
                 o_a, l_a, _ = fwd(qi, pk[:, :, :g * T], pv[:, :, :g * T], prefix, scale)
@@ -194,14 +197,14 @@ class _TiledBlockAttention(torch.autograd.Function):
                 lse[:, :, r] = l[:, :, i * T:(i + 1) * T]
         ctx.save_for_backward(q, k, v, pk, pv, out, lse)
         ctx.documents = documents
-        ctx.shape = (B, V, T, tiles, scale, clean_k is not None)
+        ctx.shape = (B, V, T, tiles, scale, clean_k is not None, rule)
         ctx.extra = extra  # what the device's backward needs besides (e.g. CUDA's RNG state)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, pk, pv, out, lse = ctx.saved_tensors
-        B, V, T, tiles, scale, separate = ctx.shape
+        B, V, T, tiles, scale, separate, rule = ctx.shape
         Ll = len(tiles) * T
         clean = V * Ll
         grad_out = grad_out.contiguous()
@@ -214,7 +217,7 @@ class _TiledBlockAttention(torch.autograd.Function):
             rows = _tile_rows(Ll, V, T, j)
             pick = lambda x: torch.cat([x[:, :, r] for r in rows], dim=2)  # noqa: E731
             qi, oi, gi, li = pick(q), pick(out), pick(grad_out), pick(lse)
-            mask, prefix, _ = tile_masks(B, V, T, g, ctx.documents, q.dtype, q.device)
+            mask, prefix, _ = tile_masks(B, V, T, g, ctx.documents, q.dtype, q.device, rule)
             dqi, dkb, dvb = bwd(gi, qi, pick(k), pick(v), oi, li, mask, scale, ctx.extra)
             for i, r in enumerate(rows):
                 dk[:, :, r] += dkb[:, :, i * T:(i + 1) * T]
@@ -229,20 +232,21 @@ class _TiledBlockAttention(torch.autograd.Function):
                 dq[:, :, r] = dqi[:, :, i * T:(i + 1) * T]
         if not separate:
             dpk = dpv = None
-        return dq, dk, dv, dpk, dpv, None, None, None, None, None, None
+        return dq, dk, dv, dpk, dpv, None, None, None, None, None, None, None
 
 
 def block_diffusion_attention(q, k, v, seq_len: int, block_size: int, views: int = 1,
                               tile: int | None = None, scale: float | None = None, *,
                               chunks: tuple = (0,), num_chunks: int = 1, clean_kv=None,
-                              documents=None):
+                              documents=None, clean_stream: str = "block_causal"):
     """q: [b, h, (V+1)L, d]; k, v: [b, g, (V+1)L, d] (g divides h). Returns [b, h, (V+1)L, d].
 
     Context parallel: the rows are `chunks` (of `num_chunks`, each seq_len / num_chunks long) of
     every stream, and `clean_kv` = (k, v) of the whole clean stream [b, g, L, d]. views = 0 with
     block_size = 1 is causal attention over one stream (AR under context parallel).
     documents: [b, seq_len] document ids of packed sequences (`data.document_mask`), on q's
-    device: every row attends only within its document.
+    device: every row attends only within its document. clean_stream: 'block_causal' or 'causal'
+    (`AttentionLayout.clean_stream`: how the clean stream attends to itself).
     """
     C = seq_len // num_chunks
     T = tile or tile_size(C, block_size)
@@ -255,4 +259,4 @@ def block_diffusion_attention(q, k, v, seq_len: int, block_size: int, views: int
     tiles = tuple(c * per + t for c in chunks for t in range(per))
     clean_k, clean_v = clean_kv if clean_kv is not None else (None, None)
     return _TiledBlockAttention.apply(q, k, v, clean_k, clean_v, block_size, views, T, tiles,
-                                      scale, documents)
+                                      scale, documents, clean_stream)

@@ -9,6 +9,8 @@ Rows of a layout, stream by stream, L rows each:
                    own view's block (M_BD) and the clean blocks strictly before (M_OBC); a clean row
                    the clean blocks up to its own (M_BC); the clean stream never sees x_t;
   causal_stream    one more stream at the end, the clean sequence, causal, attending only itself;
+  clean="causal"   (`diffusion.clean_stream`) a clean row sees the clean rows up to its own
+                   position instead of up to the end of its block;
   documents        [b][L] document ids: a row also sees only rows of its own document.
 """
 
@@ -21,7 +23,7 @@ def streams(kind: str, V: int, causal_stream: bool) -> int:
     return {"causal": 1, "full": V, "block_diffusion": V + 1}[kind] + int(causal_stream)
 
 
-def allowed(kind, L, B, V, causal_stream, q, k) -> bool:
+def allowed(kind, L, B, V, causal_stream, q, k, clean="block_causal") -> bool:
     n = streams(kind, V, causal_stream)
     sq, pq = divmod(q, L)
     sk, pk = divmod(k, L)
@@ -38,14 +40,16 @@ def allowed(kind, L, B, V, causal_stream, q, k) -> bool:
     if not q_clean and k_clean:
         return bk < bq
     if q_clean and k_clean:
-        return bk <= bq
+        return pk <= pq if clean == "causal" else bk <= bq
     return False
 
 
-def reference(kind, L, B=1, V=1, causal_stream=False, documents=None) -> torch.Tensor:
+def reference(kind, L, B=1, V=1, causal_stream=False, documents=None,
+              clean="block_causal") -> torch.Tensor:
     """[S, S] bool, or [b, 1, S, S] with documents."""
     S = streams(kind, V, causal_stream) * L
-    base = [[allowed(kind, L, B, V, causal_stream, q, k) for k in range(S)] for q in range(S)]
+    base = [[allowed(kind, L, B, V, causal_stream, q, k, clean) for k in range(S)]
+            for q in range(S)]
     if documents is None:
         return torch.tensor(base)
     docs = documents.tolist()

@@ -33,10 +33,13 @@ def test_causal_stream_mask_is_the_layout_beside_a_causal_block():
 
 
 @pytest.mark.parametrize("extra", [[], ["diffusion.shifted_prediction=true"],
-                                   ["diffusion.block_size=16"]])
+                                   ["diffusion.block_size=16"], ["diffusion.clean_stream=causal"],
+                                   ["diffusion.clean_stream=causal",
+                                    "diffusion.shifted_prediction=true", "diffusion.views=2"]])
 def test_auxiliary_ar_loss_is_the_ar_loss_of_the_same_weights(megatron, extra):
     """The NELBO part is unchanged by the extra stream, and the stream's CE is what the same
-    weights give as an AR model; the loss adds it with its weight."""
+    weights give as an AR model; the loss adds it with its weight. A causal clean stream
+    (`diffusion.clean_stream`) is that stream itself: no row is added."""
     w = 0.3
     cfg = tiny_cfg(*extra)
     cfg_aux = tiny_cfg(*extra, f"diffusion.ar_loss_weight={w}")
@@ -52,6 +55,8 @@ def test_auxiliary_ar_loss_is_the_ar_loss_of_the_same_weights(megatron, extra):
     aux = objective.prepare(tokens, labels, mask, cfg_aux, MASK_ID, noise)
     ar = objective.prepare(tokens, labels, mask, cfg_ar, MASK_ID, None)
     assert aux.input_ids.shape[1] == layout_of(cfg_aux).rows
+    if "diffusion.clean_stream=causal" in extra:
+        assert torch.equal(aux.input_ids, plain.input_ids)
     assert aux.readout.labels.shape[1] == layout_of(cfg_aux).readout
     loss_p, stats_p = objective.reduce(*score(model, plain), plain)
     loss_a, stats_a = objective.reduce(*score(model, aux), aux)

@@ -241,7 +241,8 @@ def test_megatron_hf_megatron_round_trip_is_bit_exact(converted, exported):
         assert torch.equal(first[name], second[name]), name
     hf = json.loads((back / "config.json").read_text())
     assert hf["vocab_size"] == padded(model.config.vocab_size, kind) and hf["cascade"] == {
-        "objective": "ar", "block_size": 1, "shifted_prediction": False, "loss": "ce"}
+        "objective": "ar", "block_size": 1, "shifted_prediction": False, "loss": "ce",
+        "clean_stream": "block_causal", "ar_loss_weight": 0.0}
 
 
 @pytest.mark.parametrize("converted", ["qwen2_moe"], indirect=True)

@@ -59,7 +59,8 @@ def _reference_logits(run, x_t, x_0):
         ids, pos, layout = x_t, torch.arange(L)[None], AttentionLayout("full", L, L)
     else:
         ids, pos = torch.cat([x_t, x_0], 1), torch.arange(L).repeat(2)[None]
-        layout = AttentionLayout("block_diffusion", L, cfg.diffusion.block_size)
+        layout = AttentionLayout("block_diffusion", L, cfg.diffusion.block_size,
+                                 clean_stream=cfg.diffusion.clean_stream)
 
     def logits(*, hidden_states, output_layer, output_weight, **_):
         return allowed_logits(hidden_states, output_layer, output_weight, None, True)

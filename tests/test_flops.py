@@ -13,6 +13,8 @@ from cascade_mega.diffusion.masks import dense_mask
 from helpers import MASK_ID, VOCAB, random_tokens, score, tiny_cfg, tiny_model
 
 CASES = [[], ["diffusion.objective=ar"], ["diffusion.block_size=16"],
+         ["diffusion.ar_loss_weight=0.5"], ["diffusion.clean_stream=causal",
+                                            "diffusion.ar_loss_weight=0.5", "diffusion.views=2"],
          ["diffusion.views=2", "diffusion.complementary=true", "diffusion.shifted_prediction=true",
           "model.num_query_groups=2"],
          # experts: the active ones (top 2 of 4), a gated shared expert, the router; layer 1 dense

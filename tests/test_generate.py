@@ -29,7 +29,7 @@ def _prompts(*lengths, seed=0):
     return [torch.randint(0, MASK_ID, (n,), generator=g).tolist() for n in lengths]
 
 
-def _block_logits(model, seq, x):
+def _block_logits(model, seq, x, rule="block_causal"):
     """Logits [B, V] of the block after the clean prefix `seq`, the block's state x (tokens or
     [MASK]), through the training layout [x_t ; x_0]: the current block noisy in x_t, the prefix
     clean in x_0 (the current block's clean rows are unseen). A time-conditioned model reads
@@ -43,7 +43,7 @@ def _block_logits(model, seq, x):
     if getattr(model, "noise_embedding", None) is not None:
         levels = torch.zeros(1, 2 * n)
         levels[0, len(seq):n] = (x == MASK_ID).float().mean()
-    hidden = model(ids, pos, AttentionLayout("block_diffusion", n, len(x)),
+    hidden = model(ids, pos, AttentionLayout("block_diffusion", n, len(x), clean_stream=rule),
                    output_processor=lambda hidden_states, output_layer, output_weight,
                    **_: output_layer(hidden_states, weight=output_weight)[0],
                    noise_levels=levels)
@@ -59,7 +59,7 @@ def _uncached(model, cfg, prompt, max_new, policy):
         end = min(B, len(given) + max_new - len(out))  # the budget may end inside the block
         step, cap = 0, policy.steps_for(end - len(given), B)
         while (x[:end] == MASK_ID).any():
-            logits = _block_logits(model, seq, x)
+            logits = _block_logits(model, seq, x, cfg.diffusion.clean_stream)
             masked = (x[:end] == MASK_ID).nonzero().squeeze(1)
             if policy.name == "tweedie":  # which positions: the step's own draws
                 chosen, tokens, _ = decide(policy, logits[masked], Sampling(), gen, step, cap,
@@ -82,12 +82,13 @@ SCORED = ("diffusion.loss=score_entropy", "model.time_conditioning=true")
 @pytest.mark.parametrize("policy,extra", [
     (Policy("fixed", steps=2), ()), (Policy("threshold", tau=0.05), ()),
     (Policy("adaptive", steps=3, tau=0.05), ()),
+    (Policy("fixed", steps=2), ("diffusion.clean_stream=causal",)),  # committed rows: causal
     # a time-conditioned score-entropy model under the `tweedie` step (the scores' exact step)
     (Policy("tweedie", steps=3), SCORED)])
 def test_cached_decoding_equals_recomputing_the_prefix(megatron, policy, extra):
     cfg = tiny_cfg(f"data.seq_len={L}", f"diffusion.block_size={B}", WIDE, *extra)
     model = tiny_model(cfg, seed=1)
-    if extra:  # a trained embedder is not zero: noise levels that are wrong change the tokens
+    if extra == SCORED:  # a trained embedder is not zero: wrong noise levels change the tokens
         with torch.no_grad():
             for p in model.noise_embedding.parameters():
                 p.normal_(0, 0.3)

@@ -46,12 +46,14 @@ def test_tiled_matches_dense_outputs_and_gradients(L, B, heads, groups):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("V", [2, 3])
-def test_tiled_views_match_dense(V):
+@pytest.mark.parametrize("V,clean", [(2, "block_causal"), (3, "block_causal"), (1, "causal"),
+                                     (2, "causal")])
+def test_tiled_views_match_dense(V, clean):
+    """Several views, and a causal clean stream (`diffusion.clean_stream`)."""
     L, B = 32, 4
     q, k, v = inputs((V + 1) * L, 4, 2, seed=V)
-    mask = reference("block_diffusion", L, B, V)
-    out = tiled.block_diffusion_attention(q, k, v, L, B, views=V, tile=8)
+    mask = reference("block_diffusion", L, B, V, clean=clean)
+    out = tiled.block_diffusion_attention(q, k, v, L, B, views=V, tile=8, clean_stream=clean)
     ref = dense_reference(q, k, v, mask)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     grad = torch.randn_like(out)
@@ -60,13 +62,14 @@ def test_tiled_views_match_dense(V):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("L,B,V", [(16, 4, 1), (32, 8, 2)])
-def test_flex_mask_mod_forward_matches_dense(L, B, V):
+@pytest.mark.parametrize("L,B,V,clean", [(16, 4, 1, "block_causal"), (32, 8, 2, "block_causal"),
+                                         (32, 8, 1, "causal")])
+def test_flex_mask_mod_forward_matches_dense(L, B, V, clean):
     # FlexAttention has no CPU backward; its forward checks the mask function the GPU path uses.
     S = (V + 1) * L
     q, k, v = (x.detach().float() for x in inputs(S, 4, 4, seed=S))
-    out = flex.attention(q, k, v, AttentionLayout("block_diffusion", L, B, V))
-    mask = reference("block_diffusion", L, B, V)
+    out = flex.attention(q, k, v, AttentionLayout("block_diffusion", L, B, V, clean_stream=clean))
+    mask = reference("block_diffusion", L, B, V, clean=clean)
     torch.testing.assert_close(out, dense_reference(q.double(), k.double(), v.double(), mask)
                                .float(), rtol=1e-4, atol=1e-4)
 
@@ -103,42 +106,44 @@ def test_training_path_allocates_nothing_of_size_2L_squared():
 
 
 @pytest.mark.parametrize("documents", [False, True])
-@pytest.mark.parametrize("kind,L,B,V,cp", [("block_diffusion", 32, 4, 1, 2),
-                                           ("block_diffusion", 48, 4, 2, 2),
-                                           ("block_diffusion", 64, 2, 1, 4),
-                                           ("causal", 32, 1, 1, 2)])
-def test_context_parallel_chunks_give_the_whole_sequence_attention(kind, L, B, V, cp, documents):
+@pytest.mark.parametrize("kind,L,B,V,cp,clean", [("block_diffusion", 32, 4, 1, 2, "block_causal"),
+                                                 ("block_diffusion", 48, 4, 2, 2, "block_causal"),
+                                                 ("block_diffusion", 64, 2, 1, 4, "block_causal"),
+                                                 ("block_diffusion", 32, 4, 1, 2, "causal"),
+                                                 ("causal", 32, 1, 1, 2, "block_causal")])
+def test_context_parallel_chunks_give_the_whole_sequence_attention(kind, L, B, V, cp, clean,
+                                                                   documents):
     """Each simulated context-parallel rank attends its zigzag chunks to the whole clean stream;
     together they give the dense output and, summing each rank's clean-stream gradient back
     (what the gather's reduce-scatter does), the dense gradients. With packed documents too
     (boundaries inside tiles, so some rows have no key in the clean prefix)."""
     docs = torch.tensor([[0] * 5 + [1] * 12 + [2] * (L - 17), [0] * 9 + [1] * (L - 9)]) \
         if documents else None
-    layout = AttentionLayout(kind, L, B, V, documents=docs)
+    layout = AttentionLayout(kind, L, B, V, documents=docs, clean_stream=clean)
     n = layout.total_len
     q, k, v = inputs(n, 4, 2, seed=L + cp)
-    ref = dense_reference(q, k, v, reference(kind, L, B, V, documents=docs))
+    ref = dense_reference(q, k, v, reference(kind, L, B, V, documents=docs, clean=clean))
     grad_out = torch.randn_like(ref)
     grads = torch.autograd.grad(ref, (q, k, v), grad_out)
     out = torch.zeros_like(ref)
     got = [torch.zeros_like(x) for x in (q, k, v)]
-    clean = slice(n - L, n)
+    clean_rows = slice(n - L, n)
     for rank in range(cp):
         part = layout.split_for_context(rank, cp)
         rows = part.rows()
         assert part.total_len == rows.numel() == n // cp
         local = [x[:, :, rows].detach().requires_grad_() for x in (q, k, v)]
-        clean_kv = [x[:, :, clean].detach().requires_grad_() for x in (k, v)]
+        clean_kv = [x[:, :, clean_rows].detach().requires_grad_() for x in (k, v)]
         o = tiled.block_diffusion_attention(
             *local, L, 1 if kind == "causal" else B, 0 if kind == "causal" else V,
             chunks=part.chunks, num_chunks=part.num_chunks, clean_kv=tuple(clean_kv),
-            documents=docs)
+            documents=docs, clean_stream=clean)
         o.backward(grad_out[:, :, rows])
         out[:, :, rows] = o.detach()
         for g, x in zip(got, local):
             g[:, :, rows] += x.grad
-        got[1][:, :, clean] += clean_kv[0].grad
-        got[2][:, :, clean] += clean_kv[1].grad
+        got[1][:, :, clean_rows] += clean_kv[0].grad
+        got[2][:, :, clean_rows] += clean_kv[1].grad
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
     for g, r in zip(got, grads):
         torch.testing.assert_close(g, r, atol=1e-12, rtol=0)
@@ -173,21 +178,24 @@ def make_attention(heads, groups):
     return BlockDiffusionAttention(transformer_config(cfg, torch.float64), 1, None, "self")
 
 
-@pytest.mark.parametrize("kind,L,B,V", [
-    ("block_diffusion", 8, 1, 1), ("block_diffusion", 16, 4, 1), ("block_diffusion", 32, 8, 2),
-    ("block_diffusion", 16, 16, 1), ("causal", 12, 1, 1), ("full", 12, 12, 2)])
-def test_core_attention_in_megatron_layout_matches_dense(megatron, kind, L, B, V):
+@pytest.mark.parametrize("kind,L,B,V,clean", [
+    ("block_diffusion", 8, 1, 1, "block_causal"), ("block_diffusion", 16, 4, 1, "block_causal"),
+    ("block_diffusion", 32, 8, 2, "block_causal"), ("block_diffusion", 16, 16, 1, "block_causal"),
+    ("block_diffusion", 16, 4, 2, "causal"), ("causal", 12, 1, 1, "block_causal"),
+    ("full", 12, 12, 2, "block_causal")])
+def test_core_attention_in_megatron_layout_matches_dense(megatron, kind, L, B, V, clean):
     """`BlockDiffusionAttention` (megatron-core's [s, b, h, d] tensors, grouped-query heads) on
-    every kind of layout: outputs and gradients."""
+    every kind of layout, a causal clean stream too: outputs and gradients."""
     torch.manual_seed(L * 100 + B + V)
     attn = make_attention(4, 2)
-    layout = AttentionLayout(kind, L, B, V)
+    layout = AttentionLayout(kind, L, B, V, clean_stream=clean)
     S, b, d = layout.total_len, 2, 16
     q = torch.randn(S, b, 4, d, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(S, b, 2, d, dtype=torch.float64, requires_grad=True) for _ in range(2))
     out = attn(q, k, v, layout)
     as_heads = lambda x: x.permute(1, 2, 0, 3)  # noqa: E731  [s, b, h, d] -> [b, h, s, d]
-    ref = dense_reference(as_heads(q), as_heads(k), as_heads(v), reference(kind, L, B, V))
+    ref = dense_reference(as_heads(q), as_heads(k), as_heads(v),
+                          reference(kind, L, B, V, clean=clean))
     ref = ref.permute(2, 0, 1, 3).reshape(S, b, -1)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     grad = torch.randn_like(out)

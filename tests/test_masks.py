@@ -11,12 +11,14 @@ from cascade_mega.diffusion import AttentionLayout, training_mask
 from cascade_mega.inference.kv_cache import CLEAN, IDLE, NOISY, DecodeStep, KVCache
 from mask_reference import bd3lm_block_diff_mask, reference, zigzag_rows
 
-# (kind, L, B, V, causal_stream): every layout the project trains with
+# (kind, L, B, V, causal_stream[, clean_stream]): every layout the project trains with
 LAYOUTS = [("causal", 16, 1, 1, False), ("full", 16, 16, 1, False), ("full", 12, 12, 3, False),
            ("block_diffusion", 16, 1, 1, False), ("block_diffusion", 16, 4, 1, False),
            ("block_diffusion", 12, 3, 1, False), ("block_diffusion", 16, 16, 1, False),
            ("block_diffusion", 16, 4, 2, False), ("block_diffusion", 16, 8, 3, False),
-           ("block_diffusion", 16, 4, 1, True), ("block_diffusion", 16, 2, 2, True)]
+           ("block_diffusion", 16, 4, 1, True), ("block_diffusion", 16, 2, 2, True),
+           ("block_diffusion", 16, 4, 1, False, "causal"),
+           ("block_diffusion", 12, 3, 2, False, "causal")]
 
 
 def documents(L, seed, b=2):
@@ -27,8 +29,9 @@ def documents(L, seed, b=2):
     return starts.cumsum(1)
 
 
-def layout_of(kind, L, B, V, causal_stream, docs=None):
-    return AttentionLayout(kind, L, B, V, documents=docs, causal_stream=causal_stream)
+def layout_of(kind, L, B, V, causal_stream, clean="block_causal", docs=None):
+    return AttentionLayout(kind, L, B, V, documents=docs, causal_stream=causal_stream,
+                           clean_stream=clean)
 
 
 def test_bd3lm_block_diff_mask_equals_training_mask():
@@ -43,10 +46,10 @@ def test_bd3lm_block_diff_mask_equals_training_mask():
 @pytest.mark.parametrize("spec", LAYOUTS, ids=lambda s: "-".join(map(str, s)))
 @pytest.mark.parametrize("with_documents", [False, True])
 def test_layout_dense_mask_and_flex_mask_mod_match_the_reference(spec, with_documents):
-    kind, L, B, V, aux = spec
+    kind, L, B, V, aux, *clean = spec
     docs = documents(L, seed=L * 7 + B + V) if with_documents else None
-    ref = reference(kind, L, B, V, aux, docs)
-    layout = layout_of(kind, L, B, V, aux, docs)
+    ref = reference(kind, L, B, V, aux, docs, *clean)
+    layout = layout_of(kind, L, B, V, aux, *clean, docs=docs)
     assert torch.equal(layout.dense(), ref)
     S = layout.total_len
     q, k = torch.arange(S)[None, :, None], torch.arange(S)[None, None, :]
@@ -60,12 +63,13 @@ def test_layout_dense_mask_and_flex_mask_mod_match_the_reference(spec, with_docu
 @pytest.mark.parametrize("spec,size", [(("causal", 16, 1, 1, False), 2),
                                        (("block_diffusion", 16, 2, 1, False), 2),
                                        (("block_diffusion", 24, 2, 2, False), 3),
-                                       (("block_diffusion", 16, 4, 1, False), 2)])
+                                       (("block_diffusion", 16, 4, 1, False), 2),
+                                       (("block_diffusion", 16, 2, 2, False, "causal"), 2)])
 def test_context_parallel_rows_hold_the_reference_rows(spec, size):
-    kind, L, B, V, aux = spec
+    kind, L, B, V, aux, *clean = spec
     docs = documents(L, seed=size)
-    ref = reference(kind, L, B, V, aux, docs)
-    whole = layout_of(kind, L, B, V, aux, docs)
+    ref = reference(kind, L, B, V, aux, docs, *clean)
+    whole = layout_of(kind, L, B, V, aux, *clean, docs=docs)
     for rank in range(size):
         rows = zigzag_rows(kind, L, V, aux, rank, size)
         split = whole.split_for_context(rank, size)
@@ -98,20 +102,21 @@ def test_tiled_kernel_pieces_cover_exactly_the_reference(L, B, V, T, with_docume
     assert torch.equal(got, ref)
 
 
-def test_decoding_mask_is_the_training_mask_of_its_rows():
-    """A decoding forward's rows (clean: committed blocks; noisy: the block being denoised;
-    idle: padding) attend as the same rows of the training layout do; the cache is all visible to
-    active rows, up to each sequence's length."""
+@pytest.mark.parametrize("clean", ["block_causal", "causal"])
+def test_decoding_mask_is_the_training_mask_of_its_rows(clean):
+    """A decoding forward's rows (clean: committed tokens; noisy: the block being denoised;
+    idle: padding) attend as the same rows of the training layout do, a causal clean stream
+    too; the cache is all visible to active rows, up to each sequence's length."""
     g = torch.Generator().manual_seed(3)
-    b, n, blocks_max = 3, 10, 4
+    b, n, L, B = 3, 10, 12, 3
     kinds = torch.randint(0, 3, (b, n), generator=g)
-    blocks = torch.randint(0, blocks_max, (b, n), generator=g)
+    positions = torch.randint(0, L, (b, n), generator=g)
     cache = KVCache(b, 32)
     cache.lengths = torch.tensor([0, 5, 2])
-    step = DecodeStep(cache, kinds, blocks)
+    step = DecodeStep(cache, kinds, positions, B, clean_stream=clean)
     mask = step._mask()[:, 0]
     used = int(cache.lengths.max())
-    ref = reference("block_diffusion", blocks_max, 1, 1)  # one position per block
+    ref = reference("block_diffusion", L, B, 1, clean=clean)
     for i in range(b):
         for q in range(n):
             active = kinds[i, q] != IDLE
@@ -121,8 +126,8 @@ def test_decoding_mask_is_the_training_mask_of_its_rows():
                 if not active or kinds[i, k] == IDLE:
                     expected = q == k and not active
                 else:
-                    row = lambda j: int(blocks[i, j]) + (blocks_max if kinds[i, j] == CLEAN  # noqa
-                                                         else 0)
+                    row = lambda j: int(positions[i, j]) + (L if kinds[i, j] == CLEAN  # noqa
+                                                            else 0)
                     expected = bool(ref[row(q), row(k)])
                 assert bool(mask[i, q, used + k]) == expected, (i, q, k)
     assert (kinds == NOISY).any() and (kinds == CLEAN).any()

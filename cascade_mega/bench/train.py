@@ -64,7 +64,8 @@ def _configs(args):
     bd = load_config(path, common + ["diffusion.objective=block_diffusion"])
     dense = load_config(path, common + ["diffusion.objective=block_diffusion",
                                         "model.attention_kernel=dense"])
-    ar = load_config(path, common + ["diffusion.objective=ar"])
+    ar = load_config(path, common + ["diffusion.objective=ar", "diffusion.ar_loss_weight=0",
+                                     "diffusion.clean_stream=block_causal"])
     return bd, dense, ar
 
 

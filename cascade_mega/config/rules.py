@@ -47,6 +47,9 @@ def _check_model_layout(cfg: CascadeConfig) -> None:
     need(not (p.tp_comm_overlap and cfg.distill.teacher),
          "'parallel.tp_comm_overlap' sizes Transformer Engine's userbuffers for one row count; "
          "'distill.teacher' adds rows in training that evaluation does not have")
+    need(d.clean_stream == "block_causal" or d.block_size < cfg.data.seq_len,
+         f"'diffusion.clean_stream' = {d.clean_stream}: at 'diffusion.block_size' = "
+         f"'data.seq_len' = {cfg.data.seq_len} (full diffusion) there is no clean stream")
     need(d.ar_loss_weight == 0 or p.context == 1,
          "'diffusion.ar_loss_weight' has no context-parallel path: use 'parallel.context' = 1")
     need(m.num_attention_heads % p.tensor == 0,

@@ -235,6 +235,12 @@ class DiffusionConfig(Section):
     # an auxiliary next-token loss on one more stream, the clean sequence under a causal mask,
     # added to the NELBO with this weight (0: off; one extra L-row stream per sequence)
     ar_loss_weight: float = 0.0
+    # how the clean stream x_0 attends to itself: block_causal (BD3-LM's: its block and the
+    # earlier ones) or causal (token by token, an AR model; Nemotron-Labs-Diffusion's): the
+    # next-token loss `ar_loss_weight` is then read from the clean stream itself (no extra
+    # stream), whose K/V are an AR model's cache (speculative decoding, a converted AR model's
+    # clean stream is that model exactly)
+    clean_stream: str = "block_causal"
     # start step -> block size, e.g. {0: 4, 2000: 8}: small blocks first, then grow; the last
     # entry must equal `block_size` (the block size the model is decoded with). Empty: fixed B.
     # Block size 1 (with shifted prediction) is AR: {0: 1, 250: 16} starts the run as an AR model
@@ -280,6 +286,9 @@ class DiffusionConfig(Section):
         need(self.ar_loss_weight == 0 or self.objective == "block_diffusion",
              "'diffusion.ar_loss_weight' is an auxiliary loss of block diffusion; the ar "
              "objective has the next-token loss already")
+        need(self.clean_stream == "block_causal" or self.objective == "block_diffusion",
+             f"'diffusion.clean_stream' = {self.clean_stream} is a layout of block diffusion; "
+             f"'diffusion.objective' = {self.objective} has no clean stream")
         need(not self.block_size_schedule or self.objective == "block_diffusion",
              "'diffusion.block_size_schedule' needs 'diffusion.objective' = block_diffusion")
 
@@ -521,6 +530,7 @@ _CHOICES = {
     "diffusion.noise_sampling": ("stratified", "uniform"),
     "diffusion.loss": ("ce", "score_entropy"),
     "optimizer.decay_style": ("cosine", "linear", "constant"),
+    "diffusion.clean_stream": ("block_causal", "causal"),
     "train.precision": PRECISIONS,
     "model.attention_backend": ("auto", "local", "te"),
     "model.attention_kernel": ("auto", "tiled", "flex", "dense"),

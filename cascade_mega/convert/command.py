@@ -116,6 +116,9 @@ def hf_to_mcore(args) -> str:
         overrides.append(f"diffusion.block_size={block}")
         if known and hf["cascade"].get("shifted_prediction"):
             overrides.append("diffusion.shifted_prediction=true")
+        if known and hf["cascade"].get("clean_stream"):
+            overrides.append(f"diffusion.clean_stream={hf['cascade']['clean_stream']}")
+            overrides.append(f"diffusion.ar_loss_weight={hf['cascade']['ar_loss_weight']}")
     if known and hf["cascade"].get("loss"):  # score-entropy logits are scores
         overrides.append(f"diffusion.loss={hf['cascade']['loss']}")
     cfg, one = _target(overrides, args.tensor, args.pipeline, args.expert)

@@ -63,7 +63,8 @@ def _hf_config(cfg, run_dir: str, rows: int, tokenizer) -> dict:
     d, layout = cfg.diffusion, layout_of(cfg)
     hf["cascade"] = {"objective": d.objective, "block_size": layout.block,
                      "shifted_prediction": bool(d.shifted_prediction and not layout.causal),
-                     "loss": d.loss}
+                     "loss": d.loss, "clean_stream": d.clean_stream,
+                     "ar_loss_weight": d.ar_loss_weight}
     return hf
 
 
@@ -81,6 +82,7 @@ def _remote_config(hf: dict, cfg, tokenizer) -> dict:
         backbone=hfmap.family(hf), objective="block_diffusion",
         block_size=layout_of(cfg).block,
         shifted_prediction=bool(cfg.diffusion.shifted_prediction), loss=cfg.diffusion.loss,
+        clean_stream=cfg.diffusion.clean_stream, ar_loss_weight=cfg.diffusion.ar_loss_weight,
         mask_token_id=tokenizer.mask_id, tokenizer_vocab_size=tokenizer.vocab_size,
         max_position_embeddings=cfg.data.seq_len, rope_theta=m.rotary_base, rope_scaling=scaling,
         head_dim=m.kv_channels or m.hidden_size // m.num_attention_heads,

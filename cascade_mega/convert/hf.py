@@ -38,7 +38,8 @@ ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
 
 # what a diffusion export's config.json adds for its modeling code (convert/export.py)
 REMOTE_KEYS = ("auto_map", "backbone", "objective", "block_size", "shifted_prediction",
-               "mask_token_id", "tokenizer_vocab_size", "qk_norm")
+               "clean_stream", "ar_loss_weight", "mask_token_id", "tokenizer_vocab_size",
+               "qk_norm")
 
 
 def family(hf: dict) -> str:

@@ -37,18 +37,25 @@ class BlockDiffusion(Objective):
     @classmethod
     def layout(cls, cfg) -> SequenceLayout:
         """V noisy views and, for B < L, the clean stream (full diffusion at B = L has none),
-        plus the auxiliary causal stream. Attention pairs (the mask's non-zeros): each view's
-        rows see their block and the earlier clean blocks, the clean rows theirs and the earlier
-        ones, (V + 1) L (L + B) / 2; full diffusion V L^2; the causal stream L (L + 1) / 2."""
+        plus the auxiliary causal stream unless the clean stream is causal itself (its rows then
+        carry the next-token loss). Attention pairs (the mask's non-zeros): each view's rows see
+        their block and the earlier clean blocks, V L (L + B) / 2; the block-causal clean rows
+        theirs and the earlier ones, L (L + B) / 2; full diffusion V L^2; a causal stream (the
+        auxiliary one, or the clean stream itself) L (L + 1) / 2."""
         d, L = cfg.diffusion, cfg.data.seq_len
         kind = "full" if d.block_size >= L else "block_diffusion"
         aux = d.ar_loss_weight > 0
-        streams = d.views + int(kind == "block_diffusion") + int(aux)
-        pairs = d.views * L * L if kind == "full" else \
-            (d.views + 1) * L * (L + d.block_size) // 2
+        causal_clean = d.clean_stream == "causal"
+        streams = d.views + int(kind == "block_diffusion") + int(aux and not causal_clean)
+        causal_pairs = L * (L + 1) // 2
+        if kind == "full":
+            pairs = d.views * L * L + (causal_pairs if aux else 0)
+        else:
+            pairs = d.views * L * (L + d.block_size) // 2 + (causal_pairs if causal_clean else
+                                                              L * (L + d.block_size) // 2) + \
+                (causal_pairs if aux and not causal_clean else 0)
         return SequenceLayout(kind, streams * L, d.views * (L - int(d.shifted_prediction)) +
-                              L * int(aux), pairs + (L * (L + 1) // 2 if aux else 0),
-                              d.block_size)
+                              L * int(aux), pairs, d.block_size)
 
     def rows(self, cfg, train: bool) -> int:
         # the layout in force (an AR phase of a block-size schedule lays out AR's)

@@ -90,6 +90,11 @@ class AttentionLayout:
     causal_stream: one more stream after the others, the clean sequence under a causal mask that
     attends only to itself (the auxiliary AR loss, `diffusion.ar_loss_weight`).
 
+    clean_stream: how the clean stream x_0 attends to itself: 'block_causal' (its own block and
+    the earlier ones, BD3-LM's) or 'causal' (token by token, an AR model: its next-token loss is
+    the AR loss and its K/V are an AR model's cache; `diffusion.clean_stream`). The noisy blocks
+    see the clean blocks before their own either way.
+
     routing_scale: the micro-batch's loss tokens per row (`objective.prepare`), by which an MoE
     layer's router scales its balancing losses (`model/moe.py`); None (decoding, a teacher):
     megatron-core's scaling. Not the attention's: it rides here because the layout is the one
@@ -105,10 +110,16 @@ class AttentionLayout:
     num_chunks: int = 1
     documents: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
     causal_stream: bool = False
+    clean_stream: str = "block_causal"
     routing_scale: Optional[float] = field(default=None, compare=False)
     # what the kernels derive from this layout for one forward (a per-batch block mask, a dense
     # mask): built by the first layer, reused by the others; not copied by `replace`
     _cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.clean_stream not in ("block_causal", "causal"):
+            raise ValueError(f"clean_stream must be 'block_causal' or 'causal', got "
+                             f"{self.clean_stream!r}")
 
     def cached(self, key, build):
         """`build()`, once per layout object (every layer of a forward gets the same one)."""
@@ -128,6 +139,8 @@ class AttentionLayout:
         if self.kind == "full":
             return lambda q, k: q // L == k // L
 
+        clean_rule = causal if self.clean_stream == "causal" else block_causal(B)
+
         def fn(q, k):  # view v rows see their own view's block and the shared clean stream
             # (V = 0: the clean stream alone, block-causal; with B = 1 that is causal)
             q_stream, k_stream = q // L, k // L
@@ -135,7 +148,7 @@ class AttentionLayout:
             q_clean, k_clean = q_stream == V, k_stream == V
             return ((q_stream == k_stream) & ~q_clean & same_block(B)(qi, ki)) | \
                 (~q_clean & k_clean & strictly_block_causal(B)(qi, ki)) | \
-                (q_clean & k_clean & block_causal(B)(qi, ki))
+                (q_clean & k_clean & clean_rule(qi, ki))
 
         return fn
 

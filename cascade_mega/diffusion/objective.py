@@ -118,7 +118,8 @@ def at_step(cfg, step: int):
     block = schedule[max(s for s in schedule if s <= step)]
     d = replace(cfg.diffusion, block_size=block)
     if block == 1:  # an AR phase (shifted prediction, config check): see the module docstring
-        d = replace(d, objective="ar", ar_loss_weight=0.0, block_size_schedule={})
+        d = replace(d, objective="ar", ar_loss_weight=0.0, block_size_schedule={},
+                    clean_stream="block_causal")
     return replace(cfg, diffusion=d)
 
 
@@ -198,7 +199,8 @@ def prepare(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
         loss_mask = loss_mask * _within_document(tokens, documents, cfg, eod_id)
     prep = _prepare(tokens, labels, loss_mask, cfg, mask_id, noise, t_range)
     if cfg.diffusion.ar_loss_weight > 0:  # block diffusion only (config check)
-        prep = _add_causal_stream(prep, tokens, labels, ar_mask, cfg.diffusion.ar_loss_weight)
+        prep = _add_causal_stream(prep, tokens, labels, ar_mask, cfg.diffusion.ar_loss_weight,
+                                  cfg.diffusion.clean_stream == "causal")
     if documents is not None:
         prep.layout = replace(prep.layout, documents=documents)
     routing = prep.num_tokens / prep.input_ids.numel()
@@ -256,11 +258,20 @@ def _split_for_context(prep: Prepared, counted, rank: int, size: int) -> Prepare
                     int(counted[:, positions].sum()), noise_levels=levels)
 
 
-def _add_causal_stream(prep: Prepared, tokens, labels, ar_mask, weight: float) -> Prepared:
-    """Append the clean sequence as a causal stream whose rows predict the next token."""
+def _add_causal_stream(prep: Prepared, tokens, labels, ar_mask, weight: float,
+                       causal_clean: bool = False) -> Prepared:
+    """Append the clean sequence as a causal stream whose rows predict the next token; with a
+    causal clean stream (`diffusion.clean_stream`), read those predictions from its rows."""
     b, L = tokens.shape
     start = prep.layout.total_len
     rows = prep.readout.rows if prep.readout.rows is not None else torch.arange(start)
+    if causal_clean:  # the clean stream is the last one
+        return replace(
+            prep, readout=ReadOut(torch.cat([rows, start - L + torch.arange(L)]),
+                                  torch.cat([prep.readout.labels, labels], 1)),
+            weight=torch.cat([prep.weight, ar_mask.to(torch.float64) * weight], 1),
+            scored=torch.cat([prep.scored, torch.zeros(b, L, dtype=torch.bool)], 1),
+            aux_cols=L)
     return replace(
         prep, input_ids=torch.cat([prep.input_ids, tokens], 1),
         position_ids=torch.cat([prep.position_ids, torch.arange(L)[None]], 1),
@@ -294,7 +305,7 @@ def _prepare(tokens, labels, loss_mask, cfg, mask_id, noise, t_range) -> Prepare
     if clean_stream:
         input_ids = torch.cat(streams + [tokens], dim=1)
         position_ids = pos.repeat(1, V + 1)
-        layout = AttentionLayout("block_diffusion", L, B, V)
+        layout = AttentionLayout("block_diffusion", L, B, V, clean_stream=d.clean_stream)
     else:
         input_ids, position_ids = torch.cat(streams, dim=1), pos.repeat(1, V)
         layout = AttentionLayout("full", L, L, V)

@@ -109,19 +109,17 @@ class Decoder:
         ids = torch.full((b, n), mask_id, dtype=torch.long)
         pos = torch.zeros((b, n), dtype=torch.long)
         kinds = torch.full((b, n), IDLE, dtype=torch.long)
-        blocks = torch.zeros((b, n), dtype=torch.long)
         # host, crossing with the rows below; time conditioning: committed rows 0
         levels = torch.zeros((b, n))
         for i, s in enumerate(seqs):
             c = len(s.commit)
             if c:
                 p = torch.arange(s.commit_start, s.commit_start + c)
-                ids[i, :c], pos[i, :c], kinds[i, :c], blocks[i, :c] = \
-                    torch.tensor(s.commit), p, CLEAN, p // B
+                ids[i, :c], pos[i, :c], kinds[i, :c] = torch.tensor(s.commit), p, CLEAN
             if noisy and not s.done:
                 p = torch.arange(s.block * B, (s.block + 1) * B)
                 ids[i, width:], pos[i, width:] = s.x, p
-                kinds[i, width:], blocks[i, width:] = NOISY, s.block
+                kinds[i, width:] = NOISY
                 levels[i, width:] = (s.x == mask_id).float().mean()  # the block's masked share
         last = [max(len(s.commit) - 1, 0) for s in seqs]
         # the output layer runs only on rows that predict a still-masked position
@@ -131,7 +129,7 @@ class Decoder:
                 masked = (s.x[:s.end] == mask_id).nonzero().squeeze(1) - int(self.shifted)
                 needed |= {width + int(r) for r in masked if r >= 0}
         cols = sorted(set(last) | needed)
-        step = DecodeStep(self.cache, kinds, blocks, self.net.flex)
+        step = DecodeStep(self.cache, kinds, pos, B, self.net.flex, self.net.clean_stream)
         # the rows are laid out on the host (per-sequence bookkeeping) and cross in one go
         levels = levels if self.net.time_conditioning else None
         ids, pos, cols_t, levels = to_device((ids, pos, torch.tensor(cols), levels),

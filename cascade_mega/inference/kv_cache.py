@@ -6,7 +6,8 @@ decoding forward is one of:
 
   CLEAN  a committed token (prompt, or a block just decided): it attends the cache and the clean
          rows of this forward in the same or earlier blocks (block-causal, the training mask's x_0
-         rows), and its K/V join the cache after the forward (`commit`);
+         rows; with a causal clean stream those at or before its position), and its K/V join the
+         cache after the forward (`commit`);
   NOISY  a row of the block being denoised: it attends the cache, this forward's clean rows of
          earlier blocks and the noisy rows of its own block (the training mask's x_t rows);
   IDLE   padding for a sequence with nothing to do in this forward: it sees only itself.
@@ -66,12 +67,15 @@ class KVCache:
 
 
 class DecodeStep:
-    """One decoding forward: rows [b, n] of kinds and block indices; what the attention needs."""
+    """One decoding forward: rows [b, n] of kinds and positions (host), the block size and how
+    the clean stream attends (`AttentionLayout.clean_stream`); what the attention needs."""
 
     kind = "decode"
 
-    def __init__(self, cache: KVCache, kinds: torch.Tensor, blocks: torch.Tensor, flex=None):
-        self.cache, self.kinds, self.blocks, self.flex = cache, kinds, blocks, flex
+    def __init__(self, cache: KVCache, kinds: torch.Tensor, positions: torch.Tensor,
+                 block_size: int = 1, flex=None, clean_stream: str = "block_causal"):
+        self.cache, self.kinds, self.positions, self.flex = cache, kinds, positions, flex
+        self.block_size, self.clean_stream = block_size, clean_stream
         self.used = int(cache.lengths.max())
         self.mask = None  # on the device of the first layer's queries, made once per forward
         self.flex_mask = None  # the same for FlexAttention
@@ -81,16 +85,17 @@ class DecodeStep:
         """[b, 1, n, used + n] bool, True = may attend.
 
         Among this forward's rows, the training mask itself (`AttentionLayout.mask_fn` of the 2L
-        layout with one position per block): a clean row is row `block` of the clean stream, a
-        noisy row row `block` of the noisy stream. Built on the host from the host-side row
-        kinds, then copied once per forward (`attend`)."""
-        kinds, blocks, lengths = self.kinds, self.blocks.clamp(min=0), self.cache.lengths
+        layout): a clean row at position p is row p of the clean stream, a noisy row row p of
+        the noisy stream. Built on the host from the host-side row kinds, then copied once per
+        forward (`attend`)."""
+        kinds, positions, lengths = self.kinds, self.positions.clamp(min=0), self.cache.lengths
         b, n = kinds.shape
-        per_block = int(blocks.max()) + 1 if blocks.numel() else 1
-        index = torch.where(kinds == CLEAN, per_block + blocks, blocks)
+        B = self.block_size
+        span = (int(positions.max()) // B + 1) * B if positions.numel() else B
+        index = torch.where(kinds == CLEAN, span + positions, positions)
         active = kinds != IDLE
-        rows = AttentionLayout("block_diffusion", per_block, 1).mask_fn()(
-            index[:, :, None], index[:, None, :])
+        rows = AttentionLayout("block_diffusion", span, B, clean_stream=self.clean_stream) \
+            .mask_fn()(index[:, :, None], index[:, None, :])
         rows &= active[:, :, None] & active[:, None, :]
         rows |= ~active[:, :, None] & torch.eye(n, dtype=torch.bool)[None]
         cached = torch.arange(self.used)[None, None, :] < lengths[:, None, None]

@@ -30,6 +30,7 @@ class MegatronNetwork:
         self.causal, self.full = layout.causal, layout.kind == "full"
         self.block_size = layout.block
         self.shifted = bool(d.shifted_prediction) and not self.causal
+        self.clean_stream = d.clean_stream
         self.scores = d.loss == "score_entropy"
         self.time_conditioning = bool(cfg.model.time_conditioning)
         self.mask_id, self.eod = tokenizer.mask_id, tokenizer.eod

@@ -116,7 +116,8 @@ def attend(query, key, value, layout: AttentionLayout, kernel: str = "auto",
         return tiled.block_diffusion_attention(  # documents: on the device with the batch
             query, key, value, layout.seq_len, 1 if causal else layout.block_size,
             0 if causal else layout.views, scale=scale, chunks=layout.chunks,
-            num_chunks=layout.num_chunks, clean_kv=clean_kv, documents=layout.documents)
+            num_chunks=layout.num_chunks, clean_kv=clean_kv, documents=layout.documents,
+            clean_stream=layout.clean_stream)
     if layout.documents is not None:
         return _attend_within_documents(query, key, value, layout, kernel, scale, gqa)
     if layout.kind == "causal":
@@ -135,7 +136,8 @@ def attend(query, key, value, layout: AttentionLayout, kernel: str = "auto",
         from cascade_kernels import tiled
 
         return tiled.block_diffusion_attention(query, key, value, layout.seq_len,
-                                               layout.block_size, layout.views, scale=scale)
+                                               layout.block_size, layout.views, scale=scale,
+                                               clean_stream=layout.clean_stream)
     if kernel == "flex":
         from cascade_kernels import flex
 

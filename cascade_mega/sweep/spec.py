@@ -163,6 +163,8 @@ def _resolve(sweep: Sweep, point: dict, base: CascadeConfig) -> tuple:
             f"checkpoint.interval={min(base.checkpoint.interval, steps)}"]
     if objective == "block_diffusion":
         over.append(f"diffusion.block_size={block}")
+    else:  # what only block diffusion has
+        over += ["diffusion.ar_loss_weight=0", "diffusion.clean_stream=block_causal"]
     experts = point.get("experts", base.model.moe.num_experts or 0)
     top_k = point.get("top_k", base.model.moe.top_k)
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0

@@ -18,6 +18,7 @@ class CascadeConfig(PretrainedConfig):
                  attention_bias=False, qk_norm=False, max_position_embeddings=2048,
                  tie_word_embeddings=False, backbone="llama", objective="block_diffusion",
                  block_size=16, shifted_prediction=False, loss="ce", mask_token_id=None,
+                 clean_stream="block_causal", ar_loss_weight=0.0,
                  tokenizer_vocab_size=None, num_experts=0, num_experts_per_tok=1,
                  moe_intermediate_size=None, norm_topk_prob=False, mlp_only_layers=None,
                  decoder_sparse_step=1, shared_expert_intermediate_size=0, **kwargs):
@@ -41,6 +42,10 @@ class CascadeConfig(PretrainedConfig):
         self.block_size = block_size
         # position i predicted from row i - 1 (a block's first from the clean row before it)
         self.shifted_prediction = shifted_prediction
+        # how the clean stream attends to itself: block_causal, or causal (an AR model, trained
+        # with the next-token loss weight `ar_loss_weight`: 0 means it never was)
+        self.clean_stream = clean_stream
+        self.ar_loss_weight = ar_loss_weight
         # "score_entropy": the logits are SEDD's scores (read by the `tweedie` policy)
         self.loss = loss
         self.mask_token_id = mask_token_id  # the absorbing state; never predicted

@@ -228,12 +228,14 @@ class CascadeForCausalLM(PreTrainedModel):
 
     def layout(self, seq_len: int, views: int = 0) -> AttentionLayout:
         """The project's layout of this model over `seq_len` positions: full attention for full
-        diffusion; else the clean stream alone (views = 0: block-causal by position) or the
-        training layout `[x_t ; x_0]` (views = 1)."""
+        diffusion; else the clean stream alone (views = 0: block-causal by position, or causal:
+        an AR model, with a causal clean stream) or the training layout `[x_t ; x_0]`
+        (views = 1)."""
         c = self.config
         if c.full_diffusion:
             return AttentionLayout("full", seq_len, seq_len)
-        return AttentionLayout("block_diffusion", seq_len, c.block_size, views=views)
+        return AttentionLayout("block_diffusion", seq_len, c.block_size, views=views,
+                               clean_stream=getattr(c, "clean_stream", "block_causal"))
 
     def _mask(self, input_ids, position_ids, attention_mask):
         if attention_mask is not None and attention_mask.dim() == 4:
@@ -325,6 +327,7 @@ class _Network:
         self.model, self.eod, self.mask_id = model, eos, c.mask_token_id
         self.max_len, self.block_size = c.max_position_embeddings, c.block_size
         self.full, self.shifted = c.full_diffusion, bool(c.shifted_prediction)
+        self.clean_stream = c.clean_stream
         self.scores = c.loss == "score_entropy"
         self.device = model.device
 
