@@ -229,6 +229,8 @@ CASES = [
      "checkpoint {inp}/damaged/checkpoints/iter_0000001 is damaged:"),
     ("generate-other-model", ["generate", "--ckpt", "{inp}/other", "--prompt", "ROMEO:"],
      "cannot load checkpoint {inp}/other/checkpoints/iter_0000001:"),
+    ("generate-speculative-untrained", ["generate", "--ckpt", "{run}", "--prompt", "ROMEO:", "--policy", "speculative"],
+     "--policy speculative needs a causal clean stream trained for next-token prediction (diffusion.clean_stream=causal with diffusion.ar_loss_weight > 0); this model has a block_causal clean stream"),
     ("generate-empty-prompt", ["generate", "--ckpt", "{run}", "--prompt", ""],
      "prompt 0 is empty"),
     ("generate-long-prompt", ["generate", "--ckpt", "{run}", "--prompt", "ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO ROMEO "],

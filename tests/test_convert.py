@@ -370,3 +370,45 @@ def test_megatron_style_convert_tool_runs_from_a_source_checkout(tmp_path):
                      "--load-dir", "x", "--save-dir", tmp_path / "no", cwd=src)
     assert bad.returncode == 2 and "no conversion from --loader gguf to --saver mcore" in \
         bad.stderr
+
+
+@pytest.mark.parametrize("converted", ["llama", "qwen2"], indirect=True)
+def test_a_causal_clean_stream_conversion_is_the_ar_model(converted):
+    """Converted to block diffusion with a causal clean stream (`--clean-stream causal`): at step
+    0 the clean rows of the training layout [x_t ; x_0] give the Hugging Face logits of x_0
+    whatever x_t holds, and speculative greedy decoding (the diffusion stream drafts, the causal
+    stream verifies) gives `transformers`' own greedy `generate`, token for token."""
+    from cascade_mega.diffusion.masks import AttentionLayout
+    from cascade_mega.inference.load import load_decoder
+    from cascade_mega.inference.policies import Policy
+    from cascade_mega.model.gpt import read_out_logits
+
+    kind, root, model = converted
+    run = root / "mc_causal"
+    proc = convert("hf-to-mcore", str(root / "hf"), str(run), "--seq-len", "64", "--objective",
+                   "block_diffusion", "--block-size", "4", "--clean-stream", "causal")
+    assert proc.returncode == 0, proc.stderr
+    decoder = load_decoder(str(run), precision="fp32")
+    V, L = model.config.vocab_size, 48
+    g = torch.Generator().manual_seed(6)
+    x_0 = torch.randint(0, V, (2, L), generator=g)
+    x_t = torch.where(torch.rand(2, L, generator=g) < 0.5, decoder.net.mask_id, x_0)
+
+    def logits(*, hidden_states, output_layer, output_weight, **_):
+        return read_out_logits(hidden_states, output_layer, output_weight, None, True)
+
+    with torch.no_grad():
+        ref = model(x_0).logits.double()
+        got = decoder.net.model(torch.cat([x_t, x_0], 1), torch.arange(L).repeat(2)[None],
+                                AttentionLayout("block_diffusion", L, 4, clean_stream="causal"),
+                                output_processor=logits).transpose(0, 1).double()
+    assert (got[:, L:, :V] - ref).abs().max() < 1e-4 < ref.abs().max()
+    prompts = [decoder.net.tok.encode(p) for p in ("ROMEO: But soft", "JULIET:")]
+    eod = decoder.net.tok.eod
+    for prompt, ours in zip(prompts, decoder.generate(prompts, 20, Policy("speculative",
+                                                                         steps=2))):
+        ids = torch.tensor([prompt])
+        out = model.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=eod,
+                             pad_token_id=eod)[0, ids.shape[1]:].tolist()
+        assert ours.tokens == out[:len(ours.tokens)] and len(ours.tokens) >= 5
+        assert len(ours.tokens) == 20 or out[len(ours.tokens)] == eod

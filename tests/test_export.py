@@ -4,7 +4,8 @@ interpreter where cascade_mega cannot be imported (`hf_remote.py`), against the 
 Runs (made by `hf-to-mcore` from small random Hugging Face models, fp32): a block-diffusion Qwen2
 (B = 4, tied embeddings, QKV biases), a block-diffusion Qwen3-MoE with shifted prediction (query /
 key norms, a head dimension other than hidden / heads, experts with a dense first layer), a
-full-diffusion Llama (B = L) and an AR Llama; the Qwen3-MoE run is a score-entropy one (its
+full-diffusion Llama (B = L), a block-diffusion Llama with a causal clean stream (whose
+`speculative` and `causal` policies run too) and an AR Llama; the Qwen3-MoE run is a score-entropy one (its
 logits are scores, which the `tweedie` policy reads). Each export's logits on a fixed
 `[x_t ; x_0]` layout (x_t alone for full diffusion, causal for AR) equal the megatron model's,
 and its `generate` of 3 prompts of different lengths in one batch gives `cascade generate`'s
@@ -37,11 +38,19 @@ RUNS = [{"policy": "fixed", "steps": 2},
         {"policy": "fixed", "steps": 4, "order": "random", "do_sample": True, "top_p": 0.9,
          "seed": 3},
         {"policy": "tweedie", "steps": 3, "do_sample": True, "seed": 4}]
+# a causal clean stream's own policies: speculative (greedy, and sampled with another draft) and
+# the causal stream alone
+CAUSAL_RUNS = [{"policy": "speculative", "steps": 2},
+               {"policy": "speculative", "draft": "adaptive", "steps": 3, "order": "margin",
+                "do_sample": True, "top_k": 20, "seed": 5},
+               {"policy": "causal", "do_sample": True, "temperature": 0.8, "seed": 6}]
 FULL = {"cache": "prefix", "decode_block": 16, "guidance": 0.5}  # the full-diffusion export's
 NEW = 20  # new tokens per prompt
 CASES = {"block": ("qwen2", ["--objective", "block_diffusion", "--block-size", "4"]),
          "shifted_moe": ("qwen3_moe", ["--objective", "block_diffusion", "--block-size", "4"]),
          "full": ("llama", ["--objective", "block_diffusion", "--block-size", "64"]),
+         "causal": ("llama", ["--objective", "block_diffusion", "--block-size", "4",
+                              "--clean-stream", "causal"]),
          "ar": ("llama", [])}
 
 
@@ -105,9 +114,11 @@ def exports(tmp_path_factory):
                                   cache=full["cache"], block=full["decode_block"],
                                   guidance=full["guidance"])
         prompts = [tok.encode(p) for p in PROMPTS]
-        for r in RUNS[1:] if name != "ar" else []:
+        runs = RUNS + (CAUSAL_RUNS if name == "causal" else [])
+        for r in runs[1:] if name != "ar" else []:
             policy = Policy(r["policy"], r.get("steps", 4), r.get("tau", 0.9),
-                            r.get("order", "confidence"), r.get("bound", 1.0), r.get("remask", 0))
+                            r.get("order", "confidence"), r.get("bound", 1.0), r.get("remask", 0),
+                            r.get("draft", "fixed"))
             sampling = Sampling(greedy=not r.get("do_sample"), temperature=r.get(
                 "temperature", 1.0), top_k=r.get("top_k", 0), top_p=r.get("top_p", 1.0),
                 seed=r.get("seed", 0))
@@ -116,7 +127,7 @@ def exports(tmp_path_factory):
         torch.save({"x_t": x_0 if name == "ar" else x_t, "x_0": None if name == "full" else x_0,
                     "prompts": prompts,
                     "runs": [{**r, **full, "max_new_tokens": NEW}
-                             for r in (RUNS[:1] if name == "ar" else RUNS)]}, request)
+                             for r in (RUNS[:1] if name == "ar" else runs)]}, request)
         triples += [out, request, root / f"{name}.result"]
         found[name] = {"logits": logits, "ours": ours, "out": out, "tok": tok}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -142,7 +153,8 @@ def test_the_export_in_transformers_alone_equals_the_run(exports, name):
         assert torch.equal(finite, torch.isfinite(got))
     assert (got[finite] - ref[finite]).abs().max() <= 1e-4
     assert all(len(t) > 0 for t in case["ours"][0])
-    assert len(case["ours"]) == (1 if name == "ar" else len(RUNS))
+    assert len(case["ours"]) == (1 if name == "ar" else
+                                 len(RUNS) + len(CAUSAL_RUNS) * (name == "causal"))
     assert case["hf"]["tokens"] == case["ours"]
 
 

@@ -106,7 +106,8 @@ def test_tiled_kernel_pieces_cover_exactly_the_reference(L, B, V, T, with_docume
 def test_decoding_mask_is_the_training_mask_of_its_rows(clean):
     """A decoding forward's rows (clean: committed tokens; noisy: the block being denoised;
     idle: padding) attend as the same rows of the training layout do, a causal clean stream
-    too; the cache is all visible to active rows, up to each sequence's length."""
+    too; a clean row sees the cache up to its sequence's length, a noisy row the cached
+    positions before its block."""
     g = torch.Generator().manual_seed(3)
     b, n, L, B = 3, 10, 12, 3
     kinds = torch.randint(0, 3, (b, n), generator=g)
@@ -120,8 +121,10 @@ def test_decoding_mask_is_the_training_mask_of_its_rows(clean):
     for i in range(b):
         for q in range(n):
             active = kinds[i, q] != IDLE
+            start = int(positions[i, q]) // B * B  # a noisy row: the cache before its block
+            seen = int(cache.lengths[i]) if kinds[i, q] == CLEAN else start
             for c in range(used):
-                assert bool(mask[i, q, c]) == (bool(active) and c < int(cache.lengths[i]))
+                assert bool(mask[i, q, c]) == (bool(active) and c < min(seen, cache.lengths[i]))
             for k in range(n):
                 if not active or kinds[i, k] == IDLE:
                     expected = q == k and not active

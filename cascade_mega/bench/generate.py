@@ -17,6 +17,13 @@ prompt of the prompts' mean length): what a model's samples should approach. `--
 adds throughput at larger batches (block decoding and AR, both batched with their caches).
 Both decoders run at `--precision` (default: their runs' training precision, fp32 on CPU); the
 judge always scores in fp32.
+
+A model with a causal clean stream (`--bd runs/quickstart_causal`) adds two kinds of rows:
+`causal`, its causal stream decoded one token per forward with the cache (what speculative
+decoding must equal in law), and `speculative/DRAFT` (DRAFT written like any row, e.g.
+`speculative/fixed@2`, `speculative/adaptive:random@3`): the draft policy drafts each block, the
+causal stream verifies it. They report their speed against the `causal` row too, and the
+acceptance of drafted tokens by their position in the block.
 """
 
 from __future__ import annotations
@@ -86,6 +93,20 @@ def parse_rows(spec: str, args) -> dict:
     rows = {"ar": Policy("fixed", 1)}
     for label in [r.strip() for r in spec.split(",") if r.strip()]:
         if label == "ar":
+            continue
+        if label == "causal":
+            rows[label] = Policy("causal")
+            continue
+        speculative, _, drafted = label.partition("/")
+        if speculative == "speculative":
+            draft = parse_rows(drafted or "fixed", args)
+            name = next((k for k in draft if k != "ar"), None)
+            if name is None or draft[name].name in ("speculative", "causal") or \
+                    draft[name].remask:
+                raise GenerationError(f"--policies row {label!r}: the draft must be a block "
+                                      "policy without remasking, e.g. speculative/fixed@2")
+            d = draft[name]
+            rows[label] = Policy("speculative", d.steps, d.tau, d.order, d.bound, draft=d.name)
             continue
         head, _, extra = label.partition("+")
         head, _, steps = head.partition("@")
@@ -226,7 +247,7 @@ def run(args) -> dict:
                              top_k=args.top_k, top_p=args.top_p, seed=args.seed + k))
              for k in range(1 if args.greedy else args.samples) for text in texts]
     times = {(name, b): [] for name in rows for b in batches}
-    stats = {name: {"forwards": 0, "samples": [], "nll": 0.0} for name in rows}
+    stats = {name: {"forwards": 0, "samples": [], "nll": 0.0, "rounds": []} for name in rows}
     for repeat in range(args.repeats):
         spent = {name: 0.0 for name in rows}
         for text, sampling in draws:  # batch 1: every row in turn per draw (noise hits all)
@@ -241,6 +262,7 @@ def run(args) -> dict:
                     s = stats[name]
                     s["forwards"] += dec.forwards
                     s["samples"].append(out.tokens)
+                    s["rounds"] += out.speculation
                     s["nll"] += generative_nll(judge, prompt, out.tokens)
         for name in rows:
             times[name, 1].append(sum(map(len, stats[name]["samples"])) / spent[name])
@@ -251,10 +273,17 @@ def run(args) -> dict:
     for name, s in stats.items():
         n = max(sum(map(len, s["samples"])), 1)
         table.append({"policy": name, "tokens_per_s": median(times[name, 1]),
-                      "forwards_per_token": s["forwards"] / n, **quality(s["samples"], s["nll"])})
+                      "forwards_per_token": s["forwards"] / n,
+                      "tokens_per_forward": n / max(s["forwards"], 1),
+                      **quality(s["samples"], s["nll"])})
+        if rows[name].name == "speculative":
+            table[-1]["acceptance_by_position"] = acceptance(s["rounds"], bd.B)
     base = table[0]
+    causal = next((r for r in table if r["policy"] == "causal"), None)
     for row in table:
         row["speedup_vs_ar"] = row["tokens_per_s"] / base["tokens_per_s"]
+        if causal is not None:
+            row["speedup_vs_causal"] = row["tokens_per_s"] / causal["tokens_per_s"]
         for key in ("gen_ppl", "entropy", "repetition"):
             row[f"{key}_vs_ar"] = row[key] / base[key] if base[key] else float("nan")
     prompt_len = round(sum(len(bd.net.tok.encode(t)) for t in texts) / len(texts))
@@ -283,6 +312,12 @@ def run(args) -> dict:
               f"{r['entropy']:>8.2f}{r['entropy_vs_ar']:>6.2f}{r['sample_entropy']:>11.2f}"
               f"{r['repetition']:>7.3f}{r['repetition_vs_ar']:>6.2f}")
     print("  data: held-out text of the same length after a prompt of the prompts' mean length")
+    for r in table:
+        if "acceptance_by_position" in r:
+            speed = f", {r['speedup_vs_causal']:.2f}x the causal row" if causal else ""
+            print(f"  {r['policy']}: {r['tokens_per_forward']:.2f} tokens/forward{speed}; "
+                  "drafted tokens accepted, by position in the block: " +
+                  " ".join("-" if a is None else f"{a:.2f}" for a in r["acceptance_by_position"]))
     if batches[1:]:
         print(f"  batched tokens/s (ratio to AR at the same batch size), median of {args.repeats}")
         print(f"  {'policy':<18}" + "".join(f"{'batch ' + str(b):>18}" for b in batches))
@@ -296,6 +331,16 @@ def run(args) -> dict:
     if args.json:
         print(json.dumps(result))
     return result
+
+
+def acceptance(rounds, B: int) -> list:
+    """Share of drafted tokens accepted at each position of the block (None: never drafted)."""
+    drafted, accepted = [0] * B, [0] * B
+    for r in rounds:
+        for j in range(r["drafted"]):
+            drafted[r["offset"] + j] += 1
+            accepted[r["offset"] + j] += j < r["accepted"]
+    return [a / d if d else None for a, d in zip(accepted, drafted)]
 
 
 def _batched(dec, policy, draws, size: int, args) -> float:

@@ -38,6 +38,10 @@ from cascade_mega.config import ConfigError, load_config, record_yaml
 from cascade_mega.convert import hf as hfmap
 from cascade_mega.convert.staging import progress, staged
 
+# the next-token loss a model converted with a causal clean stream trains with (the quickstart's)
+CAUSAL_AR_LOSS_WEIGHT = 0.5
+
+
 def add_arguments(p) -> None:
     p.add_argument("direction",
                    choices=("hf-to-mcore", "mcore-to-hf", "mcore-to-mcore", "gguf-to-hf"))
@@ -47,6 +51,10 @@ def add_arguments(p) -> None:
     p.add_argument("out", help="the directory to write (must not exist)")
     p.add_argument("--objective", choices=("ar", "block_diffusion"), default="ar")
     p.add_argument("--block-size", type=int, default=4)
+    p.add_argument("--clean-stream", choices=("block_causal", "causal"), default="block_causal",
+                   help="block_diffusion: how the clean stream attends (causal: the AR model "
+                        "itself, exactly, with the next-token loss weight "
+                        f"{CAUSAL_AR_LOSS_WEIGHT}; `--policy speculative` decodes with it)")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--tensor", type=int, default=1, help="target tensor-parallel size")
     p.add_argument("--pipeline", type=int, default=1, help="target pipeline-parallel size")
@@ -119,6 +127,9 @@ def hf_to_mcore(args) -> str:
         if known and hf["cascade"].get("clean_stream"):
             overrides.append(f"diffusion.clean_stream={hf['cascade']['clean_stream']}")
             overrides.append(f"diffusion.ar_loss_weight={hf['cascade']['ar_loss_weight']}")
+        elif args.clean_stream == "causal":  # the AR model is the clean stream, trained as one
+            overrides += ["diffusion.clean_stream=causal",
+                          f"diffusion.ar_loss_weight={CAUSAL_AR_LOSS_WEIGHT}"]
     if known and hf["cascade"].get("loss"):  # score-entropy logits are scores
         overrides.append(f"diffusion.loss={hf['cascade']['loss']}")
     cfg, one = _target(overrides, args.tensor, args.pipeline, args.expert)

@@ -41,6 +41,7 @@ CORE = {"cascade_mega.errors": "cascade_errors",
         "cascade_mega.inference.policies": "cascade_policies",
         "cascade_mega.inference.kv_cache": "cascade_kv_cache",
         "cascade_mega.inference.decode": "cascade_decode",
+        "cascade_mega.inference.speculative": "cascade_speculative",
         "cascade_mega.inference.full_diffusion": "cascade_full_diffusion"}
 AUTO_MAP = {"AutoConfig": "configuration_cascade.CascadeConfig",
             "AutoModelForCausalLM": "modeling_cascade.CascadeForCausalLM"}

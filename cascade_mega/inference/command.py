@@ -7,7 +7,7 @@ import sys
 import time
 
 from cascade_mega.config import PRECISIONS
-from cascade_mega.inference.policies import ORDERS, POLICIES, Policy
+from cascade_mega.inference.policies import DRAFTS, ORDERS, POLICIES, Policy
 from cascade_mega.inference.sampling import Sampling
 
 
@@ -24,7 +24,12 @@ def add_arguments(p) -> None:
                         "--steps per block; entropy: EB-sampler's rule with --bound, at most "
                         "--steps per block; tweedie: the score model's exact reverse step, "
                         "--steps per block (score-entropy checkpoints; MDLM's ancestral step on "
-                        "others)")
+                        "others); speculative: --draft drafts each block, the causal clean stream "
+                        "verifies it (checkpoints with diffusion.clean_stream=causal); causal: "
+                        "that stream alone, one token per forward")
+    p.add_argument("--draft", choices=DRAFTS, default=Policy.draft,
+                   help="--policy speculative: the policy that drafts each block, with --steps, "
+                        "--tau, --order and --bound")
     p.add_argument("--order", choices=ORDERS, default=Policy.order,
                    help="which positions, from their distributions before any draw "
                         "(random: MDLM's ancestral order, with --policy fixed; a fixed count "
@@ -86,7 +91,8 @@ def run(args) -> int:
     from cascade_mega.inference.decode import GenerationError, check_request
 
     try:
-        policy = Policy(args.policy, args.steps, args.tau, args.order, args.bound, args.remask)
+        policy = Policy(args.policy, args.steps, args.tau, args.order, args.bound, args.remask,
+                        args.draft)
         sampling = Sampling(greedy=not args.sample, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     except ValueError as err:
@@ -100,6 +106,7 @@ def run(args) -> int:
                            **{k: v for k, v in given.items() if v is not None})
     prompts = [decoder.net.tok.encode(t) for t in texts]
     check_request(prompts, decoder.max_len, args.max_new_tokens)  # before the prompt is echoed
+    decoder.check_policy(policy)
     for i, p in enumerate(prompts):  # the context ends before the budget: said, not silent
         if len(p) + args.max_new_tokens > decoder.max_len:
             print(f"cascade: warning: prompt {i} has {len(p)} tokens: the context "

@@ -56,6 +56,9 @@ class Generation:
     blocks: List[BlockStats] = field(default_factory=list)
     stopped: str = ""  # "eod" | "length"
     text: str = ""
+    # speculative decoding: per round, where the draft started in its block, tokens drafted,
+    # accepted, and the draft's steps
+    speculation: List[dict] = field(default_factory=list)
 
 
 def check_request(prompts: List[List[int]], max_len: int, max_new_tokens: int) -> None:
@@ -218,11 +221,28 @@ class Decoder:
         s.steps, s.cap = 0, self.policy.steps_for(s.end - len(s.given), self.B)
 
     # ------------------------------------------------------------------ public
+    def check_policy(self, policy: Policy) -> None:
+        """GenerationError when this model cannot decode with `policy` (before any work)."""
+        if policy.name in ("speculative", "causal"):
+            from cascade_mega.inference.speculative import SpeculativeDecoder
+
+            SpeculativeDecoder(self.net)._check(policy)
+
     @torch.no_grad()
     def generate(self, prompts: List[List[int]], max_new_tokens: int = 128,
                  policy: Policy = Policy(), sampling: Sampling = Sampling(),
                  stream: Optional[Callable[[int, List[int]], None]] = None) -> List[Generation]:
-        """Token-id prompts -> one Generation each. stream(i, tokens) gets each decided block."""
+        """Token-id prompts -> one Generation each. stream(i, tokens) gets each decided block.
+        policy `speculative`: the diffusion stream drafts, the causal stream verifies; `causal`:
+        the causal stream alone (`speculative.py`)."""
+        if policy.name in ("speculative", "causal"):
+            from cascade_mega.inference.speculative import SpeculativeDecoder
+
+            decoder = SpeculativeDecoder(self.net)
+            decoder.check_policy(policy)
+            out = decoder.generate(prompts, max_new_tokens, policy, sampling, stream)
+            self.forwards += decoder.forwards
+            return out
         check_request(prompts, self.max_len, max_new_tokens)
         with self.net.decoding():
             return self._generate(prompts, max_new_tokens, policy, sampling, stream)

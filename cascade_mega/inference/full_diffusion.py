@@ -108,11 +108,18 @@ class FullDiffusionDecoder:
             stale_first[:, :0]
         return torch.cat([stale_first, rest], dim=1)
 
+    def check_policy(self, policy: Policy) -> None:
+        if policy.name in ("speculative", "causal"):
+            raise GenerationError(f"--policy {policy.name} reads a causal clean stream; a "
+                                  "full-diffusion model (block size = context) has no clean "
+                                  "stream")
+
     @torch.no_grad()
     def generate(self, prompts: List[List[int]], max_new_tokens: int = 128,
                  policy: Policy = Policy("threshold"), sampling: Sampling = Sampling(),
                  stream: Optional[Callable[[int, List[int]], None]] = None) -> List[Generation]:
         check_request(prompts, self.max_len, max_new_tokens)
+        self.check_policy(policy)
         gen = torch.Generator().manual_seed(sampling.seed)
         with self.net.decoding():
             return [self._one(p, min(max_new_tokens, self.max_len - len(p)), policy, sampling,

@@ -12,9 +12,10 @@ decoding forward is one of:
          earlier blocks and the noisy rows of its own block (the training mask's x_t rows);
   IDLE   padding for a sequence with nothing to do in this forward: it sees only itself.
 
-The keys are the cache (positions 0 .. len_i - 1 of sequence i, all committed, all in blocks
-strictly before any row of the forward) followed by the forward's own rows, so the cache needs no
-mask beyond each sequence's length. With block size 1 the clean rows are causal: AR decoding is the
+The keys are the cache (positions 0 .. len_i - 1 of sequence i, all committed; the cache index is
+the position) followed by the forward's own rows. A clean row sees the whole cache (every cached
+position is before its own); a noisy row the cached positions before its block (the training
+mask's x_t rows: speculative decoding commits tokens inside the block it drafts next). With block size 1 the clean rows are causal: AR decoding is the
 same machinery. Noisy rows never enter the cache: a block's clean K/V are computed once, by the
 forward that commits it (fused with the first denoising step of the next block).
 
@@ -88,7 +89,7 @@ class DecodeStep:
         layout): a clean row at position p is row p of the clean stream, a noisy row row p of
         the noisy stream. Built on the host from the host-side row kinds, then copied once per
         forward (`attend`)."""
-        kinds, positions, lengths = self.kinds, self.positions.clamp(min=0), self.cache.lengths
+        kinds, positions = self.kinds, self.positions.clamp(min=0)
         b, n = kinds.shape
         B = self.block_size
         span = (int(positions.max()) // B + 1) * B if positions.numel() else B
@@ -98,9 +99,16 @@ class DecodeStep:
             .mask_fn()(index[:, :, None], index[:, None, :])
         rows &= active[:, :, None] & active[:, None, :]
         rows |= ~active[:, :, None] & torch.eye(n, dtype=torch.bool)[None]
-        cached = torch.arange(self.used)[None, None, :] < lengths[:, None, None]
-        cached = cached & (kinds != IDLE)[:, :, None]
+        cached = torch.arange(self.used)[None, None, :] < self.cache_limit()[:, :, None]
         return torch.cat([cached, rows], dim=2)[:, None]
+
+    def cache_limit(self) -> torch.Tensor:
+        """[b, n] cached positions each row sees (host): the sequence's length for a clean row,
+        no further than its block's start for a noisy row, none for an idle one."""
+        lengths = self.cache.lengths[:, None].expand_as(self.kinds)
+        start = self.positions.clamp(min=0) // self.block_size * self.block_size
+        limit = torch.where(self.kinds == NOISY, torch.minimum(lengths, start), lengths)
+        return torch.where(self.kinds == IDLE, 0, limit)
 
     def attend(self, layer: int, q, k, v, scale=None, kernel: str = "sdpa"):
         """q: [b, h, n, d]; k, v: [b, g, n, d] of this forward's rows. kernel: `flex`
@@ -147,18 +155,20 @@ class DecodeStep:
         b, cached = len(self.cache.lengths), self.cache.max_len
         rows = torch.zeros(b, m, m, dtype=torch.bool)  # host-side on purpose: copied below
         rows[:, :n, :n] = self._mask()[:, 0, :, self.used:]
-        active = torch.zeros(b, m, dtype=torch.bool)  # host-side too
-        active[:, :n] = self.kinds != IDLE
-        lengths, active, rows = (to_device(x, device) for x in (self.cache.lengths, active, rows))
+        limit = torch.zeros(b, m, dtype=torch.long)  # host-side too
+        limit[:, :n] = self.cache_limit()
+        limit, rows = (to_device(x, device) for x in (limit, rows))
 
         def allowed(s, h, qi, kv):
             own = rows[s, qi, (kv - cached).clamp(min=0)]
-            return torch.where(kv < cached, (kv < lengths[s]) & active[s, qi], own)
+            return torch.where(kv < cached, kv < limit[s, qi], own)
 
         return self.flex.create(allowed, b, m, cached + m, device)
 
     def commit(self) -> None:
-        """Append every sequence's clean rows (in row order) to its cache."""
+        """Append every sequence's clean rows (in row order, which is position order) to its
+        cache. (Speculative decoding then cuts a sequence's cache back to the tokens it accepts:
+        `cache.lengths`.)"""
         clean = self.kinds == CLEAN
         counts = clean.sum(dim=1)
         for layer, (k, v) in self.pending.items():

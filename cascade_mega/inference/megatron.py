@@ -31,6 +31,7 @@ class MegatronNetwork:
         self.block_size = layout.block
         self.shifted = bool(d.shifted_prediction) and not self.causal
         self.clean_stream = d.clean_stream
+        self.ar_trained = d.ar_loss_weight > 0
         self.scores = d.loss == "score_entropy"
         self.time_conditioning = bool(cfg.model.time_conditioning)
         self.mask_id, self.eod = tokenizer.mask_id, tokenizer.eod

@@ -32,6 +32,7 @@ class Network(Protocol):
     full: bool  # a full-diffusion model (B = L): `FullDiffusionDecoder`
     shifted: bool  # position p is predicted from row p - 1
     clean_stream: str  # how committed rows attend each other: block_causal | causal
+    ar_trained: bool  # the clean stream was trained to predict the next token (speculative)
     scores: bool  # the logits are a score-entropy model's scores (policy `tweedie`)
     time_conditioning: bool  # the forward takes each row's noise level
     mask_id: int

@@ -42,6 +42,11 @@ How many (`name`):
   R > 1, too rarely for R < 1 (at t = 1, s = 0.75, R = 2: 0.5 against the exact 0.4375), the
   same at R = 1. A cross-entropy model's normalised prediction is its score (R = 1): the step is
   then (t - s) / t, MDLM's ancestral step. At s = 0 every remaining position is decided.
+- `speculative`: not a rule of its own: the policy `draft` (any of the above, with these steps,
+  tau, order and bound) drafts each block and the causal clean stream verifies it
+  (`inference/speculative.py`; models with `diffusion.clean_stream = causal`).
+- `causal`: no diffusion at all: the causal clean stream decoded one token per forward, as an AR
+  model (what `speculative` must equal; models with `diffusion.clean_stream = causal`).
 A block with fewer positions to decide (a prompt's tail given in it, or the token budget ending
 inside it) gets a proportionally lower cap, ceil(S k / B) for k of B positions. At a capped
 policy's last step every remaining position is decided.
@@ -70,7 +75,8 @@ import torch
 
 from cascade_mega.inference.sampling import Sampling, distribution, draw
 
-POLICIES = ("fixed", "threshold", "adaptive", "entropy", "tweedie")
+POLICIES = ("fixed", "threshold", "adaptive", "entropy", "tweedie", "speculative", "causal")
+DRAFTS = POLICIES[:5]  # the policies that can draft for `speculative`
 ORDERS = ("confidence", "margin", "entropy", "random", "drawn")
 
 
@@ -82,17 +88,26 @@ class Policy:
     order: str = "confidence"
     bound: float = 1.0  # entropy: EB's gamma, sum H - max H (nats) a step may decide
     remask: float = 0.0  # decided positions below this probability may be remasked (0: off)
+    draft: str = "fixed"  # speculative: the policy that drafts each block
 
     def __post_init__(self):
         if self.name not in POLICIES:
             raise ValueError(f"unknown policy {self.name!r}; expected one of {', '.join(POLICIES)}")
+        if self.name == "speculative":
+            if self.draft not in DRAFTS:
+                raise ValueError(f"unknown draft policy {self.draft!r}; expected one of "
+                                 f"{', '.join(DRAFTS)}")
+            if self.remask:
+                raise ValueError("remasking decides a drafted token by its probability, which "
+                                 "speculative verification cannot account for: use remask 0")
+            self.draft_policy()  # its own checks
         if self.order not in ORDERS:
             raise ValueError(f"unknown order {self.order!r}; expected one of {', '.join(ORDERS)}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.tau <= 0:
             raise ValueError(f"tau must be > 0 (above 1: one position per step), got {self.tau}")
-        if self.order == "random" and self.name != "fixed":
+        if self.order == "random" and self.name not in ("fixed", "speculative", "causal"):
             raise ValueError(f"order 'random' decides a fixed count per step: it goes with policy "
                              f"'fixed', not {self.name!r}")
         if self.bound <= 0:
@@ -102,6 +117,10 @@ class Policy:
         if self.remask and self.name in ("threshold", "tweedie"):
             raise ValueError(f"remasking needs a step budget per block: use it with policy "
                              f"fixed, adaptive or entropy, not {self.name!r}")
+
+    def draft_policy(self) -> "Policy":
+        """The policy that drafts a block under `speculative` (the knobs are shared)."""
+        return Policy(self.draft, self.steps, self.tau, self.order, self.bound)
 
     def steps_for(self, positions: int, block: int) -> int:
         """Steps for a block that decides `positions` of its `block` (fixed: K; adaptive and
