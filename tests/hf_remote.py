@@ -6,7 +6,10 @@ cascade_mega is made unimportable first (an import of it raises), so the directo
 code is all that runs. REQUEST (torch.save) holds `x_t`, `x_0` [b, L] (the training layout whose
 logits to return; x_t alone for a full-diffusion model), `prompts` (token lists) and `runs` (the
 `generate` keyword arguments of each decoding). OUT gets `logits` [b, L, V] of the x_t rows and
-`tokens`: per run, per prompt, the new tokens up to end-of-text (excluded). A plain (AR) export
+`tokens`: per run, per prompt, the new tokens up to end-of-text (excluded); an export with a
+causal clean stream also `plain`: per prompt, `transformers`' own greedy `GenerationMixin.generate`
+of the model as an ordinary causal LM (its forward without a mask is the clean stream). A plain
+(AR) export
 loads without remote code: its logits are causal ones of x_t, its runs `transformers`' own greedy
 `generate`.
 """
@@ -54,7 +57,16 @@ def one(folder, request_path, out_path):
         out = model.generate(input_ids=ids, attention_mask=attention, **kwargs)[:, width:]
         rows = [r.tolist() for r in out]
         tokens.append([r[:r.index(eos)] if eos in r else r for r in rows])
-    torch.save({"logits": logits, "tokens": tokens, "mask_token": tok.mask_token,
+    plain = []
+    if getattr(model.config, "clean_stream", "") == "causal":
+        from transformers import GenerationMixin
+
+        new = request["runs"][0]["max_new_tokens"]
+        for p in prompts:
+            out = GenerationMixin.generate(model, torch.tensor([p]), max_new_tokens=new,
+                                           do_sample=False, use_cache=False)[0, len(p):].tolist()
+            plain.append(out[:out.index(eos)] if eos in out else out)
+    torch.save({"logits": logits, "tokens": tokens, "plain": plain, "mask_token": tok.mask_token,
                 "mask_id": tok.mask_token_id, "eos": tok.eos_token_id,
                 "config_eos": model.config.eos_token_id}, out_path)
 

@@ -156,6 +156,8 @@ def test_the_export_in_transformers_alone_equals_the_run(exports, name):
     assert len(case["ours"]) == (1 if name == "ar" else
                                  len(RUNS) + len(CAUSAL_RUNS) * (name == "causal"))
     assert case["hf"]["tokens"] == case["ours"]
+    if name == "causal":  # transformers' own greedy generate: the causal stream's greedy output
+        assert case["hf"]["plain"] == case["ours"][len(RUNS)]  # = speculative greedy
 
 
 def test_the_export_is_self_contained_and_says_one_end_of_text(exports):
