@@ -106,10 +106,11 @@ def test_train_writes_run_directory_and_its_mlflow_store_opens_in_the_ui(tmp_pat
 
 
 def test_bench_train_json(tmp_path):
-    """On an MoE model: both objectives through the same 4 experts (top 2); and two ranks
-    against one process (parallel_time_ratio)."""
+    """On an MoE model: both objectives through the same 4 experts (top 2); two ranks against
+    one process (parallel_time_ratio); the next-token loss on a causal clean stream (2L rows)
+    against an extra causal stream (3L rows)."""
     proc = run("bench", "train", *TINY, "model.moe.num_experts=4", "model.moe.ffn_hidden_size=64",
-               "--steps", "2", "--nproc-per-node", "2", "--json")
+               "--steps", "2", "--nproc-per-node", "2", "--clean-stream", "--json")
     assert proc.returncode == 0, proc.stderr
     assert "experts=4 top_k=2" in proc.stdout
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -127,6 +128,9 @@ def test_bench_train_json(tmp_path):
     # tracking on vs off, as a fraction of the untracked step (noise may make it negative)
     assert result["tracking_overhead"] == pytest.approx(
         result["tracked_step_s"] / result["untracked_step_s"] - 1)
+    assert result["clean_stream_time_ratio"] == \
+        result["causal_clean_step_s"] / result["extra_stream_step_s"]
+    assert result["clean_stream_memory_ratio"] < 0.9  # two streams' activations, not three
     assert result["parallel_step_s"] > 0 and result["single_step_s"] > 0
     assert result["parallel_time_ratio"] == result["parallel_step_s"] / result["single_step_s"]
 

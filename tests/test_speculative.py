@@ -47,6 +47,7 @@ def _causal_greedy(model, prompt, max_new, eod=-1):
 @pytest.mark.parametrize("extra,draft", [
     ((), Policy("speculative", steps=2)),
     (("diffusion.shifted_prediction=true",), Policy("speculative", steps=3, draft="adaptive")),
+    (("diffusion.shifted_prediction=true",), Policy("speculative", steps=2, redraft=True)),
     (("model.time_conditioning=true",), Policy("speculative", steps=1, tau=0.2,
                                                draft="threshold"))])
 def test_greedy_speculative_output_is_the_causal_streams_greedy_output(megatron, extra, draft):

@@ -5,6 +5,11 @@ Both trainers are built side by side; timed steps alternate between them (so mac
 both alike) and the median is reported. Peak memory is what one step allocates (activations,
 gradients, temporaries; `bench/memory.py`). Printed as ratios block-diffusion / AR, with the model
 TFLOP/s of each (`diffusion/flops.py`) and, on a GPU, MFU.
+
+`--clean-stream` also times the next-token loss carried by a causal clean stream
+(`diffusion.clean_stream=causal`, (V+1) L rows) against the same loss on an extra causal stream
+(block_causal, (V+2) L rows), both at the config's `ar_loss_weight` (0.5 where it has none):
+`clean_stream_time_ratio` and `clean_stream_memory_ratio`, causal / extra stream.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ def add_arguments(p):
     p.add_argument("--nproc-per-node", type=int, default=0,
                    help="also time this many ranks (layout from the overrides, default data "
                         "parallel) against one process: parallel_time_ratio")
+    p.add_argument("--clean-stream", action="store_true", help="also time a causal clean "
+                   "stream's next-token loss against an extra causal stream's")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
 
 
@@ -66,14 +73,22 @@ def _configs(args):
                                         "model.attention_kernel=dense"])
     ar = load_config(path, common + ["diffusion.objective=ar", "diffusion.ar_loss_weight=0",
                                      "diffusion.clean_stream=block_causal"])
-    return bd, dense, ar
+    streams = {}
+    if getattr(args, "clean_stream", False):
+        w = bd.diffusion.ar_loss_weight or 0.5
+        for name, rule in (("extra_stream", "block_causal"), ("causal_clean", "causal")):
+            streams[name] = load_config(path, common + [
+                "diffusion.objective=block_diffusion", f"diffusion.clean_stream={rule}",
+                f"diffusion.ar_loss_weight={w}"])
+    return bd, dense, ar, streams
 
 
 def run(args) -> dict:
     from cascade_mega.train.trainer import Trainer
 
-    bd_cfg, dense_cfg, ar_cfg = _configs(args)
+    bd_cfg, dense_cfg, ar_cfg, streams = _configs(args)
     trainers = {"block_diffusion": Trainer(bd_cfg).setup(), "ar": Trainer(ar_cfg).setup()}
+    trainers.update({name: Trainer(cfg).setup() for name, cfg in streams.items()})
     if not args.no_dense:
         trainers["dense_mask"] = Trainer(dense_cfg).setup()
     times = {k: [] for k in trainers}
@@ -129,6 +144,17 @@ def run(args) -> dict:
           f"non-zeros): bd {result['bd_tflops']:.3f}   ar {result['ar_tflops']:.3f}" +
           (f"   MFU bd {result['bd_mfu']:.1%}   ar {result['ar_mfu']:.1%}" if peak else
            "   (MFU: GPU only)"))
+    if streams:
+        result.update({
+            "extra_stream_step_s": med["extra_stream"], "causal_clean_step_s": med["causal_clean"],
+            "clean_stream_time_ratio": med["causal_clean"] / med["extra_stream"],
+            "clean_stream_memory_ratio": memory["causal_clean"] / memory["extra_stream"]})
+        print(f"  next-token loss on the causal clean stream vs an extra causal stream (weight "
+              f"{streams['causal_clean'].diffusion.ar_loss_weight}): step "
+              f"{med['causal_clean']:.3f} s vs {med['extra_stream']:.3f} s (ratio "
+              f"{result['clean_stream_time_ratio']:.2f}), peak {memory['causal_clean'] / 2**20:.1f} "
+              f"vs {memory['extra_stream'] / 2**20:.1f} MiB (ratio "
+              f"{result['clean_stream_memory_ratio']:.2f})")
     if "dense_time_ratio" in result:
         print(f"  dense-mask baseline: time ratio {result['dense_time_ratio']:.2f}   "
               f"memory ratio {result['dense_memory_ratio']:.2f}")

@@ -30,6 +30,9 @@ def add_arguments(p) -> None:
     p.add_argument("--draft", choices=DRAFTS, default=Policy.draft,
                    help="--policy speculative: the policy that drafts each block, with --steps, "
                         "--tau, --order and --bound")
+    p.add_argument("--redraft", action="store_true", help="--policy speculative: after a "
+                   "partial acceptance draft the block again (default: verify the rest of the "
+                   "draft)")
     p.add_argument("--order", choices=ORDERS, default=Policy.order,
                    help="which positions, from their distributions before any draw "
                         "(random: MDLM's ancestral order, with --policy fixed; a fixed count "
@@ -92,7 +95,7 @@ def run(args) -> int:
 
     try:
         policy = Policy(args.policy, args.steps, args.tau, args.order, args.bound, args.remask,
-                        args.draft)
+                        args.draft, args.redraft)
         sampling = Sampling(greedy=not args.sample, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     except ValueError as err:

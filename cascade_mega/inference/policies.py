@@ -89,6 +89,7 @@ class Policy:
     bound: float = 1.0  # entropy: EB's gamma, sum H - max H (nats) a step may decide
     remask: float = 0.0  # decided positions below this probability may be remasked (0: off)
     draft: str = "fixed"  # speculative: the policy that drafts each block
+    redraft: bool = False  # speculative: after a partial acceptance, draft the block again
 
     def __post_init__(self):
         if self.name not in POLICIES:

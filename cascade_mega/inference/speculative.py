@@ -19,17 +19,22 @@ cache. A round, per sequence, with the tokens before position m decided:
           causal stream's distribution with the sampling knobs applied and q the one the draft
           drew the token from; a whole accepted block adds a bonus token drawn from p.
   cut     the cache keeps the accepted tokens (its length is cut back); the correction or bonus
-          token is committed by the next forward, together with the next draft's first step.
-After a partial acceptance the draft realigns to the block holding the correction, its accepted
-part given: that is a situation of training (a block with some tokens known, its noisy rows seeing
-the clean blocks before it), while a window drafted from the correction onwards would show noisy
-rows a clean prefix ending inside their own block, which no training mask has.
+          token is committed by the next forward.
+After a partial acceptance the rest of the draft, past the correction, is verified by the next
+forward, the one that commits the correction: no forward drafts again, so a round is one forward
+(the draft's steps come only with a new block). `Policy.redraft` instead realigns to the block
+holding the correction and drafts it again with its accepted part given (a situation training
+covers, one more forward per partial acceptance); which gives more tokens per second is measured
+by `cascade bench generate` (docs/results.md). A draft never starts inside its block: a noisy
+window beginning at the correction would see a clean prefix ending inside its own block, which
+no training mask has.
 
 Exactness. Greedy output is the causal stream's greedy decoding, token for token. Sampled output
 follows the causal stream's distribution exactly, for any temperature, top-k or top-p: the
 acceptance rule is exact when the drafted token d_j was drawn from q_j given the drafted tokens
 left of it, which holds when no position left of j was decided at a later draft step (the
-policies choose positions from distributions before drawing, `policies.py`). A token decided
+policies choose positions from distributions before drawing, `policies.py`; the rule counts
+the draft's rejected positions too, whose correction then stands in them). A token decided
 before some position left of it (or by the `drawn` order) is checked as a fixed draft (q one-hot
 at it: accepted with probability p(d_j), a rejection drawn from p without d_j), which is exact
 for any draft.
@@ -123,6 +128,7 @@ class SpeculativeDecoder(Decoder):
         s.step_of = torch.full((B,), -1, dtype=torch.long)  # the draft step deciding each
         s.q = {}  # position -> the distribution its drafted token was drawn from (sampling)
         s.steps, s.cap = 0, self.draft.steps_for(s.end - m, B)
+        s.draft_from, s.reported = m, 0
         s.ready = False
 
     def _draft_step(self, s: _Seq, rows: torch.Tensor):
@@ -231,7 +237,8 @@ class SpeculativeDecoder(Decoder):
         else:
             a, extra = self._speculative_sampling(s, drafted, causal)
         s.out.speculation.append({"offset": m - s.start, "drafted": k, "accepted": a,
-                                  "steps": s.steps})
+                                  "steps": s.steps - s.reported})
+        s.reported = s.steps
         self.cache.lengths[i] = m + a  # the rejected drafts' K/V are cut from the cache
         new = drafted[:a].tolist()
         bonus_at = m + a
@@ -244,6 +251,11 @@ class SpeculativeDecoder(Decoder):
             return
         s.pending = [extra] if extra is not None else []
         s.last = None
+        if a < k and s.m < s.end and not self.policy.redraft:
+            # the rest of the draft is verified by the next forward, after the correction,
+            # which is given in its place: no forward drafts again (see the module docstring)
+            s.x[m + a - s.start] = extra
+            return
         self._start_draft(s)
         if s.done or fused is None or a < k:
             return
@@ -259,9 +271,10 @@ class SpeculativeDecoder(Decoder):
         """(accepted count, the next token) by speculative sampling; see the module docstring."""
         m = s.m
         p = distribution(causal, self.sampling).double()  # [k + 1, V] on the device
-        steps = s.step_of[m - s.start:s.end - s.start]
+        steps = s.step_of[s.draft_from - s.start:s.end - s.start]  # the whole draft's
         for j, d in enumerate(drafted.tolist()):
-            exact_q = (m + j) in s.q and bool((steps[:j] <= steps[j]).all())
+            at = m + j - s.draft_from
+            exact_q = (m + j) in s.q and bool((steps[:at] <= steps[at]).all())
             pj = p[j]
             if exact_q:
                 q = s.q[m + j].double()
