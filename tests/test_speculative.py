@@ -48,6 +48,7 @@ def _causal_greedy(model, prompt, max_new, eod=-1):
     ((), Policy("speculative", steps=2)),
     (("diffusion.shifted_prediction=true",), Policy("speculative", steps=3, draft="adaptive")),
     (("diffusion.shifted_prediction=true",), Policy("speculative", steps=2, redraft=True)),
+    ((), Policy("speculative", steps=1, verify=3)),
     (("model.time_conditioning=true",), Policy("speculative", steps=1, tau=0.2,
                                                draft="threshold"))])
 def test_greedy_speculative_output_is_the_causal_streams_greedy_output(megatron, extra, draft):
@@ -71,7 +72,7 @@ def test_greedy_speculative_output_is_the_causal_streams_greedy_output(megatron,
     assert rounds and all(0 <= r["accepted"] <= r["drafted"] for r in rounds)
 
 
-@pytest.mark.parametrize("draft", [Policy("speculative", steps=1),
+@pytest.mark.parametrize("draft", [Policy("speculative", steps=1, verify=1),
                                    Policy("speculative", steps=2, order="random")])
 def test_speculative_sampling_follows_the_causal_streams_law(megatron, draft):
     """Three tokens sampled (temperature 2, top-3) after a prompt, blocks of 2: the law of

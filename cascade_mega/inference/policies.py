@@ -90,6 +90,7 @@ class Policy:
     remask: float = 0.0  # decided positions below this probability may be remasked (0: off)
     draft: str = "fixed"  # speculative: the policy that drafts each block
     redraft: bool = False  # speculative: after a partial acceptance, draft the block again
+    verify: int = 0  # speculative: the most drafted tokens one forward verifies (0: all)
 
     def __post_init__(self):
         if self.name not in POLICIES:
@@ -98,6 +99,8 @@ class Policy:
             if self.draft not in DRAFTS:
                 raise ValueError(f"unknown draft policy {self.draft!r}; expected one of "
                                  f"{', '.join(DRAFTS)}")
+            if self.verify < 0:
+                raise ValueError(f"verify must be >= 0 (0: all), got {self.verify}")
             if self.remask:
                 raise ValueError("remasking decides a drafted token by its probability, which "
                                  "speculative verification cannot account for: use remask 0")

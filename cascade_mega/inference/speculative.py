@@ -17,7 +17,9 @@ cache. A round, per sequence, with the tokens before position m decided:
           Sampling: speculative sampling, each drafted token accepted with probability
           min(1, p / q), a rejection drawn from the normalised residual (p - q)+, where p is the
           causal stream's distribution with the sampling knobs applied and q the one the draft
-          drew the token from; a whole accepted block adds a bonus token drawn from p.
+          drew the token from; a whole accepted run adds a bonus token drawn from p.
+          `Policy.verify` caps the tokens one forward verifies (acceptance falls with the
+          distance from the prefix, and every verified row costs compute).
   cut     the cache keeps the accepted tokens (its length is cut back); the correction or bonus
           token is committed by the next forward.
 After a partial acceptance the rest of the draft, past the correction, is verified by the next
@@ -156,9 +158,10 @@ class SpeculativeDecoder(Decoder):
                 if self.draft is None:  # policy causal: one token per forward
                     pass
                 elif s.ready:  # verify the draft; bet on it for the next block's first step
-                    drafted = s.x[s.m - s.start:s.end - s.start].tolist()
+                    stop = min(s.end, s.m + self.policy.verify) if self.policy.verify else s.end
+                    drafted = s.x[s.m - s.start:stop - s.start].tolist()
                     clean += [(t, s.m + j) for j, t in enumerate(drafted)]
-                    if s.end == s.start + B and s.end + B <= self.max_len and \
+                    if stop == s.end == s.start + B and s.end + B <= self.max_len and \
                             len(s.out.tokens) + len(drafted) + 1 < self.max_new:
                         noisy = (torch.full((B,), mask_id, dtype=torch.long), s.end)
                 else:
@@ -180,7 +183,17 @@ class SpeculativeDecoder(Decoder):
                 ids[i, width:], pos[i, width:] = noisy[0], torch.arange(noisy[1], noisy[1] + B)
                 kinds[i, width:] = NOISY
                 levels[i, width:] = (noisy[0] == mask_id).float().mean()
-        cols = list(range(width)) + list(range(width, n))
+        # the output layer runs only on the rows read: the newest committed row, the verified
+        # rows, and the noisy rows that predict a position still to draft (all, when fused)
+        need = set()
+        for s, (clean, noisy) in zip(seqs, plan):
+            if clean:
+                need |= set(range(len(s.pending) - 1 if s.pending else len(s.pending),
+                                  len(clean)) if s.ready else [len(clean) - 1])
+            if noisy is not None:
+                need |= set(range(width, n))
+        cols = sorted(need)
+        where = {c: j for j, c in enumerate(cols)}
         step = DecodeStep(self.cache, kinds, pos, B, self.net.flex, self.net.clean_stream)
         levels = levels if self.net.time_conditioning else None
         ids, pos_d, cols_t, levels = to_device((ids, pos, torch.tensor(cols), levels),
@@ -188,20 +201,24 @@ class SpeculativeDecoder(Decoder):
         logits = self.net.logits(ids, pos_d, step, cols_t, levels)
         step.commit()
         self.forwards += 1
+        def rows(i, first, last):  # logits of sequence i's rows first .. last - 1
+            return logits[i, where[first]:where[first] + last - first] if last > first else \
+                logits[i, :0]
+
         for i, (s, (clean, noisy)) in enumerate(zip(seqs, plan)):
             if s.done:
                 continue
             committed = len(s.pending)
             if committed:
-                s.last = logits[i, committed - 1]
+                s.last = logits[i, where[committed - 1]]
                 s.pending = []
             if self.draft is None:
                 self._causal_step(s, i, stream)
             elif s.ready:
-                self._verify(s, i, logits[i, committed:len(clean)],
-                             logits[i, width:] if noisy is not None else None, stream)
+                self._verify(s, i, rows(i, committed, len(clean)),
+                             rows(i, width, n) if noisy is not None else None, stream)
             else:
-                self._draft_step(s, self._draft_rows(s, logits[i, width:]))
+                self._draft_step(s, self._draft_rows(s, rows(i, width, n)))
 
     def _causal_step(self, s: _Seq, i: int, stream):
         """Policy `causal`: the next token from the newest committed row."""
@@ -226,7 +243,8 @@ class SpeculativeDecoder(Decoder):
 
     # ------------------------------------------------------------------ verify and accept
     def _verify(self, s: _Seq, i: int, rows: torch.Tensor, fused, stream):
-        m, drafted = s.m, s.x[s.m - s.start:s.end - s.start]
+        m = s.m
+        drafted = s.x[m - s.start:m - s.start + rows.shape[0]]  # the verified part
         causal = torch.cat([s.last[None], rows])  # law of positions m .. end (end: the bonus)
         k = len(drafted)
         if self.sampling.greedy:
@@ -251,9 +269,10 @@ class SpeculativeDecoder(Decoder):
             return
         s.pending = [extra] if extra is not None else []
         s.last = None
-        if a < k and s.m < s.end and not self.policy.redraft:
-            # the rest of the draft is verified by the next forward, after the correction,
-            # which is given in its place: no forward drafts again (see the module docstring)
+        if s.m < s.end and (a == k or not self.policy.redraft):
+            # the rest of the draft is verified by the next forward, after the correction or
+            # bonus token, which is given in its place: no forward drafts again (see the
+            # module docstring)
             s.x[m + a - s.start] = extra
             return
         self._start_draft(s)
