@@ -22,7 +22,8 @@ A model with a causal clean stream (`--bd runs/quickstart_causal`) adds two kind
 `causal`, its causal stream decoded one token per forward with the cache (what speculative
 decoding must equal in law), and `speculative/DRAFT` (DRAFT written like any row, e.g.
 `speculative/fixed@2`, `speculative/adaptive:margin@3`; `speculative+redraft/...` drafts a block
-again after a partial acceptance; `speculative#4/...` verifies at most 4 tokens a forward): the draft policy drafts each block, the causal stream
+again after a partial acceptance; `speculative#4/...` verifies at most 4 tokens a forward, #0
+every drafted one; default 2): the draft policy drafts each block, the causal stream
 verifies it. They report their speed against the `causal` row too, and the
 acceptance of drafted tokens by their position in the block.
 """
@@ -109,7 +110,8 @@ def parse_rows(spec: str, args) -> dict:
                                       "policy without remasking, e.g. speculative/fixed@2")
             d = draft[name]
             rows[label] = Policy("speculative", d.steps, d.tau, d.order, d.bound, draft=d.name,
-                                 redraft=head_.endswith("+redraft"), verify=int(cap or 0))
+                                 redraft=head_.endswith("+redraft"),
+                                 verify=int(cap) if cap else Policy.verify)
             continue
         head, _, extra = label.partition("+")
         head, _, steps = head.partition("@")

@@ -71,8 +71,9 @@ def _configs(args):
     bd = load_config(path, common + ["diffusion.objective=block_diffusion"])
     dense = load_config(path, common + ["diffusion.objective=block_diffusion",
                                         "model.attention_kernel=dense"])
-    ar = load_config(path, common + ["diffusion.objective=ar", "diffusion.ar_loss_weight=0",
-                                     "diffusion.clean_stream=block_causal"])
+    ar = load_config(path, common + [  # without what only block diffusion has
+        "diffusion.objective=ar", "diffusion.ar_loss_weight=0", "diffusion.views=1",
+        "diffusion.complementary=false", "diffusion.clean_stream=block_causal"])
     streams = {}
     if getattr(args, "clean_stream", False):
         w = bd.diffusion.ar_loss_weight or 0.5

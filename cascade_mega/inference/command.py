@@ -30,8 +30,8 @@ def add_arguments(p) -> None:
     p.add_argument("--draft", choices=DRAFTS, default=Policy.draft,
                    help="--policy speculative: the policy that drafts each block, with --steps, "
                         "--tau, --order and --bound")
-    p.add_argument("--verify", type=int, default=0, help="--policy speculative: the most "
-                   "drafted tokens one forward verifies (0: the rest of the block)")
+    p.add_argument("--verify", type=int, default=Policy.verify, help="--policy speculative: the "
+                   "most drafted tokens one forward verifies (0: the rest of the block)")
     p.add_argument("--redraft", action="store_true", help="--policy speculative: after a "
                    "partial acceptance draft the block again (default: verify the rest of the "
                    "draft)")

@@ -273,19 +273,20 @@ class CascadeForCausalLM(PreTrainedModel):
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, max_new_tokens=128,
                  policy="adaptive", steps=4, tau=0.9, order="confidence", bound=1.0, remask=0.0,
-                 draft="fixed",
+                 draft="fixed", verify=2, redraft=False,
                  do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=0,
                  eos_token_id=None, cache="dual", decode_block=32, guidance=0.0, **_unused):
         """Prompts [b, n] (rows padded left or right, `attention_mask` marking the tokens; or a
         list of token lists) -> [b, n + max_new_tokens]: each input row followed by its new
         tokens, end-of-text included, then `pad_token_id` (end-of-text) once the sequence ended.
 
-        policy / steps / tau / order / bound / remask / draft: the unmasking policy (as `cascade
-        generate`; `speculative`: `draft` drafts, the causal clean stream verifies); do_sample / temperature / top_k / top_p / seed: the sampling knobs (greedy by
+        policy / steps / tau / order / bound / remask / draft / verify / redraft: the unmasking
+        policy (as `cascade generate`; `speculative`: `draft` drafts, the causal clean stream
+        verifies at most `verify` drafted tokens per forward); do_sample / temperature / top_k / top_p / seed: the sampling knobs (greedy by
         default); full-diffusion models: cache ("none", "prefix", "dual"), decode_block,
         guidance."""
         rows, prompts = self._prompts(input_ids, attention_mask)
-        chosen = Policy(policy, steps, tau, order, bound, remask, draft)
+        chosen = Policy(policy, steps, tau, order, bound, remask, draft, redraft, verify)
         sampling = Sampling(greedy=not do_sample, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed)
         eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
