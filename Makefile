@@ -41,7 +41,7 @@ $(TEST_STAMP): $(STAMP)
 quickstart: setup
 	$(BIN)/cascade train configs/quickstart.yaml
 	$(BIN)/cascade generate --ckpt runs/quickstart --prompts-file configs/prompts/shakespeare.txt \
-		--max-new-tokens 64 --sample --top-p 0.9
+		--max-new-tokens 64 --sample --top-p 0.9 --policy speculative
 
 slurm-deps:
 	@command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \

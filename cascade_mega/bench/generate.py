@@ -18,7 +18,7 @@ adds throughput at larger batches (block decoding and AR, both batched with thei
 Both decoders run at `--precision` (default: their runs' training precision, fp32 on CPU); the
 judge always scores in fp32.
 
-A model with a causal clean stream (`--bd runs/quickstart_causal`) adds two kinds of rows:
+A model with a causal clean stream (the quickstart's) adds two kinds of rows:
 `causal`, its causal stream decoded one token per forward with the cache (what speculative
 decoding must equal in law), and `speculative/DRAFT` (DRAFT written like any row, e.g.
 `speculative/fixed@2`, `speculative/adaptive:margin@3`; `speculative+redraft/...` drafts a block
