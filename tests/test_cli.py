@@ -151,26 +151,32 @@ def test_bench_generate_json(tmp_path):
     runs = {}
     for name, objective in (("bd", "block_diffusion"), ("ar", "ar")):
         runs[name] = tmp_path / name
+        causal = ["diffusion.clean_stream=causal", "diffusion.ar_loss_weight=1.0"] \
+            if name == "bd" else []  # its causal stream: the causal and speculative rows
         proc = run("train", "configs/base.yaml", *TINY, "train.steps=2",
                    "train.eval_batches=0", "optimizer.warmup_steps=1",
-                   f"diffusion.objective={objective}", f"run_dir={runs[name]}")
+                   f"diffusion.objective={objective}", f"run_dir={runs[name]}", *causal)
         assert proc.returncode == 0, proc.stderr
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("ROMEO:\nJULIET:\n")
     proc = run("bench", "generate", "--bd", str(runs["bd"]), "--ar", str(runs["ar"]),
                "--prompts-file", str(prompts), "--max-new-tokens", "12", "--samples", "2",
-               "--judge", str(runs["ar"]), "--policies", "fixed,fixed:random@2,adaptive+remask",
+               "--judge", str(runs["ar"]), "--policies",
+               "fixed,fixed:random@2,adaptive+remask,causal,speculative#1/fixed@1",
                "--repeats", "1", "--batch", "1,3", "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["samples"] == 4 and report["dtype"] == "float32"  # 2 prompts x 2 seeds
-    names = ["ar", "fixed", "fixed:random@2", "adaptive+remask"]
+    names = ["ar", "fixed", "fixed:random@2", "adaptive+remask", "causal",
+             "speculative#1/fixed@1"]
     assert [r["policy"] for r in report["rows"]] == names
     quality = {"gen_ppl", "entropy", "sample_entropy", "rep_2", "rep_3", "rep_4", "repetition",
                "gen_ppl_vs_ar", "entropy_vs_ar", "repetition_vs_ar"}
     for row in report["rows"]:
         assert set(row) == quality | {"policy", "tokens_per_s", "forwards_per_token",
-                                      "speedup_vs_ar"}
+                                      "tokens_per_forward", "speedup_vs_ar", "speedup_vs_causal"} | (
+            {"acceptance_by_position"} if row["policy"].startswith("speculative") else set())
+        assert row["speedup_vs_causal"] == row["tokens_per_s"] / report["rows"][4]["tokens_per_s"]
         assert row["tokens_per_s"] > 0 and row["gen_ppl"] > 1 and 0 <= row["entropy"] <= 14
         assert row["speedup_vs_ar"] == row["tokens_per_s"] / report["rows"][0]["tokens_per_s"]
         assert 0 <= row["repetition"] < 1 and row["sample_entropy"] <= row["entropy"] + 1e-9
@@ -181,6 +187,9 @@ def test_bench_generate_json(tmp_path):
     # fixed: 3 forwards per block of 8 (the first block holds the prompt's tail too)
     assert report["rows"][1]["forwards_per_token"] < 0.85 < ar_row["forwards_per_token"]
     assert report["rows"][2]["forwards_per_token"] < report["rows"][1]["forwards_per_token"]
+    accepted = report["rows"][5]["acceptance_by_position"]  # per position of the block of 8
+    assert len(accepted) == 8 and any(a is not None for a in accepted) and \
+        all(a is None or 0 <= a <= 1 for a in accepted)
     assert [(r["policy"], r["batch"]) for r in report["batched"]] == \
         [(n, b) for b in (1, 3) for n in names]
     ar_at = {r["batch"]: r["tokens_per_s"] for r in report["batched"] if r["policy"] == "ar"}

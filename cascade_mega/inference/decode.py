@@ -42,6 +42,9 @@ class GenerationError(UserError, ValueError):
     pass
 
 
+OTHER_DECODERS: dict = {}  # policy name -> decoder class (`speculative.py` adds its own)
+
+
 @dataclass
 class BlockStats:
     index: int  # block index in the sequence (position // B)
@@ -221,12 +224,22 @@ class Decoder:
         s.steps, s.cap = 0, self.policy.steps_for(s.end - len(s.given), self.B)
 
     # ------------------------------------------------------------------ public
+    def _other(self, policy: Policy):
+        """The decoder of a policy that is not block decoding (`speculative.py` registers
+        itself in OTHER_DECODERS when it is imported, as `inference/load.py` and an exported
+        model do), or None."""
+        if policy.name not in ("speculative", "causal"):
+            return None
+        if policy.name not in OTHER_DECODERS:
+            raise GenerationError(f"--policy {policy.name} needs cascade_mega.inference."
+                                  "speculative imported")
+        return OTHER_DECODERS[policy.name](self.net)
+
     def check_policy(self, policy: Policy) -> None:
         """GenerationError when this model cannot decode with `policy` (before any work)."""
-        if policy.name in ("speculative", "causal"):
-            from cascade_mega.inference.speculative import SpeculativeDecoder
-
-            SpeculativeDecoder(self.net)._check(policy)
+        other = self._other(policy)
+        if other is not None:
+            other.check_policy(policy)
 
     @torch.no_grad()
     def generate(self, prompts: List[List[int]], max_new_tokens: int = 128,
@@ -235,10 +248,8 @@ class Decoder:
         """Token-id prompts -> one Generation each. stream(i, tokens) gets each decided block.
         policy `speculative`: the diffusion stream drafts, the causal stream verifies; `causal`:
         the causal stream alone (`speculative.py`)."""
-        if policy.name in ("speculative", "causal"):
-            from cascade_mega.inference.speculative import SpeculativeDecoder
-
-            decoder = SpeculativeDecoder(self.net)
+        decoder = self._other(policy)
+        if decoder is not None:
             decoder.check_policy(policy)
             out = decoder.generate(prompts, max_new_tokens, policy, sampling, stream)
             self.forwards += decoder.forwards

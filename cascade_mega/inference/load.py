@@ -67,6 +67,7 @@ def load_decoder(path: str, threads: int = 0, precision: str = "", **full_diffus
 def decoder_for(model, cfg, tokenizer, source: str = "the model", **full_diffusion):
     """The one decoder factory (`cascade generate`, the samples logged during training): block /
     AR decoding, or for full diffusion (B = L) `FullDiffusionDecoder` with its options."""
+    from cascade_mega.inference import speculative  # noqa: F401  (registers its policies)
     from cascade_mega.inference.decode import Decoder, GenerationError
     from cascade_mega.inference.megatron import MegatronNetwork
 

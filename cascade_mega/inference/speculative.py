@@ -54,7 +54,8 @@ from typing import List, Optional
 
 import torch
 
-from cascade_mega.inference.decode import Decoder, Generation, GenerationError, check_request
+from cascade_mega.inference.decode import (OTHER_DECODERS, Decoder, Generation, GenerationError,
+                                           check_request)
 from cascade_mega.inference.kv_cache import CLEAN, IDLE, NOISY, DecodeStep, KVCache, to_device
 from cascade_mega.inference.policies import decide
 from cascade_mega.inference.sampling import distribution, draw, sample
@@ -312,3 +313,6 @@ class SpeculativeDecoder(Decoder):
                 self.sampling, top_k=0, top_p=1.0, temperature=1.0), self.gen)[0])
         return len(drafted), int(draw(p[-1:].float(), replace(
             self.sampling, top_k=0, top_p=1.0, temperature=1.0), self.gen)[0])
+
+
+OTHER_DECODERS.update(speculative=SpeculativeDecoder, causal=SpeculativeDecoder)

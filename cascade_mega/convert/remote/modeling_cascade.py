@@ -41,6 +41,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from .cascade_decode import Decoder
 from .cascade_full_diffusion import FullDiffusionDecoder
+from .cascade_speculative import SpeculativeDecoder  # noqa: F401  (registers its policies)
 from .cascade_masks import AttentionLayout
 from .cascade_policies import Policy
 from .cascade_sampling import Sampling
