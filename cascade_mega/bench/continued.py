@@ -4,7 +4,7 @@ The recipe (`configs/recipes/smollm2_135m_cpu.yaml` by default) is trained twice
 steps, data and validation noise: from the converted SmolLM2-135M weights (`train.init_from`) and
 from a random initialisation of the same architecture (at a from-scratch learning rate); with
 `--distill`, a third time from the converted weights with the frozen AR SmolLM2 as teacher. The
-printed figure is the validation perplexity bound (exp of the NELBO over t in (0, 1]) at the end,
+printed figure is the validation perplexity bound (exp of the NELBO over t in (t_floor, 1]) at the end,
 and its ratio scratch / converted.
 
 Everything missing is prepared first under `--root` (default `runs/smollm2`), so the command runs

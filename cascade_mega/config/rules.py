@@ -41,7 +41,7 @@ def _check_model_layout(cfg: CascadeConfig) -> None:
     need(not m.time_conditioning or clipped is None,
          f"'model.time_conditioning' embeds the noise level of a block, but training draws it "
          f"in {list(clipped or ())} ('diffusion.t_min' / 't_max' or a range "
-         "'diffusion.schedule_search' may choose), while validation reads levels over (0, 1] and "
+         "'diffusion.schedule_search' may choose), while validation reads levels over (t_floor, 1] and "
          "decoding the masked share of a block down to 1 / block size, levels the embedding "
          "never learnt: train a time-conditioned model over [0, 1]")
     need(not (p.tp_comm_overlap and cfg.distill.teacher),

@@ -226,8 +226,8 @@ class DiffusionConfig(Section):
     noise_sampling: str = "stratified"
     t_min: float = 0.0  # clipped noise range [t_min, t_max] (BD3-LM's [beta, omega]) for training
     t_max: float = 1.0
-    # training draws t above this floor (1/t weights near t = 0 have unbounded variance; bd3lms,
-    # dllm and SDAR floor at 1e-3); evaluation keeps the whole range (0, 1], so its bound is exact
+    # training and validation draw t above this floor (1/t weights near t = 0 have unbounded
+    # variance; bd3lms, MDLM, dllm and SDAR floor at 1e-3): `objective.valid_range`
     t_floor: float = 1e-3
     views: int = 1  # noisy views of each sequence sharing one clean stream: [x_t^1..x_t^V ; x_0]
     complementary: bool = False  # views = 2, the second masks exactly what the first keeps

@@ -28,7 +28,8 @@ class BlockDiffusion(Objective):
 
     def use_noise_range(self, t_range) -> None:
         """Training draws t in `t_range` from now on (the choice of a schedule search,
-        `train/callbacks/schedule_search.py`; None: the config's range); validation keeps (0, 1]."""
+        `train/callbacks/schedule_search.py`; None: the config's range); validation keeps
+        (t_floor, 1] (`objective.valid_range`)."""
         self.clip = None if t_range is None else tuple(t_range)
 
     def config_at(self, step: int):
@@ -65,8 +66,9 @@ class BlockDiffusion(Objective):
         if cfg.diffusion.objective == "ar":
             return None
         # one draw per global batch, whatever the layout; validation (and its pass on the
-        # common targets, split "common") over the full range (0, 1]
-        t_range = objective.train_range(cfg, self.clip) if split == "train" else (0.0, 1.0)
+        # common targets, split "common") over the whole range above the floor, (t_floor, 1]
+        t_range = objective.train_range(cfg, self.clip) if split == "train" else \
+            objective.valid_range(cfg)
         return objective.draw_noise(cfg, cfg.train.global_batch_size,
                                     noise_generator(cfg.train.seed, split, step), t_range)
 

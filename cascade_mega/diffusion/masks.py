@@ -14,7 +14,9 @@ diffusion, the 2L layout and its V views, the auxiliary causal stream, packed do
 context-parallel chunks): FlexAttention's `mask_mod`, the tiled kernel's diagonal piece, the KV
 cache's decoding mask and `training_mask(L, B)` (the dense 2L mask) are all derived from
 `AttentionLayout.mask_fn`. `tests/test_masks.py` checks each derived form against references
-written from the definitions, not from this module.
+written from the definitions, not from this module. Two per-row inputs derived from the tokens
+live here too, for the same reason (one source, importable by the standalone decoding core):
+`document_ids` (packed documents) and `masked_share` (a time-conditioned model's noise level).
 """
 
 from __future__ import annotations
@@ -59,6 +61,14 @@ def document_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
     tokens before it (an end-of-document token belongs to the document it ends)."""
     ends = (tokens == eod).long()
     return ends.cumsum(-1) - ends
+
+
+def masked_share(ids: torch.Tensor, mask_id: int, block: int) -> torch.Tensor:
+    """[b, n] token ids (n a multiple of `block`) -> [b, n] float32: each row's share of [MASK]
+    among its block's `block` positions (on the device of `ids`)."""
+    b, n = ids.shape
+    share = (ids == mask_id).float().view(b, n // block, block).mean(2, keepdim=True)
+    return share.expand(b, n // block, block).reshape(b, n)
 
 
 def context_chunks(rank: int, size: int) -> tuple[int, ...]:

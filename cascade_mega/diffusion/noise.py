@@ -2,10 +2,12 @@
 
 Each block of each sequence draws its own t in (t_min, t_max]; with `stratified` sampling the n
 draws of a batch are u_i = (U + i) / n mod 1 (systematic sampling: one uniform offset, evenly
-spread, then shuffled; what bd3lms calls antithetic, though its draws are not antithetic pairs
-(u, 1 - u)), which lowers the variance of the 1/t-weighted loss. Training draws above
-`diffusion.t_floor` (`objective.train_range`); evaluation over the whole range. Every token of a
-block is replaced by [MASK] independently with probability t (linear schedule).
+spread, then shuffled), which lowers the variance of the 1/t-weighted loss. It is VDM's
+low-discrepancy sampler (RADD's "vdm"), not bd3lms' `antithetic_sampling`, which draws one
+uniform per stratum, (U_i + i) / n (stratified proper; neither draws antithetic pairs u, 1 - u).
+Training draws above `diffusion.t_floor` (`objective.train_range`), validation over the whole
+range above it (`objective.valid_range`). Every token of a block is replaced by [MASK]
+independently with probability t (linear schedule).
 
 The trainer draws the noise of a whole global batch at once and hands each micro-batch its rows,
 so the noise a sample gets does not depend on how the batch is split across micro-batches and

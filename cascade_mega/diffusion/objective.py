@@ -45,7 +45,7 @@ from typing import Optional
 
 import torch
 
-from cascade_mega.diffusion.masks import AttentionLayout, document_ids
+from cascade_mega.diffusion.masks import AttentionLayout, document_ids, masked_share
 from cascade_mega.diffusion.noise import Noise, complement, corrupt, draw
 
 
@@ -146,6 +146,20 @@ def train_range(cfg, clip=None) -> tuple:
     if d.complementary:
         high = min(high, 1.0 - d.t_floor)
     return low, high
+
+
+def valid_range(cfg) -> tuple:
+    """The noise levels validation draws: the whole range above `diffusion.t_floor`, (t_floor, 1]
+    (complementary views: below 1 - t_floor too, so the second view's 1 - t is above it).
+
+    Without the floor a 1/t weight has infinite variance, and validation's noise is fixed per
+    (seed, shape): one rare tiny t would shift a whole run's curve. With it the weights are
+    bounded by 1 / t_floor, and the estimate leaves out the sliver (0, t_floor] of the bound's
+    integral while the rest is spread over (t_floor, 1]: in expectation it exceeds the NELBO by
+    t_floor (NELBO - the sliver's rate) / (1 - t_floor), of the floor's order (1e-3 nats at the
+    default), and stays above it where the loss grows with t (bd3lms and MDLM floor it too)."""
+    d = cfg.diffusion
+    return d.t_floor, 1.0 - d.t_floor if d.complementary else 1.0
 
 
 def draw_noise(cfg, n: int, generator: torch.Generator, t_range=None) -> Noise:
@@ -300,8 +314,10 @@ def _prepare(tokens, labels, loss_mask, cfg, mask_id, noise, t_range) -> Prepare
     weight = torch.where(masked, 1.0 / noise.t, 0.0) / V
     clean_stream = B < L  # B = L: full diffusion, no clean stream
     streams = [x_t[:, v] for v in range(V)]
-    # host (moved with the batch): each view's block levels, the clean stream's 0
-    levels = [noise.t[:, v].float() for v in range(V)] + [torch.zeros(b, L)] * clean_stream
+    # host (moved with the batch): each view's masked share per block (`model/noise_level.py`:
+    # what a time-conditioned model reads everywhere), the clean stream's 0
+    levels = [masked_share(x, mask_id, min(B, L)) for x in streams] + \
+        [torch.zeros(b, L)] * clean_stream
     if clean_stream:
         input_ids = torch.cat(streams + [tokens], dim=1)
         position_ids = pos.repeat(1, V + 1)

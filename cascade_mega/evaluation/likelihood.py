@@ -189,10 +189,7 @@ def nelbo_bounds(model, cfg, mask_id: int, context: List[int], continuations: Li
         # megatron's loss mask follows labels (label i is token i + 1): the targets, shifted
         loss_mask = torch.cat([target[:, 1:], torch.zeros_like(target[:, :1])], 1).float()
         prep = prepare(tokens, tokens, loss_mask, cfg, mask_id, Noise(t[:, None], uu[:, None]))
-        if prep.noise_levels is not None:  # each block's [MASK] share, as decoding feeds it
-            noisy = (prep.input_ids[:, :P] == mask_id).float().view(len(part), -1, min(B, P))
-            prep.noise_levels[:, :P] = noisy.mean(2, keepdim=True).expand_as(noisy).reshape(
-                len(part), P)
+        # a time-conditioned model reads each block's [MASK] share (`prepare`, as everywhere)
         ids, pos, read_rows, labels, levels = to_device((
             prep.input_ids, prep.position_ids, prep.readout.rows, prep.readout.labels,
             prep.noise_levels))

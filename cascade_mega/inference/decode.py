@@ -32,6 +32,7 @@ from typing import Callable, List, Optional
 
 import torch
 
+from cascade_mega.diffusion.masks import masked_share
 from cascade_mega.errors import UserError
 from cascade_mega.inference.kv_cache import CLEAN, IDLE, NOISY, DecodeStep, KVCache, to_device
 from cascade_mega.inference.policies import Policy, decide
@@ -126,7 +127,7 @@ class Decoder:
                 p = torch.arange(s.block * B, (s.block + 1) * B)
                 ids[i, width:], pos[i, width:] = s.x, p
                 kinds[i, width:] = NOISY
-                levels[i, width:] = (s.x == mask_id).float().mean()  # the block's masked share
+                levels[i, width:] = masked_share(s.x[None], mask_id, B)[0]  # noise_level.py
         last = [max(len(s.commit) - 1, 0) for s in seqs]
         # the output layer runs only on rows that predict a still-masked position
         needed = set()

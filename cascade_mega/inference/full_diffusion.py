@@ -32,6 +32,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
+from cascade_mega.diffusion.masks import masked_share
 from cascade_mega.inference.decode import BlockStats, Generation, GenerationError, check_request
 from cascade_mega.inference.kv_cache import to_device
 from cascade_mega.inference.policies import Policy, decide
@@ -86,10 +87,9 @@ class FullDiffusionDecoder:
         self.forwards += 1
         self.rows += (hi - lo) * canvas.shape[0]
         # the canvas lives on the host (the decisions are made there); its rows cross per forward
-        levels = None  # time conditioning: the canvas's masked share (model/noise_level.py)
+        levels = None  # time conditioning: the canvas's masked share (the canvas is one block)
         if self.net.time_conditioning:
-            share = (canvas == self.net.mask_id).float().mean(1, keepdim=True)
-            levels = share.expand(canvas.shape[0], hi - lo)
+            levels = masked_share(canvas, self.net.mask_id, total)[:, lo:hi]
         ids, pos, rows, levels = to_device((canvas[:, lo:hi], pos, torch.as_tensor(rows) - lo,
                                             levels), self.net.device)
         return self.net.logits(ids, pos, step, rows, levels)

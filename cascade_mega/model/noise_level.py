@@ -2,10 +2,15 @@
 added to that row's token embedding.
 
 Design choices:
-- What is embedded: t, the masking probability of the row's block (SEDD conditions on the total
-  noise, a function of t; for the linear schedule t itself). A noisy row carries its block's t,
-  a clean row (the x_0 stream, the auxiliary AR stream, a committed block in decoding) t = 0: it
-  is what a block with nothing masked is, so the clean stream needs no second rule.
+- What is embedded: the masked share of the row's block, the fraction of its positions that are
+  [MASK] in the input (the noise level its state shows; its expectation in training is the
+  block's t). One function, `diffusion/masks.py: masked_share`, gives it in training, evaluation and decoding, so the
+  embedding reads the same quantity everywhere: in decoding the block's t is not known, in
+  evaluation a block is masked by a count (and its tail), and for the absorbing process the
+  optimal denoiser is a function of x_t alone (RADD), so a level computed from x_t loses nothing.
+  (SEDD conditions on the total noise of the drawn t; with B positions the share is within a few
+  1/sqrt(B) of t.) A clean row (the x_0 stream, the auxiliary AR stream, a committed block in
+  decoding) has share 0: it is what a block with nothing masked is, so it needs no second rule.
 - How: DiT's / SEDD's timestep embedder, sinusoidal features of 1000 t (256 of them, periods up
   to 10^4) through Linear - SiLU - Linear to the hidden size, added to the word embedding before
   the first layer (one addition per row; the layers stay megatron-core's own). The last linear
@@ -16,8 +21,6 @@ Design choices:
   tensor-parallel rank adds its slice of the sequence, and megatron-core all-reduces the
   gradients of parameters marked `sequence_parallel` (as for a norm); under context parallel the
   noise levels are split with the rows (`objective._split_for_context`).
-- Decoding feeds a noisy block the fraction of its positions still masked (the estimate of t a
-  block's state gives; it is t's expectation in training), committed rows 0.
 """
 
 from __future__ import annotations

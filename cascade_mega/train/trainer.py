@@ -256,7 +256,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict:
-        """NELBO on a fixed validation set with fixed noise (t over the full range (0, 1]);
+        """NELBO on a fixed validation set with fixed noise (t over (t_floor, 1]);
         for an objective that has it, the bound on the targets every objective shares
         (`nelbo_common`, `ppl_bound_common`: `objective.common_targets`), a second pass."""
         for c in self.chunks:

@@ -5,7 +5,7 @@ draws its noise from.
 Design choices:
 - The criterion is BD3-LM's: the variance of the loss estimator stands in for the variance of
   the gradient it drives (lower is better; a clipped range trades the bound's exactness for it,
-  which is why the validation NELBO stays over the whole range (0, 1]).
+  which is why the validation NELBO stays over the whole range, (t_floor, 1]).
 - Held-out data: the first `batches` validation batches, the same at every search; for each, the
   variance over `draws` noise draws (from (seed, step, batch, draw): a resumed run searches the
   same way), averaged over the batches, so the data's own spread is left out.
