@@ -215,6 +215,9 @@ CASES = [
                                          "diffusion.t_min=0.3"],
      "'model.time_conditioning' embeds the noise level of a block, but training draws it in "
      "[0.3, 1.0]"),
+    ("train-resample-no-count", ["train", S, "diffusion.block_size=4", "diffusion.t_min=0.3",
+                                 "diffusion.t_max=0.45", "diffusion.resample=true"],
+     "'diffusion.resample': no masked count of a block of 4 has its fraction in [0.3, 0.45]"),
     ("train-time-conditioning-search", ["train", S, "model.time_conditioning=true",
                                         "diffusion.schedule_search.interval=100",
                                         "diffusion.schedule_search.candidates=[[0.0,1.0],[0.2,0.8]]"],

@@ -58,3 +58,45 @@ def test_the_models_parameterisation_in_the_stable_form_equals_the_three_terms()
     # at Z / a = 1 (logits normalised to log(V - 1)) the excess vanishes
     normal = logits - torch.logsumexp(logits, 1, keepdim=True) + math.log(V - 1)
     assert float(scores.excess(torch.logsumexp(normal, 1), math.log(V - 1)).abs().max()) < 1e-12
+
+
+def test_a_score_entropy_run_validates_its_cross_entropy_bound_beside_its_own(megatron, tmp_path):
+    """Validation logs `nelbo_ce` (RADD's bound of softmax(logits), what every policy but
+    tweedie samples from) beside the score-entropy `nelbo`, on the same noise: each equals its
+    sum computed here through the model, and the CE bound is the tighter (g >= 0)."""
+    from dataclasses import replace
+
+    from cascade_mega.config import load_config
+    from cascade_mega.diffusion import objective
+    from cascade_mega.diffusion.base import noise_generator
+    from cascade_mega.train.trainer import Trainer
+    from helpers import score
+
+    cfg = load_config(None, [
+        f"run_dir={tmp_path / 'run'}", "model.num_layers=1", "model.hidden_size=32",
+        "model.num_attention_heads=2", "data.seq_len=16", "diffusion.block_size=4",
+        "train.steps=2", "optimizer.warmup_steps=1", "train.micro_batch_size=4",
+        "train.global_batch_size=4",
+        "tracking.enabled=false", "train.eval_interval=0", "train.eval_batches=2",
+        "train.resume=none", "diffusion.loss=score_entropy", "model.init_std=0.2"])
+    trainer = Trainer(cfg, []).setup()
+    got = trainer.evaluate(0)
+    model, mask_id = trainer.chunks[0], trainer.tokenizer.mask_id
+    want = {"se": 0.0, "ce": 0.0}
+    tokens = 0
+    for i in range(2):
+        batch = trainer.valid_data.micro_batch(i * 4, 4)
+        noise = objective.draw_noise(cfg, 4, noise_generator(cfg.train.seed, "valid", i),
+                                     objective.valid_range(cfg))
+        prep = objective.prepare(batch.tokens, batch.labels, batch.loss_mask, cfg, mask_id,
+                                 noise, eod_id=trainer.tokenizer.eod)
+        assert prep.readout.score_entropy
+        with torch.no_grad():
+            for name, readout in (("se", prep.readout),
+                                  ("ce", replace(prep.readout, score_entropy=False))):
+                ce, _ = score(model, replace(prep, readout=readout))
+                want[name] += float((ce.double() * prep.weight).sum())
+        tokens += prep.num_tokens
+    assert math.isclose(got["nelbo"], want["se"] / tokens, rel_tol=1e-5)
+    assert math.isclose(got["nelbo_ce"], want["ce"] / tokens, rel_tol=1e-5)
+    assert got["nelbo_ce"] < got["nelbo"] and got["ppl_bound_ce"] < got["ppl_bound"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -196,8 +197,8 @@ class ScheduleSearchConfig(Section):
     interval: int = 0
     candidates: List[List[float]] = field(default_factory=lambda: [
         [0.0, 1.0], [0.1, 0.9], [0.2, 0.8], [0.3, 0.8], [0.45, 0.95]])
-    batches: int = 2
-    draws: int = 4
+    batches: int = 8  # power: tests/test_schedule_search.py (2 x 4 picks the best in ~60 %)
+    draws: int = 8
 
     def _check(self):
         need(self.interval >= 0, f"'diffusion.schedule_search.interval' must be >= 0 (0: off), "
@@ -231,6 +232,9 @@ class DiffusionConfig(Section):
     t_floor: float = 1e-3
     views: int = 1  # noisy views of each sequence sharing one clean stream: [x_t^1..x_t^V ; x_0]
     complementary: bool = False  # views = 2, the second masks exactly what the first keeps
+    # bd3lms' `training.resample`: training also clips each block's realised masked fraction
+    # into the clipped range (t_min / t_max, or the schedule search's choice), not only t
+    resample: bool = False
     # continued pretraining from an AR model (SDAR / Fast-dLLM v2 style):
     # an auxiliary next-token loss on one more stream, the clean sequence under a causal mask,
     # added to the NELBO with this weight (0: off; one extra L-row stream per sequence)
@@ -276,6 +280,16 @@ class DiffusionConfig(Section):
         need(self.loss == "ce" or 1 not in self.block_size_schedule.values(),
              f"'diffusion.loss' = {self.loss} cannot train the AR phase (block size 1) of "
              "'diffusion.block_size_schedule'")
+        need(not self.resample or self.objective == "block_diffusion",
+             "'diffusion.resample' clips the masked fraction of block diffusion's blocks; "
+             f"'diffusion.objective' = {self.objective} has no noise")
+        if self.resample:
+            ranges = [[self.t_min, self.t_max]] + (search.candidates if search.interval else [])
+            for B in sorted({self.block_size, *self.block_size_schedule.values()} - {1}):
+                for lo, hi in ranges:  # a count k with k / B in [lo, hi] (`noise.resample`)
+                    need(math.ceil(lo * B - 1e-9) <= math.floor(hi * B + 1e-9),
+                         f"'diffusion.resample': no masked count of a block of {B} has its "
+                         f"fraction in [{lo}, {hi}]: widen the range or turn resample off")
         need(self.views >= 1, f"'diffusion.views' must be >= 1, got {self.views}")
         need(not self.complementary or self.views == 2,
              f"'diffusion.complementary' needs 'diffusion.views' = 2, got {self.views}")

@@ -86,6 +86,10 @@ class Objective(ABC):
         """One micro-batch (`batch`: megatron's tokens/labels/loss_mask, rows `rows` of the global
         batch) as a host-side `Prepared`."""
 
+    def validation_passes(self) -> tuple:
+        """Splits validated after "valid", each logged as `<metric>_<split>` (default: none)."""
+        return ()
+
     def draw(self, cfg, split: str, step: int):
         """Per-step randomness shared by the micro-batches (e.g. the noise of the global
         batch), or None."""

@@ -11,6 +11,7 @@ per routed row) in the layout (`AttentionLayout.routing_scale`, `model/layers.py
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from functools import partial
 
 from cascade_mega.config.objectives import layout_of
@@ -22,7 +23,6 @@ from cascade_mega.model.gpt import predict_and_score
 @register("block_diffusion")
 class BlockDiffusion(Objective):
     Sums = objective.LossSums
-    common_targets = True  # a validation pass on `objective.common_targets` (split "common")
     clip = None  # the [t_min, t_max] a schedule search chose: `use_noise_range`
     accuracy = "masked_acc"  # the name of the accuracy metric (of the masked targets)
 
@@ -62,15 +62,25 @@ class BlockDiffusion(Objective):
         # the layout in force (an AR phase of a block-size schedule lays out AR's)
         return layout_of(cfg).rows + (distill.extra_rows(cfg) if train else 0)
 
+    def validation_passes(self) -> tuple:
+        """"common": the bound on `objective.common_targets` (what every objective predicts:
+        sweeps compare objectives on it); "ce", for a score-entropy run: its bound with the
+        cross-entropy alone (RADD's NELBO of softmax(logits), the model every decoding policy but
+        `tweedie` samples from: a valid bound, tighter by E[g(Z / a) / t]), on the same noise."""
+        return ("common",) + (("ce",) if self.cfg.diffusion.loss == "score_entropy" else ())
+
     def draw(self, cfg, split: str, step: int):
         if cfg.diffusion.objective == "ar":
             return None
-        # one draw per global batch, whatever the layout; validation (and its pass on the
-        # common targets, split "common") over the whole range above the floor, (t_floor, 1]
+        # one draw per global batch, whatever the layout; validation (and its further passes)
+        # over the whole range above the floor, (t_floor, 1]; the "ce" pass on "valid"'s noise
         t_range = objective.train_range(cfg, self.clip) if split == "train" else \
             objective.valid_range(cfg)
+        key = "valid" if split == "ce" else split
+        d = cfg.diffusion
+        clip = (self.clip or (d.t_min, d.t_max)) if d.resample and split == "train" else None
         return objective.draw_noise(cfg, cfg.train.global_batch_size,
-                                    noise_generator(cfg.train.seed, split, step), t_range)
+                                    noise_generator(cfg.train.seed, key, step), t_range, clip)
 
     def prepare_micro_batch(self, batch, rows: slice, cfg, split: str, step: int, noise):
         prep = objective.prepare(batch.tokens, batch.labels, batch.loss_mask, cfg,
@@ -78,6 +88,8 @@ class BlockDiffusion(Objective):
                                  noise.rows(rows.start, rows.stop) if noise else None,
                                  context=self.shard.context, eod_id=self.tokenizer.eod,
                                  common=split == "common")
+        if split == "ce":  # the cross-entropy alone (`validation_passes`)
+            prep.readout = replace(prep.readout, score_entropy=False)
         if self.teacher is not None and split == "train":
             prep = distill.targets(prep, batch.tokens, cfg.distill.weight)
         return prep

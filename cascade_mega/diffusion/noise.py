@@ -16,6 +16,7 @@ data-parallel ranks.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,47 @@ def draw(n: int, seq_len: int, block_size: int, generator: torch.Generator,
     t = sample_t(n * views * blocks, generator, stratified, t_min, t_max).view(n, views, blocks)
     u = torch.rand(n, views, seq_len, generator=generator, dtype=torch.float64)
     return Noise(t.repeat_interleave(block_size, dim=2), u)
+
+
+def allowed_counts(block: int, t_min: float, t_max: float) -> range:
+    """The masked counts k of a block of `block` whose fraction k / block is in [t_min, t_max]."""
+    return range(math.ceil(t_min * block - 1e-9), math.floor(t_max * block + 1e-9) + 1)
+
+
+def resample(noise: Noise, block: int, t_min: float, t_max: float,
+             generator: torch.Generator) -> Noise:
+    """Clip the realised masked fraction of every block into [t_min, t_max] (bd3lms'
+    `_resample_q_xt`, `training.resample`), keeping each block's t (and so its 1/t weight).
+
+    bd3lms redraws an out-of-range block's mask from Bernoulli(t) until its fraction is in range;
+    the result is the Bernoulli(t) mask conditioned on its count being allowed. Here an
+    out-of-range block draws that count directly from Binomial(block, t) restricted to the
+    allowed counts, then masks that many positions uniformly at random (the smallest of its
+    uniforms): the same law, in one pass. In-range blocks are left as drawn. The uniforms are
+    rewritten so that `u < t` still says which tokens are masked."""
+    counts = allowed_counts(block, t_min, t_max)
+    n, V, L = noise.t.shape
+    t = noise.t.reshape(n, V, L // block, block)[..., 0]  # [n, V, nb]: one t per block
+    u = noise.u.reshape(n, V, L // block, block)
+    k = (u < t[..., None]).sum(-1)
+    out = (k < counts.start) | (k >= counts.stop)
+    if not out.any():
+        return noise
+    tb = t[out]  # [m]
+    ks = torch.arange(block + 1, dtype=torch.float64)
+    logp = (torch.lgamma(torch.tensor(block + 1.0, dtype=torch.float64)) - torch.lgamma(ks + 1)
+            - torch.lgamma(block - ks + 1) + torch.xlogy(ks, tb[:, None]) +
+            torch.xlogy(block - ks, 1 - tb[:, None]))
+    logp[:, [i for i in range(block + 1) if i not in counts]] = -math.inf
+    new_k = torch.multinomial(torch.softmax(logp, -1), 1, generator=generator)[:, 0]
+    rank = u[out].argsort(-1).argsort(-1).double()  # [m, block] rank of each position's uniform
+    kk, tt = new_k[:, None].double(), tb[:, None]
+    # masked: the new_k smallest, below t; the others at or above it
+    new_u = torch.where(rank < kk, tt * (rank + 1) / (kk + 1),
+                        tt + (1 - tt) * (rank - kk + 1) / (block - kk + 1))
+    u = u.clone()
+    u[out] = new_u
+    return Noise(noise.t, u.reshape(n, V, L))
 
 
 def complement(noise: Noise) -> Noise:

@@ -47,6 +47,7 @@ import torch
 
 from cascade_mega.diffusion.masks import AttentionLayout, document_ids, masked_share
 from cascade_mega.diffusion.noise import Noise, complement, corrupt, draw
+from cascade_mega.diffusion.noise import resample as resample_noise
 
 
 @dataclass
@@ -162,12 +163,17 @@ def valid_range(cfg) -> tuple:
     return d.t_floor, 1.0 - d.t_floor if d.complementary else 1.0
 
 
-def draw_noise(cfg, n: int, generator: torch.Generator, t_range=None) -> Noise:
-    """Noise for n sequences under the run's diffusion settings (t_range overrides the clip)."""
+def draw_noise(cfg, n: int, generator: torch.Generator, t_range=None, resample=None) -> Noise:
+    """Noise for n sequences under the run's diffusion settings (t_range overrides the clip);
+    `resample` = [t_min, t_max]: each block's realised masked fraction clipped into it
+    (`diffusion.resample`, `noise.resample`; before the complement, which keeps it in a
+    symmetric range)."""
     d = cfg.diffusion
     t_min, t_max = t_range if t_range is not None else (d.t_min, d.t_max)
     noise = draw(n, cfg.data.seq_len, d.block_size, generator, d.noise_sampling == "stratified",
                  t_min, t_max, views=1 if d.complementary else d.views)
+    if resample is not None:
+        noise = resample_noise(noise, min(d.block_size, cfg.data.seq_len), *resample, generator)
     return complement(noise) if d.complementary else noise
 
 

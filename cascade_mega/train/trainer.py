@@ -256,9 +256,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict:
-        """NELBO on a fixed validation set with fixed noise (t over (t_floor, 1]);
-        for an objective that has it, the bound on the targets every objective shares
-        (`nelbo_common`, `ppl_bound_common`: `objective.common_targets`), a second pass."""
+        """NELBO on a fixed validation set with fixed noise (t over (t_floor, 1]), then the
+        objective's further passes, each logged with its suffix (`Objective.validation_passes`:
+        the bound on the targets every objective shares, `nelbo_common`; a score-entropy run's
+        cross-entropy-only bound, `nelbo_ce`)."""
         for c in self.chunks:
             c.eval()
 
@@ -270,9 +271,9 @@ class Trainer:
             return self._metrics(sums, train=False)
 
         metrics = run("valid")
-        if getattr(self.objective, "common_targets", False):
-            common = run("common")
-            metrics.update({f"{k}_common": common[k] for k in ("nelbo", "ppl_bound")})
+        for split in self.objective.validation_passes():
+            extra = run(split)
+            metrics.update({f"{k}_{split}": extra[k] for k in ("nelbo", "ppl_bound")})
         return metrics
 
     # ---------------------------------------------------------------- loop

@@ -28,7 +28,8 @@ from cascade_mega.train.callbacks.base import Callback
 def _fmt(metrics: dict) -> str:
     parts = []
     for key, fmt in (("loss", "{:.4f}"), ("nelbo", "{:.4f}"), ("ppl_bound", "{:.1f}"),
-                     ("ppl_bound_common", "{:.1f}"), ("schedule_t_min", "{:g}"),
+                     ("ppl_bound_common", "{:.1f}"), ("ppl_bound_ce", "{:.1f}"),
+                     ("schedule_t_min", "{:g}"),
                      ("schedule_t_max", "{:g}"),
                      ("masked_acc", "{:.3f}"), ("ar_loss", "{:.4f}"), ("distill_kl", "{:.4f}"),
                      ("moe/aux_loss", "{:.4f}"), ("moe/load_max", "{:.2f}"),
