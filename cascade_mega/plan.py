@@ -20,7 +20,8 @@ micro-batches in flight) and of the last stage (which holds the logits):
       query/key norm 2 S b (a + g) d e / t     (`model.qk_norm`: norm input, RoPE input)
       MoE layer      the router's scores, the dispatched rows and the experts' SwiGLU
                      (`moe_activation_bytes`), in place of the dense MLP
-      context par.   + 2 L b g d e / t         (the gathered clean stream's K and V)
+      context par.   + 2 n L b g d e / t       (the gathered K and V: the clean stream, n = 1, or
+                                               every view of full diffusion, n = V)
   times the layer-micro-batches in flight (1F1B: min(PP, micro-batches) on the first stage;
   interleaved: L (1 + (PP - 1) / (PP V)), Korthikanti et al. 2022), plus on the last stage the
   final norm, the read-out rows' hidden states and their fp32 logits (n b V / t x 4).
@@ -142,8 +143,10 @@ def layer_activation_bytes(cfg: CascadeConfig, vocab: int, e: int,
     h, g, d, f, a = x["h"], x["g"], x["d"], x["f"], x["a"]
     norms = 2 * (3 * S * b * h * e + 4 * S * b) // sp
     attention = (3 * S * b * h + 2 * S * b * g * d) * e // t + 4 * S * b * a // t + 16 * S * d
-    if p.context > 1:
-        attention += 2 * cfg.data.seq_len * b * g * d * e // t
+    if p.context > 1:  # the gathered K/V: the clean stream, or every view of full diffusion
+        layout = layout_of(cfg)
+        streams = cfg.diffusion.views if layout.kind == "full" else 1
+        attention += 2 * streams * cfg.data.seq_len * b * g * d * e // t
     if cfg.model.qk_norm:  # each head's norm input and output (the RoPE input), and its rstd
         attention += (2 * S * b * (a + g) * d * e + 4 * S * b * (a + g)) // t
     mlp = moe_activation_bytes(cfg, S, b, x, e) if experts else 5 * S * b * f * e // t
@@ -261,6 +264,11 @@ def _changes(cfg: CascadeConfig):
     yield f"parallel.pipeline={2 * p.pipeline}", replace(
         cfg, parallel=replace(p, pipeline=2 * p.pipeline, virtual_pipeline=None))
     yield f"parallel.tensor={2 * p.tensor}", replace(cfg, parallel=replace(p, tensor=2 * p.tensor))
+    layout = layout_of(cfg)  # long sequences: split them (whole blocks per chunk, `rules.py`)
+    chunk = 4 * p.context * (1 if layout.kind == "full" else layout.block)
+    if cfg.data.seq_len % chunk == 0:
+        yield f"parallel.context={2 * p.context}", replace(
+            cfg, parallel=replace(p, context=2 * p.context))
 
 
 def what_fits(cfg: CascadeConfig, gpus: int, vocab: int, limit: int) -> list:

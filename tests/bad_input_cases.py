@@ -188,6 +188,12 @@ CASES = [
                                       "diffusion.shifted_prediction=true",
                                       "diffusion.block_size_schedule={0: 1, 10: 16}"],
      "'diffusion.loss' = score_entropy cannot train the AR phase"),
+    ("train-schedule-out-of-order", ["train", S, "diffusion.block_size=16",
+                                     "diffusion.block_size_schedule={0: 4, 40: 16, 20: 8}"],
+     "'diffusion.block_size_schedule' lists its steps [0, 40, 20] out of order"),
+    ("train-context-full", ["train", S, "diffusion.block_size=256", "parallel.context=3"],
+     "'parallel.context' = 3 cuts 'data.seq_len' = 256 into 2 x 3 chunks: seq_len must be a "
+     "multiple of 2 x context = 6"),
     ("train-loss-unknown", ["train", S, "diffusion.loss=sedd"],
      "'diffusion.loss' = 'sedd'; expected one of ce, score_entropy"),
     ("train-complementary-clipped", ["train", S, "diffusion.views=2",

@@ -110,13 +110,18 @@ def test_training_path_allocates_nothing_of_size_2L_squared():
                                                  ("block_diffusion", 48, 4, 2, 2, "block_causal"),
                                                  ("block_diffusion", 64, 2, 1, 4, "block_causal"),
                                                  ("block_diffusion", 32, 4, 1, 2, "causal"),
-                                                 ("causal", 32, 1, 1, 2, "block_causal")])
+                                                 ("causal", 32, 1, 1, 2, "block_causal"),
+                                                 ("full", 32, 32, 1, 2, "block_causal"),
+                                                 ("full", 48, 48, 2, 3, "block_causal")])
 def test_context_parallel_chunks_give_the_whole_sequence_attention(kind, L, B, V, cp, clean,
                                                                    documents):
-    """Each simulated context-parallel rank attends its zigzag chunks to the whole clean stream;
-    together they give the dense output and, summing each rank's clean-stream gradient back
-    (what the gather's reduce-scatter does), the dense gradients. With packed documents too
-    (boundaries inside tiles, so some rows have no key in the clean prefix)."""
+    """Each simulated context-parallel rank attends its zigzag chunks (`attend`, the layers'
+    entry) to the gathered streams (`gather_kv`'s: the whole clean stream, or every view of full
+    diffusion); together they give the dense output and, summing each rank's gradient of the
+    gathered rows back (what the gather's reduce-scatter does), the dense gradients. With packed
+    documents too (boundaries inside tiles, so some rows have no key in the clean prefix)."""
+    from cascade_mega.model.attention import attend, gathered_streams
+
     docs = torch.tensor([[0] * 5 + [1] * 12 + [2] * (L - 17), [0] * 9 + [1] * (L - 9)]) \
         if documents else None
     layout = AttentionLayout(kind, L, B, V, documents=docs, clean_stream=clean)
@@ -127,21 +132,19 @@ def test_context_parallel_chunks_give_the_whole_sequence_attention(kind, L, B, V
     grads = torch.autograd.grad(ref, (q, k, v), grad_out)
     out = torch.zeros_like(ref)
     got = [torch.zeros_like(x) for x in (q, k, v)]
-    clean_rows = slice(n - L, n)
+    streams = gathered_streams(layout)
+    clean_rows = slice(streams.start * L, streams.stop * L)
     for rank in range(cp):
         part = layout.split_for_context(rank, cp)
         rows = part.rows()
         assert part.total_len == rows.numel() == n // cp
         local = [x[:, :, rows].detach().requires_grad_() for x in (q, k, v)]
         clean_kv = [x[:, :, clean_rows].detach().requires_grad_() for x in (k, v)]
-        o = tiled.block_diffusion_attention(
-            *local, L, 1 if kind == "causal" else B, 0 if kind == "causal" else V,
-            chunks=part.chunks, num_chunks=part.num_chunks, clean_kv=tuple(clean_kv),
-            documents=docs, clean_stream=clean)
+        o = attend(*local, part, clean_kv=tuple(clean_kv))
         o.backward(grad_out[:, :, rows])
         out[:, :, rows] = o.detach()
-        for g, x in zip(got, local):
-            g[:, :, rows] += x.grad
+        for g, x in zip(got, local):  # full diffusion reads its keys only from the gather
+            g[:, :, rows] += x.grad if x.grad is not None else 0
         got[1][:, :, clean_rows] += clean_kv[0].grad
         got[2][:, :, clean_rows] += clean_kv[1].grad
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)

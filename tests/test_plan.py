@@ -164,3 +164,24 @@ def test_the_moe_recipe_is_planned_with_its_experts_spread_over_ep():
     dense = stage["parameters"] - experts
     assert stage["optimizer_bytes"] == dense * 12 // 32 + experts * 12 // 8
     assert 50 * 2**30 < report["peak_bytes"] < 80 * 2**30  # fits an H100 without recompute
+
+
+def test_the_32k_full_diffusion_recipe_is_planned_refused_smaller_and_rendered(tmp_path):
+    """Qwen2.5-7B at 32k tokens, B = L, over TP 4 x CP 4: the plan counts every view's gathered
+    K/V and fits an H100; without context parallel it is refused (at 60 GiB) with the knobs
+    that fit, context parallel among them; `cascade submit --dry-run` renders its job."""
+    from helpers import cascade, h100_profile
+
+    recipe = "configs/recipes/qwen2.5_7b_32k_full_h100.yaml"
+    proc = cascade("plan", recipe, "--gpus", "128", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "TP=4 PP=1 CP=4 DP=8 on 128 GPUs" in proc.stdout and "sequence: full" in proc.stdout
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert 20 * 2**30 < report["peak_bytes"] < 40 * 2**30
+    refused = cascade("plan", recipe, "--gpus", "128", "parallel.context=1", "--gpu-memory", "60")
+    assert refused.returncode == 2 and "parallel.context=2 (" in refused.stderr, refused.stderr
+    run = tmp_path / "run"
+    script = cascade("submit", recipe, f"run_dir={run}", "--cluster", h100_profile(tmp_path),
+                     "--nodes", "16", "--dry-run")
+    assert script.returncode == 0, script.stderr
+    assert "#SBATCH --nodes=16" in script.stdout.splitlines() and not run.exists()

@@ -385,3 +385,42 @@ def test_a_full_disk_stops_with_one_message_and_the_last_checkpoint_resumes(mega
         assert resumed == straight and [s for s, _ in resumed] == [1, 2, 3, 4, 5, 6]
     finally:
         subprocess.run(["umount", "-l", str(disk)])
+
+
+def test_a_schedule_through_full_diffusion_resumes_at_and_after_every_boundary(megatron,
+                                                                                tmp_path):
+    """{0: 1, 20: 4, 40: L, 60: 4}: AR, block diffusion, full diffusion (no clean stream: the
+    auxiliary AR loss takes its own causal stream), block diffusion again, one run. Stopped and
+    resumed at each boundary step and one step after it, every step's loss and gradient norm
+    equal the uninterrupted run's; each checkpoint records the block size it was trained at,
+    and the last one decodes with block size 4."""
+    from cascade_mega.inference.load import load_decoder
+    from helpers import assert_same_records
+
+    def cfg(run, *extra):
+        return load_config(None, [
+            f"run_dir={run}", "model.num_layers=1", "model.hidden_size=32",
+            "model.num_attention_heads=2", "data.seq_len=16", "diffusion.block_size=4",
+            "diffusion.shifted_prediction=true", "diffusion.clean_stream=causal",
+            "diffusion.ar_loss_weight=0.5",
+            "diffusion.block_size_schedule={0: 1, 20: 4, 40: 16, 60: 4}", "train.steps=64",
+            "train.micro_batch_size=2", "train.global_batch_size=2", "train.log_interval=1",
+            "train.eval_interval=0", "optimizer.warmup_steps=2", "checkpoint.interval=1000",
+            "tracking.enabled=false", *extra])
+
+    straight = _run(cfg(tmp_path / "straight"))
+    assert [r["block_size"] for r in straight if r["step"] in (20, 21, 40, 41, 60, 61)] == \
+        [1, 4, 4, 16, 16, 4]
+    run, done = tmp_path / "stopped", 0
+    for stop in (20, 21, 40, 41, 60, 61):
+        _run(cfg(run, f"train.exit_interval={stop - done}"))
+        info = json.loads((run / "checkpoints" / f"iter_{stop:07d}" / "cascade.json").read_text())
+        assert info["step"] == stop and info["block_size"] == {20: 1, 21: 4, 40: 4, 41: 16,
+                                                               60: 16, 61: 4}[stop]
+        done = stop
+    resumed = _run(cfg(run))
+    assert_same_records(straight, resumed)
+    assert len(straight) == 64
+    decoder = load_decoder(str(run))
+    assert decoder.B == 4
+    assert decoder.generate([[5, 6, 7]], max_new_tokens=8)[0].stopped in ("eod", "length")

@@ -119,14 +119,22 @@ def test_context_parallel_matches_single_process(tmp_path, single):
     """CP = 2: each rank holds two zigzag chunks of [x_t ; x_0] and gathers the clean stream's
     K/V: with shifted prediction, two complementary views (targets whose predicting row sits on
     the other rank) and packed documents, time-conditioned (each row's noise level goes with
-    it). (The AR objective takes the same path with one
+    it). Full diffusion (B = L) gathers every view: two complementary views, and one view on
+    the score-entropy loss, with packed documents and time conditioning. (The AR objective takes the same path with one
     stream and B = 1: its attention at CP, tests/test_kernels.py's causal case.)"""
+    full = ["diffusion.block_size=64", "data.document_mask=true", "model.time_conditioning=true",
+            "train.eval_interval=3"]  # validation bounds at steps 0 and 3 too
     for name, extra in (("views", ["diffusion.shifted_prediction=true", "diffusion.views=2",
                                    "diffusion.complementary=true", "data.document_mask=true",
-                                   "model.time_conditioning=true"]),):
+                                   "model.time_conditioning=true"]),
+                        # full diffusion (B = L): every view's K/V gathered
+                        ("full_views", full + ["diffusion.shifted_prediction=true",
+                                               "diffusion.views=2", "diffusion.complementary=true"]),
+                        ("full_scores", full + ["diffusion.loss=score_entropy"])):
         reference = _run(tmp_path, f"{name}_single", *LAYOUT_ARGS, *extra)
         _assert_same(reference, _run(tmp_path, f"{name}_cp2", "--nproc-per-node", "2",
-                                     *LAYOUT_ARGS, *extra, "parallel.context=2"))
+                                     *LAYOUT_ARGS, *extra, "parallel.context=2"),
+                     keys=("loss", "grad_norm", "nelbo_common", "nelbo_ce"))
 
 
 def test_tp2_pp2_matches_and_its_checkpoint_resumes_on_one_process(

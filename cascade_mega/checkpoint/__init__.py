@@ -117,12 +117,14 @@ def start_writer() -> None:
 
 def save(ckpt_root: str, chunks, optimizer, scheduler, step: int, consumed: int,
          keep_last: Optional[int] = None, write_extra=None, layout: Optional[dict] = None,
-         config_yaml: Optional[str] = None, keep: tuple = ()) -> str:
+         config_yaml: Optional[str] = None, keep: tuple = (),
+         block_size: Optional[int] = None) -> str:
     """write_extra(folder): every rank's own files (e.g. the DALI pipeline state), written into
     the checkpoint before it is declared complete. layout: the parallel layout it was saved at,
     recorded in `cascade.json` with the step (what `listing` returns). config_yaml: the run's
     config, kept as `config.yaml` (a resume names what changed since). keep: checkpoint folders
-    `keep_last` never deletes (the one this run resumed from)."""
+    `keep_last` never deletes (the one this run resumed from). block_size: the block size the
+    weights were last trained at (a block-size schedule's phase), recorded in `cascade.json`."""
     final = os.path.join(ckpt_root, iter_name(step))
     partial = final + ".partial"
     if _rank0():
@@ -135,7 +137,7 @@ def save(ckpt_root: str, chunks, optimizer, scheduler, step: int, consumed: int,
     need, free = space.check(ckpt_root, iter_name(step), state, last)  # before any write
     try:
         _write(ckpt_root, partial, final, state, step, consumed, keep_last, write_extra, layout,
-               config_yaml, keep)
+               config_yaml, keep, block_size)
     except BaseException as err:  # torch's CheckpointException is not an Exception
         full = not isinstance(err, (KeyboardInterrupt, SystemExit)) and \
             space.is_full(err, ckpt_root)  # every rank: the writer's failure reaches all
@@ -156,7 +158,7 @@ def _newest(ckpt_root: str) -> Optional[str]:
 
 
 def _write(ckpt_root, partial, final, state, step, consumed, keep_last, write_extra, layout,
-           config_yaml, keep) -> None:
+           config_yaml, keep, block_size=None) -> None:
     if _rank0():
         os.makedirs(partial)
     _barrier()
@@ -170,8 +172,11 @@ def _write(ckpt_root, partial, final, state, step, consumed, keep_last, write_ex
             with open(os.path.join(partial, "config.yaml"), "w") as f:
                 f.write(config_yaml)
         with open(os.path.join(partial, INFO), "w") as f:
-            json.dump({"step": step, "consumed_samples": consumed, "layout": layout or {},
-                       "saved_at": time.time()}, f)
+            info = {"step": step, "consumed_samples": consumed, "layout": layout or {},
+                    "saved_at": time.time()}
+            if block_size is not None:
+                info["block_size"] = block_size
+            json.dump(info, f)
         manifest_file.write(partial)  # the last file: what it lists is the whole checkpoint
         if os.path.exists(final):
             shutil.rmtree(final)

@@ -68,13 +68,12 @@ def _check_model_layout(cfg: CascadeConfig) -> None:
     need(0 <= cfg.optimizer.warmup_steps < t.steps, f"'optimizer.warmup_steps' = "
          f"{cfg.optimizer.warmup_steps} must be smaller than 'train.steps' = {t.steps}")
     if p.context > 1:
-        B = layout.block
-        need(layout.kind != "full", "'parallel.context' > 1 needs 'diffusion.block_size' "
-             "< 'data.seq_len' (full-sequence diffusion attends across the whole sequence)")
+        B = 1 if layout.kind == "full" else layout.block  # full diffusion gathers whole views
         need(L % (2 * p.context * B) == 0,
              f"'parallel.context' = {p.context} cuts 'data.seq_len' = {L} into 2 x {p.context} "
-             f"chunks of whole blocks: seq_len must be a multiple of 2 x context x block size = "
-             f"{2 * p.context * B}")
+             + (f"chunks: seq_len must be a multiple of 2 x context = {2 * p.context}"
+                if B == 1 else "chunks of whole blocks: seq_len must be a multiple of 2 x "
+                f"context x block size = {2 * p.context * B}"))
         need(m.attention_kernel in ("auto", "tiled"), f"'parallel.context' > 1 runs the tiled "
              f"attention kernel; 'model.attention_kernel' = {m.attention_kernel} has no "
              "context-parallel path")
@@ -147,6 +146,8 @@ def _check_continued(cfg: CascadeConfig) -> None:
     schedule = d.block_size_schedule
     if schedule:
         steps = sorted(schedule)
+        need(list(schedule) == steps, f"'diffusion.block_size_schedule' lists its steps "
+             f"{list(schedule)} out of order: give them increasing (a phase per start step)")
         need(steps[0] == 0, f"'diffusion.block_size_schedule' must start at step 0, got "
              f"{steps[0]}")
         need(steps[-1] < cfg.train.steps, f"'diffusion.block_size_schedule' starts block size "
@@ -164,10 +165,7 @@ def _check_continued(cfg: CascadeConfig) -> None:
         for step, B in schedule.items():
             need(B > 0 and L % B == 0, f"'diffusion.block_size_schedule' block size {B} (from "
                  f"step {step}) does not divide 'data.seq_len' = {L}")
-            need((B < L) == (layout_of(cfg).kind == "block_diffusion"),
-                 "'diffusion.block_size_schedule' mixes B = L with B < L (they lay out a "
-                 "different number of rows)")
-            need(p.context == 1 or L % (2 * p.context * B) == 0,
+            need(p.context == 1 or B == L or L % (2 * p.context * B) == 0,
                  f"'diffusion.block_size_schedule' block size {B} does not fit the "
                  f"context-parallel chunks (seq_len a multiple of 2 x context x B)")
     if cfg.distill.teacher:

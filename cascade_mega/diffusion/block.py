@@ -46,7 +46,7 @@ class BlockDiffusion(Objective):
         d, L = cfg.diffusion, cfg.data.seq_len
         kind = "full" if d.block_size >= L else "block_diffusion"
         aux = d.ar_loss_weight > 0
-        causal_clean = d.clean_stream == "causal"
+        causal_clean = d.clean_stream == "causal" and kind == "block_diffusion"
         streams = d.views + int(kind == "block_diffusion") + int(aux and not causal_clean)
         causal_pairs = L * (L + 1) // 2
         if kind == "full":

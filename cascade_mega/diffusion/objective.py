@@ -219,8 +219,12 @@ def prepare(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
         loss_mask = loss_mask * _within_document(tokens, documents, cfg, eod_id)
     prep = _prepare(tokens, labels, loss_mask, cfg, mask_id, noise, t_range)
     if cfg.diffusion.ar_loss_weight > 0:  # block diffusion only (config check)
+        # a causal clean stream carries the next-token loss itself; full diffusion (B = L, a
+        # phase of a block-size schedule) has no clean stream: the auxiliary one then
+        causal_clean = cfg.diffusion.clean_stream == "causal" and \
+            cfg.diffusion.block_size < cfg.data.seq_len
         prep = _add_causal_stream(prep, tokens, labels, ar_mask, cfg.diffusion.ar_loss_weight,
-                                  cfg.diffusion.clean_stream == "causal")
+                                  causal_clean)
     if documents is not None:
         prep.layout = replace(prep.layout, documents=documents)
     routing = prep.num_tokens / prep.input_ids.numel()

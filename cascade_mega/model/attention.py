@@ -18,6 +18,8 @@ rows see their own block, which a chunk never splits, and the clean prefix), so 
 K/V are all-gathered across the context-parallel group (backward: reduce-scatter of their
 gradients, megatron's sequence-parallel mappings) and the tiled kernel attends the local queries
 to the gathered prefix. AR under context parallel is the same kernel with one stream and B = 1.
+Full diffusion (B = L) gathers every view's K/V (a row sees its whole view) and attends the local
+queries of each view to it with SDPA (`gather_kv`, `_attend_whole_views`).
 """
 
 from __future__ import annotations
@@ -76,20 +78,32 @@ def _cached_mask(layout: AttentionLayout, device: torch.device) -> torch.Tensor:
     return layout.dense(device)
 
 
-def gather_clean_stream(key, value, layout: AttentionLayout, group):
-    """K/V of the whole clean stream from every context-parallel rank's chunks.
+def gathered_streams(layout: AttentionLayout) -> range:
+    """The streams whose keys a context-parallel rank needs whole: the clean stream (block
+    diffusion, AR: a row sees its own block, which a chunk never splits, and the clean prefix)
+    or every view (full diffusion: a row sees its whole view)."""
+    last = layout.streams - int(layout.causal_stream)
+    return range(0 if layout.kind == "full" else last - 1, last)
 
-    key, value: this rank's rows, megatron layout [s, b, g, d]. Returns (k, v) as [b, g, L, d] in
-    sequence order. One all-gather carries K and V together.
+
+def gather_kv(key, value, layout: AttentionLayout, group):
+    """K/V of the `gathered_streams`, whole, from every context-parallel rank's chunks.
+
+    key, value: this rank's rows, megatron layout [s, b, g, d]. Returns (k, v) as [b, g, n L, d],
+    stream by stream in sequence order. One all-gather carries K and V together (backward: a
+    reduce-scatter of their gradients).
     """
-    start = (layout.streams - 1) * layout.local_len  # the clean stream is the last one
-    d = key.shape[-1]
-    kv = torch.cat([key[start:], value[start:]], dim=-1)
+    streams, local = gathered_streams(layout), layout.local_len
+    d, held = key.shape[-1], len(layout.chunks)
+    rows = slice(streams.start * local, streams.stop * local)
+    kv = torch.cat([key[rows], value[rows]], dim=-1)
     gathered = gather_from_sequence_parallel_region(kv, True, group).split(layout.chunk_len)
-    size = len(gathered) // len(layout.chunks)
-    where = {c: i for r in range(size) for i, c in
-             enumerate(context_chunks(r, size), start=r * len(layout.chunks))}
-    kv = torch.cat([gathered[where[c]] for c in range(layout.num_chunks)])
+    size = len(gathered) // (held * len(streams))
+    # rank r's rows: stream by stream, its chunks in order
+    where = {(s, c): (r * len(streams) + s) * held + j for r in range(size)
+             for s in range(len(streams)) for j, c in enumerate(context_chunks(r, size))}
+    kv = torch.cat([gathered[where[s, c]] for s in range(len(streams))
+                    for c in range(layout.num_chunks)])
     return tuple(x.permute(1, 2, 0, 3) for x in kv.split(d, dim=-1))
 
 
@@ -97,7 +111,8 @@ def attend(query, key, value, layout: AttentionLayout, kernel: str = "auto",
            scale: Optional[float] = None, clean_kv=None):
     """q: [b, h, s, d]; k, v: [b, g, s, d] with g dividing h (grouped-query). Returns [b, h, s, d].
 
-    clean_kv: the gathered clean stream when the layout is split across context-parallel ranks.
+    clean_kv: the gathered K/V (`gather_kv`: the clean stream, or every view of full diffusion)
+    when the layout is split across context-parallel ranks.
     """
     gqa = key.shape[1] != query.shape[1]
     if layout.causal_stream:  # the auxiliary AR stream attends only to itself: its own call
@@ -109,6 +124,8 @@ def attend(query, key, value, layout: AttentionLayout, kernel: str = "auto",
             attend(query[:, :, :n], key[:, :, :n], value[:, :, :n], inner, kernel, scale,
                    clean_kv),
             attend(query[:, :, n:], key[:, :, n:], value[:, :, n:], ar, kernel, scale)], dim=2)
+    if layout.split and layout.kind == "full":  # context parallel: each view's keys whole
+        return _attend_whole_views(query, *clean_kv, layout, scale, gqa)
     if layout.split:  # context parallel: the tiled kernel, documents included
         from cascade_kernels import tiled
 
@@ -145,6 +162,25 @@ def attend(query, key, value, layout: AttentionLayout, kernel: str = "auto",
     mask = _cached_mask(layout, query.device)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale,
                                           enable_gqa=gqa)
+
+
+def _attend_whole_views(query, key, value, layout, scale, gqa):
+    """Full diffusion under context parallel: this rank's rows of each view (its zigzag chunks)
+    attend to that view's whole K/V, gathered (`gather_kv`): exact, so no log-sum-exp merge;
+    packed documents mask keys outside the query's document. SDPA (its memory-efficient or
+    flash kernel on a GPU; a boolean mask only with documents)."""
+    L, n = layout.seq_len, layout.local_len
+    mask = None
+    if layout.documents is not None:
+        docs = layout.documents
+        positions = layout.rows()[:n].to(docs.device) % L
+        mask = (docs[:, positions, None] == docs[:, None, :])[:, None]  # [b, 1, n, L]
+    return torch.cat([
+        F.scaled_dot_product_attention(query[:, :, v * n:(v + 1) * n],
+                                       key[:, :, v * L:(v + 1) * L],
+                                       value[:, :, v * L:(v + 1) * L], attn_mask=mask,
+                                       scale=scale, enable_gqa=gqa)
+        for v in range(layout.views)], dim=2)
 
 
 def _attend_within_documents(query, key, value, layout, kernel, scale, gqa):
@@ -197,6 +233,6 @@ class BlockDiffusionAttention(MegatronModule):
         clean_kv = None
         if attention_mask.split:
             group = self.cp_group or parallel_state.get_context_parallel_group()
-            clean_kv = gather_clean_stream(key, value, attention_mask, group)
+            clean_kv = gather_kv(key, value, attention_mask, group)
         out = attend(q, k, v, attention_mask, self.kernel, self.softmax_scale, clean_kv)
         return out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)

@@ -73,6 +73,9 @@ class Journal:
             os.remove(legacy)
         if os.path.isdir(self.spool):
             self.seq = max((int(n) for n in os.listdir(self.spool) if n.isdigit()), default=0)
+            for name in os.listdir(self.spool):  # left by a kill: half spooled, half removed
+                if not name.isdigit():
+                    shutil.rmtree(os.path.join(self.spool, name), ignore_errors=True)
 
     def reset(self) -> None:
         for path in (self.path, self.acked_path):
@@ -148,12 +151,19 @@ class Journal:
         out = []
         for seq in sorted(n for n in os.listdir(self.spool) if n.isdigit()):
             folder = os.path.join(self.spool, seq)
-            for root, _, names in os.walk(folder):
-                out += [(folder, os.path.relpath(os.path.join(root, n), folder)) for n in names]
+            files = [(folder, os.path.relpath(os.path.join(root, n), folder))
+                     for root, _, names in os.walk(folder) for n in names]
+            if not files:  # emptied by a kill inside an earlier removal: nothing left to send
+                shutil.rmtree(folder, ignore_errors=True)
+            out += files
         return out
 
     def artifact_done(self, folder: str) -> None:
-        shutil.rmtree(folder, ignore_errors=True)
+        """Sent: renamed first (one atomic step), so a kill inside the removal never leaves an
+        emptied folder that looks like an artifact still to send."""
+        gone = folder + ".sent"
+        os.replace(folder, gone)
+        shutil.rmtree(gone, ignore_errors=True)
 
     def next_chunk(self):
         """(records, end offset) of the oldest metrics not acknowledged yet; ([], offset)."""

@@ -31,5 +31,7 @@ class Checkpointer(Callback):
                 trainer.ckpt_root, trainer.chunks, trainer.optimizer, trainer.scheduler, step,
                 step * cfg.train.global_batch_size, cfg.checkpoint.keep_last,
                 lambda folder: train_reader.save_state(trainer.train_data, folder),
-                trainer.layout(), record_yaml(cfg), keep=(trainer.resumed_from,))
+                trainer.layout(), record_yaml(cfg), keep=(trainer.resumed_from,),
+                # the block size of the last step trained (a block-size schedule's phase)
+                block_size=trainer.objective.config_at(max(step - 1, 0)).diffusion.block_size)
         trainer.emit("on_checkpoint_end", step, path)
