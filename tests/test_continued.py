@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from cascade_mega.config import ConfigError
+from cascade_mega.config import ConfigError, load_config
 from cascade_mega.config.objectives import layout_of
 from cascade_mega.diffusion import objective
 from cascade_mega.diffusion.masks import AttentionLayout
@@ -90,6 +90,22 @@ def test_block_size_schedule(megatron):
         with pytest.raises(ConfigError, match=what):
             tiny_cfg("diffusion.block_size=8", "diffusion.block_size_schedule={0: 1, 5: 8}",
                      *extra)
+
+
+@pytest.mark.parametrize("recipe,phases", [
+    ("smollm2_135m_wsd_cpu.yaml", {0: "causal", 10: "block_diffusion", 30: "full",
+                                   45: "block_diffusion"}),
+    ("qwen2.5_7b_wsd_h100.yaml", {0: "causal", 500: "block_diffusion", 2000: "full",
+                                  14000: "block_diffusion"})])
+def test_the_warmup_stable_decay_recipes_pass_through_every_layout(recipe, phases):
+    """LLaDA 2.0's shape: AR, block diffusion, the whole sequence as one block, block diffusion
+    again, ending at the block size the model decodes with."""
+    cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                   "configs", "recipes", recipe), [], world_size=0)
+    for step, kind in phases.items():
+        assert layout_of(objective.at_step(cfg, step)).kind == kind, (recipe, step)
+    assert objective.at_step(cfg, cfg.train.steps - 1).diffusion.block_size == \
+        cfg.diffusion.block_size == 32
 
 
 @pytest.mark.parametrize("shifted", [False, True])
