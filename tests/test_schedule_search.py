@@ -7,6 +7,7 @@ import json
 import math
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from cascade_mega.config import load_config
@@ -153,3 +154,48 @@ def test_resample_clips_each_blocks_masked_fraction_with_the_conditioned_binomia
     assert bool(((share >= 0.45) & (share <= 0.95)).all())
     valid = objective_.draw(cfg, "valid", 3)
     assert bool(((valid.u < valid.t).double().view(64, 16, 4).mean(-1) == 0).any())
+
+
+def test_bd3lms_criterion_is_the_variance_over_one_draws_per_block_losses(megatron, tmp_path):
+    """`criterion: blocks` (bd3lms' `_clipped_schedule_search`): per candidate, one draw per
+    validation batch, the variance over that batch's per-block losses (sum of 1/t-weighted CE
+    over the block / B), summed over the batches; the search picks its argmin."""
+    from cascade_mega.train.callbacks import schedule_search
+    from cascade_mega.train.trainer import Trainer
+
+    cfg = load_config(None, [
+        f"run_dir={tmp_path / 'run'}", "model.num_layers=1", "model.hidden_size=32",
+        "model.num_attention_heads=2", "data.seq_len=32", "diffusion.block_size=4",
+        "train.steps=4", "train.micro_batch_size=2", "train.global_batch_size=4",
+        "optimizer.warmup_steps=1", "tracking.enabled=false", "train.eval_interval=0",
+        "train.resume=none", "diffusion.schedule_search.interval=2",
+        f"diffusion.schedule_search.candidates={CANDIDATES}",
+        "diffusion.schedule_search.batches=3", "diffusion.schedule_search.criterion=blocks"])
+    trainer = Trainer(cfg, []).setup()
+    trainer.train_step(0)
+    got = schedule_search.search(trainer, 2)
+    model, mask_id = trainer.chunks[0], trainer.tokenizer.mask_id
+    want = {}
+    for lo, hi in CANDIDATES:
+        total = 0.0
+        for i in range(3):
+            batch = trainer.valid_data.micro_batch(i * 4, 4)
+            noise = objective.draw_noise(cfg, 4, noise_generator(
+                cfg.train.seed, "schedule-search", 2, i, 0), objective.train_range(cfg, (lo, hi)))
+            prep = objective.prepare(batch.tokens, batch.labels, batch.loss_mask, cfg, mask_id,
+                                     noise, eod_id=trainer.tokenizer.eod)
+            with torch.no_grad():
+                ce, _ = score(model, prep)
+            blocks = (ce.double() * prep.weight).view(4, 8, 4).sum(-1) / 4
+            total += float(blocks.flatten().var())
+        want[f"{lo:g}-{hi:g}"] = total
+    for name, value in want.items():
+        assert math.isclose(got[f"schedule_var/{name}"], value, rel_tol=1e-6), name
+    lo, hi = (float(x) for x in min(want, key=want.get).split("-"))
+    assert (got["schedule_t_min"], got["schedule_t_max"]) == (lo, hi)
+    from cascade_mega.config import ConfigError
+
+    with pytest.raises(ConfigError, match="criterion' = blocks reads each block's loss"):
+        load_config(None, [f"run_dir={tmp_path}/bad", "diffusion.schedule_search.interval=2",
+                           "parallel.pipeline=2", "model.num_layers=2",
+                           "diffusion.schedule_search.criterion=blocks"], world_size=0)

@@ -41,9 +41,13 @@ def _check_model_layout(cfg: CascadeConfig) -> None:
     need(not m.time_conditioning or clipped is None,
          f"'model.time_conditioning' embeds the noise level of a block, but training draws it "
          f"in {list(clipped or ())} ('diffusion.t_min' / 't_max' or a range "
-         "'diffusion.schedule_search' may choose), while validation reads levels over (t_floor, 1] and "
-         "decoding the masked share of a block down to 1 / block size, levels the embedding "
-         "never learnt: train a time-conditioned model over [0, 1]")
+         "'diffusion.schedule_search' may choose), while validation reads levels over "
+         "(t_floor, 1] and decoding the masked share of a block down to 1 / block size, levels "
+         "the embedding never learnt: train a time-conditioned model over [0, 1]")
+    need(not search.interval or search.criterion == "draws" or p.pipeline == p.context == 1,
+         "'diffusion.schedule_search.criterion' = blocks reads each block's loss off the "
+         "model's output on one rank: it needs 'parallel.pipeline' = 1 and 'parallel.context' "
+         "= 1 (criterion draws runs at any layout)")
     need(not (p.tp_comm_overlap and cfg.distill.teacher),
          "'parallel.tp_comm_overlap' sizes Transformer Engine's userbuffers for one row count; "
          "'distill.teacher' adds rows in training that evaluation does not have")

@@ -189,8 +189,9 @@ class ModelConfig(Section):
 class ScheduleSearchConfig(Section):
     """`diffusion.schedule_search`: BD3-LM's data-driven clipped schedule. Every `interval`
     training steps (0: off) the variance of the loss estimate is measured on `batches` held-out
-    validation batches, `draws` noise draws each, for every [t_min, t_max] of `candidates`, and
-    training switches to the range with the lowest (`train/callbacks/schedule_search.py`)."""
+    validation batches, `draws` noise draws each (`criterion`), for every [t_min, t_max] of
+    `candidates`, and training switches to the range with the lowest
+    (`train/callbacks/schedule_search.py`)."""
 
     NAME, POSITIVE = "diffusion.schedule_search", ("batches", "draws")
 
@@ -199,10 +200,16 @@ class ScheduleSearchConfig(Section):
         [0.0, 1.0], [0.1, 0.9], [0.2, 0.8], [0.3, 0.8], [0.45, 0.95]])
     batches: int = 8  # power: tests/test_schedule_search.py (2 x 4 picks the best in ~60 %)
     draws: int = 8
+    # draws: the variance over `draws` noise draws of each batch's loss, averaged over the
+    # batches (ours) | blocks: bd3lms' own, the variance over the per-block losses of one draw
+    # per batch, summed over the batches (data and noise spread together)
+    criterion: str = "draws"
 
     def _check(self):
         need(self.interval >= 0, f"'diffusion.schedule_search.interval' must be >= 0 (0: off), "
              f"got {self.interval}")
+        need(self.criterion in ("draws", "blocks"), "'diffusion.schedule_search.criterion' must "
+             f"be draws or blocks, got {self.criterion!r}")
         need(not self.interval or self.candidates, "'diffusion.schedule_search.candidates' is "
              "empty: give at least one [t_min, t_max] range to search")
         for c in self.candidates:

@@ -8,10 +8,11 @@ Design choices:
   which is why the validation NELBO stays over the whole range, (t_floor, 1]).
 - Held-out data: the first `batches` validation batches, the same at every search; for each, the
   variance over `draws` noise draws (from (seed, step, batch, draw): a resumed run searches the
-  same way), averaged over the batches, so the data's own spread is left out. This is not
-  bd3lms' procedure, which takes the variance over the per-block losses of each validation batch
-  (one draw, each block its own t: data and noise spread together) summed over up to 100
-  batches; ours compares the candidates on the same draws (common random numbers).
+  same way), averaged over the batches, so the data's own spread is left out; the candidates
+  are compared on the same draws (common random numbers). bd3lms' procedure is `criterion:
+  blocks` (`block_variances`): the variance over the per-block losses of one draw per
+  validation batch (each block its own t: data and noise spread together), summed over the
+  batches.
 - Power: with few draws the variance estimates are noisy (about sqrt(2 / (batches (draws - 1)))
   relative error), and the search picks a worse range by chance. The defaults, 8 batches x 8
   draws (64 forwards per candidate), pick the lowest-variance range in >= 90 % of searches in
@@ -41,6 +42,7 @@ from megatron.core import parallel_state
 
 from cascade_mega.diffusion import objective
 from cascade_mega.diffusion.base import noise_generator
+from cascade_mega.runtime import device
 from cascade_mega.train.callbacks.base import Callback
 
 FILE = "schedule_search.jsonl"
@@ -85,6 +87,55 @@ def variances(cfg, step: int, loss_sums) -> torch.Tensor:
     return torch.stack(out)
 
 
+def block_losses(prep, ce: torch.Tensor, block: int) -> torch.Tensor:
+    """[b, V x blocks] each block's weighted loss per position, sum (1/t) CE / B over its
+    targets (bd3lms' `nlls.reshape(b, -1, block_size).mean(-1)`), from per-target CE [b, n]."""
+    n = ce.shape[1] - prep.aux_cols
+    loss = (ce[:, :n].double() * prep.weight[:, :n].to(ce.device, torch.float64))
+    pos = prep.target_pos.to(ce.device)
+    per_view = pos.numel() // prep.layout.views
+    blocks = prep.layout.seq_len // block
+    index = (torch.arange(pos.numel(), device=ce.device) // per_view) * blocks + pos // block
+    out = torch.zeros(ce.shape[0], prep.layout.views * blocks, dtype=torch.float64,
+                      device=ce.device)
+    return out.index_add_(1, index, loss) / block
+
+
+def block_variances(trainer, cfg, step: int) -> torch.Tensor:
+    """bd3lms' criterion (`criterion: blocks`): per candidate, one draw per validation batch,
+    the variance over the batch's per-block losses (every sequence, view and data-parallel
+    rank's blocks), summed over the batches. One pipeline stage and no context parallel (config
+    check: the per-block losses are read off the model's output on one rank)."""
+    from cascade_mega.model.gpt import predict_and_score
+
+    ss, model = cfg.diffusion.schedule_search, trainer.chunks[0]
+    block = min(cfg.diffusion.block_size, cfg.data.seq_len)
+    dp = parallel_state.get_data_parallel_group()
+    out = []
+    for lo, hi in ss.candidates:
+        total = torch.zeros((), dtype=torch.float64, device=device.current())
+        for i in range(ss.batches):
+            noise = objective.draw_noise(cfg, cfg.train.global_batch_size, noise_generator(
+                cfg.train.seed, "schedule-search", step, i, 0), objective.train_range(cfg, (lo, hi)),
+                resample=(lo, hi) if cfg.diffusion.resample else None)
+            batch = trainer.objective.batch(trainer.valid_data, i, "valid", draw=noise, cfg=cfg)
+            losses = []
+            for prep in batch.make():
+                ce = model(prep.input_ids, prep.position_ids, prep.layout,
+                           output_processor=predict_and_score,
+                           output_processor_context=prep.readout,
+                           noise_levels=prep.noise_levels)[0]
+                losses.append(block_losses(prep, ce, block).flatten())
+            x = torch.cat(losses)
+            moments = torch.stack([x.new_tensor(float(x.numel())), x.sum(), (x * x).sum()])
+            if trainer.dp_size > 1:
+                torch.distributed.all_reduce(moments, group=dp)
+            count, s1, s2 = moments
+            total += (s2 - s1 * s1 / count) / (count - 1).clamp(min=1)
+        out.append(total)
+    return torch.stack(out)
+
+
 @torch.no_grad()
 def search(trainer, step: int) -> dict:
     """Measure every candidate, switch the trainer's objective to the best; its metrics."""
@@ -96,7 +147,10 @@ def search(trainer, step: int) -> dict:
         batch = trainer.objective.batch(trainer.valid_data, i, "valid", draw=noise, cfg=cfg)
         return trainer.run_schedule(batch, forward_only=True)[:2]
 
-    var = variances(cfg, step, loss_sums)
+    if cfg.diffusion.schedule_search.criterion == "blocks":
+        var = block_variances(trainer, cfg, step)
+    else:
+        var = variances(cfg, step, loss_sums)
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         var = torch.zeros_like(var)  # the losses live on the last stage
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
