@@ -60,7 +60,8 @@ def test_data_parallel_matches_single_process(tmp_path):
     (3, ["parallel.tensor=2"], "world size 3"),  # layout does not divide the world size
     (3, ["parallel.tensor=3"], "model.num_attention_heads"),  # 4 heads on 3 ranks
     (2, ["parallel.context=2", "data.seq_len=72"], "data.seq_len"),  # 4 chunks of whole blocks
-    (2, ["parallel.context=2", "diffusion.block_size=64"], "diffusion.block_size"),  # B = L
+    (2, ["parallel.context=2", "data.seq_len=66", "diffusion.block_size=66"],
+     "multiple of 2 x context = 4"),  # B = L: 4 chunks of a 66-row view
     (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "diffusion.objective=ar",
          "data.seq_len=63"], "parallel.sequence_parallel"),  # 63 rows on 2 ranks
     # experts: 6 on 4 ranks; top 7 of 6; EP 2 in a world of 3; EP without experts
