@@ -75,10 +75,10 @@ def resample(noise: Noise, block: int, t_min: float, t_max: float,
     if not out.any():
         return noise
     tb = t[out]  # [m]
+    # host, like every noise tensor (drawn on the host, moved with the batch): log Binomial(B, t)
     ks = torch.arange(block + 1, dtype=torch.float64)
-    logp = (torch.lgamma(torch.tensor(block + 1.0, dtype=torch.float64)) - torch.lgamma(ks + 1)
-            - torch.lgamma(block - ks + 1) + torch.xlogy(ks, tb[:, None]) +
-            torch.xlogy(block - ks, 1 - tb[:, None]))
+    logp = (math.lgamma(block + 1) - torch.lgamma(ks + 1) - torch.lgamma(block - ks + 1) +
+            torch.xlogy(ks, tb[:, None]) + torch.xlogy(block - ks, 1 - tb[:, None]))
     logp[:, [i for i in range(block + 1) if i not in counts]] = -math.inf
     new_k = torch.multinomial(torch.softmax(logp, -1), 1, generator=generator)[:, 0]
     rank = u[out].argsort(-1).argsort(-1).double()  # [m, block] rank of each position's uniform
