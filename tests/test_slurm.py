@@ -91,7 +91,7 @@ def endings(run_dir) -> list:
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("local") / "run"
-    proc = cascade("train", *TRAIN, f"run_dir={run_dir}")
+    proc = helpers.cascade("train", *TRAIN, f"run_dir={run_dir}")  # in this process
     assert proc.returncode == 0, proc.stderr
     return records(run_dir)
 

@@ -18,8 +18,11 @@ ARGS = ["train", "configs/base.yaml", "model.num_layers=2", "model.hidden_size=6
 
 
 def _run(tmp_path, name, *extra, printed=None):
-    """The run's metrics records; `printed` (a list) receives what it printed."""
-    proc = cascade(*ARGS, *extra, f"run_dir={tmp_path}/{name}", process=True, timeout=300)
+    """The run's metrics records; `printed` (a list) receives what it printed. A one-process run
+    runs in this process (no interpreter start); several ranks under torchrun, from a `cascade`
+    process of their own, whose output holds theirs."""
+    ranks = "--nproc-per-node" in extra
+    proc = cascade(*ARGS, *extra, f"run_dir={tmp_path}/{name}", process=ranks, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == f"run_dir: {tmp_path}/{name}"
     if printed is not None:

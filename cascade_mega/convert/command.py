@@ -29,7 +29,6 @@ import json
 import math
 import os
 import shutil
-import sys
 from dataclasses import replace
 
 import torch

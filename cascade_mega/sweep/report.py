@@ -53,7 +53,7 @@ def write(folder: str, results: List[dict], failures: List[dict], laws: Dict[str
     os.makedirs(folder, exist_ok=True)
     c_ref = reference_compute(results)
     ar = laws.get("ar") if isinstance(laws.get("ar"), Law) else None
-    lines = [f"# Sweep fit: L(N, D) = E + A / N^alpha + B / D^beta per objective", "",
+    lines = ["# Sweep fit: L(N, D) = E + A / N^alpha + B / D^beta per objective", "",
              f"{len(results)} finished runs, {len(failures)} failed. Loss: final validation "
              "NELBO (nats/token; NLL for AR). N: non-embedding parameters; D: training tokens; "
              "95% bootstrap intervals in brackets.", ""]
