@@ -43,10 +43,11 @@ def add_arguments(p) -> None:
     p.add_argument("--distill", action="store_true",
                    help="also train with the AR model as distillation teacher")
     p.add_argument("--distill-weight", type=float, default=1.0)
-    p.add_argument("--runs", default="converted,scratch",
+    p.add_argument("--runs", default=None,
                    help="which runs to train, comma-separated: converted, scratch, causal (the "
                         "converted weights with a causal clean stream), distilled (with "
-                        "--distill); e.g. --runs converted to compare recipes")
+                        "--distill); default: converted,scratch (and distilled with --distill); "
+                        "e.g. --runs converted to compare recipes")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every run, as in train")
 
@@ -118,13 +119,14 @@ def run(args) -> int:
         "converted": [f"train.init_from={root}/bd"],
         "scratch": ["train.init_from=null", f"optimizer.lr={args.scratch_lr}",
                     f"optimizer.min_lr={args.scratch_lr / 10}"],
+        "causal": [f"train.init_from={root}/bd", "diffusion.clean_stream=causal",
+                   f"diffusion.ar_loss_weight={CAUSAL_AR_WEIGHT}"],
     }
-    runs["causal"] = [f"train.init_from={root}/bd", "diffusion.clean_stream=causal",
-                      f"diffusion.ar_loss_weight={CAUSAL_AR_WEIGHT}"]
     if args.distill:
         runs["distilled"] = [f"train.init_from={root}/bd", f"distill.teacher={root}/ar",
                              f"distill.weight={args.distill_weight}"]
-    chosen = [r.strip() for r in args.runs.split(",") if r.strip()]
+    spec = args.runs or "converted,scratch" + (",distilled" if args.distill else "")
+    chosen = [r.strip() for r in spec.split(",") if r.strip()]
     unknown = sorted(set(chosen) - set(runs))
     if unknown or not chosen:
         raise UserError(f"--runs {args.runs!r}: choose among {', '.join(runs)}"
@@ -168,6 +170,7 @@ def run(args) -> int:
         result[f"{name}_ppl_bound"] = by[name]["ppl_bound"]
     if "causal" in by and "converted" in by:
         result["causal_over_converted"] = by["causal"]["ppl_bound"] / by["converted"]["ppl_bound"]
+        print(f"causal / converted perplexity bound: {result['causal_over_converted']:.3f}x")
     if "scratch" in by and "converted" in by:
         result["scratch_over_converted"] = by["scratch"]["ppl_bound"] / \
             by["converted"]["ppl_bound"]
