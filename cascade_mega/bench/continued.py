@@ -125,7 +125,8 @@ def run(args) -> int:
     if args.distill:
         runs["distilled"] = [f"train.init_from={root}/bd", f"distill.teacher={root}/ar",
                              f"distill.weight={args.distill_weight}"]
-    spec = args.runs or "converted,scratch" + (",distilled" if args.distill else "")
+    spec = args.runs if args.runs is not None else \
+        "converted,scratch" + (",distilled" if args.distill else "")
     chosen = [r.strip() for r in spec.split(",") if r.strip()]
     unknown = sorted(set(chosen) - set(runs))
     if unknown or not chosen:
@@ -168,18 +169,11 @@ def run(args) -> int:
     result = {"rows": rows}
     for name in by:
         result[f"{name}_ppl_bound"] = by[name]["ppl_bound"]
-    if "causal" in by and "converted" in by:
-        result["causal_over_converted"] = by["causal"]["ppl_bound"] / by["converted"]["ppl_bound"]
-        print(f"causal / converted perplexity bound: {result['causal_over_converted']:.3f}x")
-    if "scratch" in by and "converted" in by:
-        result["scratch_over_converted"] = by["scratch"]["ppl_bound"] / \
-            by["converted"]["ppl_bound"]
-        print(f"scratch / converted perplexity bound: {result['scratch_over_converted']:.2f}x")
-    if "distilled" in by and "converted" in by:
-        result["distilled_over_converted"] = by["distilled"]["ppl_bound"] / \
-            by["converted"]["ppl_bound"]
-        print(f"distilled / converted perplexity bound: "
-              f"{result['distilled_over_converted']:.3f}x")
+    for name in ("scratch", "causal", "distilled"):
+        if name in by and "converted" in by:
+            ratio = by[name]["ppl_bound"] / by["converted"]["ppl_bound"]
+            result[f"{name}_over_converted"] = ratio
+            print(f"{name} / converted perplexity bound: {ratio:.3f}x")
     if args.json:
         print(json.dumps(result))
     return 0
